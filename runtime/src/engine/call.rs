@@ -1,0 +1,231 @@
+//! The state of one sandboxed call: what lives in a fresh `Store` and dies with it.
+//!
+//! A call owns a WASI context with no preopened directories, no environment, no arguments
+//! and no sockets; captured, bounded stdout/stderr pipes; a resource limiter that enforces
+//! the memory cap and records when it refused a growth (so a Rust guest's abort after a
+//! failed allocation is classified as the memory limit, not as a generic trap); and the host
+//! side of the `host` interface (log, update-state, soft-time-left).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{types, wasmq::task::host};
+use super::outcome::HostcallLimit;
+
+/// A progress report a task made with `update_state` (Celery's custom states).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateUpdate {
+    /// The reporting task's id.
+    pub task_id: String,
+    /// The custom state, e.g. `PROGRESS`.
+    pub state: String,
+    /// Its metadata.
+    pub meta: serde_json::Value,
+}
+
+/// Receives the `update_state` reports of running tasks.
+pub type StateListener = Arc<dyn Fn(StateUpdate) + Send + Sync>;
+
+/// A handle that interrupts a running call from outside (e.g. `revoke --terminate`).
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token that is not cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Interrupts the call at its next epoch tick (within about 10 ms).
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// True once [`CancelToken::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Enforces a call's memory cap and remembers whether it refused a growth.
+pub(crate) struct SandboxLimiter {
+    pub(crate) memory_limit: usize,
+    pub(crate) memory_denied: bool,
+}
+
+/// Table elements, instances, tables and memories a single call may create. Rust plugins
+/// use one memory, a handful of tables and a few core instances.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+const MAX_INSTANCES: usize = 64;
+const MAX_TABLES: usize = 64;
+const MAX_MEMORIES: usize = 4;
+
+impl ResourceLimiter for SandboxLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_limit {
+            self.memory_denied = true;
+            return Ok(false);
+        }
+        Ok(maximum.is_none_or(|max| desired <= max))
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS && maximum.is_none_or(|max| desired <= max))
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+}
+
+/// Caps on what a guest may hand to host functions.
+pub(crate) const MAX_LOG_MESSAGE_BYTES: usize = 8 << 10;
+pub(crate) const MAX_STATE_META_BYTES: usize = 64 << 10;
+
+/// Lines of captured output forwarded to the log per stream and call.
+const MAX_FORWARDED_LINES: usize = 50;
+
+/// Everything a fresh `Store` holds for one call.
+pub(crate) struct CallState {
+    pub(crate) wasi: WasiCtx,
+    pub(crate) table: ResourceTable,
+    pub(crate) limiter: SandboxLimiter,
+    /// Tags log records and state updates.
+    pub(crate) task_id: String,
+    pub(crate) task: String,
+    /// When the soft time limit passes, if the call has one.
+    pub(crate) soft_deadline: Option<Instant>,
+    pub(crate) on_state: Option<StateListener>,
+}
+
+/// The captured output streams of a call; clones share the buffer with the store's pipes.
+pub(crate) struct Captured {
+    pub(crate) stdout: MemoryOutputPipe,
+    pub(crate) stderr: MemoryOutputPipe,
+}
+
+impl Captured {
+    pub(crate) fn new(cap: usize) -> Self {
+        Self {
+            stdout: MemoryOutputPipe::new(cap),
+            stderr: MemoryOutputPipe::new(cap),
+        }
+    }
+
+    /// Forwards what the guest printed to `tracing`, one record per line, tagged with the
+    /// task id.
+    pub(crate) fn forward_to_log(&self, task_id: &str, task: &str) {
+        for (stream, pipe) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
+            let bytes = pipe.contents();
+            if bytes.is_empty() {
+                continue;
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+            for line in lines.by_ref().take(MAX_FORWARDED_LINES) {
+                tracing::info!(target: "wasmq::guest", task_id, task, stream, "{line}");
+            }
+            let rest = lines.count();
+            if rest > 0 {
+                tracing::info!(target: "wasmq::guest", task_id, task, stream,
+                    "… {rest} more lines not forwarded");
+            }
+        }
+    }
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for CallState {}
+
+impl host::Host for CallState {
+    fn log(&mut self, level: types::LogLevel, message: String) -> wasmtime::Result<()> {
+        let mut message = message;
+        if message.len() > MAX_LOG_MESSAGE_BYTES {
+            let mut end = MAX_LOG_MESSAGE_BYTES;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str(" …[truncated]");
+        }
+        let (task_id, task) = (self.task_id.as_str(), self.task.as_str());
+        match level {
+            types::LogLevel::Trace => {
+                tracing::trace!(target: "wasmq::guest", task_id, task, "{message}")
+            }
+            types::LogLevel::Debug => {
+                tracing::debug!(target: "wasmq::guest", task_id, task, "{message}")
+            }
+            types::LogLevel::Info => {
+                tracing::info!(target: "wasmq::guest", task_id, task, "{message}")
+            }
+            types::LogLevel::Warn => {
+                tracing::warn!(target: "wasmq::guest", task_id, task, "{message}")
+            }
+            types::LogLevel::Error => {
+                tracing::error!(target: "wasmq::guest", task_id, task, "{message}")
+            }
+        }
+        Ok(())
+    }
+
+    fn update_state(&mut self, state: String, meta_json: String) -> wasmtime::Result<()> {
+        if meta_json.len() > MAX_STATE_META_BYTES {
+            return Err(HostcallLimit(format!(
+                "passed {} bytes of update-state metadata, over the {} KiB cap",
+                meta_json.len(),
+                MAX_STATE_META_BYTES >> 10
+            ))
+            .into());
+        }
+        let meta: serde_json::Value = serde_json::from_str(&meta_json)
+            .map_err(|e| wasmtime::Error::msg(format!("update-state metadata is not JSON: {e}")))?;
+        if let Some(listener) = &self.on_state {
+            listener(StateUpdate {
+                task_id: self.task_id.clone(),
+                state,
+                meta,
+            });
+        }
+        Ok(())
+    }
+
+    fn soft_time_left_ms(&mut self) -> wasmtime::Result<Option<u64>> {
+        Ok(self.soft_deadline.map(|deadline| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            u64::try_from(left.as_millis()).unwrap_or(u64::MAX)
+        }))
+    }
+}

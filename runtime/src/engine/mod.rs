@@ -1,0 +1,571 @@
+//! The sandbox: the only module that knows wasmtime.
+//!
+//! One [`Sandbox`] per process owns one `wasmtime::Engine` (component model, fuel metering,
+//! epoch interruption, the pooling allocator — or the on-demand allocator where the pool's
+//! address space cannot be reserved), the linker with WASI p2 and the `host` interface, and
+//! one ticker thread that advances the epoch every [`SandboxConfig::epoch_tick`].
+//!
+//! Plugins are compiled once ([`Sandbox::load_plugin`], with an on-disk artifact cache) into
+//! a [`Plugin`] holding a ready `InstancePre`. Every [`Sandbox::call`] then builds a **fresh
+//! `Store`**: a memory cap, a fuel budget, a wall-clock deadline, WASI without ambient
+//! rights, captured and bounded output. Guests run on async fibers that yield back to the
+//! executor at every epoch tick, so a CPU-bound guest never pins an executor thread; the
+//! same tick enforces the deadline. The call ends as exactly one [`Outcome`].
+
+mod bindings;
+mod cache;
+mod call;
+mod limits;
+mod outcome;
+mod plugin;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline,
+};
+use wasmtime_wasi::WasiCtxBuilder;
+
+pub use cache::CacheStatus;
+pub use call::{CancelToken, StateListener, StateUpdate};
+pub use limits::{
+    LimitOverrides, Limits, format_bytes, format_duration, parse_bytes, parse_duration,
+};
+pub use outcome::{LimitExceeded, LimitKind, Outcome};
+pub use plugin::{Plugin, PluginError, TaskInfo};
+
+use bindings::types as wit;
+use call::{CallState, Captured, SandboxLimiter};
+use outcome::{Cancelled, DeadlineExceeded, Observations, classify_error};
+
+/// How instances get their memories, tables and stacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllocatorKind {
+    /// Pre-reserved slots, reused across calls: the fast path.
+    Pooling,
+    /// Fresh mappings per call.
+    OnDemand,
+}
+
+/// Engine-wide settings, fixed for the life of a [`Sandbox`].
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// The ceiling no call can exceed, whatever the plugin or caller asks for. Default: fuel
+    /// `u64::MAX`, memory 1 GiB, timeout 1 hour.
+    pub ceiling: Limits,
+    /// Limits of a call when neither the caller nor the plugin says otherwise.
+    /// Default: [`Limits::DEFAULT`].
+    pub defaults: Limits,
+    /// Preferred allocator; pooling falls back to on-demand when its reservation fails.
+    /// Default: pooling.
+    pub allocator: AllocatorKind,
+    /// Maximum concurrent sandboxes (pool slots). Default: 128.
+    pub pool_size: u32,
+    /// How often the epoch advances: the granularity of wall-clock limits and of yielding.
+    /// Default: 10 ms.
+    pub epoch_tick: Duration,
+    /// Where precompiled artifacts are cached; `None` disables the cache.
+    /// Default: the user's cache directory (`~/.cache/wasmq/artifacts`).
+    pub cache_dir: Option<PathBuf>,
+    /// Cap of each captured output stream (stdout, stderr) per call. Default: 256 KiB.
+    pub max_output_bytes: usize,
+    /// Largest JSON result a call may return, and the most data a guest may pass to one
+    /// host call: larger transfers are refused while being copied. Default: 16 MiB.
+    pub max_result_bytes: usize,
+    /// Most random bytes a guest may request in one call. Default: 1 MiB.
+    pub max_random_bytes: u64,
+    /// The wasm stack limit. Default: 512 KiB.
+    pub max_wasm_stack: usize,
+    /// Fuel metering and epoch interruption. Only benchmarks turn this off, to measure
+    /// their cost; a sandbox without them cannot enforce CPU or time limits.
+    pub instrumentation: bool,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            ceiling: Limits {
+                fuel: u64::MAX,
+                memory_bytes: 1 << 30,
+                timeout: Duration::from_secs(3600),
+            },
+            defaults: Limits::DEFAULT,
+            allocator: AllocatorKind::Pooling,
+            pool_size: 128,
+            epoch_tick: Duration::from_millis(10),
+            cache_dir: default_cache_dir(),
+            max_output_bytes: 256 << 10,
+            max_result_bytes: 16 << 20,
+            max_random_bytes: 1 << 20,
+            max_wasm_stack: 512 << 10,
+            instrumentation: true,
+        }
+    }
+}
+
+/// `~/.cache/wasmq/artifacts` (or the platform's equivalent).
+pub fn default_cache_dir() -> Option<PathBuf> {
+    dirs::cache_dir().map(|dir| dir.join("wasmq").join("artifacts"))
+}
+
+/// Errors creating a [`Sandbox`].
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// wasmtime rejected the engine configuration.
+    #[error("cannot create the wasm engine: {0}")]
+    Engine(String),
+}
+
+/// Errors that prevent a call from running at all; the task itself is not at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The plugin does not export the requested task.
+    #[error("plugin {plugin} has no task named {task} (it has: {available})")]
+    UnknownTask {
+        /// The plugin's name.
+        plugin: String,
+        /// The requested task.
+        task: String,
+        /// The tasks it has, comma-separated.
+        available: String,
+    },
+    /// The sandbox could not be set up (e.g. every pool slot is in use).
+    #[error("cannot start a sandbox: {0}")]
+    Unavailable(String),
+}
+
+/// One call to make.
+#[derive(Debug, Clone)]
+pub struct CallRequest {
+    /// Full task name, e.g. `math.add`.
+    pub task: String,
+    /// The task id.
+    pub id: String,
+    /// JSON array of positional arguments.
+    pub args_json: String,
+    /// JSON object of keyword arguments.
+    pub kwargs_json: String,
+    /// Retries before this attempt.
+    pub retries: u32,
+    /// Workflow root id.
+    pub root_id: Option<String>,
+    /// Parent task id.
+    pub parent_id: Option<String>,
+    /// Group id.
+    pub group_id: Option<String>,
+    /// Limits asked for by the caller; merged over the plugin's defaults and the sandbox's.
+    pub limits: LimitOverrides,
+    /// Soft time limit: the task can see the time left through the SDK.
+    pub soft_timeout: Option<Duration>,
+    /// Interrupts the call from outside.
+    pub cancel: Option<CancelToken>,
+}
+
+impl CallRequest {
+    /// A request for `task` with positional arguments `args_json`, no keywords, a fresh
+    /// random-free id (`call-<n>`), and default limits.
+    pub fn new(task: impl Into<String>, args_json: impl Into<String>) -> Self {
+        use std::sync::atomic::AtomicU64;
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        Self {
+            task: task.into(),
+            id: format!("call-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
+            args_json: args_json.into(),
+            kwargs_json: "{}".to_owned(),
+            retries: 0,
+            root_id: None,
+            parent_id: None,
+            group_id: None,
+            limits: LimitOverrides::default(),
+            soft_timeout: None,
+            cancel: None,
+        }
+    }
+}
+
+/// How a call went.
+#[derive(Debug, Clone)]
+pub struct CallReport {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The limits it ran under.
+    pub limits: Limits,
+    /// Fuel consumed.
+    pub fuel_used: u64,
+    /// Wall-clock time from store creation to the end of the call.
+    pub elapsed: Duration,
+}
+
+/// One wasmtime engine with its linker and epoch ticker. Share it (it is `Send + Sync`);
+/// create one per process.
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<CallState>,
+    config: SandboxConfig,
+    allocator: AllocatorKind,
+    cache: Option<cache::ArtifactCache>,
+    ticker_stop: Arc<AtomicBool>,
+    ticker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("allocator", &self.allocator)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn engine_config(config: &SandboxConfig, allocator: AllocatorKind) -> Config {
+    let mut wasm = Config::new();
+    wasm.wasm_component_model(true)
+        .consume_fuel(config.instrumentation)
+        .epoch_interruption(config.instrumentation)
+        .max_wasm_stack(config.max_wasm_stack)
+        .async_stack_size(config.max_wasm_stack + (1 << 20));
+    // Threads, shared memory and GC are compiled out (wasmtime's `threads` and `gc`
+    // features are off in the workspace manifest).
+    if allocator == AllocatorKind::Pooling {
+        let mut pool = PoolingAllocationConfig::new();
+        let slots = config.pool_size.max(1);
+        pool.total_component_instances(slots)
+            .total_core_instances(slots.saturating_mul(8))
+            .total_memories(slots.saturating_mul(2))
+            .total_tables(slots.saturating_mul(8))
+            .total_stacks(slots)
+            .max_memory_size(usize::try_from(config.ceiling.memory_bytes).unwrap_or(usize::MAX))
+            // Keep the first pages of each slot resident between calls: most calls touch
+            // only a little memory, and re-zeroing beats unmapping and faulting.
+            .linear_memory_keep_resident(1 << 20)
+            .table_keep_resident(64 << 10);
+        wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    } else {
+        wasm.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+    }
+    wasm
+}
+
+impl Sandbox {
+    /// Creates the engine, the linker and the epoch ticker.
+    ///
+    /// # Errors
+    /// [`SandboxError::Engine`] when wasmtime rejects the configuration (with the pooling
+    /// allocator, a failed reservation falls back to on-demand instead).
+    pub fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
+        let (engine, allocator) = match config.allocator {
+            AllocatorKind::Pooling => {
+                match Engine::new(&engine_config(&config, AllocatorKind::Pooling)) {
+                    Ok(engine) => (engine, AllocatorKind::Pooling),
+                    Err(error) => {
+                        tracing::warn!(error = %format!("{error:#}"),
+                            "cannot reserve the instance pool; using the on-demand allocator");
+                        let engine = Engine::new(&engine_config(&config, AllocatorKind::OnDemand))
+                            .map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
+                        (engine, AllocatorKind::OnDemand)
+                    }
+                }
+            }
+            AllocatorKind::OnDemand => (
+                Engine::new(&engine_config(&config, AllocatorKind::OnDemand))
+                    .map_err(|e| SandboxError::Engine(format!("{e:#}")))?,
+                AllocatorKind::OnDemand,
+            ),
+        };
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
+        bindings::TaskPlugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut linker,
+            |state| state,
+        )
+        .map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let ticker = if config.instrumentation {
+            let engine = engine.clone();
+            let stop = Arc::clone(&ticker_stop);
+            let tick = config.epoch_tick;
+            Some(
+                std::thread::Builder::new()
+                    .name("wasmq-epoch".to_owned())
+                    .spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            std::thread::sleep(tick);
+                            engine.increment_epoch();
+                        }
+                    })
+                    .map_err(|e| {
+                        SandboxError::Engine(format!("cannot start the epoch ticker: {e}"))
+                    })?,
+            )
+        } else {
+            None
+        };
+        let cache = config
+            .cache_dir
+            .clone()
+            .map(|dir| cache::ArtifactCache::new(dir, &engine));
+        Ok(Self {
+            engine,
+            linker,
+            config,
+            allocator,
+            cache,
+            ticker_stop,
+            ticker,
+        })
+    }
+
+    /// The allocator actually in use (pooling may have fallen back to on-demand).
+    pub fn allocator(&self) -> AllocatorKind {
+        self.allocator
+    }
+
+    /// The engine-wide configuration.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.config
+    }
+
+    /// The path the artifact cache uses for a plugin with these bytes, if caching is on.
+    pub fn cached_artifact_path(&self, plugin_bytes: &[u8]) -> Option<PathBuf> {
+        self.cache
+            .as_ref()
+            .map(|c| c.path_for(&cache::content_hash(plugin_bytes)))
+    }
+
+    /// Builds a fresh store for one call.
+    fn new_store(
+        &self,
+        limits: &Limits,
+        task_id: &str,
+        task: &str,
+        soft_deadline: Option<Instant>,
+        cancel: Option<CancelToken>,
+        on_state: Option<StateListener>,
+    ) -> Result<(Store<CallState>, Captured), CallError> {
+        let captured = Captured::new(self.config.max_output_bytes);
+        let wasi = WasiCtxBuilder::new()
+            .stdout(captured.stdout.clone())
+            .stderr(captured.stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .max_random_size(self.config.max_random_bytes)
+            .build();
+        let state = CallState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: SandboxLimiter {
+                memory_limit: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
+                memory_denied: false,
+            },
+            task_id: task_id.to_owned(),
+            task: task.to_owned(),
+            soft_deadline,
+            on_state,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.set_hostcall_fuel(self.config.max_result_bytes);
+        if self.config.instrumentation {
+            store
+                .set_fuel(limits.fuel)
+                .map_err(|e| CallError::Unavailable(format!("{e:#}")))?;
+            let deadline = Instant::now() + limits.timeout;
+            store.set_epoch_deadline(1);
+            store.epoch_deadline_callback(move |_| {
+                if cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
+                    return Err(Cancelled.into());
+                }
+                if Instant::now() >= deadline {
+                    return Err(DeadlineExceeded.into());
+                }
+                Ok(UpdateDeadline::Yield(1))
+            });
+        }
+        Ok((store, captured))
+    }
+
+    /// Runs one task of `plugin` in a fresh sandbox.
+    ///
+    /// # Errors
+    /// [`CallError`] only when the call cannot start (unknown task, no free sandbox slot);
+    /// everything the task does, including hitting a limit or trapping, is an [`Outcome`].
+    pub async fn call(
+        &self,
+        plugin: &Plugin,
+        request: CallRequest,
+    ) -> Result<CallReport, CallError> {
+        self.call_with_listener(plugin, request, None).await
+    }
+
+    /// [`Sandbox::call`], reporting the task's `update_state` calls to `on_state`.
+    ///
+    /// # Errors
+    /// As [`Sandbox::call`].
+    pub async fn call_with_listener(
+        &self,
+        plugin: &Plugin,
+        request: CallRequest,
+        on_state: Option<StateListener>,
+    ) -> Result<CallReport, CallError> {
+        let Some(info) = plugin.task(&request.task) else {
+            return Err(CallError::UnknownTask {
+                plugin: plugin.name().to_owned(),
+                task: request.task,
+                available: plugin
+                    .tasks()
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        let limits = Limits::resolve(
+            request.limits.or(info.limits),
+            self.config.defaults,
+            self.config.ceiling,
+        );
+        let started = Instant::now();
+        let soft_deadline = request.soft_timeout.map(|t| started + t);
+        let (mut store, captured) = self.new_store(
+            &limits,
+            &request.id,
+            &request.task,
+            soft_deadline,
+            request.cancel.clone(),
+            on_state,
+        )?;
+        let invocation = wit::Invocation {
+            id: request.id.clone(),
+            task: request.task.clone(),
+            retries: request.retries,
+            root_id: request.root_id.clone(),
+            parent_id: request.parent_id.clone(),
+            group_id: request.group_id.clone(),
+        };
+
+        let instance = match plugin.instance_pre().instantiate_async(&mut store).await {
+            Ok(instance) => instance,
+            Err(error) => {
+                if error.downcast_ref::<wasmtime::Trap>().is_none()
+                    && !store.data().limiter.memory_denied
+                {
+                    return Err(CallError::Unavailable(format!("{error:#}")));
+                }
+                let outcome = self.classify(&error, &store, &captured, &limits);
+                return Ok(self.report(outcome, &store, &captured, &limits, started, &request));
+            }
+        };
+        let call = instance.wasmq_task_plugin().call_run(
+            &mut store,
+            &invocation,
+            &request.args_json,
+            &request.kwargs_json,
+        );
+        // Backstop for a guest blocked inside a host call (where no epoch check runs).
+        let backstop = limits.timeout + self.config.epoch_tick * 10;
+        let outcome = match tokio::time::timeout(backstop, call).await {
+            Ok(Ok(Ok(json))) => self.check_result(json),
+            Ok(Ok(Err(task_error))) => task_error_outcome(task_error),
+            Ok(Err(error)) => self.classify(&error, &store, &captured, &limits),
+            Err(_elapsed) => self.classify(&DeadlineExceeded.into(), &store, &captured, &limits),
+        };
+        Ok(self.report(outcome, &store, &captured, &limits, started, &request))
+    }
+
+    fn classify(
+        &self,
+        error: &wasmtime::Error,
+        store: &Store<CallState>,
+        captured: &Captured,
+        limits: &Limits,
+    ) -> Outcome {
+        let stderr = captured.stderr.contents();
+        let cap = self.config.max_output_bytes;
+        let output_full = captured.stdout.contents().len() >= cap || stderr.len() >= cap;
+        classify_error(
+            error,
+            &Observations {
+                limits,
+                memory_denied: store.data().limiter.memory_denied,
+                stderr: &stderr,
+                output_cap: cap,
+                output_full,
+                max_result_bytes: self.config.max_result_bytes,
+                max_wasm_stack: self.config.max_wasm_stack,
+            },
+        )
+    }
+
+    fn check_result(&self, json: String) -> Outcome {
+        if json.len() > self.config.max_result_bytes {
+            return Outcome::LimitExceeded(LimitExceeded::new(
+                LimitKind::Output,
+                format!(
+                    "returned a result of {} bytes, over the {} result limit",
+                    json.len(),
+                    format_bytes(self.config.max_result_bytes as u64)
+                ),
+            ));
+        }
+        match serde_json::from_str::<serde::de::IgnoredAny>(&json) {
+            Ok(_) => Outcome::Success(json),
+            Err(e) => Outcome::Failed {
+                kind: "EncodeError".to_owned(),
+                message: format!("the task returned invalid JSON: {e}"),
+            },
+        }
+    }
+
+    fn report(
+        &self,
+        outcome: Outcome,
+        store: &Store<CallState>,
+        captured: &Captured,
+        limits: &Limits,
+        started: Instant,
+        request: &CallRequest,
+    ) -> CallReport {
+        captured.forward_to_log(&request.id, &request.task);
+        let fuel_used = if self.config.instrumentation {
+            limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0))
+        } else {
+            0
+        };
+        CallReport {
+            outcome,
+            limits: *limits,
+            fuel_used,
+            elapsed: started.elapsed(),
+        }
+    }
+}
+
+fn task_error_outcome(error: wit::TaskError) -> Outcome {
+    match error {
+        wit::TaskError::Failed(failure) => Outcome::Failed {
+            kind: failure.kind,
+            message: failure.message,
+        },
+        wit::TaskError::Retry(retry) => Outcome::Retry {
+            countdown: retry.countdown_ms.map(Duration::from_millis),
+            reason: retry.reason,
+        },
+        wit::TaskError::Reject(reason) => Outcome::Rejected { reason },
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+        if let Some(ticker) = self.ticker.take() {
+            let _ = ticker.join();
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! How one task call ended, classified once.
+//!
+//! Every way a call can end — a result, a failure the task reported, a retry or reject
+//! request, a limit the sandbox enforced, or a trap — becomes exactly one [`Outcome`] here, in
+//! [`classify_error`] for calls that did not return normally. The rest of wasmq (CLI exit
+//! codes, later result states and acks) matches on `Outcome` and never looks at wasmtime
+//! errors again.
+
+use std::fmt;
+use std::time::Duration;
+
+use wasmtime::Trap;
+
+use super::limits::{Limits, format_bytes, format_duration};
+
+/// The end of one task call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The task returned; the value is its JSON result.
+    Success(String),
+    /// The task reported a failure (Celery's `exc_type` / `exc_message`).
+    Failed {
+        /// The failure kind, e.g. `ZeroDivisionError` or `TypeError`.
+        kind: String,
+        /// The explanation.
+        message: String,
+    },
+    /// The task asked to be run again later.
+    Retry {
+        /// The delay it asked for, if any.
+        countdown: Option<Duration>,
+        /// Why.
+        reason: String,
+    },
+    /// The task rejected its message: it must not run again.
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+    /// The sandbox stopped the task at one of its limits.
+    LimitExceeded(LimitExceeded),
+    /// The guest trapped: a panic, an out-of-bounds access, an `unreachable`…
+    Trap {
+        /// What happened, with the guest's panic message when there was one.
+        message: String,
+    },
+}
+
+impl Outcome {
+    /// True for [`Outcome::Success`].
+    pub fn is_success(&self) -> bool {
+        matches!(self, Outcome::Success(_))
+    }
+
+    /// A short lowercase name of the outcome's kind: `success`, `failed`, `retry`,
+    /// `rejected`, `limit:fuel`, `limit:memory`, `limit:time`, `limit:stack`, `limit:output`,
+    /// `trap`.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Outcome::Success(_) => "success",
+            Outcome::Failed { .. } => "failed",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Rejected { .. } => "rejected",
+            Outcome::LimitExceeded(limit) => match limit.kind {
+                LimitKind::Fuel => "limit:fuel",
+                LimitKind::Memory => "limit:memory",
+                LimitKind::WallTime => "limit:time",
+                LimitKind::Stack => "limit:stack",
+                LimitKind::Output => "limit:output",
+            },
+            Outcome::Trap { .. } => "trap",
+        }
+    }
+}
+
+/// Describes the outcome as the end of a sentence whose subject is the task:
+/// `ran out of fuel (budget 100000000)`, `failed: ZeroDivisionError: division by zero`.
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Success(json) => write!(f, "succeeded: {json}"),
+            Outcome::Failed { kind, message } => write!(f, "failed: {kind}: {message}"),
+            Outcome::Retry { countdown, reason } => match countdown {
+                Some(c) => write!(
+                    f,
+                    "asked to be retried in {}: {reason}",
+                    format_duration(*c)
+                ),
+                None => write!(f, "asked to be retried: {reason}"),
+            },
+            Outcome::Rejected { reason } => write!(f, "rejected its message: {reason}"),
+            Outcome::LimitExceeded(limit) => write!(f, "{}", limit.message),
+            Outcome::Trap { message } => write!(f, "trapped: {message}"),
+        }
+    }
+}
+
+/// Which limit the sandbox enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitKind {
+    /// The fuel (CPU) budget ran out.
+    Fuel,
+    /// The task tried to grow its memory past its cap.
+    Memory,
+    /// The wall-clock limit passed (or the call was cancelled).
+    WallTime,
+    /// The wasm call stack overflowed.
+    Stack,
+    /// The task wrote too much to stdout/stderr, returned too large a result, or passed too
+    /// much data to a host call.
+    Output,
+}
+
+/// A limit hit, with a message that names the limit and its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitExceeded {
+    /// Which limit.
+    pub kind: LimitKind,
+    /// E.g. `ran out of fuel (budget 100000000)`.
+    pub message: String,
+}
+
+impl LimitExceeded {
+    pub(crate) fn new(kind: LimitKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// The interruption raised by the epoch callback when a call's wall-clock deadline passes.
+#[derive(Debug, thiserror::Error)]
+#[error("wall-clock deadline passed")]
+pub(crate) struct DeadlineExceeded;
+
+/// The interruption raised when a call is cancelled from outside (revoke --terminate).
+#[derive(Debug, thiserror::Error)]
+#[error("the call was cancelled")]
+pub(crate) struct Cancelled;
+
+/// Raised by a host function when the guest passes it more data than allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct HostcallLimit(pub(crate) String);
+
+/// What the call state observed, needed to classify an error precisely.
+pub(crate) struct Observations<'a> {
+    /// The limits the call ran under.
+    pub(crate) limits: &'a Limits,
+    /// Set when the resource limiter denied a memory growth.
+    pub(crate) memory_denied: bool,
+    /// The captured stderr, where a Rust guest prints its panic message.
+    pub(crate) stderr: &'a [u8],
+    /// The cap of each captured output stream.
+    pub(crate) output_cap: usize,
+    /// True when stdout or stderr reached its cap (further writes fail).
+    pub(crate) output_full: bool,
+    /// The most bytes a guest may move to the host at once (results, host-call arguments).
+    pub(crate) max_result_bytes: usize,
+    /// The wasm stack limit the engine enforces.
+    pub(crate) max_wasm_stack: usize,
+}
+
+/// wasmtime's message when a guest writes past a `MemoryOutputPipe`'s capacity.
+const PIPE_FULL: &str = "write beyond capacity of MemoryOutputPipe";
+/// wasmtime's message (its error type is private) when a guest moves more data to the host
+/// than the store's hostcall fuel allows; results count too. Pinned by the `big_result` test.
+const HOSTCALL_FUEL: &str = "fuel allocated for hostcalls has been exhausted";
+
+/// Classifies a call that did not return normally.
+pub(crate) fn classify_error(error: &wasmtime::Error, seen: &Observations<'_>) -> Outcome {
+    let limit = |kind, message: String| Outcome::LimitExceeded(LimitExceeded::new(kind, message));
+    if error.is::<DeadlineExceeded>() {
+        return limit(
+            LimitKind::WallTime,
+            format!(
+                "exceeded its time limit ({})",
+                format_duration(seen.limits.timeout)
+            ),
+        );
+    }
+    if error.is::<Cancelled>() {
+        return limit(LimitKind::WallTime, "was terminated (revoked)".to_owned());
+    }
+    if let Some(HostcallLimit(message)) = error.downcast_ref::<HostcallLimit>() {
+        return limit(LimitKind::Output, message.clone());
+    }
+    if error
+        .chain()
+        .any(|cause| cause.to_string().contains(HOSTCALL_FUEL))
+    {
+        return limit(
+            LimitKind::Output,
+            format!(
+                "passed more than {} to the host at once (the result size limit)",
+                format_bytes(seen.max_result_bytes as u64)
+            ),
+        );
+    }
+    // A full pipe makes further writes fail; a Rust guest then panics on `print!`.
+    if seen.output_full
+        || error
+            .chain()
+            .any(|cause| cause.to_string().contains(PIPE_FULL))
+    {
+        return limit(
+            LimitKind::Output,
+            format!(
+                "wrote more than {} to stdout or stderr",
+                format_bytes(seen.output_cap as u64)
+            ),
+        );
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => limit(
+            LimitKind::Fuel,
+            format!("ran out of fuel (budget {})", seen.limits.fuel),
+        ),
+        Some(Trap::StackOverflow) => limit(
+            LimitKind::Stack,
+            format!(
+                "overflowed its stack (wasm stack limit {})",
+                format_bytes(seen.max_wasm_stack as u64)
+            ),
+        ),
+        // A Rust guest whose allocation was refused aborts (`unreachable`); any trap after a
+        // refused growth is the memory limit.
+        Some(_) | None if seen.memory_denied => limit(
+            LimitKind::Memory,
+            format!(
+                "exceeded its memory limit ({})",
+                format_bytes(seen.limits.memory_bytes)
+            ),
+        ),
+        Some(trap) => {
+            let mut message = trap.to_string();
+            if let Some(panic) = panic_message(seen.stderr) {
+                message = format!("{panic} ({message})");
+            }
+            Outcome::Trap { message }
+        }
+        None => Outcome::Trap {
+            message: format!("{error:#}"),
+        },
+    }
+}
+
+/// Extracts `panicked at src/lib.rs:3:5: boom` from a Rust guest's stderr.
+fn panic_message(stderr: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(stderr);
+    let start = text.find("panicked at ")?;
+    let rest = &text[start..];
+    let mut lines = rest.lines();
+    let location = lines.next()?.trim_end_matches(':');
+    let message: Vec<&str> = lines
+        .take_while(|line| !line.starts_with("note: "))
+        .collect();
+    let message = message.join(" ");
+    Some(if message.is_empty() {
+        location.to_owned()
+    } else {
+        format!("{location}: {}", message.trim())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_messages_are_extracted() {
+        let stderr = b"\nthread '<unnamed>' panicked at src/lib.rs:61:5:\nboom\nnote: run with `RUST_BACKTRACE=1`\n";
+        assert_eq!(
+            panic_message(stderr).as_deref(),
+            Some("panicked at src/lib.rs:61:5: boom")
+        );
+        assert_eq!(panic_message(b"nothing here"), None);
+    }
+}

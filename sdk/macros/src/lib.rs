@@ -1,0 +1,397 @@
+//! Procedural macros behind `wasmq-sdk`. Use them through the SDK (`#[wasmq_sdk::task]`);
+//! this crate is an implementation detail and its output names only `::wasmq_sdk` paths.
+//!
+//! `#[task]` leaves the function untouched, so it stays an ordinary Rust function that unit
+//! tests can call natively, and adds beside it a hidden braced struct of the same name (it
+//! lives in the type namespace, the function in the value namespace) implementing
+//! `wasmq_sdk::__private::Task`. `export_tasks!(add, mul)` then names those structs.
+
+use proc_macro::TokenStream;
+use proc_macro2::Span;
+use quote::{format_ident, quote, quote_spanned};
+use syn::parse::Parser;
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{Expr, ExprLit, FnArg, ItemFn, Lit, Meta, Pat, ReturnType, Token, Type};
+
+/// Turns a plain Rust function into a wasmq task. See the `wasmq-sdk` documentation.
+#[proc_macro_attribute]
+pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let item_fn = syn::parse_macro_input!(item as ItemFn);
+    match expand(attr.into(), &item_fn) {
+        Ok(tokens) => tokens.into(),
+        Err(err) => {
+            // Keep the function so the only errors the author sees are ours.
+            let err = err.to_compile_error();
+            quote!(#item_fn #err).into()
+        }
+    }
+}
+
+/// Options given in `#[task(...)]`.
+#[derive(Default)]
+struct TaskOptions {
+    name: Option<String>,
+    fuel: Option<u64>,
+    memory_bytes: Option<u64>,
+    timeout_ms: Option<u64>,
+}
+
+fn parse_options(attr: proc_macro2::TokenStream) -> syn::Result<TaskOptions> {
+    let mut options = TaskOptions::default();
+    let metas = Punctuated::<Meta, Token![,]>::parse_terminated.parse2(attr)?;
+    for meta in metas {
+        let Meta::NameValue(nv) = &meta else {
+            return Err(syn::Error::new(
+                meta.span(),
+                "expected `name = \"...\"`, `fuel = N`, `memory = \"64MiB\"` or `timeout = \"2s\"`",
+            ));
+        };
+        let key = nv
+            .path
+            .get_ident()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let Expr::Lit(ExprLit { lit, .. }) = &nv.value else {
+            return Err(syn::Error::new(nv.value.span(), "expected a literal"));
+        };
+        match (key.as_str(), lit) {
+            ("name", Lit::Str(s)) => {
+                let name = s.value();
+                if name.is_empty() || name.chars().any(char::is_whitespace) {
+                    return Err(syn::Error::new(
+                        s.span(),
+                        "a task name must be non-empty and contain no whitespace",
+                    ));
+                }
+                options.name = Some(name);
+            }
+            ("fuel", Lit::Int(n)) => options.fuel = Some(n.base10_parse()?),
+            ("memory", Lit::Str(s)) => {
+                options.memory_bytes =
+                    Some(parse_size(&s.value()).ok_or_else(|| {
+                        syn::Error::new(s.span(), "expected a size like \"64MiB\"")
+                    })?);
+            }
+            ("timeout", Lit::Str(s)) => {
+                options.timeout_ms = Some(parse_duration_ms(&s.value()).ok_or_else(|| {
+                    syn::Error::new(s.span(), "expected a duration like \"2s\" or \"500ms\"")
+                })?);
+            }
+            ("name" | "memory" | "timeout", other) => {
+                return Err(syn::Error::new(other.span(), "expected a string literal"));
+            }
+            ("fuel", other) => {
+                return Err(syn::Error::new(other.span(), "expected an integer literal"));
+            }
+            _ => {
+                return Err(syn::Error::new(
+                    nv.path.span(),
+                    format!("unknown task option `{key}`; expected name, fuel, memory or timeout"),
+                ));
+            }
+        }
+    }
+    Ok(options)
+}
+
+/// Parses `64MiB`, `512KiB`, `1GiB`, `10MB`, `4096` (bytes).
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
+
+/// Parses `500ms`, `2s`, `5m`, `1h`.
+fn parse_duration_ms(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let factor: u64 = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
+
+/// True when `ty` is `&TaskContext` (any path ending in `TaskContext`, shared reference).
+fn is_context_type(ty: &Type) -> bool {
+    let Type::Reference(reference) = ty else {
+        return false;
+    };
+    if reference.mutability.is_some() {
+        return false;
+    }
+    matches!(&*reference.elem, Type::Path(p)
+        if p.path.segments.last().is_some_and(|s| s.ident == "TaskContext"))
+}
+
+/// True when the return type is spelled `Result<..>` (any path ending in `Result`).
+fn returns_result(output: &ReturnType) -> bool {
+    match output {
+        ReturnType::Default => false,
+        ReturnType::Type(_, ty) => matches!(&**ty, Type::Path(p)
+            if p.path.segments.last().is_some_and(|s| s.ident == "Result")),
+    }
+}
+
+/// Rejects parameter types that cannot be deserialized from a JSON argument.
+fn check_param_type(ty: &Type) -> syn::Result<()> {
+    match ty {
+        Type::Reference(r) => {
+            let hint = match &*r.elem {
+                Type::Path(p) if p.path.is_ident("str") => "; take `String` instead of `&str`",
+                Type::Slice(_) => "; take `Vec<T>` instead of a slice",
+                _ => "",
+            };
+            Err(syn::Error::new(
+                ty.span(),
+                format!(
+                    "task parameters must be owned serde types{hint} (only the first parameter may be `ctx: &TaskContext`)"
+                ),
+            ))
+        }
+        Type::ImplTrait(_) => Err(syn::Error::new(
+            ty.span(),
+            "`impl Trait` parameters are not supported: use a concrete serde type",
+        )),
+        Type::BareFn(_) | Type::TraitObject(_) | Type::Never(_) | Type::Infer(_) => {
+            Err(syn::Error::new(
+                ty.span(),
+                "task parameters must be serde-deserializable types",
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn expand(
+    attr: proc_macro2::TokenStream,
+    item_fn: &ItemFn,
+) -> syn::Result<proc_macro2::TokenStream> {
+    let options = parse_options(attr)?;
+    let sig = &item_fn.sig;
+    if let Some(asyncness) = &sig.asyncness {
+        return Err(syn::Error::new(
+            asyncness.span(),
+            "tasks cannot be `async`: a task runs to completion in its own sandbox",
+        ));
+    }
+    if let Some(unsafety) = &sig.unsafety {
+        return Err(syn::Error::new(
+            unsafety.span(),
+            "tasks cannot be `unsafe fn`",
+        ));
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        return Err(syn::Error::new(
+            sig.generics.span(),
+            "tasks cannot be generic: the host calls them with concrete JSON types",
+        ));
+    }
+    if let Some(variadic) = &sig.variadic {
+        return Err(syn::Error::new(variadic.span(), "tasks cannot be variadic"));
+    }
+    if let ReturnType::Type(_, ty) = &sig.output
+        && matches!(&**ty, Type::ImplTrait(_))
+    {
+        return Err(syn::Error::new(
+            ty.span(),
+            "tasks cannot return `impl Trait`: return a concrete serde type",
+        ));
+    }
+
+    let fn_name = &sig.ident;
+    let mut takes_context = false;
+    let mut bindings = Vec::new();
+    let mut param_names = Vec::new();
+    for (position, input) in sig.inputs.iter().enumerate() {
+        let FnArg::Typed(pat_type) = input else {
+            return Err(syn::Error::new(
+                input.span(),
+                "tasks are free functions: `self` is not supported",
+            ));
+        };
+        if position == 0 && is_context_type(&pat_type.ty) {
+            takes_context = true;
+            continue;
+        }
+        if is_context_type(&pat_type.ty) {
+            return Err(syn::Error::new(
+                pat_type.ty.span(),
+                "`&TaskContext` must be the first parameter",
+            ));
+        }
+        check_param_type(&pat_type.ty)?;
+        let Pat::Ident(pat_ident) = &*pat_type.pat else {
+            return Err(syn::Error::new(
+                pat_type.pat.span(),
+                "task parameters must be plain names (they double as keyword-argument names)",
+            ));
+        };
+        let name = pat_ident.ident.to_string();
+        let name = name.strip_prefix("r#").unwrap_or(&name).to_owned();
+        let index = param_names.len();
+        let ty = &pat_type.ty;
+        let var = format_ident!("__wasmq_arg_{}", index);
+        let ty_text = quote!(#ty).to_string().replace(' ', "");
+        bindings.push(quote_spanned! {ty.span()=>
+            let #var: #ty = __args.take(#index, #name, #ty_text)?;
+        });
+        param_names.push(name);
+    }
+    let args: Vec<_> = (0..param_names.len())
+        .map(|i| format_ident!("__wasmq_arg_{}", i))
+        .collect();
+    let call = if takes_context {
+        quote!(#fn_name(__ctx, #(#args),*))
+    } else {
+        quote!(#fn_name(#(#args),*))
+    };
+    let finish = if returns_result(&sig.output) {
+        quote! {
+            match #call {
+                ::core::result::Result::Ok(value) => ::wasmq_sdk::__private::Output::into_json(value),
+                ::core::result::Result::Err(error) => ::core::result::Result::Err(
+                    ::core::convert::Into::<::wasmq_sdk::TaskError>::into(error),
+                ),
+            }
+        }
+    } else {
+        quote! { ::wasmq_sdk::__private::Output::into_json(#call) }
+    };
+
+    let name_expr = match &options.name {
+        Some(name) => quote!(#name),
+        None => {
+            let fn_text = fn_name.to_string();
+            let fn_text = fn_text.strip_prefix("r#").unwrap_or(&fn_text).to_owned();
+            quote!(::core::concat!(::core::env!("CARGO_CRATE_NAME"), ".", #fn_text))
+        }
+    };
+    let doc = item_fn
+        .attrs
+        .iter()
+        .filter_map(|attr| match &attr.meta {
+            Meta::NameValue(nv) if nv.path.is_ident("doc") => match &nv.value {
+                Expr::Lit(ExprLit {
+                    lit: Lit::Str(s), ..
+                }) => Some(s.value().trim().to_owned()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .trim()
+        .to_owned();
+    let option_tokens = |value: Option<u64>| match value {
+        Some(v) => quote!(::core::option::Option::Some(#v)),
+        None => quote!(::core::option::Option::None),
+    };
+    let fuel = option_tokens(options.fuel);
+    let memory = option_tokens(options.memory_bytes);
+    let timeout = option_tokens(options.timeout_ms);
+    let vis = &item_fn.vis;
+    let ctx_param = if takes_context {
+        quote!(__ctx)
+    } else {
+        quote!(_)
+    };
+    let struct_doc = format!("wasmq task descriptor for [`{fn_name}`](fn@{fn_name}).");
+    let span = Span::call_site();
+    Ok(quote_spanned! {span=>
+        #item_fn
+
+        #[doc = #struct_doc]
+        #[allow(non_camel_case_types)]
+        #vis struct #fn_name {}
+
+        impl ::wasmq_sdk::__private::Task for #fn_name {
+            const DEF: ::wasmq_sdk::__private::TaskDef = ::wasmq_sdk::__private::TaskDef {
+                name: #name_expr,
+                doc: #doc,
+                params: &[#(#param_names),*],
+                fuel: #fuel,
+                memory_bytes: #memory,
+                timeout_ms: #timeout,
+                call: {
+                    fn __wasmq_call(
+                        #ctx_param: &::wasmq_sdk::TaskContext,
+                        mut __args: ::wasmq_sdk::__private::Args,
+                    ) -> ::core::result::Result<::std::string::String, ::wasmq_sdk::TaskError> {
+                        #(#bindings)*
+                        __args.finish()?;
+                        #finish
+                    }
+                    __wasmq_call
+                },
+            };
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_size("64MiB"), Some(64 << 20));
+        assert_eq!(parse_size("10MB"), Some(10_000_000));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_duration_ms("2s"), Some(2000));
+        assert_eq!(parse_duration_ms("500ms"), Some(500));
+        assert_eq!(parse_duration_ms("2"), None);
+    }
+
+    #[test]
+    fn bad_signatures_are_spanned_errors() {
+        let cases = [
+            ("async fn f(a: i64) -> i64 { a }", "cannot be `async`"),
+            ("fn f<T>(a: T) -> i64 { 0 }", "cannot be generic"),
+            (
+                "fn f(a: &str) -> i64 { 0 }",
+                "take `String` instead of `&str`",
+            ),
+            (
+                "fn f(a: i64, ctx: &TaskContext) -> i64 { 0 }",
+                "must be the first parameter",
+            ),
+            ("fn f((a, b): (i64, i64)) -> i64 { 0 }", "plain names"),
+            (
+                "fn f(a: impl Into<i64>) -> i64 { 0 }",
+                "`impl Trait` parameters",
+            ),
+        ];
+        for (source, expected) in cases {
+            let item: ItemFn = syn::parse_str(source).unwrap();
+            let err = expand(quote!(), &item)
+                .err()
+                .unwrap_or_else(|| panic!("{source} accepted"));
+            assert!(err.to_string().contains(expected), "{source}: {err}");
+        }
+        let item: ItemFn = syn::parse_str("fn f(a: i64) -> i64 { a }").unwrap();
+        let err = expand(quote!(colour = "red"), &item).err().unwrap();
+        assert!(err.to_string().contains("unknown task option `colour`"));
+    }
+}
