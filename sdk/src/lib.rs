@@ -5,7 +5,7 @@
 //! that decodes Celery-style positional and keyword arguments and encodes the result as
 //! JSON, and [`export_tasks!`] lists the plugin's tasks once:
 //!
-//! ```ignore
+//! ```no_run
 //! use wasmq_sdk::{task, TaskContext, TaskError};
 //!
 //! /// Adds two numbers.
@@ -278,6 +278,12 @@ impl RawJson {
         Ok(Self(json))
     }
 
+    /// Wraps `json` without checking it, for results too large to scan twice. The host
+    /// still checks every result: invalid JSON ends the task as an `EncodeError` failure.
+    pub fn unchecked(json: String) -> Self {
+        Self(json)
+    }
+
     /// The JSON text.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -287,7 +293,11 @@ impl RawJson {
 /// Lists a plugin's tasks and exports them to the host. Call it once per plugin, with the
 /// names of the `#[task]` functions:
 ///
-/// ```ignore
+/// ```no_run
+/// # use wasmq_sdk::task;
+/// # #[task] fn add(a: i64, b: i64) -> i64 { a + b }
+/// # #[task] fn mul(a: i64, b: i64) -> i64 { a * b }
+/// # #[task] fn fib(n: u32) -> u64 { if n < 2 { n.into() } else { fib(n - 1) + fib(n - 2) } }
 /// wasmq_sdk::export_tasks!(add, mul, fib);
 /// ```
 #[macro_export]
@@ -366,7 +376,11 @@ pub mod __private {
     }
 
     impl Args {
-        fn parse(def: &TaskDef, args_json: &str, kwargs_json: &str) -> Result<Self, TaskError> {
+        pub(crate) fn parse(
+            def: &TaskDef,
+            args_json: &str,
+            kwargs_json: &str,
+        ) -> Result<Self, TaskError> {
             let task = def.name;
             let positional: Vec<Value> = serde_json::from_str(args_json).map_err(|e| {
                 TaskError::type_error(format!(
@@ -503,5 +517,69 @@ pub mod __private {
         let args = Args::parse(def, args_json, kwargs_json)?;
         let ctx = TaskContext { invocation };
         (def.call)(&ctx, args).map_err(Into::into)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::__private::{Args, TaskDef};
+    use super::{TaskContext, TaskError};
+
+    fn never(_: &TaskContext, _: Args) -> Result<String, TaskError> {
+        unreachable!("binding tests never call the task")
+    }
+
+    const DEF: TaskDef = TaskDef {
+        name: "t.greet",
+        doc: "",
+        params: &["name", "times", "suffix"],
+        fuel: None,
+        memory_bytes: None,
+        timeout_ms: None,
+        call: never,
+    };
+
+    fn bind(args: &str, kwargs: &str) -> Result<(String, u32, Option<String>), TaskError> {
+        let mut args = Args::parse(&DEF, args, kwargs)?;
+        let bound = (
+            args.take(0, "name", "String")?,
+            args.take(1, "times", "u32")?,
+            args.take(2, "suffix", "Option<String>")?,
+        );
+        args.finish()?;
+        Ok(bound)
+    }
+
+    #[test]
+    fn positional_keyword_and_optional_parameters_bind() {
+        assert_eq!(
+            bind(r#"["a", 2, "!"]"#, "{}"),
+            Ok(("a".into(), 2, Some("!".into())))
+        );
+        assert_eq!(
+            bind(r#"["a"]"#, r#"{"times": 3}"#),
+            Ok(("a".into(), 3, None))
+        );
+        assert_eq!(
+            bind("[]", r#"{"suffix": "?", "name": "b", "times": 1}"#),
+            Ok(("b".into(), 1, Some("?".into())))
+        );
+    }
+
+    #[test]
+    fn binding_errors_name_task_parameter_and_type() {
+        let err = |args, kwargs| bind(args, kwargs).unwrap_err().to_string();
+        assert_eq!(
+            err(r#"["a", -1]"#, "{}"),
+            "TypeError: t.greet: argument `times` must be u32: invalid value: integer `-1`, expected u32"
+        );
+        assert_eq!(
+            err(r#"["a"]"#, "{}"),
+            "TypeError: t.greet missing required argument `times` (u32); parameters: name, times, suffix"
+        );
+        assert_eq!(
+            err(r#"["a", 1, "x", 4]"#, "{}"),
+            "TypeError: t.greet takes 3 positional arguments (name, times, suffix) but 4 were given"
+        );
     }
 }

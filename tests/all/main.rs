@@ -1,1 +1,10 @@
-fn main() {}
+//! wasmq's integration tests: one binary, a module per topic. Every test uses the real
+//! plugins built from `plugins/` by `wasmq-test-artifacts`.
+
+mod bad_plugins;
+mod cache;
+mod cli;
+mod hostile;
+mod limits;
+mod plugins;
+mod support;

@@ -105,11 +105,12 @@ fn connect() -> Result<String, TaskError> {
 #[task]
 fn big_result() -> Result<RawJson, TaskError> {
     const SIZE: usize = 100_000_000;
-    let mut json = String::with_capacity(SIZE + 2);
-    json.push('"');
-    json.extend(std::iter::repeat_n('x', SIZE));
-    json.push('"');
-    RawJson::new(json)
+    let mut json = vec![b'x'; SIZE + 2];
+    json[0] = b'"';
+    json[SIZE + 1] = b'"';
+    let json =
+        String::from_utf8(json).map_err(|e| TaskError::failed("ValueError", e.to_string()))?;
+    Ok(RawJson::unchecked(json))
 }
 
 wasmq_sdk::export_tasks!(

@@ -1,6 +1,8 @@
 //! `math`: small arithmetic tasks, the "hello world" of wasmq.
 
-use wasmq_sdk::{TaskError, task};
+use std::time::Duration;
+
+use wasmq_sdk::{TaskContext, TaskError, task};
 
 /// Adds two integers.
 #[task]
@@ -51,4 +53,31 @@ fn div(a: f64, b: f64) -> Result<f64, TaskError> {
     Ok(a / b)
 }
 
-wasmq_sdk::export_tasks!(add, mul, fib, sum, div);
+/// The square root of `x`; a negative `x` is rejected (it can never succeed, so retrying or
+/// redelivering it is pointless).
+#[task]
+fn sqrt(x: f64) -> Result<f64, TaskError> {
+    if x < 0.0 {
+        return Err(TaskError::reject(format!(
+            "cannot take the square root of {x}"
+        )));
+    }
+    Ok(x.sqrt())
+}
+
+/// Asks to be retried (after 100 ms) until it has been retried `succeed_after` times, then
+/// returns the number of retries: a stand-in for a task whose dependency is briefly down.
+#[task]
+fn flaky(ctx: &TaskContext, succeed_after: u32) -> Result<u32, TaskError> {
+    if ctx.retries() < succeed_after {
+        return Err(TaskError::retry(format!(
+            "attempt {} of {}: not yet",
+            ctx.retries() + 1,
+            succeed_after + 1
+        ))
+        .after(Duration::from_millis(100)));
+    }
+    Ok(ctx.retries())
+}
+
+wasmq_sdk::export_tasks!(add, mul, fib, sum, div, sqrt, flaky);

@@ -26,7 +26,7 @@ fn slugify(text: String) -> String {
 }
 
 /// Renders CommonMark (with tables and strikethrough) to HTML using pulldown-cmark.
-#[task]
+#[task(memory = "64MiB", timeout = "10s")]
 fn markdown(ctx: &TaskContext, source: String) -> String {
     let options =
         pulldown_cmark::Options::ENABLE_TABLES | pulldown_cmark::Options::ENABLE_STRIKETHROUGH;
@@ -34,6 +34,10 @@ fn markdown(ctx: &TaskContext, source: String) -> String {
     let mut html = String::with_capacity(source.len() * 3 / 2);
     pulldown_cmark::html::push_html(&mut html, parser);
     ctx.info(&format!("rendered {} bytes of markdown", source.len()));
+    ctx.update_state(
+        "RENDERED",
+        &wasmq_sdk::serde_json::json!({ "input_bytes": source.len(), "html_bytes": html.len() }),
+    );
     html
 }
 

@@ -77,14 +77,14 @@ impl ArtifactCache {
     /// Loads the artifact for `hash` if one exists and is loadable.
     pub(crate) fn load(&self, engine: &Engine, hash: &str) -> Option<Component> {
         let path = self.path_for(hash);
-        if !path.is_file() {
-            return None;
-        }
+        // Read into memory rather than mapping the file: a mapped artifact that someone
+        // truncates or rewrites in place would kill the whole process with SIGBUS.
+        let bytes = std::fs::read(&path).ok()?;
         // SAFETY: the file is at a path only this cache writes (content hash + engine
         // fingerprint), written by `store` from `Component::serialize` of the same engine
         // configuration; wasmtime additionally checks the header and engine compatibility.
         #[allow(unsafe_code)]
-        let loaded = unsafe { Component::deserialize_file(engine, &path) };
+        let loaded = unsafe { Component::deserialize(engine, &bytes) };
         match loaded {
             Ok(component) => Some(component),
             Err(error) => {

@@ -35,7 +35,7 @@ pub struct TaskInfo {
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     /// The file cannot be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         /// The file.
         path: String,

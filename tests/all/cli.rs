@@ -1,0 +1,137 @@
+//! The `wasmq` binary: results on stdout, one readable line on stderr, documented exit codes.
+
+use std::process::{Command, Output};
+
+use wasmq_test_artifacts::{HOSTILE, MATH, TEXT};
+
+/// A file that exists but is not WebAssembly.
+const NOT_WASM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+
+fn wasmq(args: &[&str]) -> Output {
+    let cache = std::env::temp_dir().join(format!("wasmq-cli-test-cache-{}", std::process::id()));
+    Command::new(env!("CARGO_BIN_EXE_wasmq"))
+        .args(args)
+        .env("WASMQ_CACHE_DIR", &cache)
+        .env("WASMQ_LOG", "off")
+        .output()
+        .expect("run wasmq")
+}
+
+/// (exit code, stdout, stderr)
+fn run(args: &[&str]) -> (i32, String, String) {
+    let output = wasmq(args);
+    (
+        output.status.code().expect("exit code"),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn call_prints_the_json_result() {
+    assert_eq!(
+        run(&["call", MATH, "math.add", "[2, 3]"]),
+        (0, "5\n".into(), String::new())
+    );
+    assert_eq!(
+        run(&["call", MATH, "math.add", "[2]", "--kwargs", r#"{"b": 5}"#]),
+        (0, "7\n".into(), String::new())
+    );
+    assert_eq!(
+        run(&["call", TEXT, "text.slugify", r#"["Hello World"]"#]),
+        (0, "\"hello-world\"\n".into(), String::new())
+    );
+}
+
+#[test]
+fn failures_are_one_line_with_distinct_exit_codes() {
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &["call", MATH, "math.div", "[1, 0]"],
+            1,
+            "error: math.div failed: ZeroDivisionError: division by zero\n",
+        ),
+        (
+            &["call", HOSTILE, "hostile.spin", "--fuel", "100000000"],
+            3,
+            "error: hostile.spin ran out of fuel (budget 100000000)\n",
+        ),
+        (
+            &[
+                "call",
+                HOSTILE,
+                "hostile.spin",
+                "--timeout",
+                "100ms",
+                "--fuel",
+                "18446744073709551615",
+            ],
+            3,
+            "error: hostile.spin exceeded its time limit (100ms)\n",
+        ),
+        (
+            &["call", HOSTILE, "hostile.hog", "--memory", "16MiB"],
+            3,
+            "error: hostile.hog exceeded its memory limit (16 MiB)\n",
+        ),
+        (
+            &["call", MATH, "math.add", "[1, 2"],
+            2,
+            "error: ARGS_JSON is not JSON: EOF while parsing a list at line 1 column 5\n",
+        ),
+        (
+            &["call", MATH, "math.pow", "[1, 2]"],
+            2,
+            "error: plugin math has no task named math.pow (it has: math.add, math.mul, math.fib, math.sum, math.div, math.sqrt, math.flaky)\n",
+        ),
+        (
+            &["call", NOT_WASM, "math.add", "[1, 2]"],
+            4,
+            "error: Cargo is not a WebAssembly file\n",
+        ),
+        (
+            &["call", "/nonexistent.wasm", "math.add", "[1, 2]"],
+            2,
+            "error: cannot read /nonexistent.wasm: No such file or directory (os error 2)\n",
+        ),
+        (
+            &["call", MATH, "math.add", "[1, 2]", "--memory", "lots"],
+            2,
+            "",
+        ),
+    ];
+    for (args, code, stderr) in cases {
+        let (actual_code, stdout, actual_stderr) = run(args);
+        assert_eq!(actual_code, *code, "{args:?}: {actual_stderr}");
+        assert_eq!(stdout, "", "{args:?}");
+        if stderr.is_empty() {
+            // clap's usage error: it names the bad value.
+            assert!(
+                actual_stderr.contains("`lots` is not a size"),
+                "{actual_stderr}"
+            );
+        } else {
+            assert_eq!(actual_stderr, *stderr, "{args:?}");
+        }
+    }
+}
+
+#[test]
+fn inspect_lists_tasks_with_parameters_limits_and_docs() {
+    let (code, stdout, stderr) = run(&["plugins", "inspect", TEXT]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("plugin text"), "{stdout}");
+    assert!(
+        stdout.contains("  text.word_count(text)\n      Counts the words"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "  text.markdown(source)\n      default limits: memory 64 MiB, timeout 10s\n"
+        ),
+        "{stdout}"
+    );
+    let (code, _, stderr) = run(&["plugins", "inspect", NOT_WASM]);
+    assert_eq!(code, 4);
+    assert_eq!(stderr, "error: Cargo is not a WebAssembly file\n");
+}

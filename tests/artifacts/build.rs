@@ -1,0 +1,114 @@
+//! Builds every plugin in `plugins/` for `wasm32-wasip2` and writes `plugins.rs` with a
+//! constant per plugin holding the path of its `.wasm` component, so no test hard-codes a
+//! path and `cargo test` from a fresh clone builds the plugins by itself (the pattern of
+//! wasmtime's `crates/test-programs/artifacts`).
+//!
+//! The nested cargo uses its own target directory under OUT_DIR: sharing the outer build's
+//! would wait forever on its lock.
+
+use std::env;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let root = manifest_dir
+        .join("../..")
+        .canonicalize()
+        .expect("the repository root");
+    let plugins_dir = root.join("plugins");
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
+    let target_dir = out_dir.join("plugins-target");
+
+    let plugins = plugin_crates(&plugins_dir);
+    for path in [
+        plugins_dir.join("Cargo.toml"),
+        plugins_dir.join("Cargo.lock"),
+        root.join("wit"),
+        root.join("sdk/Cargo.toml"),
+        root.join("sdk/src"),
+        root.join("sdk/macros/Cargo.toml"),
+        root.join("sdk/macros/src"),
+    ] {
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
+    for name in &plugins {
+        println!(
+            "cargo:rerun-if-changed={}",
+            plugins_dir.join(name).join("Cargo.toml").display()
+        );
+        println!(
+            "cargo:rerun-if-changed={}",
+            plugins_dir.join(name).join("src").display()
+        );
+    }
+
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(cargo)
+        .current_dir(&plugins_dir)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--manifest-path",
+        ])
+        .arg(plugins_dir.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        // Flags meant for the host build must not leak into the guest build.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET")
+        .status()
+        .expect("cannot run cargo to build the plugins");
+    assert!(
+        status.success(),
+        "building the plugins failed; is the target installed? run `rustup target add wasm32-wasip2`"
+    );
+
+    let wasm_dir = target_dir.join("wasm32-wasip2").join("release");
+    let mut code = String::new();
+    let mut all = String::new();
+    for name in &plugins {
+        let wasm = wasm_dir.join(format!("{name}.wasm"));
+        assert!(wasm.is_file(), "{} was not built", wasm.display());
+        let constant = name.to_uppercase().replace('-', "_");
+        writeln!(
+            code,
+            "/// Path of the `{name}` plugin component (`plugins/{name}`)."
+        )
+        .unwrap();
+        writeln!(
+            code,
+            "pub const {constant}: &str = {:?};",
+            wasm.display().to_string()
+        )
+        .unwrap();
+        writeln!(all, "    ({name:?}, {constant}),").unwrap();
+    }
+    writeln!(code, "/// Every plugin, as (name, path).").unwrap();
+    writeln!(code, "pub const ALL: &[(&str, &str)] = &[\n{all}];").unwrap();
+    writeln!(code, "/// The folder holding every built plugin.").unwrap();
+    writeln!(
+        code,
+        "pub const DIR: &str = {:?};",
+        wasm_dir.display().to_string()
+    )
+    .unwrap();
+    std::fs::write(out_dir.join("plugins.rs"), code).expect("write plugins.rs");
+}
+
+/// The plugin crates: subfolders of `plugins/` with a Cargo.toml.
+fn plugin_crates(plugins_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(plugins_dir)
+        .expect("read plugins/")
+        .filter_map(Result::ok)
+        .filter(|entry| entry.path().join("Cargo.toml").is_file())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
