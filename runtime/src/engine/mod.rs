@@ -239,9 +239,11 @@ fn engine_config(config: &SandboxConfig, allocator: AllocatorKind) -> Config {
             .total_tables(slots.saturating_mul(8))
             .total_stacks(slots)
             .max_memory_size(usize::try_from(config.ceiling.memory_bytes).unwrap_or(usize::MAX))
-            // Keep the first pages of each slot resident between calls: most calls touch
-            // only a little memory, and re-zeroing beats unmapping and faulting.
-            .linear_memory_keep_resident(1 << 20)
+            // Measured with `cargo bench --bench sandbox` (BENCHMARKS.md): keeping table
+            // pages resident (re-zeroed with memset) beats unmapping them, 19 µs against
+            // 27 µs a call; keeping linear memory resident does not (a Rust guest's 1 MiB
+            // shadow stack makes the memset cost more than the page faults it saves).
+            .linear_memory_keep_resident(0)
             .table_keep_resident(64 << 10);
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     } else {
