@@ -10,7 +10,6 @@
 //! Run with `cargo bench -p wasmq --bench sandbox`; figures are recorded in BENCHMARKS.md.
 
 use std::hint::black_box;
-use std::path::Path;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -27,7 +26,7 @@ fn setup(config: SandboxConfig) -> (tokio::runtime::Runtime, Sandbox, Plugin) {
     })
     .expect("sandbox");
     let plugin = runtime
-        .block_on(sandbox.load_plugin(Path::new(wasmq_test_artifacts::MATH)))
+        .block_on(sandbox.load_plugin_bytes("math", wasmq::bundled::MATH))
         .expect("math plugin");
     (runtime, sandbox, plugin)
 }

@@ -14,5 +14,6 @@
 //! Only [`engine`] knows wasmtime. Everything else sees [`engine::Sandbox`],
 //! [`engine::Plugin`], [`engine::CallRequest`] and [`engine::Outcome`].
 
+pub mod bundled;
 pub mod cli;
 pub mod engine;

@@ -1,7 +1,7 @@
 //! Files that are not usable plugins are rejected with the right error, never a panic.
 
+use crate::support::MATH;
 use wasmq::engine::{PluginError, Sandbox};
-use wasmq_test_artifacts::MATH;
 
 use crate::support::{runtime, sandbox};
 

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
+use crate::support::MATH;
 use wasmq::engine::{CacheStatus, Sandbox, SandboxConfig};
-use wasmq_test_artifacts::MATH;
 
 use crate::support::{runtime, success};
 

@@ -2,7 +2,7 @@
 
 use std::process::{Command, Output};
 
-use wasmq_test_artifacts::{HOSTILE, MATH, TEXT};
+use crate::support::{HOSTILE, MATH, TEXT};
 
 /// A file that exists but is not WebAssembly.
 const NOT_WASM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");

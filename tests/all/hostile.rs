@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::{HOSTILE, MATH};
 use wasmq::engine::{CallRequest, LimitKind, LimitOverrides, Outcome, Sandbox, SandboxConfig};
-use wasmq_test_artifacts::{HOSTILE, MATH};
 
 use crate::support::{load, runtime, success};
 

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use crate::support::{HOSTILE, MATH, TEXT};
 use wasmq::engine::{CallRequest, LimitKind, LimitOverrides, Outcome};
-use wasmq_test_artifacts::{HOSTILE, MATH, TEXT};
 
 use crate::support::{load, runtime, sandbox};
 

@@ -3,9 +3,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::{MATH, TEXT};
 use serde_json::json;
 use wasmq::engine::{CallRequest, Outcome, StateUpdate};
-use wasmq_test_artifacts::{MATH, TEXT};
 
 use crate::support::{call, load, runtime, sandbox, success};
 

@@ -4,6 +4,13 @@ use std::path::Path;
 
 use wasmq::engine::{CallReport, CallRequest, Outcome, Plugin, Sandbox, SandboxConfig};
 
+/// The bundled plugins, built from `plugins/` by `runtime/build.rs`.
+pub(crate) const MATH: &str = concat!(env!("WASMQ_BUNDLED_PLUGINS_DIR"), "/math.wasm");
+/// See [`MATH`].
+pub(crate) const TEXT: &str = concat!(env!("WASMQ_BUNDLED_PLUGINS_DIR"), "/text.wasm");
+/// See [`MATH`].
+pub(crate) const HOSTILE: &str = concat!(env!("WASMQ_BUNDLED_PLUGINS_DIR"), "/hostile.wasm");
+
 /// A sandbox with no artifact cache (tests that exercise the cache make their own).
 pub(crate) fn sandbox() -> Sandbox {
     Sandbox::new(SandboxConfig {

@@ -13,4 +13,4 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub(crate) use wasmq::task::types;
+pub(crate) use self::wasmq::task::types;

@@ -15,7 +15,8 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::{types, wasmq::task::host};
+use super::bindings::{self, types};
+use bindings::wasmq::task::host;
 use super::outcome::HostcallLimit;
 
 /// A progress report a task made with `update_state` (Celery's custom states).

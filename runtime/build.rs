@@ -1,6 +1,8 @@
-//! Builds every plugin in `plugins/` for `wasm32-wasip2` and writes `plugins.rs` with a
-//! constant per plugin holding the path of its `.wasm` component, so no test hard-codes a
-//! path and `cargo test` from a fresh clone builds the plugins by itself (the pattern of
+//! Builds every plugin in `plugins/` for `wasm32-wasip2` and writes `bundled_plugins.rs`,
+//! which embeds each `.wasm` component in the `wasmq` binary (`wasmq::bundled`: the demo
+//! and `wasmq plugins export` need no separate build step) and records the folder holding
+//! them (`WASMQ_BUNDLED_PLUGINS_DIR`, for tests and benches), so no test hard-codes a path
+//! and `cargo test` from a fresh clone builds the plugins by itself (the pattern of
 //! wasmtime's `crates/test-programs/artifacts`).
 //!
 //! The nested cargo uses its own target directory under OUT_DIR: sharing the outer build's
@@ -14,7 +16,7 @@ use std::process::Command;
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let root = manifest_dir
-        .join("../..")
+        .join("..")
         .canonicalize()
         .expect("the repository root");
     let plugins_dir = root.join("plugins");
@@ -64,10 +66,12 @@ fn main() {
         .env_remove("CARGO_BUILD_TARGET")
         .status()
         .expect("cannot run cargo to build the plugins");
-    assert!(
-        status.success(),
-        "building the plugins failed; is the target installed? run `rustup target add wasm32-wasip2`"
-    );
+    if !status.success() {
+        panic!(
+            "building the bundled plugins for wasm32-wasip2 failed (see above). \
+             If the target is missing, run: rustup target add wasm32-wasip2"
+        );
+    }
 
     let wasm_dir = target_dir.join("wasm32-wasip2").join("release");
     let mut code = String::new();
@@ -78,27 +82,28 @@ fn main() {
         let constant = name.to_uppercase().replace('-', "_");
         writeln!(
             code,
-            "/// Path of the `{name}` plugin component (`plugins/{name}`)."
+            "/// The `{name}` plugin component (built from `plugins/{name}`)."
         )
         .unwrap();
         writeln!(
             code,
-            "pub const {constant}: &str = {:?};",
+            "pub const {constant}: &[u8] = include_bytes!({:?});",
             wasm.display().to_string()
         )
         .unwrap();
         writeln!(all, "    ({name:?}, {constant}),").unwrap();
     }
-    writeln!(code, "/// Every plugin, as (name, path).").unwrap();
-    writeln!(code, "pub const ALL: &[(&str, &str)] = &[\n{all}];").unwrap();
-    writeln!(code, "/// The folder holding every built plugin.").unwrap();
     writeln!(
         code,
-        "pub const DIR: &str = {:?};",
-        wasm_dir.display().to_string()
+        "/// Every bundled plugin, as (name, component bytes)."
     )
     .unwrap();
-    std::fs::write(out_dir.join("plugins.rs"), code).expect("write plugins.rs");
+    writeln!(code, "pub const ALL: &[(&str, &[u8])] = &[\n{all}];").unwrap();
+    std::fs::write(out_dir.join("bundled_plugins.rs"), code).expect("write bundled_plugins.rs");
+    println!(
+        "cargo:rustc-env=WASMQ_BUNDLED_PLUGINS_DIR={}",
+        wasm_dir.display()
+    );
 }
 
 /// The plugin crates: subfolders of `plugins/` with a Cargo.toml.
