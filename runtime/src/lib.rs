@@ -5,15 +5,30 @@
 //! The path of one task through the crate:
 //!
 //! ```text
-//! engine     a plugin (.wasm component) is compiled once, cached on disk, described;
-//!            each call gets a fresh Store: memory cap, fuel budget, wall-clock deadline,
-//!            WASI without ambient rights, captured output  -> exactly one Outcome
-//! cli        `wasmq call`, `wasmq plugins inspect`: the command-line edge
+//! client     Client::send_task builds a Celery v2 message            (client.rs)
+//! protocol   headers + [args, kwargs, embed] ⇄ Envelope                (protocol/)
+//! broker     publish / consume with prefetch / ack, dead-letter       (broker/)
+//!   -> worker    decode, admit (expires, eta), look up the task       (worker/)
+//!   -> registry  task name -> plugin, hot-deployed from a folder      (worker/registry.rs)
+//!   -> engine    fresh Store: memory cap, fuel, deadline, no ambient  (engine/)
+//!                rights -> exactly one Outcome
+//!   -> worker    decide once: result meta + ack | retry | dead-letter (worker/outcome.rs)
+//! results    store Celery meta; clients wait on it                    (results/)
+//! broker     settle the message (late ack, after the result is stored)
 //! ```
 //!
-//! Only [`engine`] knows wasmtime. Everything else sees [`engine::Sandbox`],
-//! [`engine::Plugin`], [`engine::CallRequest`] and [`engine::Outcome`].
+//! Only [`engine`] knows wasmtime; only [`broker`] and [`results`] know their storage.
+//! [`cli`] is the command-line edge and [`config`] merges configuration sources.
 
+pub mod broker;
 pub mod bundled;
 pub mod cli;
+pub mod client;
+pub mod config;
 pub mod engine;
+pub mod protocol;
+pub mod results;
+mod sqlite;
+pub mod worker;
+
+pub use sqlite::DbError;

@@ -186,6 +186,7 @@ enum ErrorKind {
         reason: String,
     },
     Reject(String),
+    InvalidArguments(String),
 }
 
 impl TaskError {
@@ -228,9 +229,11 @@ impl TaskError {
         }
     }
 
-    /// A `TypeError` failure, as Python raises for bad arguments.
-    fn type_error(message: String) -> Self {
-        Self::failed("TypeError", message)
+    /// The arguments do not fit the task (reported as a `TypeError`, as Python raises).
+    fn invalid_arguments(message: String) -> Self {
+        Self {
+            kind: ErrorKind::InvalidArguments(message),
+        }
     }
 }
 
@@ -243,6 +246,7 @@ impl fmt::Display for TaskError {
                 None => write!(f, "retry: {reason}"),
             },
             ErrorKind::Reject(reason) => write!(f, "rejected: {reason}"),
+            ErrorKind::InvalidArguments(message) => write!(f, "TypeError: {message}"),
         }
     }
 }
@@ -258,6 +262,7 @@ impl From<TaskError> for wit::TaskError {
                 reason,
             }),
             ErrorKind::Reject(reason) => Self::Reject(reason),
+            ErrorKind::InvalidArguments(message) => Self::InvalidArguments(message),
         }
     }
 }
@@ -383,18 +388,18 @@ pub mod __private {
         ) -> Result<Self, TaskError> {
             let task = def.name;
             let positional: Vec<Value> = serde_json::from_str(args_json).map_err(|e| {
-                TaskError::type_error(format!(
+                TaskError::invalid_arguments(format!(
                     "{task}: positional arguments must be a JSON array: {e}"
                 ))
             })?;
             let keywords: Map<String, Value> = serde_json::from_str(kwargs_json).map_err(|e| {
-                TaskError::type_error(format!(
+                TaskError::invalid_arguments(format!(
                     "{task}: keyword arguments must be a JSON object: {e}"
                 ))
             })?;
             let params = def.params;
             if positional.len() > params.len() {
-                return Err(TaskError::type_error(format!(
+                return Err(TaskError::invalid_arguments(format!(
                     "{task} takes {} positional argument{} ({}) but {} were given",
                     params.len(),
                     if params.len() == 1 { "" } else { "s" },
@@ -405,13 +410,13 @@ pub mod __private {
             for key in keywords.keys() {
                 match params.iter().position(|p| p == key) {
                     None => {
-                        return Err(TaskError::type_error(format!(
+                        return Err(TaskError::invalid_arguments(format!(
                             "{task} got an unexpected keyword argument `{key}` (parameters: {})",
                             params.join(", ")
                         )));
                     }
                     Some(i) if i < positional.len() => {
-                        return Err(TaskError::type_error(format!(
+                        return Err(TaskError::invalid_arguments(format!(
                             "{task} got multiple values for argument `{key}`"
                         )));
                     }
@@ -441,11 +446,13 @@ pub mod __private {
             let task = self.task;
             match value {
                 Some(value) => serde_json::from_value(value).map_err(|e| {
-                    TaskError::type_error(format!("{task}: argument `{name}` must be {ty}: {e}"))
+                    TaskError::invalid_arguments(format!(
+                        "{task}: argument `{name}` must be {ty}: {e}"
+                    ))
                 }),
                 // A missing argument is fine only for types that accept null (Option<T>, ()).
                 None => serde_json::from_value(Value::Null).map_err(|_| {
-                    TaskError::type_error(format!(
+                    TaskError::invalid_arguments(format!(
                         "{task} missing required argument `{name}` ({ty}); parameters: {}",
                         self.params.join(", ")
                     ))

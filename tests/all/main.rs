@@ -7,4 +7,6 @@ mod cli;
 mod hostile;
 mod limits;
 mod plugins;
+mod processes;
+mod queue;
 mod support;

@@ -57,3 +57,82 @@ pub(crate) fn runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("runtime")
 }
+
+/// An embedded broker and result backend in a fresh temporary folder.
+pub(crate) struct Queue {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) url: String,
+    pub(crate) broker: std::sync::Arc<dyn wasmq::broker::Broker>,
+    pub(crate) backend: std::sync::Arc<dyn wasmq::results::ResultBackend>,
+    pub(crate) client: wasmq::client::Client,
+}
+
+impl Queue {
+    pub(crate) fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("wasmq.db").display());
+        let broker = wasmq::broker::connect(&url).unwrap();
+        let backend = wasmq::results::connect(&url, std::time::Duration::from_secs(3600)).unwrap();
+        let client = wasmq::client::Client::new(broker.clone(), backend.clone());
+        Self {
+            dir,
+            url,
+            broker,
+            backend,
+            client,
+        }
+    }
+
+    /// A folder holding copies of the bundled plugins named in `names`.
+    pub(crate) fn plugin_folder(&self, names: &[&str]) -> std::path::PathBuf {
+        let folder = self.dir.path().join("plugins");
+        std::fs::create_dir_all(&folder).unwrap();
+        for name in names {
+            let source = Path::new(env!("WASMQ_BUNDLED_PLUGINS_DIR")).join(format!("{name}.wasm"));
+            std::fs::copy(source, folder.join(format!("{name}.wasm"))).unwrap();
+        }
+        folder
+    }
+}
+
+/// A registry of the bundled plugins (math, text, hostile), in memory.
+pub(crate) async fn bundled_registry(
+    sandbox: Sandbox,
+) -> std::sync::Arc<wasmq::worker::registry::Registry> {
+    let sandbox = std::sync::Arc::new(sandbox);
+    let mut plugins = Vec::new();
+    for (name, bytes) in wasmq::bundled::ALL {
+        plugins.push((
+            (*name).to_owned(),
+            sandbox.load_plugin_bytes(name, bytes).await.unwrap(),
+        ));
+    }
+    std::sync::Arc::new(wasmq::worker::registry::Registry::from_plugins(sandbox, plugins).unwrap())
+}
+
+/// A worker running in this process until the returned sender is dropped or fired.
+pub(crate) fn spawn_worker(
+    queue: &Queue,
+    registry: std::sync::Arc<wasmq::worker::registry::Registry>,
+    options: wasmq::worker::WorkerOptions,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::sync::Arc<wasmq::worker::WorkerStats>>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = wasmq::worker::Worker::new(
+        queue.broker.clone(),
+        queue.backend.clone(),
+        registry,
+        options,
+    );
+    let handle = tokio::spawn(async move {
+        worker
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap()
+    });
+    (stop, handle)
+}

@@ -80,4 +80,14 @@ fn flaky(ctx: &TaskContext, succeed_after: u32) -> Result<u32, TaskError> {
     Ok(ctx.retries())
 }
 
-wasmq_sdk::export_tasks!(add, mul, fib, sum, div, sqrt, flaky);
+/// Sleeps for `seconds` (without using CPU), then returns them: a stand-in for I/O-bound
+/// work such as waiting on a remote service.
+#[task]
+fn sleep(seconds: f64) -> Result<f64, TaskError> {
+    let duration = Duration::try_from_secs_f64(seconds)
+        .map_err(|e| TaskError::failed("ValueError", format!("cannot sleep {seconds} s: {e}")))?;
+    std::thread::sleep(duration);
+    Ok(seconds)
+}
+
+wasmq_sdk::export_tasks!(add, mul, fib, sum, div, sqrt, flaky, sleep);

@@ -16,8 +16,8 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{self, types};
-use bindings::wasmq::task::host;
 use super::outcome::HostcallLimit;
+use bindings::wasmq::task::host;
 
 /// A progress report a task made with `update_state` (Celery's custom states).
 #[derive(Debug, Clone, PartialEq)]

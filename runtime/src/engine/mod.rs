@@ -560,6 +560,7 @@ fn task_error_outcome(error: wit::TaskError) -> Outcome {
             reason: retry.reason,
         },
         wit::TaskError::Reject(reason) => Outcome::Rejected { reason },
+        wit::TaskError::InvalidArguments(message) => Outcome::InvalidArguments { message },
     }
 }
 

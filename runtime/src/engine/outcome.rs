@@ -32,6 +32,11 @@ pub enum Outcome {
         /// Why.
         reason: String,
     },
+    /// The arguments did not fit the task's parameters; the task was not called.
+    InvalidArguments {
+        /// What does not fit, naming the task, the parameter and the expected type.
+        message: String,
+    },
     /// The task rejected its message: it must not run again.
     Rejected {
         /// Why.
@@ -53,7 +58,7 @@ impl Outcome {
     }
 
     /// A short lowercase name of the outcome's kind: `success`, `failed`, `retry`,
-    /// `rejected`, `limit:fuel`, `limit:memory`, `limit:time`, `limit:stack`, `limit:output`,
+    /// `rejected`, `invalid-arguments`, `limit:fuel`, `limit:memory`, `limit:time`, `limit:stack`, `limit:output`,
     /// `trap`.
     pub fn kind_name(&self) -> &'static str {
         match self {
@@ -61,6 +66,7 @@ impl Outcome {
             Outcome::Failed { .. } => "failed",
             Outcome::Retry { .. } => "retry",
             Outcome::Rejected { .. } => "rejected",
+            Outcome::InvalidArguments { .. } => "invalid-arguments",
             Outcome::LimitExceeded(limit) => match limit.kind {
                 LimitKind::Fuel => "limit:fuel",
                 LimitKind::Memory => "limit:memory",
@@ -89,6 +95,9 @@ impl fmt::Display for Outcome {
                 None => write!(f, "asked to be retried: {reason}"),
             },
             Outcome::Rejected { reason } => write!(f, "rejected its message: {reason}"),
+            Outcome::InvalidArguments { message } => {
+                write!(f, "was called with invalid arguments: {message}")
+            }
             Outcome::LimitExceeded(limit) => write!(f, "{}", limit.message),
             Outcome::Trap { message } => write!(f, "trapped: {message}"),
         }

@@ -1,0 +1,197 @@
+//! Brokers: where task messages wait. A small abstraction — publish to a queue (optionally
+//! delayed), consume with a prefetch limit, settle each delivery (ack, dead-letter,
+//! release) — and its implementations:
+//!
+//! * [`sqlite::SqliteBroker`], the embedded default: a SQLite file several processes on one
+//!   machine share (`sqlite://.wasmq/wasmq.db`).
+//!
+//! Only this module knows the queue tables. Deliveries are acknowledged late, after the
+//! worker has stored the result; a delivery whose worker dies unacknowledged is delivered
+//! again.
+
+pub mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::protocol::Envelope;
+
+/// Errors from a broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The embedded database failed.
+    #[error(transparent)]
+    Db(#[from] crate::sqlite::DbError),
+    /// The broker URL is not understood.
+    #[error("unsupported broker URL {0:?} (expected sqlite://PATH)")]
+    UnsupportedUrl(String),
+    /// The consumer was closed.
+    #[error("the consumer is closed")]
+    Closed,
+}
+
+/// A message handed to a consumer, to be settled exactly once.
+pub struct Delivery {
+    /// The message.
+    pub envelope: Envelope,
+    /// The queue it came from.
+    pub queue: String,
+    /// How many times it has been delivered, this time included (1 on first delivery).
+    pub delivery_count: u32,
+    tag: u64,
+    settler: Arc<dyn Settle>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("queue", &self.queue)
+            .field("delivery_count", &self.delivery_count)
+            .field("tag", &self.tag)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    /// Builds a delivery; used by broker implementations.
+    pub(crate) fn new(
+        envelope: Envelope,
+        queue: String,
+        delivery_count: u32,
+        tag: u64,
+        settler: Arc<dyn Settle>,
+    ) -> Self {
+        Self {
+            envelope,
+            queue,
+            delivery_count,
+            tag,
+            settler,
+        }
+    }
+
+    /// True when the message was delivered before (its earlier consumer died or released it).
+    pub fn redelivered(&self) -> bool {
+        self.delivery_count > 1
+    }
+
+    /// Done with the message: remove it from the queue.
+    ///
+    /// # Errors
+    /// When the broker cannot record the ack; the message will then be delivered again.
+    pub async fn ack(self) -> Result<(), BrokerError> {
+        self.settler.ack(self.tag).await
+    }
+
+    /// The message cannot be processed: move it to the dead-letter store with `reason`.
+    ///
+    /// # Errors
+    /// When the broker cannot record it; the message will then be delivered again.
+    pub async fn dead_letter(self, reason: &str) -> Result<(), BrokerError> {
+        self.settler.dead_letter(self.tag, reason).await
+    }
+
+    /// Give the message back unprocessed, to be delivered again at once (e.g. at shutdown).
+    ///
+    /// # Errors
+    /// When the broker cannot record it; the message will then be delivered again later.
+    pub async fn release(self) -> Result<(), BrokerError> {
+        self.settler.release(self.tag).await
+    }
+}
+
+/// How a broker settles its deliveries.
+#[async_trait]
+pub(crate) trait Settle: Send + Sync {
+    async fn ack(&self, tag: u64) -> Result<(), BrokerError>;
+    async fn dead_letter(&self, tag: u64, reason: &str) -> Result<(), BrokerError>;
+    async fn release(&self, tag: u64) -> Result<(), BrokerError>;
+}
+
+/// A message that could not be processed, kept with the reason.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetter {
+    /// The queue it came from.
+    pub queue: String,
+    /// The task id, when the message had one.
+    pub task_id: Option<String>,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// How many times it had been delivered.
+    pub delivery_count: u32,
+    /// When (Unix milliseconds).
+    pub dead_at_ms: i64,
+    /// The message itself.
+    pub envelope: Envelope,
+}
+
+/// A stream of deliveries from one or more queues.
+#[async_trait]
+pub trait Consumer: Send {
+    /// The next delivery, waiting for one. Never more than the prefetch limit are
+    /// outstanding (delivered and not yet settled).
+    ///
+    /// # Errors
+    /// When the broker fails; the caller may retry.
+    async fn next(&mut self) -> Result<Delivery, BrokerError>;
+
+    /// Stops consuming and gives back every message fetched but not yet handed out.
+    async fn close(&mut self);
+}
+
+/// A message broker.
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// Publishes `envelope` to `queue`, visible after `delay` (none: at once).
+    ///
+    /// # Errors
+    /// When the broker cannot take the message; it was not published.
+    async fn publish(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+        delay: Option<Duration>,
+    ) -> Result<(), BrokerError>;
+
+    /// Starts consuming `queues`, with at most `prefetch` unsettled deliveries.
+    ///
+    /// # Errors
+    /// When the broker cannot start a consumer.
+    async fn consume(
+        &self,
+        queues: &[String],
+        prefetch: usize,
+    ) -> Result<Box<dyn Consumer>, BrokerError>;
+
+    /// The dead-lettered messages, newest first.
+    ///
+    /// # Errors
+    /// When the broker cannot list them.
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError>;
+
+    /// Messages waiting in `queue` (ready or delayed, not counting those being processed).
+    ///
+    /// # Errors
+    /// When the broker cannot count them.
+    async fn queue_length(&self, queue: &str) -> Result<u64, BrokerError>;
+
+    /// A description for logs, e.g. `sqlite://.wasmq/wasmq.db`.
+    fn describe(&self) -> String;
+}
+
+/// Opens the broker at `url`.
+///
+/// # Errors
+/// [`BrokerError::UnsupportedUrl`] for an unknown scheme, or the broker's own error.
+pub fn connect(url: &str) -> Result<Arc<dyn Broker>, BrokerError> {
+    match crate::sqlite::parse_url(url) {
+        Some(path) => Ok(Arc::new(sqlite::SqliteBroker::open(
+            &path,
+            sqlite::SqliteBrokerOptions::default(),
+        )?)),
+        None => Err(BrokerError::UnsupportedUrl(url.to_owned())),
+    }
+}

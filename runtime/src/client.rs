@@ -1,0 +1,261 @@
+//! The client: send tasks (Celery's `send_task` / `apply_async`) and read their results.
+//!
+//! ```no_run
+//! # async fn example(client: wasmq::client::Client) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use wasmq::client::SendOptions;
+//!
+//! let result = client
+//!     .send_task("math.add", vec![2.into(), 3.into()], Default::default(), SendOptions::default())
+//!     .await?;
+//! assert_eq!(result.get(Duration::from_secs(10)).await?, 5);
+//! # Ok(()) }
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+use crate::broker::{Broker, BrokerError};
+use crate::protocol::TaskMessage;
+use crate::results::{ExceptionInfo, ResultBackend, ResultError, ResultMeta, TaskState};
+
+/// Options of one send, as Celery's `apply_async` keywords.
+#[derive(Debug, Clone, Default)]
+pub struct SendOptions {
+    /// Use this task id instead of a fresh UUID.
+    pub task_id: Option<String>,
+    /// Run no earlier than this long from now.
+    pub countdown: Option<Duration>,
+    /// Run no earlier than this time (ignored when `countdown` is set).
+    pub eta: Option<DateTime<Utc>>,
+    /// Do not run after this long from now: the result becomes REVOKED ("expired").
+    pub expires: Option<Duration>,
+    /// The queue. Default: the client's default queue (`celery`).
+    pub queue: Option<String>,
+    /// Message priority, 0–255 (higher first).
+    pub priority: Option<u8>,
+    /// Hard time limit.
+    pub time_limit: Option<Duration>,
+    /// Soft time limit.
+    pub soft_time_limit: Option<Duration>,
+    /// Don't store the result.
+    pub ignore_result: bool,
+}
+
+/// Errors sending a task.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The broker refused the message.
+    #[error("cannot publish the task")]
+    Broker(#[from] BrokerError),
+}
+
+/// Why `AsyncResult::get` has no value.
+#[derive(Debug, thiserror::Error)]
+pub enum GetError {
+    /// The task failed (including limits exceeded and traps).
+    #[error("task {task_id} failed: {exception}")]
+    Failed {
+        /// The task.
+        task_id: String,
+        /// Celery's exception encoding.
+        exception: ExceptionInfo,
+    },
+    /// The task was revoked or expired.
+    #[error("task {task_id} was revoked: {exception}")]
+    Revoked {
+        /// The task.
+        task_id: String,
+        /// `TaskRevokedError(reason)`.
+        exception: ExceptionInfo,
+    },
+    /// No result in time, or the backend failed.
+    #[error(transparent)]
+    Backend(#[from] ResultError),
+}
+
+/// Sends tasks and reads their results.
+#[derive(Clone)]
+pub struct Client {
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
+    default_queue: String,
+    origin: String,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("broker", &self.broker.describe())
+            .field("backend", &self.backend.describe())
+            .field("default_queue", &self.default_queue)
+            .finish()
+    }
+}
+
+impl Client {
+    /// A client publishing to `broker` and reading results from `backend`.
+    pub fn new(broker: Arc<dyn Broker>, backend: Arc<dyn ResultBackend>) -> Self {
+        Self {
+            broker,
+            backend,
+            default_queue: "celery".into(),
+            origin: format!(
+                "gen{}@{}",
+                std::process::id(),
+                gethostname::gethostname().to_string_lossy()
+            ),
+        }
+    }
+
+    /// Sends to `queue` unless a send names another. Default: `celery`.
+    #[must_use]
+    pub fn with_default_queue(mut self, queue: impl Into<String>) -> Self {
+        self.default_queue = queue.into();
+        self
+    }
+
+    /// Builds the message `send_task` would publish (for tests and tools).
+    pub fn build_message(
+        &self,
+        task: &str,
+        args: Vec<Value>,
+        kwargs: Map<String, Value>,
+        options: &SendOptions,
+    ) -> TaskMessage {
+        let mut message = TaskMessage::new(task, args, kwargs);
+        if let Some(id) = &options.task_id {
+            message.id.clone_from(id);
+            message.root_id = Some(id.clone());
+            message.correlation_id = Some(id.clone());
+        }
+        let now = Utc::now();
+        message.eta = match options.countdown {
+            Some(countdown) => chrono::Duration::from_std(countdown).ok().map(|d| now + d),
+            None => options.eta,
+        };
+        message.expires = options
+            .expires
+            .and_then(|e| chrono::Duration::from_std(e).ok())
+            .map(|d| now + d);
+        message.priority = options.priority;
+        message.time_limit = options.time_limit.map(|t| t.as_secs_f64());
+        message.soft_time_limit = options.soft_time_limit.map(|t| t.as_secs_f64());
+        message.ignore_result = options.ignore_result;
+        message.origin = Some(self.origin.clone());
+        message
+    }
+
+    /// Sends `task` with positional `args` and keyword `kwargs`.
+    ///
+    /// # Errors
+    /// [`SendError::Broker`] when the broker refuses the message.
+    pub async fn send_task(
+        &self,
+        task: &str,
+        args: Vec<Value>,
+        kwargs: Map<String, Value>,
+        options: SendOptions,
+    ) -> Result<AsyncResult, SendError> {
+        let message = self.build_message(task, args, kwargs, &options);
+        self.send_message(&message, options.queue.as_deref()).await
+    }
+
+    /// Publishes a prepared message.
+    ///
+    /// # Errors
+    /// [`SendError::Broker`] when the broker refuses the message.
+    pub async fn send_message(
+        &self,
+        message: &TaskMessage,
+        queue: Option<&str>,
+    ) -> Result<AsyncResult, SendError> {
+        let delay = message.eta.and_then(|eta| (eta - Utc::now()).to_std().ok());
+        let queue = queue.unwrap_or(&self.default_queue);
+        self.broker.publish(queue, &message.encode(), delay).await?;
+        Ok(self.result(&message.id))
+    }
+
+    /// A handle on the result of task `id`.
+    pub fn result(&self, id: &str) -> AsyncResult {
+        AsyncResult {
+            id: id.to_owned(),
+            backend: Arc::clone(&self.backend),
+        }
+    }
+}
+
+/// A task's future result (Celery's `AsyncResult`).
+#[derive(Clone)]
+pub struct AsyncResult {
+    /// The task id.
+    pub id: String,
+    backend: Arc<dyn ResultBackend>,
+}
+
+impl std::fmt::Debug for AsyncResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncResult").field("id", &self.id).finish()
+    }
+}
+
+impl AsyncResult {
+    /// Waits for the task to finish and returns its value.
+    ///
+    /// # Errors
+    /// [`GetError::Failed`] or [`GetError::Revoked`] with the exception, or
+    /// [`GetError::Backend`] (including a timeout).
+    pub async fn get(&self, timeout: Duration) -> Result<Value, GetError> {
+        let meta = self.backend.wait(&self.id, timeout).await?;
+        into_value(meta)
+    }
+
+    /// The stored meta, if any.
+    ///
+    /// # Errors
+    /// When the backend cannot be read.
+    pub async fn meta(&self) -> Result<Option<ResultMeta>, ResultError> {
+        self.backend.get(&self.id).await
+    }
+
+    /// The current state (PENDING when nothing is stored yet).
+    ///
+    /// # Errors
+    /// When the backend cannot be read.
+    pub async fn state(&self) -> Result<TaskState, ResultError> {
+        Ok(self.meta().await?.map_or(TaskState::Pending, |m| m.status))
+    }
+
+    /// True once the task finished (SUCCESS, FAILURE or REVOKED).
+    ///
+    /// # Errors
+    /// When the backend cannot be read.
+    pub async fn ready(&self) -> Result<bool, ResultError> {
+        Ok(self.state().await?.is_ready())
+    }
+}
+
+/// The value of a ready meta, or its exception.
+///
+/// # Errors
+/// [`GetError::Failed`] / [`GetError::Revoked`] for those states.
+pub fn into_value(meta: ResultMeta) -> Result<Value, GetError> {
+    let exception = || {
+        meta.exception()
+            .unwrap_or_else(|| ExceptionInfo::new("Exception", "builtins", meta.result.to_string()))
+    };
+    match meta.status {
+        TaskState::Failure => Err(GetError::Failed {
+            task_id: meta.task_id.clone(),
+            exception: exception(),
+        }),
+        TaskState::Revoked => Err(GetError::Revoked {
+            task_id: meta.task_id.clone(),
+            exception: exception(),
+        }),
+        _ => Ok(meta.result),
+    }
+}

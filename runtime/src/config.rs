@@ -1,0 +1,364 @@
+//! Worker configuration: raw values from a TOML file, `WASMQ_*` environment variables and
+//! command-line flags, merged with precedence flags > environment > file > defaults into a
+//! validated [`WorkerConfig`].
+//!
+//! The file is strict: an unknown key is an error that names it. Every key:
+//!
+//! ```toml
+//! broker = "sqlite://.wasmq/wasmq.db"          # WASMQ_BROKER, --broker
+//! result_backend = "sqlite://.wasmq/wasmq.db"  # WASMQ_RESULT_BACKEND, --result-backend
+//! plugins = ".wasmq/plugins"                   # WASMQ_PLUGINS, --plugins
+//! queues = ["celery"]                          # WASMQ_QUEUES, --queues a,b
+//! concurrency = 2                              # WASMQ_CONCURRENCY, --concurrency (default: CPUs)
+//! prefetch_multiplier = 4                      # WASMQ_PREFETCH_MULTIPLIER, --prefetch-multiplier
+//! node_name = "wasmq@host"                     # WASMQ_NODE_NAME, --name
+//! shutdown_timeout = "30s"                     # WASMQ_SHUTDOWN_TIMEOUT, --shutdown-timeout
+//! result_expires = "1day"                      # WASMQ_RESULT_EXPIRES, --result-expires
+//! track_started = false                        # WASMQ_TRACK_STARTED, --track-started
+//! max_retries = 3                              # WASMQ_MAX_RETRIES, --max-retries
+//! default_retry_delay = "3m"                   # WASMQ_DEFAULT_RETRY_DELAY, --default-retry-delay
+//! cache_dir = "~/.cache/wasmq/artifacts"       # WASMQ_CACHE_DIR, --cache-dir
+//!
+//! [limits]        # defaults for tasks that do not say (WASMQ_FUEL, --fuel, …)
+//! fuel = 10000000000
+//! memory = "128MiB"
+//! timeout = "30s"
+//!
+//! [ceiling]       # what no task, plugin or message can exceed
+//! fuel = 100000000000
+//! memory = "1GiB"
+//! timeout = "1h"
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::engine::{Limits, parse_bytes, parse_duration};
+use crate::worker::{WorkerOptions, outcome::RetryPolicy};
+
+/// The embedded default broker and result backend.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://.wasmq/wasmq.db";
+/// The default plugin folder.
+pub const DEFAULT_PLUGIN_FOLDER: &str = ".wasmq/plugins";
+
+/// Limits as written in the file or on the command line.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Fuel units.
+    pub fuel: Option<u64>,
+    /// A size, e.g. `128MiB`.
+    pub memory: Option<String>,
+    /// A duration, e.g. `30s`.
+    pub timeout: Option<String>,
+}
+
+/// Configuration as said by one source; `None` means "not said here".
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Broker URL.
+    pub broker: Option<String>,
+    /// Result backend URL.
+    pub result_backend: Option<String>,
+    /// Plugin folder.
+    pub plugins: Option<PathBuf>,
+    /// Queues to consume.
+    pub queues: Option<Vec<String>>,
+    /// Tasks run at once.
+    pub concurrency: Option<usize>,
+    /// Prefetch per slot.
+    pub prefetch_multiplier: Option<usize>,
+    /// Node name.
+    pub node_name: Option<String>,
+    /// Graceful shutdown timeout.
+    pub shutdown_timeout: Option<String>,
+    /// Result retention.
+    pub result_expires: Option<String>,
+    /// Store STARTED states.
+    pub track_started: Option<bool>,
+    /// Retries before MaxRetriesExceededError.
+    pub max_retries: Option<u32>,
+    /// Retry delay when a task gives none.
+    pub default_retry_delay: Option<String>,
+    /// Artifact cache folder.
+    pub cache_dir: Option<PathBuf>,
+    /// Default task limits.
+    pub limits: Option<RawLimits>,
+    /// Ceiling limits.
+    pub ceiling: Option<RawLimits>,
+}
+
+/// Errors loading configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read the config file {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid (unknown key, wrong type…).
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// toml's explanation, naming the key.
+        message: String,
+    },
+    /// A value is not valid.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The option.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl RawConfig {
+    /// Reads a strict TOML file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`] (naming an unknown key).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.display().to_string(),
+            message,
+        })
+    }
+
+    /// Parses strict TOML text.
+    ///
+    /// # Errors
+    /// toml's message (which names an unknown key).
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.message().trim().to_owned())
+    }
+
+    /// Fills what `self` leaves unset from `lower` (a lower-precedence source).
+    #[must_use]
+    pub fn or(self, lower: RawConfig) -> RawConfig {
+        RawConfig {
+            broker: self.broker.or(lower.broker),
+            result_backend: self.result_backend.or(lower.result_backend),
+            plugins: self.plugins.or(lower.plugins),
+            queues: self.queues.or(lower.queues),
+            concurrency: self.concurrency.or(lower.concurrency),
+            prefetch_multiplier: self.prefetch_multiplier.or(lower.prefetch_multiplier),
+            node_name: self.node_name.or(lower.node_name),
+            shutdown_timeout: self.shutdown_timeout.or(lower.shutdown_timeout),
+            result_expires: self.result_expires.or(lower.result_expires),
+            track_started: self.track_started.or(lower.track_started),
+            max_retries: self.max_retries.or(lower.max_retries),
+            default_retry_delay: self.default_retry_delay.or(lower.default_retry_delay),
+            cache_dir: self.cache_dir.or(lower.cache_dir),
+            limits: merge_limits(self.limits, lower.limits),
+            ceiling: merge_limits(self.ceiling, lower.ceiling),
+        }
+    }
+}
+
+fn merge_limits(high: Option<RawLimits>, low: Option<RawLimits>) -> Option<RawLimits> {
+    match (high, low) {
+        (Some(h), Some(l)) => Some(RawLimits {
+            fuel: h.fuel.or(l.fuel),
+            memory: h.memory.or(l.memory),
+            timeout: h.timeout.or(l.timeout),
+        }),
+        (h, l) => h.or(l),
+    }
+}
+
+/// The validated configuration of a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Broker URL.
+    pub broker: String,
+    /// Result backend URL.
+    pub result_backend: String,
+    /// Plugin folder.
+    pub plugins: PathBuf,
+    /// Result retention.
+    pub result_expires: Duration,
+    /// Artifact cache folder (`None`: the user's cache directory).
+    pub cache_dir: Option<PathBuf>,
+    /// Default task limits.
+    pub limits: Limits,
+    /// Ceiling limits.
+    pub ceiling: Limits,
+    /// Worker behaviour.
+    pub worker: WorkerOptions,
+}
+
+fn duration(
+    key: &'static str,
+    text: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    text.map_or(Ok(default), |t| {
+        parse_duration(&t).map_err(|message| ConfigError::Invalid { key, message })
+    })
+}
+
+fn limits(
+    key: &'static str,
+    raw: Option<RawLimits>,
+    default: Limits,
+) -> Result<Limits, ConfigError> {
+    let raw = raw.unwrap_or_default();
+    Ok(Limits {
+        fuel: raw.fuel.unwrap_or(default.fuel),
+        memory_bytes: match raw.memory {
+            Some(text) => {
+                parse_bytes(&text).map_err(|message| ConfigError::Invalid { key, message })?
+            }
+            None => default.memory_bytes,
+        },
+        timeout: duration(key, raw.timeout, default.timeout)?,
+    })
+}
+
+impl WorkerConfig {
+    /// Validates merged raw configuration, applying defaults.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the option.
+    pub fn resolve(raw: RawConfig) -> Result<Self, ConfigError> {
+        let defaults = WorkerOptions::default();
+        let concurrency = raw.concurrency.unwrap_or(defaults.concurrency);
+        if concurrency == 0 {
+            return Err(ConfigError::Invalid {
+                key: "concurrency",
+                message: "must be at least 1".into(),
+            });
+        }
+        let queues = raw.queues.unwrap_or(defaults.queues);
+        if queues.is_empty() || queues.iter().any(|q| q.trim().is_empty()) {
+            return Err(ConfigError::Invalid {
+                key: "queues",
+                message: "must name at least one non-empty queue".into(),
+            });
+        }
+        let sandbox = crate::engine::SandboxConfig::default();
+        Ok(Self {
+            broker: raw.broker.unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
+            result_backend: raw
+                .result_backend
+                .unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
+            plugins: raw.plugins.unwrap_or_else(|| DEFAULT_PLUGIN_FOLDER.into()),
+            result_expires: duration(
+                "result_expires",
+                raw.result_expires,
+                crate::results::DEFAULT_RESULT_EXPIRES,
+            )?,
+            cache_dir: raw.cache_dir,
+            limits: limits("limits", raw.limits, Limits::DEFAULT)?,
+            ceiling: limits("ceiling", raw.ceiling, sandbox.ceiling)?,
+            worker: WorkerOptions {
+                queues,
+                concurrency,
+                prefetch_multiplier: raw
+                    .prefetch_multiplier
+                    .unwrap_or(defaults.prefetch_multiplier)
+                    .max(1),
+                shutdown_timeout: duration(
+                    "shutdown_timeout",
+                    raw.shutdown_timeout,
+                    defaults.shutdown_timeout,
+                )?,
+                retry: RetryPolicy {
+                    max_retries: raw.max_retries.unwrap_or(defaults.retry.max_retries),
+                    default_delay: duration(
+                        "default_retry_delay",
+                        raw.default_retry_delay,
+                        defaults.retry.default_delay,
+                    )?,
+                },
+                track_started: raw.track_started.unwrap_or(defaults.track_started),
+                node_name: raw.node_name.unwrap_or(defaults.node_name),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let error = RawConfig::from_toml("concurency = 4").unwrap_err();
+        assert!(error.contains("unknown field `concurency`"), "{error}");
+        let error = RawConfig::from_toml("[limits]\nfule = 1").unwrap_err();
+        assert!(error.contains("unknown field `fule`"), "{error}");
+        let error = RawConfig::from_toml("concurrency = \"four\"").unwrap_err();
+        assert!(error.contains("invalid type"), "{error}");
+    }
+
+    #[test]
+    fn precedence_flags_env_file_defaults() {
+        let file = RawConfig::from_toml(
+            "concurrency = 3\nqueues = [\"a\"]\nbroker = \"sqlite://file.db\"\n[limits]\nmemory = \"64MiB\"\ntimeout = \"5s\"",
+        )
+        .unwrap();
+        let env = RawConfig {
+            concurrency: Some(5),
+            limits: Some(RawLimits {
+                timeout: Some("7s".into()),
+                ..RawLimits::default()
+            }),
+            ..RawConfig::default()
+        };
+        let flags = RawConfig {
+            concurrency: Some(9),
+            ..RawConfig::default()
+        };
+        let config = WorkerConfig::resolve(flags.or(env).or(file)).unwrap();
+        assert_eq!(config.worker.concurrency, 9, "flag beats env and file");
+        assert_eq!(
+            config.limits.timeout,
+            Duration::from_secs(7),
+            "env beats file"
+        );
+        assert_eq!(config.limits.memory_bytes, 64 << 20, "file beats default");
+        assert_eq!(
+            config.limits.fuel,
+            Limits::DEFAULT.fuel,
+            "default fills the rest"
+        );
+        assert_eq!(config.worker.queues, ["a"]);
+        assert_eq!(config.broker, "sqlite://file.db");
+        assert_eq!(config.result_backend, DEFAULT_DATABASE_URL);
+    }
+
+    #[test]
+    fn invalid_values_name_the_option() {
+        let raw = RawConfig {
+            shutdown_timeout: Some("soon".into()),
+            ..RawConfig::default()
+        };
+        let error = WorkerConfig::resolve(raw).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "shutdown_timeout: `soon` is not a duration (try 2s, 500ms or 1m)"
+        );
+        let raw = RawConfig {
+            concurrency: Some(0),
+            ..RawConfig::default()
+        };
+        assert_eq!(
+            WorkerConfig::resolve(raw).unwrap_err().to_string(),
+            "concurrency: must be at least 1"
+        );
+    }
+}

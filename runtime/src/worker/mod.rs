@@ -1,0 +1,482 @@
+//! The worker: consume → decode → admit → look up → run in the sandbox → decide once →
+//! store the result → settle.
+//!
+//! At most `concurrency` tasks run at once (a semaphore); at most `concurrency ×
+//! prefetch_multiplier` messages are held unsettled. Acks are late: a message is settled
+//! only after its result is stored, so a worker that dies mid-task loses nothing. Guests
+//! yield to the executor at every epoch tick, so CPU-bound tasks never stall consumption,
+//! result storing or each other.
+//!
+//! Shutdown is graceful: when the `shutdown` future completes the worker stops taking
+//! messages, gives back the ones it prefetched, and lets running tasks finish for up to
+//! `shutdown_timeout`; tasks still running then are interrupted and their messages released
+//! for redelivery.
+
+pub mod outcome;
+pub mod registry;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::broker::{Broker, BrokerError, Delivery};
+use crate::engine::{CallError, CallRequest, CancelToken, LimitOverrides, Outcome, StateListener};
+use crate::protocol::TaskMessage;
+use crate::results::{ResultBackend, ResultMeta};
+use outcome::{Decision, RetryPolicy, Settlement};
+use registry::Registry;
+
+/// How a worker behaves.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Queues to consume. Default: `["celery"]`.
+    pub queues: Vec<String>,
+    /// Tasks run at once. Default: the number of CPUs.
+    pub concurrency: usize,
+    /// Messages held per running slot (prefetch = concurrency × this). Default: 4.
+    pub prefetch_multiplier: usize,
+    /// How long running tasks may finish after shutdown begins. Default: 30 s.
+    pub shutdown_timeout: Duration,
+    /// Retry behaviour for tasks that ask to be retried.
+    pub retry: RetryPolicy,
+    /// Store a STARTED state before running each task. Default: false (as Celery).
+    pub track_started: bool,
+    /// This worker's name, e.g. `wasmq@host`.
+    pub node_name: String,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            queues: vec!["celery".into()],
+            concurrency: std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+            prefetch_multiplier: 4,
+            shutdown_timeout: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+            track_started: false,
+            node_name: default_node_name(),
+        }
+    }
+}
+
+/// `wasmq@<hostname>`.
+pub fn default_node_name() -> String {
+    format!("wasmq@{}", gethostname::gethostname().to_string_lossy())
+}
+
+/// Errors that stop a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The broker failed to start a consumer.
+    #[error("cannot consume from the broker")]
+    Broker(#[from] BrokerError),
+}
+
+/// Counters of what a worker did.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Messages taken from the broker.
+    pub received: AtomicU64,
+    /// Tasks that succeeded.
+    pub succeeded: AtomicU64,
+    /// Tasks that ended as FAILURE (including limits and traps).
+    pub failed: AtomicU64,
+    /// Tasks sent back for a retry.
+    pub retried: AtomicU64,
+    /// Messages dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Messages released for redelivery (shutdown, storage errors).
+    pub released: AtomicU64,
+}
+
+/// What the worker shares with each task it runs.
+struct Shared {
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
+    registry: Arc<Registry>,
+    options: WorkerOptions,
+    stats: Arc<WorkerStats>,
+    /// Running tasks' cancel tokens, to interrupt them when shutdown times out.
+    running: Mutex<HashMap<u64, CancelToken>>,
+    next_run: AtomicU64,
+    /// Set when running tasks were interrupted by shutdown: their messages are released.
+    aborting: std::sync::atomic::AtomicBool,
+}
+
+/// A worker, ready to run.
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+impl Worker {
+    /// A worker consuming from `broker`, storing into `backend`, running `registry`'s tasks.
+    pub fn new(
+        broker: Arc<dyn Broker>,
+        backend: Arc<dyn ResultBackend>,
+        registry: Arc<Registry>,
+        options: WorkerOptions,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                broker,
+                backend,
+                registry,
+                options,
+                stats: Arc::new(WorkerStats::default()),
+                running: Mutex::new(HashMap::new()),
+                next_run: AtomicU64::new(0),
+                aborting: std::sync::atomic::AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The worker's counters (live while it runs).
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        Arc::clone(&self.shared.stats)
+    }
+
+    /// Runs until `shutdown` completes, then shuts down gracefully.
+    ///
+    /// # Errors
+    /// [`WorkerError::Broker`] when consuming cannot start.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<Arc<WorkerStats>, WorkerError> {
+        let shared = self.shared;
+        let options = &shared.options;
+        let prefetch = options.concurrency.max(1) * options.prefetch_multiplier.max(1);
+        let mut consumer = shared.broker.consume(&options.queues, prefetch).await?;
+        tracing::info!(
+            node = %options.node_name,
+            broker = %shared.broker.describe(),
+            results = %shared.backend.describe(),
+            queues = %options.queues.join(","),
+            concurrency = options.concurrency,
+            tasks = shared.registry.snapshot().tasks().len(),
+            "worker ready: consuming"
+        );
+        let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
+        let mut running = JoinSet::new();
+        let mut purge = tokio::time::interval(Duration::from_secs(600));
+        tokio::pin!(shutdown);
+        loop {
+            while running.try_join_next().is_some() {}
+            let slot = tokio::select! {
+                slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+                () = &mut shutdown => break,
+            };
+            let delivery = tokio::select! {
+                delivery = consumer.next() => delivery,
+                () = &mut shutdown => break,
+                _ = purge.tick() => {
+                    purge_expired(&shared).await;
+                    continue;
+                }
+            };
+            match delivery {
+                Ok(delivery) => {
+                    shared.stats.received.fetch_add(1, Ordering::Relaxed);
+                    let shared = Arc::clone(&shared);
+                    running.spawn(async move {
+                        process(&shared, delivery).await;
+                        drop(slot);
+                    });
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot receive from the broker; retrying in 1s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+
+        tracing::info!(
+            running = running.len(),
+            "shutting down: no new tasks; waiting for running ones"
+        );
+        consumer.close().await;
+        let drained = tokio::time::timeout(options.shutdown_timeout, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                running = running.len(),
+                "shutdown timeout: interrupting running tasks; their messages will be redelivered"
+            );
+            shared.aborting.store(true, Ordering::SeqCst);
+            for token in shared
+                .running
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .values()
+            {
+                token.cancel();
+            }
+            while running.join_next().await.is_some() {}
+        }
+        drop(consumer);
+        tracing::info!("worker stopped");
+        Ok(Arc::clone(&shared.stats))
+    }
+}
+
+async fn purge_expired(shared: &Shared) {
+    match shared.backend.purge_expired().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(purged = n, "removed expired results"),
+        Err(error) => tracing::warn!(%error, "cannot purge expired results"),
+    }
+}
+
+/// Handles one delivery from decode to settlement.
+async fn process(shared: &Arc<Shared>, delivery: Delivery) {
+    let message = match TaskMessage::decode(&delivery.envelope) {
+        Ok(message) => message,
+        Err(error) => {
+            tracing::error!(task_id = ?error.task_id, queue = %delivery.queue, "malformed message: {error}");
+            let decision = outcome::undecodable(&error);
+            finish(shared, delivery, None, decision).await;
+            return;
+        }
+    };
+    let now = Utc::now();
+    if message.expires.is_some_and(|expires| expires <= now) {
+        tracing::info!(task = %message.task, id = %message.id, "expired; not run");
+        finish(shared, delivery, Some(&message), outcome::expired(&message)).await;
+        return;
+    }
+    if let Some(eta) = message.eta
+        && let Ok(wait) = (eta - now).to_std()
+        && wait > Duration::from_millis(5)
+    {
+        // Not due yet: hand it back to the broker as a delayed message instead of holding it
+        // unacknowledged (Celery's ETA problem with RabbitMQ's consumer_timeout).
+        let republished = shared
+            .broker
+            .publish(&delivery.queue, &delivery.envelope, Some(wait))
+            .await;
+        match republished {
+            Ok(()) => settle(shared, delivery, &Settlement::Ack).await,
+            Err(error) => {
+                tracing::warn!(%error, "cannot delay a message; releasing it");
+                release(shared, delivery).await;
+            }
+        }
+        return;
+    }
+    let Some(plugin) = shared.registry.lookup(&message.task) else {
+        tracing::error!(task = %message.task, id = %message.id, "received an unregistered task");
+        finish(
+            shared,
+            delivery,
+            Some(&message),
+            outcome::not_registered(&message),
+        )
+        .await;
+        return;
+    };
+    if shared.options.track_started {
+        let mut started = ResultMeta::custom(
+            &message.id,
+            "STARTED",
+            serde_json::json!({"hostname": shared.options.node_name}),
+        );
+        started.parent_id.clone_from(&message.parent_id);
+        store(shared, &started).await;
+    }
+
+    let run = shared.next_run.fetch_add(1, Ordering::Relaxed);
+    let cancel = CancelToken::new();
+    shared
+        .running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(run, cancel.clone());
+    let request = CallRequest {
+        task: message.task.clone(),
+        id: message.id.clone(),
+        args_json: Value::Array(
+            message
+                .args
+                .iter()
+                .cloned()
+                .map(crate::protocol::unwrap_kombu_values)
+                .collect(),
+        )
+        .to_string(),
+        kwargs_json: crate::protocol::unwrap_kombu_values(Value::Object(message.kwargs.clone()))
+            .to_string(),
+        retries: message.retries,
+        root_id: message.root_id.clone(),
+        parent_id: message.parent_id.clone(),
+        group_id: message.group.clone(),
+        limits: LimitOverrides {
+            timeout: message
+                .time_limit
+                .filter(|t| *t > 0.0)
+                .map(Duration::from_secs_f64),
+            ..LimitOverrides::default()
+        },
+        soft_timeout: message
+            .soft_time_limit
+            .filter(|t| *t > 0.0)
+            .map(Duration::from_secs_f64),
+        cancel: Some(cancel),
+    };
+    let started = Instant::now();
+    let listener = state_listener(shared);
+    let result = shared
+        .registry
+        .sandbox()
+        .call_with_listener(&plugin, request, Some(listener))
+        .await;
+    shared
+        .running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(&run);
+    let report = match result {
+        Ok(report) => report,
+        Err(CallError::UnknownTask { .. }) => {
+            finish(
+                shared,
+                delivery,
+                Some(&message),
+                outcome::not_registered(&message),
+            )
+            .await;
+            return;
+        }
+        Err(error @ CallError::Unavailable(_)) => {
+            tracing::warn!(task = %message.task, id = %message.id, %error, "releasing the message for later");
+            release(shared, delivery).await;
+            return;
+        }
+    };
+    if shared.aborting.load(Ordering::SeqCst) && !report.outcome.is_success() {
+        release(shared, delivery).await;
+        return;
+    }
+    log_outcome(&message, &report.outcome, started.elapsed());
+    let decision = outcome::decide(
+        &message,
+        &report.outcome,
+        &report.limits,
+        &shared.options.retry,
+    );
+    finish(shared, delivery, Some(&message), decision).await;
+}
+
+/// Stores `update_state` reports as custom states.
+fn state_listener(shared: &Arc<Shared>) -> StateListener {
+    let backend = Arc::clone(&shared.backend);
+    Arc::new(move |update| {
+        let backend = Arc::clone(&backend);
+        let meta = ResultMeta::custom(&update.task_id, &update.state, update.meta);
+        tokio::spawn(async move {
+            if let Err(error) = backend.store(&meta).await {
+                tracing::warn!(%error, task_id = %meta.task_id, "cannot store a custom state");
+            }
+        });
+    })
+}
+
+fn log_outcome(message: &TaskMessage, outcome: &Outcome, elapsed: Duration) {
+    let (task, id) = (&message.task, &message.id);
+    match outcome {
+        Outcome::Success(json) => {
+            let shown: String = json.chars().take(200).collect();
+            tracing::info!("task {task}[{id}] succeeded in {elapsed:?}: {shown}");
+        }
+        other => tracing::warn!("task {task}[{id}] {other} (after {elapsed:?})"),
+    }
+}
+
+/// Stores the decision's meta (unless the message asked not to), then settles. If the
+/// result cannot be stored the message is released, not acked: it will run again.
+async fn finish(
+    shared: &Arc<Shared>,
+    delivery: Delivery,
+    message: Option<&TaskMessage>,
+    decision: Decision,
+) {
+    let ignore_result = message.is_some_and(|m| m.ignore_result);
+    if let Some(mut meta) = decision.meta {
+        if let Some(message) = message {
+            meta.parent_id.clone_from(&message.parent_id);
+            meta.group_id.clone_from(&message.group);
+        }
+        meta.worker = Some(shared.options.node_name.clone());
+        let keep = !ignore_result || !matches!(decision.settlement, Settlement::Ack);
+        if keep && !store(shared, &meta).await {
+            release(shared, delivery).await;
+            return;
+        }
+        match meta.status {
+            crate::results::TaskState::Success => {
+                shared.stats.succeeded.fetch_add(1, Ordering::Relaxed)
+            }
+            crate::results::TaskState::Retry => {
+                shared.stats.retried.fetch_add(1, Ordering::Relaxed)
+            }
+            _ => shared.stats.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+    if let (Settlement::RetryLater { delay }, Some(message)) = (&decision.settlement, message) {
+        let mut next = message.clone();
+        next.retries += 1;
+        next.eta = chrono::Duration::from_std(*delay)
+            .ok()
+            .map(|d| Utc::now() + d);
+        next.parent_id = Some(message.id.clone());
+        let queue = delivery.queue.clone();
+        if let Err(error) = shared
+            .broker
+            .publish(&queue, &next.encode(), Some(*delay))
+            .await
+        {
+            tracing::warn!(%error, "cannot publish the retry; releasing the message");
+            release(shared, delivery).await;
+            return;
+        }
+    }
+    settle(shared, delivery, &decision.settlement).await;
+}
+
+async fn store(shared: &Shared, meta: &ResultMeta) -> bool {
+    match shared.backend.store(meta).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::error!(%error, task_id = %meta.task_id, "cannot store the result; the message will be redelivered");
+            false
+        }
+    }
+}
+
+async fn settle(shared: &Shared, delivery: Delivery, settlement: &Settlement) {
+    let result = match settlement {
+        Settlement::Ack | Settlement::RetryLater { .. } => delivery.ack().await,
+        Settlement::DeadLetter { reason } => {
+            shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            delivery.dead_letter(reason).await
+        }
+    };
+    if let Err(error) = result {
+        tracing::error!(%error, "cannot settle a message; it will be redelivered");
+    }
+}
+
+async fn release(shared: &Shared, delivery: Delivery) {
+    shared.stats.released.fetch_add(1, Ordering::Relaxed);
+    if let Err(error) = delivery.release().await {
+        tracing::warn!(%error, "cannot release a message; it returns when its lease expires");
+    }
+}

@@ -1,0 +1,360 @@
+//! Every way a delivery can end, decided in one place: which result meta is stored and how
+//! the message is settled (ack, retry later, dead-letter).
+//!
+//! Exceptions are encoded the way Celery encodes them so Python clients can `except` them:
+//! fuel or wall-time limits are `billiard.exceptions.TimeLimitExceeded`, the memory limit is
+//! `MemoryError`, an unknown task is `celery.exceptions.NotRegistered`, bad arguments are
+//! `TypeError`, and a task's own failure keeps the kind the task gave.
+
+use std::time::Duration;
+
+use crate::engine::{LimitKind, Limits, Outcome};
+use crate::protocol::{DecodeError, TaskMessage};
+use crate::results::{ExceptionInfo, ResultMeta};
+
+/// What to do with the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// Remove it: it was handled (successfully or not).
+    Ack,
+    /// Publish it again with `retries + 1` after `delay`, then ack this copy.
+    RetryLater {
+        /// When the next attempt may start.
+        delay: Duration,
+    },
+    /// It must not be processed again: move it to the dead-letter store.
+    DeadLetter {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The decision for one delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The meta to store (none when there is no task id to store it under).
+    pub meta: Option<ResultMeta>,
+    /// How to settle the message.
+    pub settlement: Settlement,
+}
+
+/// Retry behaviour when a task asks to be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts after the first; past it the result is `MaxRetriesExceededError`. Default 3.
+    pub max_retries: u32,
+    /// Delay when the task gives none (Celery's `default_retry_delay`). Default 3 minutes.
+    pub default_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_retries: 3,
+            default_delay: Duration::from_secs(180),
+        }
+    }
+}
+
+/// Python's built-in exception names: failures of these kinds get `exc_module: builtins`
+/// so a Python client raises the real class.
+const PYTHON_BUILTINS: &[&str] = &[
+    "ArithmeticError",
+    "AssertionError",
+    "AttributeError",
+    "ConnectionError",
+    "ConnectionRefusedError",
+    "EOFError",
+    "Exception",
+    "FileNotFoundError",
+    "IndexError",
+    "KeyError",
+    "LookupError",
+    "MemoryError",
+    "NotImplementedError",
+    "OSError",
+    "OverflowError",
+    "PermissionError",
+    "RecursionError",
+    "RuntimeError",
+    "TimeoutError",
+    "TypeError",
+    "UnicodeError",
+    "ValueError",
+    "ZeroDivisionError",
+];
+
+fn module_for(kind: &str) -> &'static str {
+    if PYTHON_BUILTINS.contains(&kind) {
+        "builtins"
+    } else {
+        "wasmq.exceptions"
+    }
+}
+
+/// Decides what a finished call means for its message.
+pub fn decide(
+    message: &TaskMessage,
+    outcome: &Outcome,
+    limits: &Limits,
+    policy: &RetryPolicy,
+) -> Decision {
+    let id = message.id.as_str();
+    let failed = |exception: ExceptionInfo| Decision {
+        meta: Some(ResultMeta::failure(id, &exception)),
+        settlement: Settlement::Ack,
+    };
+    match outcome {
+        Outcome::Success(json) => Decision {
+            meta: Some(ResultMeta::success(
+                id,
+                serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+            )),
+            settlement: Settlement::Ack,
+        },
+        Outcome::Failed { kind, message } => {
+            failed(ExceptionInfo::new(kind, module_for(kind), message.clone()))
+        }
+        Outcome::InvalidArguments { message: text } => Decision {
+            meta: Some(ResultMeta::failure(
+                id,
+                &ExceptionInfo::new("TypeError", "builtins", text.clone()),
+            )),
+            settlement: Settlement::DeadLetter {
+                reason: format!("invalid arguments: {text}"),
+            },
+        },
+        Outcome::Retry { countdown, reason } => {
+            if message.retries >= policy.max_retries {
+                failed(ExceptionInfo::new(
+                    "MaxRetriesExceededError",
+                    "celery.exceptions",
+                    format!(
+                        "Can't retry {}[{id}] args:{:?} kwargs:{:?}: {reason} (max retries {})",
+                        message.task, message.args, message.kwargs, policy.max_retries
+                    ),
+                ))
+            } else {
+                let delay = countdown.unwrap_or(policy.default_delay);
+                Decision {
+                    meta: Some(ResultMeta::retry(
+                        id,
+                        &ExceptionInfo::new(
+                            "Retry",
+                            "celery.exceptions",
+                            format!("Retry in {delay:?}: {reason}"),
+                        ),
+                    )),
+                    settlement: Settlement::RetryLater { delay },
+                }
+            }
+        }
+        Outcome::Rejected { reason } => Decision {
+            meta: Some(ResultMeta::failure(
+                id,
+                &ExceptionInfo::new("Reject", "celery.exceptions", reason.clone()),
+            )),
+            settlement: Settlement::DeadLetter {
+                reason: format!("rejected by the task: {reason}"),
+            },
+        },
+        Outcome::LimitExceeded(limit) => match limit.kind {
+            // Celery's hard time limit is TimeLimitExceeded(<seconds>); running out of fuel
+            // is the CPU form of the same limit and carries its message.
+            LimitKind::WallTime => failed(ExceptionInfo::new(
+                "TimeLimitExceeded",
+                "billiard.exceptions",
+                limits.timeout.as_secs_f64(),
+            )),
+            LimitKind::Fuel => failed(ExceptionInfo::new(
+                "TimeLimitExceeded",
+                "billiard.exceptions",
+                limit.message.clone(),
+            )),
+            LimitKind::Memory => failed(ExceptionInfo::new(
+                "MemoryError",
+                "builtins",
+                limit.message.clone(),
+            )),
+            LimitKind::Stack => failed(ExceptionInfo::new(
+                "RecursionError",
+                "builtins",
+                limit.message.clone(),
+            )),
+            LimitKind::Output => failed(ExceptionInfo::new(
+                "OutputLimitExceeded",
+                "wasmq.exceptions",
+                limit.message.clone(),
+            )),
+        },
+        Outcome::Trap { message: text } => failed(ExceptionInfo::new(
+            "WasmTrap",
+            "wasmq.exceptions",
+            text.clone(),
+        )),
+    }
+}
+
+/// A message that could not be decoded: FAILURE when it has an id, and dead-lettered.
+pub fn undecodable(error: &DecodeError) -> Decision {
+    Decision {
+        meta: error.task_id.as_deref().map(|id| {
+            ResultMeta::failure(
+                id,
+                &ExceptionInfo::new("DecodeError", "kombu.exceptions", error.to_string()),
+            )
+        }),
+        settlement: Settlement::DeadLetter {
+            reason: format!("malformed message: {error}"),
+        },
+    }
+}
+
+/// A task no loaded plugin offers: FAILURE `NotRegistered`, dead-lettered (as Celery
+/// rejects it).
+pub fn not_registered(message: &TaskMessage) -> Decision {
+    Decision {
+        meta: Some(ResultMeta::failure(
+            &message.id,
+            &ExceptionInfo::new("NotRegistered", "celery.exceptions", message.task.clone()),
+        )),
+        settlement: Settlement::DeadLetter {
+            reason: format!("unknown task {}", message.task),
+        },
+    }
+}
+
+/// A message past its `expires`: REVOKED `TaskRevokedError("expired")`, acked.
+pub fn expired(message: &TaskMessage) -> Decision {
+    Decision {
+        meta: Some(ResultMeta::revoked(&message.id, "expired")),
+        settlement: Settlement::Ack,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Map, json};
+
+    use super::*;
+    use crate::engine::LimitExceeded;
+    use crate::results::TaskState;
+
+    fn message(retries: u32) -> TaskMessage {
+        let mut m = TaskMessage::new("math.add", vec![json!(1)], Map::new());
+        m.retries = retries;
+        m
+    }
+
+    fn limit(kind: LimitKind, text: &str) -> Outcome {
+        Outcome::LimitExceeded(LimitExceeded {
+            kind,
+            message: text.into(),
+        })
+    }
+
+    #[test]
+    fn outcomes_map_to_celery_states_and_settlements() {
+        let limits = Limits {
+            fuel: 100,
+            memory_bytes: 1 << 20,
+            timeout: Duration::from_secs(2),
+        };
+        let policy = RetryPolicy::default();
+        let m = message(0);
+        let exc = |d: &Decision| d.meta.as_ref().unwrap().exception().unwrap();
+
+        let d = decide(&m, &Outcome::Success("5".into()), &limits, &policy);
+        assert_eq!(d.meta.as_ref().unwrap().result, json!(5));
+        assert_eq!(d.settlement, Settlement::Ack);
+
+        let d = decide(
+            &m,
+            &limit(LimitKind::WallTime, "exceeded its time limit (2s)"),
+            &limits,
+            &policy,
+        );
+        assert_eq!(exc(&d).exc_type, "TimeLimitExceeded");
+        assert_eq!(exc(&d).exc_module, "billiard.exceptions");
+        assert_eq!(exc(&d).exc_message[0], json!(2.0));
+
+        let d = decide(
+            &m,
+            &limit(LimitKind::Fuel, "ran out of fuel (budget 100)"),
+            &limits,
+            &policy,
+        );
+        assert_eq!(exc(&d).exc_type, "TimeLimitExceeded");
+        assert_eq!(exc(&d).exc_message, [json!("ran out of fuel (budget 100)")]);
+
+        let d = decide(
+            &m,
+            &limit(LimitKind::Memory, "exceeded its memory limit (1 MiB)"),
+            &limits,
+            &policy,
+        );
+        assert_eq!(
+            (exc(&d).exc_type.as_str(), exc(&d).exc_module.as_str()),
+            ("MemoryError", "builtins")
+        );
+
+        let failed = Outcome::Failed {
+            kind: "ZeroDivisionError".into(),
+            message: "division by zero".into(),
+        };
+        let d = decide(&m, &failed, &limits, &policy);
+        assert_eq!(exc(&d).to_string(), "ZeroDivisionError: division by zero");
+        assert_eq!(exc(&d).exc_module, "builtins");
+        let custom = Outcome::Failed {
+            kind: "QuotaError".into(),
+            message: "over".into(),
+        };
+        assert_eq!(
+            exc(&decide(&m, &custom, &limits, &policy)).exc_module,
+            "wasmq.exceptions"
+        );
+
+        let d = decide(
+            &m,
+            &Outcome::InvalidArguments {
+                message: "math.add takes 2".into(),
+            },
+            &limits,
+            &policy,
+        );
+        assert_eq!(exc(&d).exc_type, "TypeError");
+        assert!(matches!(d.settlement, Settlement::DeadLetter { .. }));
+
+        let retry = Outcome::Retry {
+            countdown: Some(Duration::from_secs(1)),
+            reason: "later".into(),
+        };
+        let d = decide(&m, &retry, &limits, &policy);
+        assert_eq!(d.meta.as_ref().unwrap().status, TaskState::Retry);
+        assert_eq!(
+            d.settlement,
+            Settlement::RetryLater {
+                delay: Duration::from_secs(1)
+            }
+        );
+        let d = decide(&message(3), &retry, &limits, &policy);
+        assert_eq!(exc(&d).exc_type, "MaxRetriesExceededError");
+        assert_eq!(d.settlement, Settlement::Ack);
+
+        let d = decide(
+            &m,
+            &Outcome::Rejected {
+                reason: "never".into(),
+            },
+            &limits,
+            &policy,
+        );
+        assert!(matches!(d.settlement, Settlement::DeadLetter { .. }));
+        assert_eq!(exc(&d).exc_type, "Reject");
+
+        let d = not_registered(&m);
+        assert_eq!(exc(&d).exc_message, [json!("math.add")]);
+        let d = expired(&m);
+        assert_eq!(d.meta.as_ref().unwrap().status, TaskState::Revoked);
+    }
+}
