@@ -81,8 +81,14 @@ fn encode_emits_the_full_v2_header_set_and_round_trips() {
         json!([[2, 3], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}])
     );
     let decoded = TaskMessage::decode(&envelope).unwrap();
-    assert_eq!((decoded.task.as_str(), decoded.id.as_str()), ("math.add", message.id.as_str()));
-    assert_eq!((decoded.args, decoded.eta, decoded.time_limit), (message.args.clone(), message.eta, Some(30.0)));
+    assert_eq!(
+        (decoded.task.as_str(), decoded.id.as_str()),
+        ("math.add", message.id.as_str())
+    );
+    assert_eq!(
+        (decoded.args, decoded.eta, decoded.time_limit),
+        (message.args.clone(), message.eta, Some(30.0))
+    );
     // Decoding then encoding again reproduces the same message exactly.
     assert_eq!(TaskMessage::decode(&envelope).unwrap().encode(), envelope);
 }
