@@ -1,15 +1,29 @@
-//! The embedded database file shared by the embedded broker and result backend: opening
-//! it the same way everywhere (WAL, a busy timeout so several processes can share it) and
-//! running statements off the async executor.
+//! The embedded database file shared by the embedded broker and result backend.
+//!
+//! Each file is served in this process by **one connection on one dedicated thread**, shared
+//! by every broker and backend opened on it (two connections of one process would only
+//! fight over SQLite's write lock). Statements are sent to the thread as jobs; the thread
+//! runs every job waiting at that moment inside one `BEGIN IMMEDIATE … COMMIT` (group
+//! commit), each job in its own savepoint so one failing job does not undo the others, and
+//! answers the callers only after the commit — so "stored, then acked" holds. Under load
+//! this turns hundreds of tiny transactions into a few large ones; idle, a job costs one
+//! thread hand-off.
+//!
+//! Several processes share a file through SQLite itself: WAL mode and a busy timeout.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
 
-/// How long a statement waits for another process's write lock before failing.
+/// How long a transaction waits for another process's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most jobs committed in one transaction.
+const MAX_BATCH: usize = 512;
 
 /// Errors from the embedded database.
 #[derive(Debug, thiserror::Error)]
@@ -32,76 +46,212 @@ pub enum DbError {
         #[source]
         source: std::io::Error,
     },
-    /// The blocking task running a statement panicked or was cancelled.
+    /// A task waiting on the database panicked or was cancelled.
     #[error("embedded database task failed: {0}")]
     Task(String),
+    /// The database thread is gone.
+    #[error("embedded database {0}: its thread has stopped")]
+    Stopped(String),
 }
 
-/// One connection to the database file, used from async code.
+/// A job for the database thread: runs a statement, reports whether it succeeded, and
+/// returns what to do once the batch's commit is known.
+type Job = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;
+/// Delivers a job's result; the argument is the commit error, if the commit failed.
+type Completion = Box<dyn FnOnce(Option<&rusqlite::Error>) + Send>;
+
+struct Inner {
+    jobs: mpsc::UnboundedSender<Job>,
+    path: PathBuf,
+}
+
+/// The process's open database files, so every opener of a file shares one thread.
+static OPEN: Mutex<Option<HashMap<PathBuf, Weak<Inner>>>> = Mutex::new(None);
+
+/// A handle on one database file, used from async code. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Db {
-    conn: Arc<Mutex<Connection>>,
-    path: Arc<PathBuf>,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Db").field("path", &self.path).finish()
+        f.debug_struct("Db")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection, DbError> {
+    let wrap = |source| DbError::Sqlite {
+        path: path.display().to_string(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(wrap)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(wrap)?;
+    // WAL lets readers and one writer work at once across processes; NORMAL sync is
+    // durable across process crashes (only an OS crash can lose the last commits).
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(wrap)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(wrap)?;
+    Ok(conn)
+}
+
+/// The database thread: runs waiting jobs in one transaction, answers after the commit.
+fn serve(conn: Connection, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    while let Some(first) = jobs.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if conn.execute_batch("BEGIN IMMEDIATE").is_err() {
+            // Could not start a transaction (e.g. the lock stayed busy): run each job on
+            // its own, in autocommit mode.
+            for job in batch {
+                let (_, done) = job(&conn);
+                done(None);
+            }
+            continue;
+        }
+        let mut completions = Vec::with_capacity(batch.len());
+        if batch.len() == 1 {
+            // Alone in its transaction: no savepoint needed.
+            for job in batch {
+                let (ok, done) = job(&conn);
+                if !ok {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    done(None);
+                    continue;
+                }
+                completions.push(done);
+            }
+            if completions.is_empty() {
+                continue;
+            }
+        } else {
+            for job in batch {
+                let _ = conn.execute_batch("SAVEPOINT job");
+                let (ok, done) = job(&conn);
+                let _ = conn.execute_batch(if ok {
+                    "RELEASE job"
+                } else {
+                    "ROLLBACK TO job; RELEASE job"
+                });
+                completions.push(done);
+            }
+        }
+        let commit = conn.execute_batch("COMMIT");
+        if commit.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for done in completions {
+            done(commit.as_ref().err());
+        }
     }
 }
 
 impl Db {
     /// Opens (creating if needed) the database at `path` and runs `schema`.
-    pub(crate) fn open(path: &Path, schema: &str) -> Result<Self, DbError> {
+    pub(crate) fn open(path: &Path, schema: &'static str) -> Result<Self, DbError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|source| DbError::Folder {
                 path: parent.display().to_string(),
                 source,
             })?;
         }
+        let key = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .and_then(|p| p.canonicalize().ok())
+            .and_then(|dir| path.file_name().map(|name| dir.join(name)))
+            .unwrap_or_else(|| path.to_path_buf());
+        let mut open = OPEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let files = open.get_or_insert_with(HashMap::new);
+        files.retain(|_, inner| inner.strong_count() > 0);
+        let inner = match files.get(&key).and_then(Weak::upgrade) {
+            Some(inner) => inner,
+            None => {
+                let conn = open_connection(path)?;
+                let (jobs, receiver) = mpsc::unbounded_channel();
+                std::thread::Builder::new()
+                    .name("wasmq-sqlite".into())
+                    .spawn(move || serve(conn, receiver))
+                    .map_err(|source| DbError::Folder {
+                        path: format!("{} (database thread)", path.display()),
+                        source,
+                    })?;
+                let inner = Arc::new(Inner {
+                    jobs,
+                    path: path.to_path_buf(),
+                });
+                files.insert(key, Arc::downgrade(&inner));
+                inner
+            }
+        };
+        drop(open);
+        // The schema is applied on a short-lived connection of its own: opening is
+        // synchronous and may happen inside an async context.
         let wrap = |source| DbError::Sqlite {
             path: path.display().to_string(),
             source,
         };
-        let conn = Connection::open(path).map_err(wrap)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(wrap)?;
-        // WAL lets readers and one writer work at once across processes; NORMAL sync is
-        // durable across process crashes (only an OS crash can lose the last commits).
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(wrap)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(wrap)?;
-        conn.execute_batch(schema).map_err(wrap)?;
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-            path: Arc::new(path.to_path_buf()),
-        })
+        open_connection(path)?.execute_batch(schema).map_err(wrap)?;
+        Ok(Self { inner })
     }
 
     /// The database file.
     pub(crate) fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
     }
 
-    /// Runs `f` with the connection on a blocking thread.
+    fn submit<T, F>(&self, f: F) -> Result<oneshot::Receiver<Result<T, DbError>>, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let path = self.inner.path.display().to_string();
+        let job: Job = Box::new(move |conn| {
+            let result = f(conn);
+            let ok = result.is_ok();
+            let done: Completion = Box::new(move |commit_error| {
+                let outcome = match (result, commit_error) {
+                    (Ok(_), Some(error)) => Err(DbError::Sqlite {
+                        path,
+                        source: rusqlite::Error::SqliteFailure(
+                            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+                            Some(format!("commit failed: {error}")),
+                        ),
+                    }),
+                    (Ok(value), None) => Ok(value),
+                    (Err(source), _) => Err(DbError::Sqlite { path, source }),
+                };
+                let _ = reply.send(outcome);
+            });
+            (ok, done)
+        });
+        self.inner
+            .jobs
+            .send(job)
+            .map_err(|_| DbError::Stopped(self.inner.path.display().to_string()))?;
+        Ok(answer)
+    }
+
+    /// Runs `f` on the database thread; resolves after its transaction committed.
     pub(crate) async fn run<T, F>(&self, f: F) -> Result<T, DbError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let conn = Arc::clone(&self.conn);
-        let path = Arc::clone(&self.path);
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            f(&mut conn).map_err(|source| DbError::Sqlite {
-                path: path.display().to_string(),
-                source,
-            })
-        })
-        .await
-        .map_err(|e| DbError::Task(e.to_string()))?
+        self.submit(f)?
+            .await
+            .map_err(|_| DbError::Stopped(self.inner.path.display().to_string()))?
     }
 }
 

@@ -432,7 +432,8 @@ impl Settle for SqliteSettler {
         let moved = self
             .db
             .run(move |conn| {
-                let tx = conn.transaction()?;
+                // The job runs in its own savepoint: the move is atomic.
+                let tx = conn;
                 let row: Option<(String, String, String, Vec<u8>, u32)> = tx
                     .query_row(
                         "SELECT queue, headers, properties, body, deliveries FROM messages
@@ -453,7 +454,6 @@ impl Settle for SqliteSettler {
                     params![queue, task_id, reason, deliveries, headers, properties, body, now_ms()],
                 )?;
                 tx.execute("DELETE FROM messages WHERE id = ?1", params![id])?;
-                tx.commit()?;
                 Ok(true)
             })
             .await;

@@ -4,6 +4,7 @@
 //! Exit codes (see [`ExitStatus`]): 0 success, 1 task failed, 2 bad input, 3 limit exceeded,
 //! 4 bad plugin, 5 timed out waiting for a result, 70 internal error.
 
+mod bench;
 mod call;
 mod demo;
 mod plugins;
@@ -43,6 +44,11 @@ enum Command {
     /// rejection), 2 bad input (arguments that are not JSON or do not fit the task, unknown
     /// task), 3 a limit was exceeded, 4 the plugin file is unusable, 70 internal error.
     Call(call::CallArgs),
+    /// Measure throughput and latency (prints a markdown table).
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
     /// Inspect, list and export plugins.
     Plugins {
         #[command(subcommand)]
@@ -155,7 +161,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_log = match &cli.command {
         Command::Worker(_) => "info",
-        Command::Demo(_) => "off",
+        Command::Demo(_) | Command::Bench { .. } => "off",
         _ => "warn,wasmq::guest=info",
     };
     init_tracing(default_log);
@@ -178,7 +184,10 @@ fn init_tracing(default: &str) {
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
-    let multi_threaded = matches!(cli.command, Command::Worker(_) | Command::Demo(_));
+    let multi_threaded = matches!(
+        cli.command,
+        Command::Worker(_) | Command::Demo(_) | Command::Bench { .. }
+    );
     let runtime = if multi_threaded {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -198,6 +207,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Command::DeadLetters(args) => queue::dead_letters(args).await,
             Command::Call(args) => call::call(args).await,
             Command::Plugins { command } => plugins::run(command).await,
+            Command::Bench { command } => bench::run(command).await,
         }
     })
 }

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params};
+use tokio::sync::Notify;
 
-use super::{ResultBackend, ResultError, ResultMeta};
+use super::{ResultBackend, ResultError, ResultMeta, TaskState};
 use crate::sqlite::{Db, now_ms};
 
 const SCHEMA: &str = "
@@ -21,6 +22,10 @@ CREATE TABLE IF NOT EXISTS results (
 );
 CREATE INDEX IF NOT EXISTS results_expiry ON results (expires_at);
 ";
+
+/// Wakes this process's waiters when this process stores a result; results stored by other
+/// processes are found by polling.
+static LOCAL_STORE: Notify = Notify::const_new();
 
 /// The embedded SQLite result backend.
 #[derive(Debug, Clone)]
@@ -70,7 +75,38 @@ impl ResultBackend for SqliteResultBackend {
                 ])
             })
             .await?;
+        LOCAL_STORE.notify_waiters();
         Ok(())
+    }
+
+    async fn wait(&self, task_id: &str, timeout: Duration) -> Result<ResultMeta, ResultError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let stored = LOCAL_STORE.notified();
+            tokio::pin!(stored);
+            stored.as_mut().enable();
+            let meta = self.get(task_id).await?;
+            if let Some(meta) = &meta
+                && meta.status.is_ready()
+            {
+                return Ok(meta.clone());
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(ResultError::Timeout {
+                    task_id: task_id.to_owned(),
+                    timeout,
+                    state: meta.map_or(TaskState::Pending, |m| m.status),
+                });
+            }
+            tokio::select! {
+                () = &mut stored => {}
+                () = tokio::time::sleep(pause.min(deadline - now)) => {
+                    pause = (pause * 2).min(Duration::from_millis(5));
+                }
+            }
+        }
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, ResultError> {

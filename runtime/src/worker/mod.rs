@@ -255,8 +255,10 @@ async fn process(shared: &Arc<Shared>, delivery: Delivery) {
     }
     if let Some(eta) = message.eta
         && let Ok(wait) = (eta - now).to_std()
-        && wait > Duration::from_millis(5)
+        && !wait.is_zero()
     {
+        // Never early: the broker's clock is in milliseconds, so round the wait up.
+        let wait = wait.max(Duration::from_millis(1));
         // Not due yet: hand it back to the broker as a delayed message instead of holding it
         // unacknowledged (Celery's ETA problem with RabbitMQ's consumer_timeout).
         let republished = shared
