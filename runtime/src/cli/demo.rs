@@ -395,7 +395,7 @@ fn clip(text: &str, width: usize) -> String {
 fn print_table(rows: &[Row]) {
     println!(
         "  {:<18} {:<26} {:<8} {:<64} {:>7}  WHAT",
-        "TASK", "ARGS", "STATE", "RESULT / ERROR", "TIME"
+        "TASK", "ARGS", "STATE", "RESULT / ERROR", "SENT→DONE"
     );
     for row in rows {
         println!(
