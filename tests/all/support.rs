@@ -136,3 +136,19 @@ pub(crate) fn spawn_worker(
     });
     (stop, handle)
 }
+
+/// Waits (up to 30 s) until the broker holds at least `n` dead letters; they are settled just
+/// after the result is stored, so a test that has the result may have to wait a moment.
+pub(crate) async fn dead_letters_at_least(
+    broker: &dyn wasmq::broker::Broker,
+    n: usize,
+) -> Vec<wasmq::broker::DeadLetter> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let dead = broker.dead_letters(1000).await.unwrap();
+        if dead.len() >= n || std::time::Instant::now() > deadline {
+            return dead;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
