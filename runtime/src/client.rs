@@ -51,6 +51,9 @@ pub enum SendError {
     /// The broker refused the message.
     #[error("cannot publish the task")]
     Broker(#[from] BrokerError),
+    /// The result backend could not get ready (e.g. the rpc reply queue).
+    #[error("cannot prepare the result backend")]
+    Backend(#[from] ResultError),
 }
 
 /// Why `AsyncResult::get` has no value.
@@ -173,6 +176,13 @@ impl Client {
         message: &TaskMessage,
         queue: Option<&str>,
     ) -> Result<AsyncResult, SendError> {
+        // Celery clients always say where rpc results go; the rpc backend also needs its
+        // reply queue to exist before a worker can answer.
+        self.backend.prepare().await?;
+        let mut message = message.clone();
+        if message.reply_to.is_none() {
+            message.reply_to = self.backend.reply_to();
+        }
         let delay = message.eta.and_then(|eta| (eta - Utc::now()).to_std().ok());
         let queue = queue.unwrap_or(&self.default_queue);
         self.broker.publish(queue, &message.encode(), delay).await?;

@@ -286,6 +286,7 @@ impl WorkerConfig {
                 },
                 track_started: raw.track_started.unwrap_or(defaults.track_started),
                 node_name: raw.node_name.unwrap_or(defaults.node_name),
+                status_file: None,
             },
         })
     }

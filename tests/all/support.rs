@@ -72,7 +72,8 @@ impl Queue {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("wasmq.db").display());
         let broker = wasmq::broker::connect(&url).unwrap();
-        let backend = wasmq::results::connect(&url, std::time::Duration::from_secs(3600)).unwrap();
+        let backend =
+            wasmq::results::connect(&url, std::time::Duration::from_secs(3600), &url).unwrap();
         let client = wasmq::client::Client::new(broker.clone(), backend.clone());
         Self {
             dir,
@@ -145,7 +146,7 @@ pub(crate) async fn dead_letters_at_least(
 ) -> Vec<wasmq::broker::DeadLetter> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let dead = broker.dead_letters(1000).await.unwrap();
+        let dead = broker.dead_letters("celery", 1000).await.unwrap();
         if dead.len() >= n || std::time::Instant::now() > deadline {
             return dead;
         }

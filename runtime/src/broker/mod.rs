@@ -3,12 +3,15 @@
 //! release) — and its implementations:
 //!
 //! * [`sqlite::SqliteBroker`], the embedded default: a SQLite file several processes on one
-//!   machine share (`sqlite://.wasmq/wasmq.db`).
+//!   machine share (`sqlite://.wasmq/wasmq.db`);
+//! * [`amqp::AmqpBroker`], RabbitMQ (`amqp://user:pass@host:port/vhost`, `amqps://…`),
+//!   compatible with Celery's topology so Python and wasmq share queues.
 //!
 //! Only this module knows the queue tables. Deliveries are acknowledged late, after the
 //! worker has stored the result; a delivery whose worker dies unacknowledged is delivered
 //! again.
 
+pub mod amqp;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -25,8 +28,13 @@ pub enum BrokerError {
     /// The embedded database failed.
     #[error(transparent)]
     Db(#[from] crate::sqlite::DbError),
+    /// RabbitMQ failed or refused.
+    #[error("AMQP: {0}")]
+    Amqp(String),
     /// The broker URL is not understood.
-    #[error("unsupported broker URL {0:?} (expected sqlite://PATH)")]
+    #[error(
+        "unsupported broker URL {0:?} (expected sqlite://PATH or amqp://user:pass@host:port/vhost)"
+    )]
     UnsupportedUrl(String),
     /// The consumer was closed.
     #[error("the consumer is closed")]
@@ -139,7 +147,14 @@ pub trait Consumer: Send {
     async fn next(&mut self) -> Result<Delivery, BrokerError>;
 
     /// Stops consuming and gives back every message fetched but not yet handed out.
+    /// Deliveries already handed out can still be settled.
     async fn close(&mut self);
+
+    /// Whether the consumer is actually consuming, as it changes (false while it reconnects
+    /// to a broker). `None` for consumers that cannot lose their broker (embedded).
+    fn consuming(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
 }
 
 /// A message broker.
@@ -166,17 +181,24 @@ pub trait Broker: Send + Sync {
         prefetch: usize,
     ) -> Result<Box<dyn Consumer>, BrokerError>;
 
-    /// The dead-lettered messages, newest first.
+    /// The messages dead-lettered from `queue`, newest first.
     ///
     /// # Errors
     /// When the broker cannot list them.
-    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError>;
+    async fn dead_letters(&self, queue: &str, limit: usize)
+    -> Result<Vec<DeadLetter>, BrokerError>;
 
     /// Messages waiting in `queue` (ready or delayed, not counting those being processed).
     ///
     /// # Errors
     /// When the broker cannot count them.
     async fn queue_length(&self, queue: &str) -> Result<u64, BrokerError>;
+
+    /// Deletes `queue` and its dead letters (tests and demos clean up with it).
+    ///
+    /// # Errors
+    /// When the broker cannot delete them.
+    async fn delete_queue(&self, queue: &str) -> Result<(), BrokerError>;
 
     /// A description for logs, e.g. `sqlite://.wasmq/wasmq.db`.
     fn describe(&self) -> String;
@@ -187,6 +209,9 @@ pub trait Broker: Send + Sync {
 /// # Errors
 /// [`BrokerError::UnsupportedUrl`] for an unknown scheme, or the broker's own error.
 pub fn connect(url: &str) -> Result<Arc<dyn Broker>, BrokerError> {
+    if url.starts_with("amqp://") || url.starts_with("amqps://") {
+        return Ok(Arc::new(amqp::AmqpBroker::new(url)?));
+    }
     match crate::sqlite::parse_url(url) {
         Some(path) => Ok(Arc::new(sqlite::SqliteBroker::open(
             &path,

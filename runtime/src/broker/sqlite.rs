@@ -229,16 +229,21 @@ impl Broker for SqliteBroker {
         }))
     }
 
-    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+    async fn dead_letters(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BrokerError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let queue = queue.to_owned();
         Ok(self
             .db
             .run(move |conn| {
                 let mut stmt = conn.prepare_cached(
                     "SELECT queue, task_id, reason, deliveries, dead_at, headers, properties, body
-                     FROM dead_letters ORDER BY id DESC LIMIT ?1",
+                     FROM dead_letters WHERE queue = ?2 ORDER BY id DESC LIMIT ?1",
                 )?;
-                let rows = stmt.query_map(params![limit], |r| {
+                let rows = stmt.query_map(params![limit, queue], |r| {
                     let headers: String = r.get(5)?;
                     let properties: String = r.get(6)?;
                     Ok(DeadLetter {
@@ -272,6 +277,17 @@ impl Broker for SqliteBroker {
             })
             .await
             .map(|n| u64::try_from(n).unwrap_or(0))?)
+    }
+
+    async fn delete_queue(&self, queue: &str) -> Result<(), BrokerError> {
+        let queue = queue.to_owned();
+        self.db
+            .run(move |conn| {
+                conn.execute("DELETE FROM messages WHERE queue = ?1", params![queue])?;
+                conn.execute("DELETE FROM dead_letters WHERE queue = ?1", params![queue])
+            })
+            .await?;
+        Ok(())
     }
 
     fn describe(&self) -> String {

@@ -62,7 +62,7 @@ async fn embedded(args: EmbeddedArgs) -> Result<(), Failure> {
     let folder = tempfile::tempdir().map_err(Failure::internal)?;
     let url = format!("sqlite://{}", folder.path().join("bench.db").display());
     let broker = crate::broker::connect(&url).map_err(Failure::internal)?;
-    let backend = crate::results::connect(&url, crate::results::DEFAULT_RESULT_EXPIRES)
+    let backend = crate::results::connect(&url, crate::results::DEFAULT_RESULT_EXPIRES, &url)
         .map_err(Failure::internal)?;
     let options = WorkerOptions {
         concurrency: args

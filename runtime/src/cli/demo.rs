@@ -20,6 +20,14 @@ use crate::worker::{Worker, WorkerOptions};
 
 #[derive(Debug, clap::Args)]
 pub(super) struct DemoArgs {
+    /// Run on this broker instead of a fresh embedded one, e.g. amqp://guest:guest@127.0.0.1:5672/%2f.
+    /// The demo uses a queue of its own there and deletes it afterwards.
+    #[arg(long)]
+    broker: Option<String>,
+    /// Result backend for --broker, e.g. redis://127.0.0.1:6379/0 or rpc://.
+    /// Default: redis://127.0.0.1:6379/0 with an AMQP broker.
+    #[arg(long)]
+    result_backend: Option<String>,
     /// Tasks run at once. Default: the number of CPUs.
     #[arg(long, short = 'c')]
     concurrency: Option<usize>,
@@ -177,11 +185,24 @@ pub(super) async fn run(args: DemoArgs) -> Result<(), Failure> {
     let started = Instant::now();
     let folder = tempfile::tempdir().map_err(Failure::internal)?;
     let database = folder.path().join("wasmq.db");
-    let url = format!("sqlite://{}", database.display());
-    let broker = crate::broker::connect(&url).map_err(Failure::internal)?;
-    let backend = crate::results::connect(&url, crate::results::DEFAULT_RESULT_EXPIRES)
-        .map_err(Failure::internal)?;
+    let embedded = format!("sqlite://{}", database.display());
+    let url = args.broker.clone().unwrap_or_else(|| embedded.clone());
+    let backend_url = match (&args.result_backend, &args.broker) {
+        (Some(backend), _) => backend.clone(),
+        (None, Some(_)) => "redis://127.0.0.1:6379/0".to_owned(),
+        (None, None) => embedded.clone(),
+    };
+    let queue = if args.broker.is_some() {
+        format!("wasmq-demo-{}", uuid::Uuid::new_v4().simple())
+    } else {
+        "celery".to_owned()
+    };
+    let broker = crate::broker::connect(&url).map_err(|e| Failure::bad_input(format!("{e:#}")))?;
+    let backend =
+        crate::results::connect(&backend_url, crate::results::DEFAULT_RESULT_EXPIRES, &url)
+            .map_err(|e| Failure::bad_input(format!("{e:#}")))?;
     let options = WorkerOptions {
+        queues: vec![queue.clone()],
         concurrency: args
             .concurrency
             .unwrap_or_else(|| WorkerOptions::default().concurrency),
@@ -205,11 +226,16 @@ pub(super) async fn run(args: DemoArgs) -> Result<(), Failure> {
     let loaded = started.elapsed();
 
     println!(
-        "wasmq demo: a worker (concurrency {}) on a fresh embedded broker ({}) serving the bundled\n\
+        "wasmq demo: a worker (concurrency {}) on {} (results: {}) serving the bundled\n\
          plugins math, text and hostile ({} tasks, loaded in {:.0?}). Every task runs in its own sandbox:\n\
          default limits {}.\n",
         options.concurrency,
-        url,
+        if args.broker.is_some() {
+            format!("{url}, queue {queue}")
+        } else {
+            format!("a fresh embedded broker ({url})")
+        },
+        backend.describe(),
         registry.snapshot().tasks().len(),
         loaded,
         sandbox.config().defaults,
@@ -222,7 +248,8 @@ pub(super) async fn run(args: DemoArgs) -> Result<(), Failure> {
         let _ = stopped.await;
     }));
 
-    let client = Client::new(Arc::clone(&broker), Arc::clone(&backend));
+    let client =
+        Client::new(Arc::clone(&broker), Arc::clone(&backend)).with_default_queue(queue.clone());
     let tasks = demo_tasks();
     let mut pending = Vec::new();
     for demo in &tasks {
@@ -232,13 +259,18 @@ pub(super) async fn run(args: DemoArgs) -> Result<(), Failure> {
             countdown: demo.countdown,
             ..SendOptions::default()
         };
+        let sent = chrono::Utc::now();
         let result = client
             .send_task(demo.task, args_vec, kwargs, options)
             .await
             .map_err(|e| Failure::internal(anyhow::anyhow!("{e:#}")))?;
-        pending.push((result.id, chrono::Utc::now()));
+        pending.push((result.id, sent));
     }
-    let malformed = (send_malformed(&*broker).await?, chrono::Utc::now());
+    let sent = chrono::Utc::now();
+    let malformed = (
+        send_malformed(&*broker, &queue, backend.reply_to()).await?,
+        sent,
+    );
 
     let mut rows = Vec::new();
     for (demo, (id, sent)) in tasks.iter().zip(&pending) {
@@ -292,7 +324,16 @@ pub(super) async fn run(args: DemoArgs) -> Result<(), Failure> {
     let _ = worker.await;
     print_table(&rows);
 
-    let dead = broker.dead_letters(100).await.map_err(Failure::internal)?;
+    let dead = broker
+        .dead_letters(&queue, 100)
+        .await
+        .map_err(Failure::internal)?;
+    if args.broker.is_some() {
+        broker
+            .delete_queue(&queue)
+            .await
+            .map_err(Failure::internal)?;
+    }
     let failed = rows.iter().filter(|r| !r.ok).count();
     let succeeded = rows.iter().filter(|r| r.state == "SUCCESS").count();
     println!(
@@ -318,7 +359,11 @@ pub(super) async fn run(args: DemoArgs) -> Result<(), Failure> {
 }
 
 /// Publishes the 2-element body that crash-loops Python Celery 5.6 workers.
-async fn send_malformed(broker: &dyn Broker) -> Result<String, Failure> {
+async fn send_malformed(
+    broker: &dyn Broker,
+    queue: &str,
+    reply_to: Option<String>,
+) -> Result<String, Failure> {
     let id = uuid::Uuid::new_v4().to_string();
     let envelope = Envelope {
         headers: json!({"task": "math.add", "id": id})
@@ -327,12 +372,13 @@ async fn send_malformed(broker: &dyn Broker) -> Result<String, Failure> {
             .unwrap_or_default(),
         properties: Properties {
             content_type: Some("application/json".into()),
+            reply_to,
             ..Properties::default()
         },
         body: b"[[2, 5], {}]".to_vec(),
     };
     broker
-        .publish("celery", &envelope, None)
+        .publish(queue, &envelope, None)
         .await
         .map_err(Failure::internal)?;
     Ok(id)

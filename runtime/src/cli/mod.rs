@@ -36,6 +36,9 @@ enum Command {
     Send(queue::SendArgs),
     /// Show a task's result (or wait for it with --wait).
     Result(queue::ResultArgs),
+    /// Report whether a worker is running and consuming (exit 0) or not (exit 1), from the
+    /// status file it writes.
+    Status(queue::StatusArgs),
     /// List dead-lettered messages with the reason each was set aside.
     DeadLetters(queue::DeadLettersArgs),
     /// Run one task of a plugin in a fresh sandbox and print its JSON result.
@@ -205,6 +208,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Command::Send(args) => queue::send(args).await,
             Command::Result(args) => queue::result(args).await,
             Command::DeadLetters(args) => queue::dead_letters(args).await,
+            Command::Status(args) => queue::status(args).await,
             Command::Call(args) => call::call(args).await,
             Command::Plugins { command } => plugins::run(command).await,
             Command::Bench { command } => bench::run(command).await,

@@ -27,13 +27,15 @@ pub(super) struct Endpoints {
 
 impl Endpoints {
     fn client(&self) -> Result<Client, Failure> {
-        let broker = crate::broker::connect(self.broker.as_deref().unwrap_or(DEFAULT_DATABASE_URL))
-            .map_err(|e| Failure::bad_input(format!("{e:#}")))?;
+        let broker_url = self.broker.as_deref().unwrap_or(DEFAULT_DATABASE_URL);
+        let broker =
+            crate::broker::connect(broker_url).map_err(|e| Failure::bad_input(format!("{e:#}")))?;
         let backend = crate::results::connect(
             self.result_backend
                 .as_deref()
                 .unwrap_or(DEFAULT_DATABASE_URL),
             crate::results::DEFAULT_RESULT_EXPIRES,
+            broker_url,
         )
         .map_err(|e| Failure::bad_input(format!("{e:#}")))?;
         Ok(Client::new(broker, backend))
@@ -84,6 +86,9 @@ pub(super) struct WorkerArgs {
     /// Default hard time limit of a task, e.g. 30s. Default: 30s.
     #[arg(long, env = "WASMQ_TIMEOUT")]
     timeout: Option<String>,
+    /// Write the worker's status (JSON) to this file every second, for `wasmq status`.
+    #[arg(long, env = "WASMQ_STATUS_FILE")]
+    status_file: Option<PathBuf>,
     /// A strict TOML configuration file (see the README); flags and WASMQ_* variables
     /// override it.
     #[arg(long, env = "WASMQ_CONFIG")]
@@ -166,8 +171,12 @@ pub(super) async fn worker(args: WorkerArgs) -> Result<(), Failure> {
 
     let broker =
         crate::broker::connect(&config.broker).map_err(|e| Failure::bad_input(format!("{e:#}")))?;
-    let backend = crate::results::connect(&config.result_backend, config.result_expires)
-        .map_err(|e| Failure::bad_input(format!("{e:#}")))?;
+    let backend = crate::results::connect(
+        &config.result_backend,
+        config.result_expires,
+        &config.broker,
+    )
+    .map_err(|e| Failure::bad_input(format!("{e:#}")))?;
     let mut sandbox_config = args
         .engine
         .sandbox_config(pool_size(config.worker.concurrency));
@@ -194,7 +203,9 @@ pub(super) async fn worker(args: WorkerArgs) -> Result<(), Failure> {
         tracing::info!(task, plugin = %file.display(), "registered");
     }
     let watcher = registry.watch(Duration::from_millis(500));
-    let worker = Worker::new(broker, backend, registry, config.worker);
+    let mut options = config.worker;
+    options.status_file.clone_from(&args.status_file);
+    let worker = Worker::new(broker, backend, registry, options);
     let stats = worker
         .run(shutdown_signal())
         .await
@@ -384,6 +395,9 @@ fn pending(id: &str) -> ResultMeta {
 
 #[derive(Debug, clap::Args)]
 pub(super) struct DeadLettersArgs {
+    /// The work queue whose dead letters to show.
+    #[arg(long, short = 'Q', default_value = "celery")]
+    queue: String,
     /// How many to show, newest first.
     #[arg(long, default_value_t = 20)]
     limit: usize,
@@ -403,7 +417,7 @@ pub(super) async fn dead_letters(args: DeadLettersArgs) -> Result<(), Failure> {
     )
     .map_err(|e| Failure::bad_input(format!("{e:#}")))?;
     let letters = broker
-        .dead_letters(args.limit)
+        .dead_letters(&args.queue, args.limit)
         .await
         .map_err(Failure::internal)?;
     for letter in &letters {
@@ -425,6 +439,53 @@ pub(super) async fn dead_letters(args: DeadLettersArgs) -> Result<(), Failure> {
                 letter.reason
             );
         }
+    }
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct StatusArgs {
+    /// The status file a worker writes (`wasmq worker --status-file`).
+    #[arg(long, env = "WASMQ_STATUS_FILE")]
+    status_file: PathBuf,
+    /// Consider the worker dead if the file is older than this many seconds.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    max_age: f64,
+}
+
+/// Prints the worker's status; exits 0 only when it is consuming and the status is fresh.
+pub(super) async fn status(args: StatusArgs) -> Result<(), Failure> {
+    let text = std::fs::read_to_string(&args.status_file).map_err(|e| {
+        Failure::new(
+            ExitStatus::TaskFailed,
+            anyhow::anyhow!("no status at {}: {e}", args.status_file.display()),
+        )
+    })?;
+    println!("{text}");
+    let status: Value = serde_json::from_str(&text)
+        .map_err(|e| Failure::internal(anyhow::anyhow!("unreadable status: {e}")))?;
+    let age = std::fs::metadata(&args.status_file)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .unwrap_or_default();
+    if age.as_secs_f64() > args.max_age {
+        return Err(Failure::new(
+            ExitStatus::TaskFailed,
+            anyhow::anyhow!(
+                "the status is {:.0} s old: the worker is not running",
+                age.as_secs_f64()
+            ),
+        ));
+    }
+    if status["consuming"] != Value::Bool(true) {
+        return Err(Failure::new(
+            ExitStatus::TaskFailed,
+            anyhow::anyhow!(
+                "the worker is {}, not consuming",
+                status["state"].as_str().unwrap_or("unknown")
+            ),
+        ));
     }
     Ok(())
 }

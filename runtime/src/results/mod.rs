@@ -2,10 +2,16 @@
 //! (`celery-reference.md` §2.7–2.9), and how clients wait for them.
 //!
 //! * [`sqlite::SqliteResultBackend`], the embedded default, in the same SQLite file as the
-//!   embedded broker.
+//!   embedded broker;
+//! * [`redis::RedisResultBackend`] (`redis://host:port/db`): Celery's keys
+//!   `celery-task-meta-<id>`, written with SETEX and announced with PUBLISH;
+//! * [`rpc::RpcResultBackend`] (`rpc://`): each result is published to the caller's reply
+//!   queue, as Celery's rpc backend does.
 //!
 //! A stored SUCCESS is never overwritten. Results expire after a configurable time.
 
+pub mod redis;
+pub mod rpc;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -25,8 +31,16 @@ pub enum ResultError {
     #[error(transparent)]
     Db(#[from] crate::sqlite::DbError),
     /// The backend URL is not understood.
-    #[error("unsupported result backend URL {0:?} (expected sqlite://PATH)")]
+    #[error(
+        "unsupported result backend URL {0:?} (expected sqlite://PATH, redis://host:port/db or rpc://)"
+    )]
     UnsupportedUrl(String),
+    /// Redis failed.
+    #[error("redis: {0}")]
+    Redis(String),
+    /// The broker (for rpc results) failed.
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
     /// No final state arrived in time.
     #[error("task {task_id} did not finish within {timeout:?} (state {state})")]
     Timeout {
@@ -246,14 +260,39 @@ impl ResultMeta {
     }
 }
 
+/// Where the sender of a task waits for rpc results: the message's `reply_to` and
+/// `correlation_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyTo {
+    /// The reply queue.
+    pub queue: String,
+    /// The correlation id (the task id).
+    pub correlation_id: String,
+}
+
 /// Where results are stored.
 #[async_trait]
 pub trait ResultBackend: Send + Sync {
-    /// Stores `meta` (never replacing a stored SUCCESS).
+    /// Stores `meta` (never replacing a stored SUCCESS). `reply` is where the task's sender
+    /// listens, used by backends that send results to it (rpc).
     ///
     /// # Errors
     /// When the backend cannot store it.
-    async fn store(&self, meta: &ResultMeta) -> Result<(), ResultError>;
+    async fn store(&self, meta: &ResultMeta, reply: Option<&ReplyTo>) -> Result<(), ResultError>;
+
+    /// Called by a client before it sends tasks whose results it will read (rpc declares
+    /// and consumes its reply queue here).
+    ///
+    /// # Errors
+    /// When the backend cannot get ready.
+    async fn prepare(&self) -> Result<(), ResultError> {
+        Ok(())
+    }
+
+    /// The `reply_to` a client puts on the messages it sends (its rpc reply queue).
+    fn reply_to(&self) -> Option<String> {
+        None
+    }
 
     /// The stored meta of `task_id`, if any (and not expired).
     ///
@@ -266,26 +305,13 @@ pub trait ResultBackend: Send + Sync {
     /// # Errors
     /// [`ResultError::Timeout`] when it is not ready within `timeout`.
     async fn wait(&self, task_id: &str, timeout: Duration) -> Result<ResultMeta, ResultError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut pause = Duration::from_micros(500);
-        loop {
-            let meta = self.get(task_id).await?;
-            if let Some(meta) = &meta
-                && meta.status.is_ready()
-            {
-                return Ok(meta.clone());
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Err(ResultError::Timeout {
-                    task_id: task_id.to_owned(),
-                    timeout,
-                    state: meta.map_or(TaskState::Pending, |m| m.status),
-                });
-            }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(5));
-        }
+        poll_until_ready(
+            self,
+            task_id,
+            tokio::time::Instant::now() + timeout,
+            timeout,
+        )
+        .await
     }
 
     /// Deletes expired results; returns how many.
@@ -298,14 +324,62 @@ pub trait ResultBackend: Send + Sync {
     fn describe(&self) -> String;
 }
 
+/// Reads `task_id` until it is ready or `deadline` passes (1 ms, backing off to 5 ms).
+///
+/// # Errors
+/// [`ResultError::Timeout`] at the deadline, or the backend's error.
+pub async fn poll_until_ready<B: ResultBackend + ?Sized>(
+    backend: &B,
+    task_id: &str,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> Result<ResultMeta, ResultError> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let meta = backend.get(task_id).await?;
+        if let Some(meta) = &meta
+            && meta.status.is_ready()
+        {
+            return Ok(meta.clone());
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(ResultError::Timeout {
+                task_id: task_id.to_owned(),
+                timeout,
+                state: meta.map_or(TaskState::Pending, |m| m.status),
+            });
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(Duration::from_millis(5));
+    }
+}
+
 /// How long results are kept by default: one day, as Celery's `result_expires`.
 pub const DEFAULT_RESULT_EXPIRES: Duration = Duration::from_secs(24 * 3600);
 
-/// Opens the result backend at `url`.
+/// Opens the result backend at `url`; `rpc://` uses the AMQP broker at `broker_url`.
 ///
 /// # Errors
-/// [`ResultError::UnsupportedUrl`] for an unknown scheme, or the backend's own error.
-pub fn connect(url: &str, expires: Duration) -> Result<Arc<dyn ResultBackend>, ResultError> {
+/// [`ResultError::UnsupportedUrl`] for an unknown scheme (or rpc without an AMQP broker),
+/// or the backend's own error.
+pub fn connect(
+    url: &str,
+    expires: Duration,
+    broker_url: &str,
+) -> Result<Arc<dyn ResultBackend>, ResultError> {
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        return Ok(Arc::new(redis::RedisResultBackend::new(url, expires)?));
+    }
+    if url == "rpc://" || url == "rpc" {
+        if !(broker_url.starts_with("amqp://") || broker_url.starts_with("amqps://")) {
+            return Err(ResultError::UnsupportedUrl(format!(
+                "{url} (rpc results travel over an AMQP broker; the broker is {broker_url})"
+            )));
+        }
+        let broker = crate::broker::amqp::AmqpBroker::new(broker_url)?;
+        return Ok(Arc::new(rpc::RpcResultBackend::new(broker)));
+    }
     match crate::sqlite::parse_url(url) {
         Some(path) => Ok(Arc::new(sqlite::SqliteResultBackend::open(&path, expires)?)),
         None => Err(ResultError::UnsupportedUrl(url.to_owned())),

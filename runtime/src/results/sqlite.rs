@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params};
 use tokio::sync::Notify;
 
-use super::{ResultBackend, ResultError, ResultMeta, TaskState};
+use super::{ReplyTo, ResultBackend, ResultError, ResultMeta, TaskState};
 use crate::sqlite::{Db, now_ms};
 
 const SCHEMA: &str = "
@@ -50,7 +50,7 @@ impl SqliteResultBackend {
 
 #[async_trait]
 impl ResultBackend for SqliteResultBackend {
-    async fn store(&self, meta: &ResultMeta) -> Result<(), ResultError> {
+    async fn store(&self, meta: &ResultMeta, _reply: Option<&ReplyTo>) -> Result<(), ResultError> {
         let task_id = meta.task_id.clone();
         let status = meta.status.as_str().to_owned();
         let json = serde_json::to_string(meta).expect("meta serializes");

@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use crate::broker::{Broker, BrokerError, Delivery};
 use crate::engine::{CallError, CallRequest, CancelToken, LimitOverrides, Outcome, StateListener};
 use crate::protocol::TaskMessage;
-use crate::results::{ResultBackend, ResultMeta};
+use crate::results::{ReplyTo, ResultBackend, ResultMeta};
 use outcome::{Decision, RetryPolicy, Settlement};
 use registry::Registry;
 
@@ -50,6 +50,9 @@ pub struct WorkerOptions {
     pub track_started: bool,
     /// This worker's name, e.g. `wasmq@host`.
     pub node_name: String,
+    /// Where to write the worker's status (JSON, rewritten every second and whenever
+    /// consumption starts or stops), read by `wasmq status`. Default: none.
+    pub status_file: Option<std::path::PathBuf>,
 }
 
 impl Default for WorkerOptions {
@@ -62,6 +65,7 @@ impl Default for WorkerOptions {
             retry: RetryPolicy::default(),
             track_started: false,
             node_name: default_node_name(),
+            status_file: None,
         }
     }
 }
@@ -163,6 +167,10 @@ impl Worker {
             tasks = shared.registry.snapshot().tasks().len(),
             "worker ready: consuming"
         );
+        let consuming = consumer
+            .consuming()
+            .unwrap_or_else(|| tokio::sync::watch::channel(true).1);
+        let status = tokio::spawn(report_status(Arc::clone(&shared), consuming));
         let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
         let mut running = JoinSet::new();
         let mut purge = tokio::time::interval(Duration::from_secs(600));
@@ -223,8 +231,70 @@ impl Worker {
             while running.join_next().await.is_some() {}
         }
         drop(consumer);
+        status.abort();
+        if let Some(path) = &shared.options.status_file {
+            write_status(path, &shared, false, "stopped");
+        }
         tracing::info!("worker stopped");
         Ok(Arc::clone(&shared.stats))
+    }
+}
+
+/// Logs when consumption starts and stops (a broker reconnect), and keeps the status file
+/// current, so readiness reflects actual consumption.
+async fn report_status(shared: Arc<Shared>, mut consuming: tokio::sync::watch::Receiver<bool>) {
+    let mut last = *consuming.borrow();
+    let mut consumed_before = last;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let now = *consuming.borrow();
+        if now != last {
+            if now && consumed_before {
+                tracing::info!("consuming again after reconnecting to the broker");
+            } else if !now {
+                tracing::warn!("not consuming: the broker connection is down; reconnecting");
+            }
+            consumed_before |= now;
+            last = now;
+        }
+        if let Some(path) = &shared.options.status_file {
+            write_status(
+                path,
+                &shared,
+                now,
+                if now { "consuming" } else { "reconnecting" },
+            );
+        }
+        tokio::select! {
+            changed = consuming.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+/// Writes the status file atomically (temporary file, then rename).
+fn write_status(path: &std::path::Path, shared: &Shared, consuming: bool, state: &str) {
+    let stats = &shared.stats;
+    let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+    let status = serde_json::json!({
+        "node": shared.options.node_name,
+        "pid": std::process::id(),
+        "state": state,
+        "consuming": consuming,
+        "queues": shared.options.queues,
+        "broker": shared.broker.describe(),
+        "updated": crate::protocol::format_time(&Utc::now()),
+        "received": load(&stats.received),
+        "succeeded": load(&stats.succeeded),
+        "failed": load(&stats.failed),
+        "retried": load(&stats.retried),
+        "dead_lettered": load(&stats.dead_lettered),
+    });
+    let tmp = path.with_extension("tmp");
+    let written =
+        std::fs::write(&tmp, status.to_string()).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(error) = written {
+        tracing::warn!(%error, path = %path.display(), "cannot write the status file");
     }
 }
 
@@ -285,14 +355,15 @@ async fn process(shared: &Arc<Shared>, delivery: Delivery) {
         .await;
         return;
     };
+    let reply = reply_of(&message);
     if shared.options.track_started {
         let mut started = ResultMeta::custom(
             &message.id,
             "STARTED",
-            serde_json::json!({"hostname": shared.options.node_name}),
+            serde_json::json!({"pid": std::process::id(), "hostname": shared.options.node_name}),
         );
         started.parent_id.clone_from(&message.parent_id);
-        store(shared, &started).await;
+        store(shared, &started, reply.as_ref()).await;
     }
 
     let run = shared.next_run.fetch_add(1, Ordering::Relaxed);
@@ -334,7 +405,7 @@ async fn process(shared: &Arc<Shared>, delivery: Delivery) {
         cancel: Some(cancel),
     };
     let started = Instant::now();
-    let listener = state_listener(shared);
+    let listener = state_listener(shared, reply.clone());
     let result = shared
         .registry
         .sandbox()
@@ -377,14 +448,45 @@ async fn process(shared: &Arc<Shared>, delivery: Delivery) {
     finish(shared, delivery, Some(&message), decision).await;
 }
 
+/// Where an rpc result goes: the message's `reply_to`, correlated by its `correlation_id`
+/// (or the task id).
+fn reply_of(message: &TaskMessage) -> Option<ReplyTo> {
+    message
+        .reply_to
+        .as_ref()
+        .filter(|q| !q.is_empty())
+        .map(|queue| ReplyTo {
+            queue: queue.clone(),
+            correlation_id: message
+                .correlation_id
+                .clone()
+                .unwrap_or_else(|| message.id.clone()),
+        })
+}
+
+/// [`reply_of`] for a message that could not be decoded.
+fn reply_of_envelope(envelope: &crate::protocol::Envelope) -> Option<ReplyTo> {
+    let id = envelope.headers.get("id").and_then(Value::as_str);
+    let properties = &envelope.properties;
+    let queue = properties.reply_to.as_ref().filter(|q| !q.is_empty())?;
+    Some(ReplyTo {
+        queue: queue.clone(),
+        correlation_id: properties
+            .correlation_id
+            .clone()
+            .or_else(|| id.map(str::to_owned))?,
+    })
+}
+
 /// Stores `update_state` reports as custom states.
-fn state_listener(shared: &Arc<Shared>) -> StateListener {
+fn state_listener(shared: &Arc<Shared>, reply: Option<ReplyTo>) -> StateListener {
     let backend = Arc::clone(&shared.backend);
     Arc::new(move |update| {
         let backend = Arc::clone(&backend);
+        let reply = reply.clone();
         let meta = ResultMeta::custom(&update.task_id, &update.state, update.meta);
         tokio::spawn(async move {
-            if let Err(error) = backend.store(&meta).await {
+            if let Err(error) = backend.store(&meta, reply.as_ref()).await {
                 tracing::warn!(%error, task_id = %meta.task_id, "cannot store a custom state");
             }
         });
@@ -418,7 +520,9 @@ async fn finish(
         }
         meta.worker = Some(shared.options.node_name.clone());
         let keep = !ignore_result || !matches!(decision.settlement, Settlement::Ack);
-        if keep && !store(shared, &meta).await {
+        // An undecodable message still says where its sender listens.
+        let reply = message.map_or_else(|| reply_of_envelope(&delivery.envelope), reply_of);
+        if keep && !store(shared, &meta, reply.as_ref()).await {
             release(shared, delivery).await;
             return;
         }
@@ -453,8 +557,8 @@ async fn finish(
     settle(shared, delivery, &decision.settlement).await;
 }
 
-async fn store(shared: &Shared, meta: &ResultMeta) -> bool {
-    match shared.backend.store(meta).await {
+async fn store(shared: &Shared, meta: &ResultMeta, reply: Option<&ReplyTo>) -> bool {
+    match shared.backend.store(meta, reply).await {
         Ok(()) => true,
         Err(error) => {
             tracing::error!(%error, task_id = %meta.task_id, "cannot store the result; the message will be redelivered");

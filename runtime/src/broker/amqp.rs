@@ -1,0 +1,1044 @@
+//! The AMQP broker (RabbitMQ), with lapin: the production, multi-machine broker.
+//!
+//! **Topology, as Celery declares it** (`celery-reference.md` §2.1): each work queue is a
+//! durable classic queue bound to a durable direct exchange of the same name with the queue
+//! name as routing key (`celery` → exchange `celery`); messages are published to the default
+//! exchange with the queue name as routing key, persistent. A queue that already exists — say
+//! declared by Python with `x-max-priority` — is used as it is (checked with a passive
+//! declare first), so a mixed Python/wasmq fleet never trips over a 406.
+//!
+//! **Dead letters** go to `<queue>.dead` (durable), published by the worker with the reason
+//! in the `x-wasmq-dead-reason` header, then the original is acked. The work queue itself
+//! gets no `x-dead-letter-*` arguments: Python clients declare it without them.
+//!
+//! **Delays** (countdown, eta, retry backoff) never hold a message unacked: a delayed message
+//! goes to `wasmq.delay.<queue>.<ms>`, a durable queue whose `x-message-ttl` is that delay
+//! and whose dead-letter route is the work queue. Every delay value has its own queue, so a
+//! short delay never waits behind a long one; delays are rounded up (10 ms under 1 s, 100 ms
+//! under a minute, 1 s beyond) to bound the number of queues, and idle delay queues expire.
+//!
+//! **Reliability**: every publish is confirmed by the broker (publisher confirms); the
+//! consumer uses per-channel QoS = prefetch; a supervisor reconnects with backoff after the
+//! connection drops and resumes consuming, and [`AmqpConsumer`] reports whether it is
+//! actually consuming right now.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, watch};
+
+use super::{Broker, BrokerError, Consumer, DeadLetter, Delivery, Settle};
+use crate::protocol::{Envelope, Properties};
+
+/// Header carrying why a message was dead-lettered.
+pub const DEAD_REASON_HEADER: &str = "x-wasmq-dead-reason";
+/// Header carrying how many times a dead-lettered message had been delivered.
+pub const DEAD_DELIVERIES_HEADER: &str = "x-wasmq-deliveries";
+
+/// The name of the dead-letter queue of `queue`.
+pub fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}.dead")
+}
+
+/// One live connection and its confirm-mode publishing channel.
+struct Session {
+    connection: Connection,
+    publisher: Channel,
+    /// Queues (and delay queues) declared on this connection.
+    declared: Mutex<HashSet<String>>,
+}
+
+struct Inner {
+    uri: String,
+    /// The URI without credentials, for logs.
+    shown: String,
+    name: String,
+    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+}
+
+/// The RabbitMQ broker. Cheap to clone; connects lazily and reconnects on demand.
+#[derive(Clone)]
+pub struct AmqpBroker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AmqpBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpBroker")
+            .field("uri", &self.inner.shown)
+            .finish()
+    }
+}
+
+fn lapin_error(what: &str, error: &lapin::Error) -> BrokerError {
+    BrokerError::Amqp(format!("{what}: {error}"))
+}
+
+/// Rounds a delay up to the granularity of the delay queues.
+fn delay_bucket_ms(delay: Duration) -> u64 {
+    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX).max(1);
+    let step = if ms < 1_000 {
+        10
+    } else if ms < 60_000 {
+        100
+    } else {
+        1_000
+    };
+    ms.div_ceil(step) * step
+}
+
+impl AmqpBroker {
+    /// A broker for `uri` (`amqp://user:pass@host:port/vhost` or `amqps://…`). Nothing is
+    /// connected until first use.
+    ///
+    /// # Errors
+    /// [`BrokerError::UnsupportedUrl`] when the URI does not parse.
+    pub fn new(uri: &str) -> Result<Self, BrokerError> {
+        let parsed: lapin::uri::AMQPUri = uri
+            .parse()
+            .map_err(|e| BrokerError::UnsupportedUrl(format!("{uri} ({e})")))?;
+        let shown = format!(
+            "{}://{}:{}/{}",
+            if uri.starts_with("amqps") {
+                "amqps"
+            } else {
+                "amqp"
+            },
+            parsed.authority.host,
+            parsed.authority.port,
+            parsed.vhost
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                uri: uri.to_owned(),
+                shown,
+                name: format!(
+                    "wasmq {}@{}",
+                    std::process::id(),
+                    gethostname::gethostname().to_string_lossy()
+                ),
+                session: tokio::sync::Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The live session, connecting if there is none (or the last one died).
+    async fn session(&self) -> Result<Arc<Session>, BrokerError> {
+        let mut guard = self.inner.session.lock().await;
+        if let Some(session) = guard.as_ref()
+            && session.connection.status().connected()
+            && session.publisher.status().connected()
+        {
+            return Ok(Arc::clone(session));
+        }
+        let properties =
+            ConnectionProperties::default().with_connection_name(self.inner.name.clone().into());
+        let connection = Connection::connect(&self.inner.uri, properties)
+            .await
+            .map_err(|e| lapin_error(&format!("cannot connect to {}", self.inner.shown), &e))?;
+        let publisher = connection
+            .create_channel()
+            .await
+            .map_err(|e| lapin_error("cannot open a channel", &e))?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| lapin_error("cannot enable publisher confirms", &e))?;
+        let session = Arc::new(Session {
+            connection,
+            publisher,
+            declared: Mutex::new(HashSet::new()),
+        });
+        *guard = Some(Arc::clone(&session));
+        tracing::debug!(broker = %self.inner.shown, "connected");
+        Ok(session)
+    }
+
+    /// Forgets `session` (after an error) so the next use reconnects.
+    async fn invalidate(&self, session: &Arc<Session>) {
+        let mut guard = self.inner.session.lock().await;
+        if guard.as_ref().is_some_and(|s| Arc::ptr_eq(s, session)) {
+            *guard = None;
+        }
+    }
+
+    /// Declares `queue` the way Celery does (durable queue, durable direct exchange of the
+    /// same name, bound by the queue name), and its dead-letter queue. A queue that already
+    /// exists with other arguments (a 406 from RabbitMQ, on a throwaway channel) is used as
+    /// it is.
+    async fn ensure_queue(&self, session: &Session, queue: &str) -> Result<(), BrokerError> {
+        if session
+            .declared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(queue)
+        {
+            return Ok(());
+        }
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let probe = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| lapin_error("cannot open a channel", &e))?;
+        match probe
+            .queue_declare(queue.into(), durable, FieldTable::default())
+            .await
+        {
+            Ok(_) => {
+                probe
+                    .exchange_declare(
+                        queue.into(),
+                        ExchangeKind::Direct,
+                        ExchangeDeclareOptions {
+                            durable: true,
+                            ..ExchangeDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| lapin_error(&format!("cannot declare exchange {queue}"), &e))?;
+                probe
+                    .queue_bind(
+                        queue.into(),
+                        queue.into(),
+                        queue.into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| lapin_error(&format!("cannot bind queue {queue}"), &e))?;
+                let _ = probe.close(200, "OK".into()).await;
+            }
+            Err(error) => {
+                tracing::info!(queue, %error, "the queue exists with other arguments; using it as it is");
+            }
+        }
+        let dead = dead_letter_queue(queue);
+        session
+            .publisher
+            .queue_declare(dead.as_str().into(), durable, FieldTable::default())
+            .await
+            .map_err(|e| lapin_error(&format!("cannot declare queue {dead}"), &e))?;
+        session
+            .declared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(queue.to_owned());
+        Ok(())
+    }
+
+    /// Declares the delay queue for `delay` in front of `queue`; returns its name.
+    async fn ensure_delay_queue(
+        &self,
+        session: &Session,
+        queue: &str,
+        delay: Duration,
+    ) -> Result<String, BrokerError> {
+        let ms = delay_bucket_ms(delay);
+        let name = format!("wasmq.delay.{queue}.{ms}");
+        if session
+            .declared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&name)
+        {
+            return Ok(name);
+        }
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
+        );
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(queue.into()),
+        );
+        arguments.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt(i64::try_from(ms.saturating_add(600_000)).unwrap_or(i64::MAX)),
+        );
+        session
+            .publisher
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await
+            .map_err(|e| lapin_error(&format!("cannot declare delay queue {name}"), &e))?;
+        session
+            .declared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.clone());
+        Ok(name)
+    }
+
+    /// Publishes `body` to `routing_key` on the default exchange and waits for the
+    /// broker's confirmation.
+    async fn publish_confirmed(
+        &self,
+        session: &Session,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        let confirm = session
+            .publisher
+            .basic_publish(
+                "".into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .map_err(|e| lapin_error("cannot publish", &e))?
+            .await
+            .map_err(|e| lapin_error("publish not confirmed", &e))?;
+        match confirm {
+            Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Nack(_) => Err(BrokerError::Amqp(format!(
+                "the broker refused a message for {routing_key}"
+            ))),
+        }
+    }
+
+    /// Runs `attempt` with a live session, reconnecting and retrying (up to 3 times) when
+    /// the connection fails.
+    async fn with_session<T, F, Fut>(&self, attempt: F) -> Result<T, BrokerError>
+    where
+        F: Fn(Arc<Session>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, BrokerError>>,
+    {
+        let mut last = None;
+        for round in 0..3_u32 {
+            if round > 0 {
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(round))).await;
+            }
+            let session = match self.session().await {
+                Ok(session) => session,
+                Err(error) => {
+                    last = Some(error);
+                    continue;
+                }
+            };
+            match attempt(Arc::clone(&session)).await {
+                Ok(value) => return Ok(value),
+                Err(error) => {
+                    tracing::warn!(%error, "broker operation failed; reconnecting");
+                    self.invalidate(&session).await;
+                    last = Some(error);
+                }
+            }
+        }
+        Err(last.unwrap_or(BrokerError::Closed))
+    }
+
+    /// Publishes a raw result or reply (used by the rpc result backend): not persistent, no
+    /// queue declaration.
+    pub(crate) async fn publish_reply(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        correlation_id: &str,
+    ) -> Result<(), BrokerError> {
+        self.with_session(|session| async move {
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_content_encoding("utf-8".into())
+                .with_correlation_id(correlation_id.into())
+                .with_delivery_mode(1)
+                .with_priority(0)
+                .with_headers(FieldTable::default());
+            self.publish_confirmed(&session, routing_key, body, properties)
+                .await
+        })
+        .await
+    }
+
+    /// Declares `queue` (non-durable, auto-delete, expiring like Celery's rpc reply queues)
+    /// and consumes it without acks, passing each message's correlation id and body to
+    /// `sink`. Used by the rpc result backend's client side.
+    pub(crate) async fn consume_replies(
+        &self,
+        queue: &str,
+        sink: mpsc::UnboundedSender<(Option<String>, Vec<u8>)>,
+    ) -> Result<(), BrokerError> {
+        let session = self.session().await?;
+        let channel = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| lapin_error("cannot open a channel", &e))?;
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-expires".into(), AMQPValue::LongLongInt(86_400_000));
+        channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await
+            .map_err(|e| lapin_error(&format!("cannot declare reply queue {queue}"), &e))?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                format!("wasmq-replies-{queue}").into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| lapin_error(&format!("cannot consume reply queue {queue}"), &e))?;
+        tokio::spawn(async move {
+            let _keep = channel;
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let correlation = delivery
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(|c| c.to_string());
+                if sink.send((correlation, delivery.data)).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// JSON header values → AMQP field values (py-amqp's typing: `I` for ints that fit 32 bits,
+/// `L` beyond, `d` floats, `A` arrays, `F` tables, `V` null).
+fn to_amqp(value: &Value) -> AMQPValue {
+    match value {
+        Value::Null => AMQPValue::Void,
+        Value::Bool(b) => AMQPValue::Boolean(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => i32::try_from(i).map_or(AMQPValue::LongLongInt(i), AMQPValue::LongInt),
+            (None, Some(f)) => AMQPValue::Double(f),
+            (None, None) => AMQPValue::Void,
+        },
+        Value::String(s) => AMQPValue::LongString(s.as_str().into()),
+        Value::Array(items) => AMQPValue::FieldArray(FieldArray::from(
+            items.iter().map(to_amqp).collect::<Vec<_>>(),
+        )),
+        Value::Object(map) => AMQPValue::FieldTable(to_table(map)),
+    }
+}
+
+fn to_table(map: &Map<String, Value>) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in map {
+        if let Ok(key) = ShortString::try_new(key.as_str()) {
+            table.insert(key, to_amqp(value));
+        }
+    }
+    table
+}
+
+/// AMQP field values of any type → JSON.
+fn from_amqp(value: &AMQPValue) -> Value {
+    match value {
+        AMQPValue::Boolean(b) => Value::Bool(*b),
+        AMQPValue::ShortShortInt(n) => Value::from(*n),
+        AMQPValue::ShortShortUInt(n) => Value::from(*n),
+        AMQPValue::ShortInt(n) => Value::from(*n),
+        AMQPValue::ShortUInt(n) => Value::from(*n),
+        AMQPValue::LongInt(n) => Value::from(*n),
+        AMQPValue::LongUInt(n) => Value::from(*n),
+        AMQPValue::LongLongInt(n) => Value::from(*n),
+        AMQPValue::Timestamp(n) => Value::from(*n),
+        AMQPValue::Float(f) => {
+            serde_json::Number::from_f64(f64::from(*f)).map_or(Value::Null, Value::Number)
+        }
+        AMQPValue::Double(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        AMQPValue::DecimalValue(d) => {
+            let value = f64::from(d.value) / 10_f64.powi(i32::from(d.scale));
+            serde_json::Number::from_f64(value).map_or(Value::Null, Value::Number)
+        }
+        AMQPValue::ShortString(s) => Value::String(s.as_str().to_owned()),
+        AMQPValue::LongString(s) => {
+            Value::String(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
+        AMQPValue::ByteArray(b) => {
+            Value::String(String::from_utf8_lossy(b.as_slice()).into_owned())
+        }
+        AMQPValue::FieldArray(items) => {
+            Value::Array(items.as_slice().iter().map(from_amqp).collect())
+        }
+        AMQPValue::FieldTable(table) => Value::Object(from_table(table)),
+        AMQPValue::Void => Value::Null,
+    }
+}
+
+fn from_table(table: &FieldTable) -> Map<String, Value> {
+    table
+        .inner()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), from_amqp(v)))
+        .collect()
+}
+
+fn properties_of(envelope: &Envelope) -> BasicProperties {
+    let p = &envelope.properties;
+    let mut properties = BasicProperties::default()
+        .with_content_type(
+            p.content_type
+                .as_deref()
+                .unwrap_or("application/json")
+                .into(),
+        )
+        .with_content_encoding(p.content_encoding.as_deref().unwrap_or("utf-8").into())
+        .with_delivery_mode(p.delivery_mode.unwrap_or(2))
+        .with_priority(p.priority.unwrap_or(0))
+        .with_headers(to_table(&envelope.headers));
+    if let Some(id) = &p.correlation_id {
+        properties = properties.with_correlation_id(id.as_str().into());
+    }
+    if let Some(reply_to) = &p.reply_to {
+        properties = properties.with_reply_to(reply_to.as_str().into());
+    }
+    if let Some(expiration) = &p.expiration {
+        properties = properties.with_expiration(expiration.as_str().into());
+    }
+    properties
+}
+
+fn envelope_of(properties: &BasicProperties, body: Vec<u8>) -> Envelope {
+    let text = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_owned());
+    Envelope {
+        headers: properties
+            .headers()
+            .as_ref()
+            .map(from_table)
+            .unwrap_or_default(),
+        properties: Properties {
+            content_type: text(properties.content_type()),
+            content_encoding: text(properties.content_encoding()),
+            correlation_id: text(properties.correlation_id()),
+            reply_to: text(properties.reply_to()),
+            priority: *properties.priority(),
+            delivery_mode: *properties.delivery_mode(),
+            expiration: text(properties.expiration()),
+        },
+        body,
+    }
+}
+
+#[async_trait]
+impl Broker for AmqpBroker {
+    async fn publish(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+        delay: Option<Duration>,
+    ) -> Result<(), BrokerError> {
+        let delay = delay.filter(|d| !d.is_zero());
+        self.with_session(|session| async move {
+            self.ensure_queue(&session, queue).await?;
+            let target = match delay {
+                Some(delay) => self.ensure_delay_queue(&session, queue, delay).await?,
+                None => queue.to_owned(),
+            };
+            self.publish_confirmed(&session, &target, &envelope.body, properties_of(envelope))
+                .await
+        })
+        .await
+    }
+
+    async fn consume(
+        &self,
+        queues: &[String],
+        prefetch: usize,
+    ) -> Result<Box<dyn Consumer>, BrokerError> {
+        let (deliveries, receiver) = mpsc::channel(prefetch.max(1) * 2);
+        let (consuming, status) = watch::channel(false);
+        let (stop, stopped) = watch::channel(false);
+        let supervisor = tokio::spawn(supervise(
+            self.clone(),
+            queues.to_vec(),
+            u16::try_from(prefetch.max(1)).unwrap_or(u16::MAX),
+            deliveries,
+            consuming,
+            stopped,
+        ));
+        Ok(Box::new(AmqpConsumer {
+            receiver,
+            status,
+            stop,
+            supervisor,
+        }))
+    }
+
+    async fn dead_letters(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BrokerError> {
+        let dead = dead_letter_queue(queue);
+        self.with_session(|session| {
+            let dead = dead.clone();
+            async move {
+                self.ensure_queue(&session, queue).await?;
+                let channel = session
+                    .connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| lapin_error("cannot open a channel", &e))?;
+                let mut letters = Vec::new();
+                let mut tags = Vec::new();
+                while letters.len() < limit {
+                    let got = channel
+                        .basic_get(dead.as_str().into(), BasicGetOptions::default())
+                        .await
+                        .map_err(|e| lapin_error(&format!("cannot read {dead}"), &e))?;
+                    let Some(message) = got else { break };
+                    let delivery = message.delivery;
+                    tags.push(delivery.delivery_tag);
+                    let envelope = envelope_of(&delivery.properties, delivery.data);
+                    let header =
+                        |name: &str| envelope.headers.get(name).cloned().unwrap_or(Value::Null);
+                    letters.push(DeadLetter {
+                        queue: queue.to_owned(),
+                        task_id: envelope
+                            .headers
+                            .get("id")
+                            .and_then(Value::as_str)
+                            .map(str::to_owned),
+                        reason: header(DEAD_REASON_HEADER).as_str().unwrap_or("").to_owned(),
+                        delivery_count: u32::try_from(
+                            header(DEAD_DELIVERIES_HEADER).as_u64().unwrap_or(1),
+                        )
+                        .unwrap_or(u32::MAX),
+                        dead_at_ms: header("x-wasmq-dead-at").as_i64().unwrap_or(0),
+                        envelope,
+                    });
+                }
+                // Only a look: give them all back.
+                if let Some(last) = tags.last() {
+                    let _ = channel
+                        .basic_nack(
+                            *last,
+                            BasicNackOptions {
+                                multiple: true,
+                                requeue: true,
+                            },
+                        )
+                        .await;
+                }
+                let _ = channel.close(200, "OK".into()).await;
+                letters.reverse();
+                Ok(letters)
+            }
+        })
+        .await
+    }
+
+    async fn queue_length(&self, queue: &str) -> Result<u64, BrokerError> {
+        self.with_session(|session| async move {
+            let probe = session
+                .connection
+                .create_channel()
+                .await
+                .map_err(|e| lapin_error("cannot open a channel", &e))?;
+            let declared = probe
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            let count = declared.map(|q| u64::from(q.message_count())).unwrap_or(0);
+            let _ = probe.close(200, "OK".into()).await;
+            Ok(count)
+        })
+        .await
+    }
+
+    async fn delete_queue(&self, queue: &str) -> Result<(), BrokerError> {
+        self.with_session(|session| async move {
+            let delay_prefix = format!("wasmq.delay.{queue}.");
+            let delays: Vec<String> = session
+                .declared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .filter(|name| name.starts_with(&delay_prefix))
+                .cloned()
+                .collect();
+            for name in [queue.to_owned(), dead_letter_queue(queue)]
+                .into_iter()
+                .chain(delays)
+            {
+                let channel = session
+                    .connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| lapin_error("cannot open a channel", &e))?;
+                let _ = channel
+                    .queue_delete(
+                        name.as_str().into(),
+                        lapin::options::QueueDeleteOptions::default(),
+                    )
+                    .await;
+                let _ = channel
+                    .exchange_delete(
+                        name.as_str().into(),
+                        lapin::options::ExchangeDeleteOptions::default(),
+                    )
+                    .await;
+                let _ = channel.close(200, "OK".into()).await;
+            }
+            session
+                .declared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .retain(|name| name != queue && !name.starts_with(&delay_prefix));
+            Ok(())
+        })
+        .await
+    }
+
+    fn describe(&self) -> String {
+        self.inner.shown.clone()
+    }
+}
+
+/// Consumes `queues` for as long as the consumer lives, reconnecting with backoff.
+async fn supervise(
+    broker: AmqpBroker,
+    queues: Vec<String>,
+    prefetch: u16,
+    deliveries: mpsc::Sender<Result<Delivery, BrokerError>>,
+    consuming: watch::Sender<bool>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        if *stopped.borrow() {
+            return;
+        }
+        match consume_once(
+            &broker,
+            &queues,
+            prefetch,
+            &deliveries,
+            &consuming,
+            &mut stopped,
+        )
+        .await
+        {
+            Ok(Ended::Stopped) => return,
+            Ok(Ended::Lost) => backoff = Duration::from_millis(250),
+            Err(error) => tracing::warn!(%error, "cannot consume; retrying in {backoff:?}"),
+        }
+        let _ = consuming.send(false);
+        if deliveries.is_closed() {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = stopped.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(15));
+    }
+}
+
+enum Ended {
+    /// Asked to stop.
+    Stopped,
+    /// The channel or connection went away.
+    Lost,
+}
+
+async fn consume_once(
+    broker: &AmqpBroker,
+    queues: &[String],
+    prefetch: u16,
+    deliveries: &mpsc::Sender<Result<Delivery, BrokerError>>,
+    consuming: &watch::Sender<bool>,
+    stopped: &mut watch::Receiver<bool>,
+) -> Result<Ended, BrokerError> {
+    let session = broker.session().await?;
+    for queue in queues {
+        if let Err(error) = broker.ensure_queue(&session, queue).await {
+            broker.invalidate(&session).await;
+            return Err(error);
+        }
+    }
+    let channel = session
+        .connection
+        .create_channel()
+        .await
+        .map_err(|e| lapin_error("cannot open a channel", &e))?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions { global: true })
+        .await
+        .map_err(|e| lapin_error("cannot set QoS", &e))?;
+    let mut streams = Vec::new();
+    let mut tags = Vec::new();
+    for queue in queues {
+        let tag = format!(
+            "wasmq-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| lapin_error(&format!("cannot consume {queue}"), &e))?;
+        let queue = queue.clone();
+        streams.push(consumer.map(move |d| (queue.clone(), d)).boxed());
+        tags.push(tag);
+    }
+    let _ = consuming.send(true);
+    tracing::info!(broker = %broker.describe(), queues = %queues.join(","), "consuming");
+    let mut merged = futures_util::stream::select_all(streams);
+    let channel = Arc::new(channel);
+    loop {
+        tokio::select! {
+            next = merged.next() => match next {
+                Some((queue, Ok(delivery))) => {
+                    let envelope = envelope_of(&delivery.properties, delivery.data);
+                    let delivery_count = envelope
+                        .headers
+                        .get("x-delivery-count")
+                        .and_then(Value::as_u64)
+                        .map_or(if delivery.redelivered { 2 } else { 1 }, |n| u32::try_from(n + 1).unwrap_or(u32::MAX));
+                    let settler = Arc::new(AmqpSettler {
+                        acker: delivery.acker,
+                        broker: broker.clone(),
+                        queue: queue.clone(),
+                        envelope: envelope.clone(),
+                        delivery_count,
+                        _channel: Arc::clone(&channel),
+                    });
+                    let ours = Delivery::new(envelope, queue, delivery_count, delivery.delivery_tag, settler);
+                    if deliveries.send(Ok(ours)).await.is_err() {
+                        return Ok(Ended::Stopped);
+                    }
+                }
+                Some((queue, Err(error))) => {
+                    tracing::warn!(%error, queue, "lost the broker connection; reconnecting");
+                    broker.invalidate(&session).await;
+                    return Ok(Ended::Lost);
+                }
+                None => {
+                    tracing::warn!("the broker cancelled consumption; reconnecting");
+                    broker.invalidate(&session).await;
+                    return Ok(Ended::Lost);
+                }
+            },
+            _ = stopped.changed() => {
+                for tag in &tags {
+                    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                }
+                let _ = consuming.send(false);
+                return Ok(Ended::Stopped);
+            }
+        }
+    }
+}
+
+/// Settles one AMQP delivery; keeps its channel open until settled.
+struct AmqpSettler {
+    acker: lapin::Acker,
+    broker: AmqpBroker,
+    queue: String,
+    envelope: Envelope,
+    delivery_count: u32,
+    _channel: Arc<Channel>,
+}
+
+#[async_trait]
+impl Settle for AmqpSettler {
+    async fn ack(&self, _tag: u64) -> Result<(), BrokerError> {
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(drop)
+            .map_err(|e| lapin_error("cannot ack", &e))
+    }
+
+    async fn dead_letter(&self, _tag: u64, reason: &str) -> Result<(), BrokerError> {
+        let mut envelope = self.envelope.clone();
+        envelope
+            .headers
+            .insert(DEAD_REASON_HEADER.into(), reason.into());
+        envelope
+            .headers
+            .insert(DEAD_DELIVERIES_HEADER.into(), self.delivery_count.into());
+        envelope
+            .headers
+            .insert("x-wasmq-dead-at".into(), crate::sqlite::now_ms().into());
+        let dead = dead_letter_queue(&self.queue);
+        let broker = &self.broker;
+        broker
+            .with_session(|session| {
+                let (dead, envelope) = (dead.clone(), envelope.clone());
+                async move {
+                    broker.ensure_queue(&session, &self.queue).await?;
+                    broker
+                        .publish_confirmed(
+                            &session,
+                            &dead,
+                            &envelope.body,
+                            properties_of(&envelope),
+                        )
+                        .await
+                }
+            })
+            .await?;
+        self.ack(0).await
+    }
+
+    async fn release(&self, _tag: u64) -> Result<(), BrokerError> {
+        self.acker
+            .nack(BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            })
+            .await
+            .map(drop)
+            .map_err(|e| lapin_error("cannot release", &e))
+    }
+}
+
+/// Deliveries from a supervised AMQP consumer.
+pub struct AmqpConsumer {
+    receiver: mpsc::Receiver<Result<Delivery, BrokerError>>,
+    status: watch::Receiver<bool>,
+    stop: watch::Sender<bool>,
+    supervisor: tokio::task::JoinHandle<()>,
+}
+
+impl AmqpConsumer {
+    /// Whether the consumer is consuming right now (false while reconnecting).
+    pub fn is_consuming(&self) -> bool {
+        *self.status.borrow()
+    }
+}
+
+impl Drop for AmqpConsumer {
+    fn drop(&mut self) {
+        self.supervisor.abort();
+    }
+}
+
+#[async_trait]
+impl Consumer for AmqpConsumer {
+    async fn next(&mut self) -> Result<Delivery, BrokerError> {
+        self.receiver
+            .recv()
+            .await
+            .unwrap_or(Err(BrokerError::Closed))
+    }
+
+    async fn close(&mut self) {
+        let _ = self.stop.send(true);
+        self.receiver.close();
+        // Deliveries received but not handed out go back to the queue.
+        while let Ok(delivery) = self.receiver.try_recv() {
+            if let Ok(delivery) = delivery {
+                let _ = delivery.release().await;
+            }
+        }
+    }
+
+    fn consuming(&self) -> Option<watch::Receiver<bool>> {
+        Some(self.status.clone())
+    }
+}
+
+/// Header names and values as a sorted map, for tests and tools.
+pub fn headers_to_amqp_and_back(headers: &Map<String, Value>) -> BTreeMap<String, Value> {
+    from_table(&to_table(headers)).into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn delays_round_up_to_their_bucket() {
+        assert_eq!(delay_bucket_ms(Duration::from_millis(1)), 10);
+        assert_eq!(delay_bucket_ms(Duration::from_millis(995)), 1_000);
+        assert_eq!(delay_bucket_ms(Duration::from_millis(1_234)), 1_300);
+        assert_eq!(delay_bucket_ms(Duration::from_millis(61_001)), 62_000);
+    }
+
+    #[test]
+    fn every_header_type_decodes_to_json() {
+        let mut table = FieldTable::default();
+        table.insert("void".into(), AMQPValue::Void);
+        table.insert("int32".into(), AMQPValue::LongInt(-5));
+        table.insert("int64".into(), AMQPValue::LongLongInt(1 << 40));
+        table.insert("double".into(), AMQPValue::Double(1.5));
+        table.insert("flag".into(), AMQPValue::Boolean(true));
+        table.insert("short".into(), AMQPValue::ShortString("s".into()));
+        table.insert("long".into(), AMQPValue::LongString("l".into()));
+        table.insert(
+            "array".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                AMQPValue::Void,
+                AMQPValue::LongInt(30),
+            ])),
+        );
+        let mut nested = FieldTable::default();
+        nested.insert("k".into(), AMQPValue::ShortShortUInt(7));
+        table.insert("table".into(), AMQPValue::FieldTable(nested));
+        assert_eq!(
+            Value::Object(from_table(&table)),
+            json!({"void": null, "int32": -5, "int64": 1_i64 << 40, "double": 1.5, "flag": true,
+                   "short": "s", "long": "l", "array": [null, 30], "table": {"k": 7}})
+        );
+        // The captured Celery header set survives a round trip.
+        let headers = json!({"task": "proj.tasks.add", "timelimit": [30, 20.5], "group": null,
+                             "stamps": {}, "retries": 3_000_000_000_i64, "ignore_result": false});
+        let map = headers.as_object().unwrap();
+        assert_eq!(
+            headers_to_amqp_and_back(map),
+            map.clone().into_iter().collect()
+        );
+    }
+}

@@ -1,0 +1,178 @@
+//! Celery's Redis result backend (`celery-reference.md` §2.8): the meta JSON lives in the
+//! string key `celery-task-meta-<id>`, written with `SETEX <expires>` and announced with
+//! `PUBLISH` on the channel of the same name. The write is one Lua script, so "never
+//! overwrite a stored SUCCESS" holds atomically even with several workers. Waiting clients
+//! subscribe to the channel, then read the key, so a result stored in between is not missed.
+
+use std::time::Duration;
+
+use ::redis::AsyncCommands;
+use ::redis::aio::ConnectionManager;
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use tokio::sync::OnceCell;
+
+use super::{ReplyTo, ResultBackend, ResultError, ResultMeta, TaskState};
+
+/// The key (and channel) of a task's meta.
+pub fn meta_key(task_id: &str) -> String {
+    format!("celery-task-meta-{task_id}")
+}
+
+/// Stores unless a SUCCESS is already there; then publishes. Returns 1 if stored.
+const STORE_SCRIPT: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, meta = pcall(cjson.decode, current)
+  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then
+    return 0
+  end
+end
+redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+";
+
+fn redis_error(what: &str, error: &::redis::RedisError) -> ResultError {
+    ResultError::Redis(format!("{what}: {error}"))
+}
+
+/// The Redis result backend.
+pub struct RedisResultBackend {
+    client: ::redis::Client,
+    shown: String,
+    expires: Duration,
+    connection: OnceCell<ConnectionManager>,
+    script: ::redis::Script,
+}
+
+impl std::fmt::Debug for RedisResultBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisResultBackend")
+            .field("url", &self.shown)
+            .finish()
+    }
+}
+
+impl RedisResultBackend {
+    /// A backend for `url` (`redis://host:port/db`); connects on first use and reconnects
+    /// by itself.
+    ///
+    /// # Errors
+    /// [`ResultError::UnsupportedUrl`] when the URL does not parse.
+    pub fn new(url: &str, expires: Duration) -> Result<Self, ResultError> {
+        let client = ::redis::Client::open(url)
+            .map_err(|e| ResultError::UnsupportedUrl(format!("{url} ({e})")))?;
+        let info = client.get_connection_info();
+        let shown = format!("redis://{}/{}", info.addr(), info.redis_settings().db());
+        Ok(Self {
+            client,
+            shown,
+            expires,
+            connection: OnceCell::new(),
+            script: ::redis::Script::new(STORE_SCRIPT),
+        })
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, ResultError> {
+        self.connection
+            .get_or_try_init(|| async {
+                ConnectionManager::new(self.client.clone())
+                    .await
+                    .map_err(|e| redis_error(&format!("cannot connect to {}", self.shown), &e))
+            })
+            .await
+            .cloned()
+    }
+
+    fn parse(task_id: &str, json: &str) -> Result<ResultMeta, ResultError> {
+        serde_json::from_str(json).map_err(|e| ResultError::Corrupt {
+            task_id: task_id.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+#[async_trait]
+impl ResultBackend for RedisResultBackend {
+    async fn store(&self, meta: &ResultMeta, _reply: Option<&ReplyTo>) -> Result<(), ResultError> {
+        let mut connection = self.connection().await?;
+        let json = serde_json::to_string(meta).expect("meta serializes");
+        let seconds = self.expires.as_secs().max(1);
+        let _: i64 = self
+            .script
+            .key(meta_key(&meta.task_id))
+            .arg(json)
+            .arg(seconds)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| redis_error("cannot store a result", &e))?;
+        Ok(())
+    }
+
+    async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, ResultError> {
+        let mut connection = self.connection().await?;
+        let json: Option<String> = connection
+            .get(meta_key(task_id))
+            .await
+            .map_err(|e| redis_error("cannot read a result", &e))?;
+        json.map(|json| Self::parse(task_id, &json)).transpose()
+    }
+
+    async fn wait(&self, task_id: &str, timeout: Duration) -> Result<ResultMeta, ResultError> {
+        let key = meta_key(task_id);
+        let mut pubsub = self
+            .client
+            .get_async_pubsub()
+            .await
+            .map_err(|e| redis_error("cannot subscribe", &e))?;
+        pubsub
+            .subscribe(&key)
+            .await
+            .map_err(|e| redis_error("cannot subscribe", &e))?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = self.get(task_id).await?;
+        if let Some(meta) = &last
+            && meta.status.is_ready()
+        {
+            return Ok(meta.clone());
+        }
+        let mut messages = pubsub.on_message();
+        loop {
+            let message = tokio::time::timeout_at(deadline, messages.next()).await;
+            match message {
+                Ok(Some(message)) => {
+                    let Ok(json) = message.get_payload::<String>() else {
+                        continue;
+                    };
+                    let meta = Self::parse(task_id, &json)?;
+                    if meta.status.is_ready() {
+                        return Ok(meta);
+                    }
+                    last = Some(meta);
+                }
+                Ok(None) => {
+                    // The subscription dropped: fall back to reading the key.
+                    drop(messages);
+                    return super::poll_until_ready(self, task_id, deadline, timeout).await;
+                }
+                Err(_) => {
+                    return Err(ResultError::Timeout {
+                        task_id: task_id.to_owned(),
+                        timeout,
+                        state: last.map_or(TaskState::Pending, |m| m.status),
+                    });
+                }
+            }
+        }
+    }
+
+    async fn purge_expired(&self) -> Result<u64, ResultError> {
+        // Redis expires the keys itself (SETEX).
+        Ok(0)
+    }
+
+    fn describe(&self) -> String {
+        self.shown.clone()
+    }
+}

@@ -1,0 +1,164 @@
+//! Celery's rpc result backend (`celery-reference.md` §2.7): the worker publishes each
+//! state to the sender's `reply_to` queue with the task id as `correlation_id`, transient,
+//! with exactly Celery 5.6's body (`task_id`, `status`, `result`, `traceback`, `children`).
+//!
+//! The sender side declares its own reply queue (non-durable, auto-delete, expiring after a
+//! day, as Celery's clients do), consumes it without acks, and keeps what arrives for the
+//! tasks it sent. Results are one-shot messages: only the process that sent a task can read
+//! its result, and a worker that sees no `reply_to` has nowhere to send it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::json;
+use tokio::sync::{Notify, OnceCell, mpsc};
+
+use super::{ReplyTo, ResultBackend, ResultError, ResultMeta, TaskState};
+use crate::broker::amqp::AmqpBroker;
+
+/// Results that arrived on this client's reply queue.
+#[derive(Default)]
+struct Inbox {
+    results: Mutex<HashMap<String, ResultMeta>>,
+    arrived: Notify,
+}
+
+/// The rpc result backend over an AMQP broker.
+pub struct RpcResultBackend {
+    broker: AmqpBroker,
+    reply_queue: String,
+    inbox: Arc<Inbox>,
+    consuming: OnceCell<()>,
+}
+
+impl std::fmt::Debug for RpcResultBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcResultBackend")
+            .field("reply_queue", &self.reply_queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RpcResultBackend {
+    /// An rpc backend over `broker`, with a fresh reply queue name for this client.
+    pub fn new(broker: AmqpBroker) -> Self {
+        Self {
+            broker,
+            reply_queue: uuid::Uuid::new_v4().to_string(),
+            inbox: Arc::default(),
+            consuming: OnceCell::new(),
+        }
+    }
+
+    /// Celery 5.6's rpc body: exactly these five keys.
+    fn body(meta: &ResultMeta) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "task_id": meta.task_id,
+            "status": meta.status,
+            "result": meta.result,
+            "traceback": meta.traceback,
+            "children": meta.children,
+        }))
+        .expect("meta serializes")
+    }
+}
+
+#[async_trait]
+impl ResultBackend for RpcResultBackend {
+    async fn store(&self, meta: &ResultMeta, reply: Option<&ReplyTo>) -> Result<(), ResultError> {
+        let Some(reply) = reply else {
+            tracing::debug!(task_id = %meta.task_id, "no reply_to: the rpc result has nowhere to go");
+            return Ok(());
+        };
+        self.broker
+            .publish_reply(&reply.queue, &Self::body(meta), &reply.correlation_id)
+            .await?;
+        Ok(())
+    }
+
+    async fn prepare(&self) -> Result<(), ResultError> {
+        self.consuming
+            .get_or_try_init(|| async {
+                let (sink, mut arrivals) = mpsc::unbounded_channel::<(Option<String>, Vec<u8>)>();
+                self.broker.consume_replies(&self.reply_queue, sink).await?;
+                let inbox = Arc::clone(&self.inbox);
+                tokio::spawn(async move {
+                    while let Some((correlation, body)) = arrivals.recv().await {
+                        let Ok(mut meta) = serde_json::from_slice::<ResultMeta>(&body) else {
+                            tracing::warn!("ignoring an unreadable rpc result");
+                            continue;
+                        };
+                        if let Some(id) = correlation.filter(|c| *c != meta.task_id) {
+                            meta.task_id = id;
+                        }
+                        let mut results = inbox
+                            .results
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let keep = results
+                            .get(&meta.task_id)
+                            .is_none_or(|old| old.status != TaskState::Success);
+                        if keep {
+                            results.insert(meta.task_id.clone(), meta);
+                        }
+                        drop(results);
+                        inbox.arrived.notify_waiters();
+                    }
+                });
+                Ok::<(), ResultError>(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    fn reply_to(&self) -> Option<String> {
+        Some(self.reply_queue.clone())
+    }
+
+    async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, ResultError> {
+        self.prepare().await?;
+        Ok(self
+            .inbox
+            .results
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(task_id)
+            .cloned())
+    }
+
+    async fn wait(&self, task_id: &str, timeout: Duration) -> Result<ResultMeta, ResultError> {
+        self.prepare().await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let arrived = self.inbox.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            let meta = self.get(task_id).await?;
+            if let Some(meta) = &meta
+                && meta.status.is_ready()
+            {
+                return Ok(meta.clone());
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return Err(ResultError::Timeout {
+                    task_id: task_id.to_owned(),
+                    timeout,
+                    state: meta.map_or(TaskState::Pending, |m| m.status),
+                });
+            }
+        }
+    }
+
+    async fn purge_expired(&self) -> Result<u64, ResultError> {
+        Ok(0)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "rpc:// over {}",
+            crate::broker::Broker::describe(&self.broker)
+        )
+    }
+}
