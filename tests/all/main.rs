@@ -5,6 +5,7 @@ mod bad_plugins;
 mod cache;
 mod cli;
 mod hostile;
+mod interop;
 mod limits;
 mod plugins;
 mod processes;

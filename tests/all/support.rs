@@ -153,3 +153,78 @@ pub(crate) async fn dead_letters_at_least(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// RabbitMQ and Redis on this machine, as lapin and kombu spell them.
+pub(crate) const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// See [`AMQP_URL`].
+pub(crate) const KOMBU_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672//";
+/// See [`AMQP_URL`].
+pub(crate) const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+
+/// Tests that share RabbitMQ take this lock for reading; the one that closes every
+/// connection takes it for writing.
+pub(crate) static RABBITMQ: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// A queue name no other test or run uses.
+pub(crate) fn unique_queue(prefix: &str) -> String {
+    format!("wasmq-test-{prefix}-{}", uuid_like())
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros())
+            .unwrap_or_default(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A Python with Celery (the newest 5.x) and redis installed: `$WASMQ_CELERY_VENV`, which
+/// `.ci/run` prepares, or a virtualenv this function creates under the target directory.
+pub(crate) fn python() -> std::path::PathBuf {
+    static PYTHON: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let venv = std::env::var_os("WASMQ_CELERY_VENV")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("celery-venv"));
+            let python = venv.join("bin").join("python");
+            let ready = std::process::Command::new(&python)
+                .args(["-c", "import celery, redis"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ready {
+                let status = std::process::Command::new("python3")
+                    .args(["-m", "venv"])
+                    .arg(&venv)
+                    .status()
+                    .expect("python3 -m venv");
+                assert!(
+                    status.success(),
+                    "cannot create a virtualenv at {}",
+                    venv.display()
+                );
+                let status = std::process::Command::new(venv.join("bin").join("pip"))
+                    .args(["install", "--quiet", "celery[redis]>=5.5,<6"])
+                    .status()
+                    .expect("pip install celery");
+                assert!(
+                    status.success(),
+                    "cannot install Celery into {}",
+                    venv.display()
+                );
+            }
+            python
+        })
+        .clone()
+}
+
+/// The folder holding the Python side of the interop tests.
+pub(crate) fn python_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python")
+}

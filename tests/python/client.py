@@ -1,0 +1,45 @@
+"""An unmodified Python Celery client calling tasks served by a wasmq worker.
+
+Reads BROKER, BACKEND and QUEUE from the environment, calls a fixed set of tasks and prints
+one JSON object: for each call either {"ok": value} or the exception the client raised.
+"""
+
+import json
+import os
+import sys
+
+import billiard.exceptions
+from celery import Celery
+from celery.exceptions import NotRegistered
+
+app = Celery("client", broker=os.environ["BROKER"], backend=os.environ["BACKEND"])
+queue = os.environ["QUEUE"]
+
+
+def call(name, args=(), kwargs=None, **options):
+    result = app.send_task(name, args=args, kwargs=kwargs or {}, queue=queue, **options)
+    try:
+        return {"ok": result.get(timeout=30)}
+    except Exception as error:  # noqa: BLE001 - we report what Celery raised
+        return {
+            "error": type(error).__name__,
+            "message": str(error),
+            "args": [a if isinstance(a, (int, float, str)) else repr(a) for a in error.args],
+            "is_time_limit": isinstance(error, billiard.exceptions.TimeLimitExceeded),
+            "is_memory_error": isinstance(error, MemoryError),
+            "is_zero_division": isinstance(error, ZeroDivisionError),
+            "is_not_registered": isinstance(error, NotRegistered),
+        }
+
+
+calls = {
+    "add": call("math.add", (2, 3)),
+    "kwargs": call("math.add", (), {"a": 2, "b": 40}),
+    "div": call("math.div", (1, 0)),
+    "spin": call("hostile.spin", (), time_limit=1),
+    "hog": call("hostile.hog"),
+    "unknown": call("math.nope", (1,)),
+    "countdown": call("math.add", (20, 22), countdown=1),
+    "text": call("text.slugify", ("Hello from Python",)),
+}
+json.dump(calls, sys.stdout)

@@ -1,0 +1,23 @@
+"""A small Python Celery app: the worker side of wasmq's interop tests.
+
+wasmq's Rust client sends `tasks.add` and `tasks.fail` to a real Celery worker running
+this module and reads the results through the rpc and Redis backends.
+"""
+
+import os
+
+from celery import Celery
+
+app = Celery("tasks", broker=os.environ["BROKER"], backend=os.environ["BACKEND"])
+app.conf.worker_hijack_root_logger = False
+app.conf.broker_connection_retry_on_startup = True
+
+
+@app.task(name="tasks.add")
+def add(x, y):
+    return x + y
+
+
+@app.task(name="tasks.fail")
+def fail():
+    raise ValueError("bad input", 42)
