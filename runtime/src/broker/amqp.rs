@@ -276,7 +276,7 @@ impl AmqpBroker {
         );
         arguments.insert(
             "x-expires".into(),
-            AMQPValue::LongLongInt(i64::try_from(ms.saturating_add(600_000)).unwrap_or(i64::MAX)),
+            AMQPValue::LongLongInt(i64::try_from(ms.saturating_add(60_000)).unwrap_or(i64::MAX)),
         );
         session
             .publisher
