@@ -8,7 +8,7 @@ import os
 
 from celery import Celery
 
-app = Celery("tasks", broker=os.environ["BROKER"], backend=os.environ["BACKEND"])
+app = Celery("tasks", broker=os.environ["BROKER"], backend=os.environ.get("BACKEND") or None)
 app.conf.worker_hijack_root_logger = False
 app.conf.broker_connection_retry_on_startup = True
 
@@ -21,3 +21,13 @@ def add(x, y):
 @app.task(name="tasks.fail")
 def fail():
     raise ValueError("bad input", 42)
+
+
+def _fib(n):
+    return n if n < 2 else _fib(n - 1) + _fib(n - 2)
+
+
+@app.task(name="tasks.fib")
+def fib(n):
+    """The same call-heavy recursion as the wasmq math.fib task (for benchmarks)."""
+    return _fib(n)

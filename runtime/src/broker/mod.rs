@@ -12,6 +12,7 @@
 //! again.
 
 pub mod amqp;
+pub mod ceiling;
 pub mod sqlite;
 
 use std::sync::Arc;

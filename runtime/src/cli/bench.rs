@@ -23,6 +23,8 @@ use crate::worker::{Worker, WorkerOptions};
 pub(super) enum BenchCommand {
     /// The embedded (SQLite) broker and result backend, worker in-process.
     Embedded(EmbeddedArgs),
+    /// RabbitMQ: wasmq side by side with the raw AMQP ceiling and Python Celery.
+    Amqp(super::bench_amqp::AmqpArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -43,6 +45,7 @@ pub(super) struct EmbeddedArgs {
 pub(super) async fn run(command: BenchCommand) -> Result<(), Failure> {
     match command {
         BenchCommand::Embedded(args) => embedded(args).await,
+        BenchCommand::Amqp(args) => super::bench_amqp::run(args).await,
     }
 }
 

@@ -5,6 +5,7 @@
 //! 4 bad plugin, 5 timed out waiting for a result, 70 internal error.
 
 mod bench;
+mod bench_amqp;
 mod call;
 mod demo;
 mod plugins;

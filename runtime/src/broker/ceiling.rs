@@ -1,0 +1,92 @@
+//! The raw AMQP ceiling for `wasmq bench amqp`: the fastest a minimal lapin consumer can
+//! drain a queue of small persistent messages on this broker, acking each message or every
+//! `ack_every`-th with `multiple`. No decoding, no work, no results: the physical limit that
+//! wasmq's throughput is compared with.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+use super::BrokerError;
+
+fn amqp(what: &str, error: &lapin::Error) -> BrokerError {
+    BrokerError::Amqp(format!("{what}: {error}"))
+}
+
+/// Publishes `count` copies of `body` to a fresh queue, then drains it with one consumer
+/// (QoS `prefetch`), acking every `ack_every`-th delivery with `multiple`. Returns the drain
+/// time, from the first delivery to the last ack.
+///
+/// # Errors
+/// When RabbitMQ cannot be reached or refuses an operation.
+pub async fn raw_drain(uri: &str, count: usize, body: &[u8], prefetch: u16, ack_every: u64) -> Result<Duration, BrokerError> {
+    let connection = Connection::connect(uri, ConnectionProperties::default())
+        .await
+        .map_err(|e| amqp("connect", &e))?;
+    let queue = format!("wasmq-bench-raw-{}", uuid::Uuid::new_v4().simple());
+    let publisher = connection.create_channel().await.map_err(|e| amqp("channel", &e))?;
+    publisher
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp("declare", &e))?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| amqp("confirms", &e))?;
+    for _ in 0..count {
+        publisher
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .map_err(|e| amqp("publish", &e))?;
+    }
+    publisher.wait_for_confirms().await.map_err(|e| amqp("confirms", &e))?;
+
+    let consumer_channel = connection.create_channel().await.map_err(|e| amqp("channel", &e))?;
+    consumer_channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| amqp("qos", &e))?;
+    let mut consumer = consumer_channel
+        .basic_consume(queue.as_str().into(), "wasmq-bench-raw".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .map_err(|e| amqp("consume", &e))?;
+    let mut started = None;
+    let mut received: u64 = 0;
+    let total = count as u64;
+    while received < total {
+        let Some(delivery) = consumer.next().await else { break };
+        let delivery = delivery.map_err(|e| amqp("delivery", &e))?;
+        started.get_or_insert_with(Instant::now);
+        received += 1;
+        if received % ack_every == 0 || received == total {
+            delivery
+                .acker
+                .ack(BasicAckOptions { multiple: ack_every > 1 })
+                .await
+                .map_err(|e| amqp("ack", &e))?;
+        }
+    }
+    let elapsed = started.map(|s| s.elapsed()).unwrap_or_default();
+    let _ = publisher.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    let _ = connection.close(200, "OK".into()).await;
+    Ok(elapsed)
+}

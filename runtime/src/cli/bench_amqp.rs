@@ -1,0 +1,448 @@
+//! `wasmq bench amqp`: wasmq side by side with the raw AMQP ceiling and Python Celery, in one
+//! run, on the RabbitMQ (and Redis) of this machine, printed as a markdown table.
+//!
+//! Every measurement uses a queue of its own, deleted afterwards. Python Celery (the newest
+//! 5.x) is installed into a virtualenv by the harness (`$WASMQ_CELERY_VENV`, default
+//! `.wasmq/bench-venv`). The harness only ever talks to 127.0.0.1 and stops by itself.
+//!
+//! Rows: raw lapin drain (ack each / ack every 100 with `multiple`); wasmq worker drain of N
+//! trivial `math.add` tasks with results off, with Redis results, with rpc results; Celery
+//! drains with the prefork (-c 2), threads (-c 8) and solo pools, results off; sequential
+//! round trips (p50/p95/p99) for wasmq and Celery with rpc and Redis; a CPU-bound task
+//! (fib(25)) in wasmq, in Celery and as native Rust; the publish rate of each client; and
+//! the ratios.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value, json};
+
+use super::{EngineArgs, Failure};
+use crate::broker::Broker;
+use crate::broker::amqp::AmqpBroker;
+use crate::client::{Client, SendOptions};
+use crate::engine::Sandbox;
+use crate::results::ResultBackend;
+use crate::worker::registry::Registry;
+use crate::worker::{Worker, WorkerOptions};
+
+#[derive(Debug, clap::Args)]
+pub(super) struct AmqpArgs {
+    /// A short run (2,000 tasks, 200 round trips) for development: under 3 minutes.
+    #[arg(long)]
+    quick: bool,
+    /// The broker (must be on this machine).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    broker: String,
+    /// Redis for the Redis-backend rows (must be on this machine).
+    #[arg(long, default_value = "redis://127.0.0.1:6379/0")]
+    redis: String,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// Sizes of one run.
+struct Plan {
+    tasks: usize,
+    round_trips: usize,
+    fib_tasks: usize,
+}
+
+fn fail(e: impl std::fmt::Display) -> Failure {
+    Failure::internal(anyhow::anyhow!("{e}"))
+}
+
+fn kombu_url(lapin_url: &str) -> String {
+    lapin_url.replace("/%2f", "//").replace("/%2F", "//")
+}
+
+fn only_local(url: &str) -> Result<(), Failure> {
+    if url.contains("127.0.0.1") || url.contains("localhost") || url.contains("[::1]") {
+        Ok(())
+    } else {
+        Err(Failure::bad_input(format!("the benchmark only targets this machine; {url} is not 127.0.0.1")))
+    }
+}
+
+/// Python with Celery (newest 5.x) and redis-py, in a virtualenv.
+fn celery_python() -> Result<PathBuf, Failure> {
+    let venv = std::env::var_os("WASMQ_CELERY_VENV").map_or_else(|| PathBuf::from(".wasmq/bench-venv"), PathBuf::from);
+    let python = venv.join("bin").join("python");
+    let ready = Command::new(&python)
+        .args(["-c", "import celery, redis"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ready {
+        eprintln!("installing Celery into {} …", venv.display());
+        let created = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().map_err(fail)?;
+        if !created.success() {
+            return Err(fail(format!("cannot create a virtualenv at {}", venv.display())));
+        }
+        let installed = Command::new(venv.join("bin").join("pip"))
+            .args(["install", "--quiet", "celery[redis]>=5.5,<6"])
+            .status()
+            .map_err(fail)?;
+        if !installed.success() {
+            return Err(fail("cannot install Celery"));
+        }
+    }
+    Ok(python)
+}
+
+fn python_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python")
+}
+
+fn bench_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/celery_bench.py")
+}
+
+fn celery_version(python: &Path) -> String {
+    Command::new(python)
+        .args(["-c", "import celery; print(celery.__version__)"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Runs the Celery benchmark script and parses its JSON.
+fn celery_script(python: &Path, broker: &str, backend: &str, queue: &str, command: &str, n: usize) -> Result<Value, Failure> {
+    let output = Command::new(python)
+        .arg(bench_script())
+        .args([command, &n.to_string()])
+        .env("PYTHONPATH", python_dir())
+        .env("BROKER", kombu_url(broker))
+        .env("BACKEND", backend)
+        .env("QUEUE", queue)
+        .output()
+        .map_err(fail)?;
+    if !output.status.success() {
+        return Err(fail(format!("celery_bench.py {command} failed: {}", String::from_utf8_lossy(&output.stderr))));
+    }
+    serde_json::from_slice(&output.stdout).map_err(fail)
+}
+
+/// A Python Celery worker process.
+struct CeleryWorker(Child);
+
+impl CeleryWorker {
+    fn start(python: &Path, broker: &str, backend: &str, queue: &str, pool: &str, concurrency: usize) -> Result<Self, Failure> {
+        let child = Command::new(python)
+            .args(["-m", "celery", "-A", "tasks", "worker", "-P", pool, "-c", &concurrency.to_string()])
+            .args(["-Q", queue, "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "error"])
+            .args(["--hostname", &format!("bench-{pool}-{}@localhost", std::process::id())])
+            .current_dir(python_dir())
+            .env("BROKER", kombu_url(broker))
+            .env("BACKEND", backend)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(fail)?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for CeleryWorker {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Harness {
+    broker_url: String,
+    redis_url: String,
+    broker: Arc<AmqpBroker>,
+    sandbox: Arc<Sandbox>,
+    registry: Arc<Registry>,
+}
+
+fn queue_name(what: &str) -> String {
+    format!("wasmq-bench-{what}-{}", uuid::Uuid::new_v4().simple())
+}
+
+impl Harness {
+    fn client(&self, backend: Arc<dyn ResultBackend>, queue: &str) -> Client {
+        Client::new(Arc::clone(&self.broker) as Arc<dyn Broker>, backend).with_default_queue(queue)
+    }
+
+    fn backend(&self, url: &str) -> Result<Arc<dyn ResultBackend>, Failure> {
+        crate::results::connect(url, Duration::from_secs(3600), &self.broker_url).map_err(fail)
+    }
+
+    /// Publishes `n` tasks; returns the publish rate.
+    async fn publish(&self, client: &Client, task: &str, n: usize, args: impl Fn(usize) -> Vec<Value>, ignore_result: bool) -> Result<f64, Failure> {
+        let started = Instant::now();
+        for i in 0..n {
+            client
+                .send_task(task, args(i), Map::new(), SendOptions { ignore_result, ..SendOptions::default() })
+                .await
+                .map_err(fail)?;
+        }
+        Ok(n as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// Starts an in-process wasmq worker on `queue`; returns a stop handle and its stats.
+    fn worker(&self, queue: &str, backend: Arc<dyn ResultBackend>) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>, Arc<crate::worker::WorkerStats>) {
+        let options = WorkerOptions {
+            queues: vec![queue.to_owned()],
+            node_name: format!("wasmq-bench@{queue}"),
+            ..WorkerOptions::default()
+        };
+        let worker = Worker::new(Arc::clone(&self.broker) as Arc<dyn Broker>, backend, Arc::clone(&self.registry), options);
+        let stats = worker.stats();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            let _ = worker
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        (stop, handle, stats)
+    }
+
+    /// wasmq drains `n` queued tasks; returns tasks per second.
+    async fn wasmq_drain(&self, task: &str, n: usize, args: impl Fn(usize) -> Vec<Value>, backend_url: Option<&str>) -> Result<f64, Failure> {
+        let queue = queue_name("wasmq-drain");
+        let backend = match backend_url {
+            Some(url) => self.backend(url)?,
+            None => self.backend(&self.redis_url)?,
+        };
+        let client = self.client(Arc::clone(&backend), &queue);
+        self.publish(&client, task, n, args, backend_url.is_none()).await?;
+        let (stop, handle, stats) = self.worker(&queue, backend);
+        let started = Instant::now();
+        let done = |s: &crate::worker::WorkerStats| s.succeeded.load(Ordering::Relaxed) + s.failed.load(Ordering::Relaxed);
+        while done(&stats) < n as u64 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            if started.elapsed() > Duration::from_secs(600) {
+                return Err(fail("the wasmq drain did not finish in 10 minutes"));
+            }
+        }
+        let rate = n as f64 / started.elapsed().as_secs_f64();
+        let _ = stop.send(());
+        let _ = handle.await;
+        self.broker.delete_queue(&queue).await.map_err(fail)?;
+        Ok(rate)
+    }
+
+    /// A Celery pool drains `n` queued tasks (results off); returns tasks per second, timed
+    /// from the first message taken to an empty queue, and whether it stalled (the drain is
+    /// cut off after two minutes and the rate taken over what was done).
+    async fn celery_drain(&self, python: &Path, pool: &str, concurrency: usize, task: &str, n: usize, args: impl Fn(usize) -> Vec<Value>) -> Result<(f64, Option<u64>), Failure> {
+        let queue = queue_name(&format!("celery-{pool}"));
+        let client = self.client(self.backend(&self.redis_url)?, &queue);
+        self.publish(&client, task, n, args, true).await?;
+        let worker = CeleryWorker::start(python, &self.broker_url, "", &queue, pool, concurrency)?;
+        let total = n as u64;
+        let mut started = None;
+        let give_up = Instant::now() + Duration::from_secs(150);
+        let mut stalled = None;
+        let mut done = total;
+        loop {
+            let left = self.broker.queue_length(&queue).await.map_err(fail)?;
+            if left < total && started.is_none() {
+                started = Some(Instant::now());
+            }
+            if left == 0 {
+                break;
+            }
+            if started.is_some_and(|s| s.elapsed() > Duration::from_secs(120)) || Instant::now() > give_up {
+                done = total - left;
+                stalled = Some(done);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = started.map(|s| s.elapsed()).unwrap_or_default();
+        drop(worker);
+        self.broker.delete_queue(&queue).await.map_err(fail)?;
+        Ok((done as f64 / elapsed.as_secs_f64().max(1e-9), stalled))
+    }
+
+    /// Sequential send → get round trips with a wasmq worker; returns p50/p95/p99 in ms.
+    async fn wasmq_round_trips(&self, backend_url: &str, n: usize) -> Result<[f64; 3], Failure> {
+        let queue = queue_name("wasmq-rtt");
+        let backend = self.backend(backend_url)?;
+        let client = self.client(Arc::clone(&backend), &queue);
+        let (stop, handle, _) = self.worker(&queue, backend);
+        let mut samples = Vec::with_capacity(n);
+        for i in 0..=n {
+            let started = Instant::now();
+            let result = client
+                .send_task("math.add", vec![json!(i), json!(1)], Map::new(), SendOptions::default())
+                .await
+                .map_err(fail)?;
+            result.get(Duration::from_secs(30)).await.map_err(fail)?;
+            if i > 0 {
+                samples.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        let _ = stop.send(());
+        let _ = handle.await;
+        self.broker.delete_queue(&queue).await.map_err(fail)?;
+        samples.sort_by(f64::total_cmp);
+        Ok([percentile(&samples, 50.0), percentile(&samples, 95.0), percentile(&samples, 99.0)])
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn fib(n: u32) -> u64 {
+    if n < 2 { u64::from(n) } else { fib(n - 1) + fib(n - 2) }
+}
+
+pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
+    only_local(&args.broker)?;
+    only_local(&args.redis)?;
+    let plan = if args.quick {
+        Plan { tasks: 2_000, round_trips: 200, fib_tasks: 40 }
+    } else {
+        Plan { tasks: 20_000, round_trips: 1_000, fib_tasks: 200 }
+    };
+    let python = celery_python()?;
+    let version = celery_version(&python);
+    let broker = Arc::new(AmqpBroker::new(&args.broker).map_err(fail)?);
+    let sandbox = Arc::new(Sandbox::new(args.engine.sandbox_config(32)).map_err(fail)?);
+    let mut plugins = Vec::new();
+    for (name, bytes) in crate::bundled::ALL {
+        plugins.push(((*name).to_owned(), sandbox.load_plugin_bytes(name, bytes).await?));
+    }
+    let registry = Arc::new(Registry::from_plugins(Arc::clone(&sandbox), plugins).map_err(fail)?);
+    let h = Harness {
+        broker_url: args.broker.clone(),
+        redis_url: args.redis.clone(),
+        broker,
+        sandbox,
+        registry,
+    };
+    let started = Instant::now();
+    let n = plan.tasks;
+    let add_args = |i: usize| vec![json!(i), json!(i)];
+    let step = |what: &str| eprintln!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
+
+    // A Celery-sized message body for the raw ceiling.
+    let body = br#"[[1, 2], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#;
+    step("raw lapin drain, ack each");
+    let raw_each = n as f64 / crate::broker::ceiling::raw_drain(&args.broker, n, body, 100, 1).await.map_err(fail)?.as_secs_f64();
+    step("raw lapin drain, ack every 100 (multiple)");
+    let raw_batched = n as f64 / crate::broker::ceiling::raw_drain(&args.broker, n, body, 1000, 100).await.map_err(fail)?.as_secs_f64();
+
+    step("wasmq drain, results off");
+    let publish_queue = queue_name("publish");
+    let publish_client = h.client(h.backend(&h.redis_url)?, &publish_queue);
+    let wasmq_publish = h.publish(&publish_client, "math.add", n.min(5_000), add_args, true).await?;
+    h.broker.delete_queue(&publish_queue).await.map_err(fail)?;
+    let wasmq_off = h.wasmq_drain("math.add", n, add_args, None).await?;
+    step("wasmq drain, Redis results");
+    let wasmq_redis = h.wasmq_drain("math.add", n, add_args, Some(&args.redis)).await?;
+    step("wasmq drain, rpc results");
+    let wasmq_rpc = h.wasmq_drain("math.add", n, add_args, Some("rpc://")).await?;
+
+    let mut celery = Vec::new();
+    for (pool, concurrency) in [("prefork", 2), ("threads", 8), ("solo", 1)] {
+        step(&format!("Celery {pool} -c {concurrency} drain, results off"));
+        celery.push((pool, concurrency, h.celery_drain(&python, pool, concurrency, "tasks.add", n, add_args).await?));
+    }
+
+    step("round trips");
+    let wasmq_rtt_rpc = h.wasmq_round_trips("rpc://", plan.round_trips).await?;
+    let wasmq_rtt_redis = h.wasmq_round_trips(&args.redis, plan.round_trips).await?;
+    let mut celery_rtt = Vec::new();
+    for backend in ["rpc://", args.redis.as_str()] {
+        let queue = queue_name("celery-rtt");
+        let worker = CeleryWorker::start(&python, &args.broker, backend, &queue, "solo", 1)?;
+        let result = celery_script(&python, &args.broker, backend, &queue, "roundtrip", plan.round_trips)?;
+        drop(worker);
+        h.broker.delete_queue(&queue).await.map_err(fail)?;
+        celery_rtt.push([result["p50"].as_f64().unwrap_or(0.0), result["p95"].as_f64().unwrap_or(0.0), result["p99"].as_f64().unwrap_or(0.0)]);
+    }
+
+    step("publish rate of Celery's apply_async");
+    let queue = queue_name("celery-publish");
+    let celery_publish = celery_script(&python, &args.broker, "", &queue, "publish", n.min(5_000))?["rate"].as_f64().unwrap_or(0.0);
+    h.broker.delete_queue(&queue).await.map_err(fail)?;
+
+    step("CPU-bound fib(25)");
+    let m = plan.fib_tasks;
+    let fib_args = |_: usize| vec![json!(25)];
+    let wasmq_fib = h.wasmq_drain("math.fib", m, fib_args, None).await?;
+    let celery_fib = h.celery_drain(&python, "prefork", 2, "tasks.fib", m, fib_args).await?.0;
+    let native_started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| {
+                for _ in 0..m / 2 {
+                    std::hint::black_box(fib(std::hint::black_box(25)));
+                }
+            });
+        }
+    });
+    let native_fib = m as f64 / native_started.elapsed().as_secs_f64();
+    step("done");
+
+    let best_celery = celery.iter().map(|c| c.2.0).fold(0.0_f64, f64::max);
+    println!(
+        "wasmq bench amqp{}: {} trivial tasks, {} round trips, {} fib(25) tasks; RabbitMQ {}, Python Celery {}, wasmq worker concurrency {} (in-process), {} cores\n",
+        if args.quick { " --quick" } else { "" },
+        n,
+        plan.round_trips,
+        m,
+        args.broker.split('@').next_back().unwrap_or(""),
+        version,
+        WorkerOptions::default().concurrency,
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
+    );
+    println!("| measurement | result |");
+    println!("|---|---|");
+    println!("| raw lapin consumer, ack each (prefetch 100) | {raw_each:.0} msgs/s |");
+    println!("| raw lapin consumer, ack every 100 with `multiple` (prefetch 1000) | {raw_batched:.0} msgs/s |");
+    println!("| **wasmq** drain `math.add`, results off | **{wasmq_off:.0} tasks/s** |");
+    println!("| wasmq drain `math.add`, Redis results | {wasmq_redis:.0} tasks/s |");
+    println!("| wasmq drain `math.add`, rpc results | {wasmq_rpc:.0} tasks/s |");
+    for (pool, concurrency, (rate, stalled)) in &celery {
+        let note = stalled.map(|done| format!(" (stalled: {done} of {n} done in 120 s)")).unwrap_or_default();
+        println!("| Celery {pool} `-c {concurrency}` drain `add`, results off | {rate:.0} tasks/s{note} |");
+    }
+    let ms = |v: [f64; 3]| format!("p50 {:.2} · p95 {:.2} · p99 {:.2} ms", v[0], v[1], v[2]);
+    println!("| wasmq round trip, rpc | {} |", ms(wasmq_rtt_rpc));
+    println!("| wasmq round trip, Redis | {} |", ms(wasmq_rtt_redis));
+    println!("| Celery (solo) round trip, rpc | {} |", ms(celery_rtt[0]));
+    println!("| Celery (solo) round trip, Redis | {} |", ms(celery_rtt[1]));
+    println!("| fib(25): wasmq (Wasm, fuel + epochs), 2 slots | {wasmq_fib:.0} tasks/s |");
+    println!("| fib(25): Celery prefork `-c 2` (Python) | {celery_fib:.1} tasks/s |");
+    println!("| fib(25): native Rust, 2 threads, no queue | {native_fib:.0} calls/s |");
+    println!("| publish: wasmq `Client::send_task` (confirmed) | {wasmq_publish:.0} msgs/s |");
+    println!("| publish: Celery `apply_async` | {celery_publish:.0} msgs/s |");
+    println!();
+    println!("| ratio | value | goal |");
+    println!("|---|---|---|");
+    println!("| wasmq drain / raw batched-ack ceiling | {:.2}× | ≥ 0.8× |", wasmq_off / raw_batched);
+    println!("| wasmq drain / raw ack-each ceiling | {:.2}× | |", wasmq_off / raw_each);
+    println!("| wasmq drain / best Celery pool | {:.1}× | ≥ 8× |", wasmq_off / best_celery.max(1e-9));
+    println!("| Celery round-trip p50 / wasmq (rpc) | {:.1}× | ≥ 3× |", celery_rtt[0][0] / wasmq_rtt_rpc[0].max(1e-9));
+    println!("| Celery round-trip p50 / wasmq (Redis) | {:.1}× | ≥ 3× |", celery_rtt[1][0] / wasmq_rtt_redis[0].max(1e-9));
+    println!("| fib(25) throughput: native / wasmq (queue included) | {:.2}× | ≤ 1.5× |", native_fib / wasmq_fib.max(1e-9));
+    println!("| fib(25) throughput: wasmq / Celery | {:.0}× | |", wasmq_fib / celery_fib.max(1e-9));
+    eprintln!("total {:.0?}", started.elapsed());
+    let _ = h.sandbox;
+    Ok(())
+}
