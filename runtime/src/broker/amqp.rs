@@ -584,6 +584,7 @@ impl Broker for AmqpBroker {
         let (deliveries, receiver) = mpsc::channel(prefetch.max(1) * 2);
         let (consuming, status) = watch::channel(false);
         let (stop, stopped) = watch::channel(false);
+        let batcher: Arc<Mutex<Option<Arc<AckBatcher>>>> = Arc::default();
         let supervisor = tokio::spawn(supervise(
             self.clone(),
             queues.to_vec(),
@@ -591,12 +592,14 @@ impl Broker for AmqpBroker {
             deliveries,
             consuming,
             stopped,
+            Arc::clone(&batcher),
         ));
         Ok(Box::new(AmqpConsumer {
             receiver,
             status,
             stop,
             supervisor,
+            batcher,
         }))
     }
 
@@ -745,6 +748,7 @@ async fn supervise(
     deliveries: mpsc::Sender<Result<Delivery, BrokerError>>,
     consuming: watch::Sender<bool>,
     mut stopped: watch::Receiver<bool>,
+    batcher: Arc<Mutex<Option<Arc<AckBatcher>>>>,
 ) {
     let mut backoff = Duration::from_millis(250);
     loop {
@@ -758,6 +762,7 @@ async fn supervise(
             &deliveries,
             &consuming,
             &mut stopped,
+            &batcher,
         )
         .await
         {
@@ -791,6 +796,7 @@ async fn consume_once(
     deliveries: &mpsc::Sender<Result<Delivery, BrokerError>>,
     consuming: &watch::Sender<bool>,
     stopped: &mut watch::Receiver<bool>,
+    current_batcher: &Mutex<Option<Arc<AckBatcher>>>,
 ) -> Result<Ended, BrokerError> {
     let session = broker.session().await?;
     for queue in queues {
@@ -833,6 +839,12 @@ async fn consume_once(
     tracing::info!(broker = %broker.describe(), queues = %queues.join(","), "consuming");
     let mut merged = futures_util::stream::select_all(streams);
     let channel = Arc::new(channel);
+    let batcher = AckBatcher::new(Arc::clone(&channel));
+    *current_batcher
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::clone(&batcher));
+    let mut flush = tokio::time::interval(Duration::from_millis(2));
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             next = merged.next() => match next {
@@ -845,6 +857,8 @@ async fn consume_once(
                         .map_or(if delivery.redelivered { 2 } else { 1 }, |n| u32::try_from(n + 1).unwrap_or(u32::MAX));
                     let settler = Arc::new(AmqpSettler {
                         acker: delivery.acker,
+                        tag: delivery.delivery_tag,
+                        batcher: Arc::clone(&batcher),
                         broker: broker.clone(),
                         queue: queue.clone(),
                         envelope: envelope.clone(),
@@ -867,13 +881,127 @@ async fn consume_once(
                     return Ok(Ended::Lost);
                 }
             },
+            _ = flush.tick() => {
+                if let Err(error) = batcher.flush().await {
+                    tracing::warn!(%error, "cannot ack; the messages will be redelivered");
+                }
+            }
             _ = stopped.changed() => {
                 for tag in &tags {
                     let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
                 }
                 let _ = consuming.send(false);
+                // Deliveries already handed out may still be settled: keep flushing their
+                // acks until the last of them is gone.
+                let batcher = Arc::clone(&batcher);
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_millis(2));
+                    while Arc::strong_count(&batcher) > 1 {
+                        tick.tick().await;
+                        let _ = batcher.flush().await;
+                    }
+                    let _ = batcher.flush().await;
+                });
                 return Ok(Ended::Stopped);
             }
+        }
+    }
+}
+
+/// Acknowledges a channel's deliveries in batches: `basic.ack` with `multiple` up to the
+/// highest delivery tag below which every delivery is settled. Deliveries finish out of order
+/// (tasks run concurrently), so settled tags wait in a set until the prefix is contiguous. An
+/// ack goes out when 64 tags are pending or, at the latest, at the next 2 ms tick: late acks
+/// stay late (a delivery is only settled after its result is stored), and a crash redelivers
+/// at most those few messages.
+struct AckBatcher {
+    channel: Arc<Channel>,
+    state: Mutex<AckState>,
+}
+
+#[derive(Default)]
+struct AckState {
+    /// Every tag below this one is settled (tags start at 1).
+    contiguous_below: u64,
+    /// Settled tags at or above `contiguous_below`.
+    settled: std::collections::BTreeSet<u64>,
+    /// Highest tag settled but not yet acked on the wire.
+    unacked_upto: Option<u64>,
+    pending: u64,
+}
+
+const ACK_BATCH: u64 = 64;
+
+impl AckState {
+    /// Records `tag` as settled; `acked` says whether it still needs a `basic.ack` (a
+    /// released delivery was nacked on its own). Returns the tag to ack up to, if the batch
+    /// is full.
+    fn settle(&mut self, tag: u64, acked: bool) -> Option<u64> {
+        self.settled.insert(tag);
+        let mut advanced = false;
+        while self.settled.remove(&self.contiguous_below) {
+            self.contiguous_below += 1;
+            advanced = true;
+        }
+        if acked {
+            self.pending += 1;
+        }
+        if advanced {
+            self.unacked_upto = Some(self.contiguous_below - 1);
+        }
+        if self.pending >= ACK_BATCH {
+            self.pending = 0;
+            return self.unacked_upto.take();
+        }
+        None
+    }
+
+    /// The tag to ack up to now, if any.
+    fn take(&mut self) -> Option<u64> {
+        self.pending = 0;
+        self.unacked_upto.take()
+    }
+}
+
+impl AckBatcher {
+    fn new(channel: Arc<Channel>) -> Arc<Self> {
+        Arc::new(Self {
+            channel,
+            state: Mutex::new(AckState {
+                contiguous_below: 1,
+                ..AckState::default()
+            }),
+        })
+    }
+
+    /// Records `tag` as settled; returns the tag to ack up to when the batch is full.
+    fn settle(&self, tag: u64, acked: bool) -> Option<u64> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .settle(tag, acked)
+    }
+
+    /// The tag to ack up to now, if any.
+    fn take(&self) -> Option<u64> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    async fn ack_upto(&self, tag: u64) -> Result<(), BrokerError> {
+        self.channel
+            .basic_ack(tag, BasicAckOptions { multiple: true })
+            .await
+            .map_err(|e| lapin_error("cannot ack", &e))
+    }
+
+    /// Sends the pending ack, if any.
+    async fn flush(&self) -> Result<(), BrokerError> {
+        match self.take() {
+            Some(tag) => self.ack_upto(tag).await,
+            None => Ok(()),
         }
     }
 }
@@ -881,6 +1009,8 @@ async fn consume_once(
 /// Settles one AMQP delivery; keeps its channel open until settled.
 struct AmqpSettler {
     acker: lapin::Acker,
+    tag: u64,
+    batcher: Arc<AckBatcher>,
     broker: AmqpBroker,
     queue: String,
     envelope: Envelope,
@@ -891,11 +1021,10 @@ struct AmqpSettler {
 #[async_trait]
 impl Settle for AmqpSettler {
     async fn ack(&self, _tag: u64) -> Result<(), BrokerError> {
-        self.acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map(drop)
-            .map_err(|e| lapin_error("cannot ack", &e))
+        match self.batcher.settle(self.tag, true) {
+            Some(upto) => self.batcher.ack_upto(upto).await,
+            None => Ok(()),
+        }
     }
 
     async fn dead_letter(&self, _tag: u64, reason: &str) -> Result<(), BrokerError> {
@@ -931,14 +1060,19 @@ impl Settle for AmqpSettler {
     }
 
     async fn release(&self, _tag: u64) -> Result<(), BrokerError> {
-        self.acker
+        let released = self
+            .acker
             .nack(BasicNackOptions {
                 multiple: false,
                 requeue: true,
             })
             .await
             .map(drop)
-            .map_err(|e| lapin_error("cannot release", &e))
+            .map_err(|e| lapin_error("cannot release", &e));
+        if let Some(upto) = self.batcher.settle(self.tag, false) {
+            self.batcher.ack_upto(upto).await?;
+        }
+        released
     }
 }
 
@@ -948,6 +1082,8 @@ pub struct AmqpConsumer {
     status: watch::Receiver<bool>,
     stop: watch::Sender<bool>,
     supervisor: tokio::task::JoinHandle<()>,
+    /// The current channel's ack batcher, to flush before the worker exits.
+    batcher: Arc<Mutex<Option<Arc<AckBatcher>>>>,
 }
 
 impl AmqpConsumer {
@@ -986,6 +1122,19 @@ impl Consumer for AmqpConsumer {
     fn consuming(&self) -> Option<watch::Receiver<bool>> {
         Some(self.status.clone())
     }
+
+    async fn flush_acks(&mut self) {
+        let batcher = self
+            .batcher
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(batcher) = batcher
+            && let Err(error) = batcher.flush().await
+        {
+            tracing::warn!(%error, "cannot send the last acks; those messages will be redelivered");
+        }
+    }
 }
 
 /// Header names and values as a sorted map, for tests and tools.
@@ -998,6 +1147,32 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn acks_cover_only_contiguous_settled_tags() {
+        let mut state = AckState {
+            contiguous_below: 1,
+            ..AckState::default()
+        };
+        // 2 and 3 finish before 1: nothing can be acked yet.
+        assert_eq!(state.settle(2, true), None);
+        assert_eq!(state.settle(3, true), None);
+        assert_eq!(state.take(), None);
+        // 1 finishes: everything up to 3 can go in one multiple ack.
+        assert_eq!(state.settle(1, true), None);
+        assert_eq!(state.take(), Some(3));
+        assert_eq!(state.take(), None);
+        // A released (nacked) delivery does not block the ones after it.
+        state.settle(4, false);
+        state.settle(5, true);
+        assert_eq!(state.take(), Some(5));
+        // A full batch asks to be flushed at once.
+        let mut flushed = None;
+        for tag in 6..6 + ACK_BATCH {
+            flushed = flushed.or(state.settle(tag, true));
+        }
+        assert_eq!(flushed, Some(5 + ACK_BATCH));
+    }
 
     #[test]
     fn delays_round_up_to_their_bucket() {

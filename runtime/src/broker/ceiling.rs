@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -25,12 +25,21 @@ fn amqp(what: &str, error: &lapin::Error) -> BrokerError {
 ///
 /// # Errors
 /// When RabbitMQ cannot be reached or refuses an operation.
-pub async fn raw_drain(uri: &str, count: usize, body: &[u8], prefetch: u16, ack_every: u64) -> Result<Duration, BrokerError> {
+pub async fn raw_drain(
+    uri: &str,
+    count: usize,
+    body: &[u8],
+    prefetch: u16,
+    ack_every: u64,
+) -> Result<Duration, BrokerError> {
     let connection = Connection::connect(uri, ConnectionProperties::default())
         .await
         .map_err(|e| amqp("connect", &e))?;
     let queue = format!("wasmq-bench-raw-{}", uuid::Uuid::new_v4().simple());
-    let publisher = connection.create_channel().await.map_err(|e| amqp("channel", &e))?;
+    let publisher = connection
+        .create_channel()
+        .await
+        .map_err(|e| amqp("channel", &e))?;
     publisher
         .queue_declare(
             queue.as_str().into(),
@@ -58,35 +67,52 @@ pub async fn raw_drain(uri: &str, count: usize, body: &[u8], prefetch: u16, ack_
             .await
             .map_err(|e| amqp("publish", &e))?;
     }
-    publisher.wait_for_confirms().await.map_err(|e| amqp("confirms", &e))?;
+    publisher
+        .wait_for_confirms()
+        .await
+        .map_err(|e| amqp("confirms", &e))?;
 
-    let consumer_channel = connection.create_channel().await.map_err(|e| amqp("channel", &e))?;
+    let consumer_channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| amqp("channel", &e))?;
     consumer_channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await
         .map_err(|e| amqp("qos", &e))?;
     let mut consumer = consumer_channel
-        .basic_consume(queue.as_str().into(), "wasmq-bench-raw".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.as_str().into(),
+            "wasmq-bench-raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .map_err(|e| amqp("consume", &e))?;
     let mut started = None;
     let mut received: u64 = 0;
     let total = count as u64;
     while received < total {
-        let Some(delivery) = consumer.next().await else { break };
+        let Some(delivery) = consumer.next().await else {
+            break;
+        };
         let delivery = delivery.map_err(|e| amqp("delivery", &e))?;
         started.get_or_insert_with(Instant::now);
         received += 1;
-        if received % ack_every == 0 || received == total {
+        if received.is_multiple_of(ack_every) || received == total {
             delivery
                 .acker
-                .ack(BasicAckOptions { multiple: ack_every > 1 })
+                .ack(BasicAckOptions {
+                    multiple: ack_every > 1,
+                })
                 .await
                 .map_err(|e| amqp("ack", &e))?;
         }
     }
     let elapsed = started.map(|s| s.elapsed()).unwrap_or_default();
-    let _ = publisher.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    let _ = publisher
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
     let _ = connection.close(200, "OK".into()).await;
     Ok(elapsed)
 }

@@ -156,6 +156,9 @@ pub trait Consumer: Send {
     fn consuming(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
         None
     }
+
+    /// Sends any acknowledgements still batched (the worker calls it before exiting).
+    async fn flush_acks(&mut self) {}
 }
 
 /// A message broker.

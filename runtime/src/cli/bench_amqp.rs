@@ -63,13 +63,16 @@ fn only_local(url: &str) -> Result<(), Failure> {
     if url.contains("127.0.0.1") || url.contains("localhost") || url.contains("[::1]") {
         Ok(())
     } else {
-        Err(Failure::bad_input(format!("the benchmark only targets this machine; {url} is not 127.0.0.1")))
+        Err(Failure::bad_input(format!(
+            "the benchmark only targets this machine; {url} is not 127.0.0.1"
+        )))
     }
 }
 
 /// Python with Celery (newest 5.x) and redis-py, in a virtualenv.
 fn celery_python() -> Result<PathBuf, Failure> {
-    let venv = std::env::var_os("WASMQ_CELERY_VENV").map_or_else(|| PathBuf::from(".wasmq/bench-venv"), PathBuf::from);
+    let venv = std::env::var_os("WASMQ_CELERY_VENV")
+        .map_or_else(|| PathBuf::from(".wasmq/bench-venv"), PathBuf::from);
     let python = venv.join("bin").join("python");
     let ready = Command::new(&python)
         .args(["-c", "import celery, redis"])
@@ -77,9 +80,16 @@ fn celery_python() -> Result<PathBuf, Failure> {
         .is_ok_and(|s| s.success());
     if !ready {
         eprintln!("installing Celery into {} …", venv.display());
-        let created = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().map_err(fail)?;
+        let created = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .map_err(fail)?;
         if !created.success() {
-            return Err(fail(format!("cannot create a virtualenv at {}", venv.display())));
+            return Err(fail(format!(
+                "cannot create a virtualenv at {}",
+                venv.display()
+            )));
         }
         let installed = Command::new(venv.join("bin").join("pip"))
             .args(["install", "--quiet", "celery[redis]>=5.5,<6"])
@@ -109,7 +119,14 @@ fn celery_version(python: &Path) -> String {
 }
 
 /// Runs the Celery benchmark script and parses its JSON.
-fn celery_script(python: &Path, broker: &str, backend: &str, queue: &str, command: &str, n: usize) -> Result<Value, Failure> {
+fn celery_script(
+    python: &Path,
+    broker: &str,
+    backend: &str,
+    queue: &str,
+    command: &str,
+    n: usize,
+) -> Result<Value, Failure> {
     let output = Command::new(python)
         .arg(bench_script())
         .args([command, &n.to_string()])
@@ -120,7 +137,10 @@ fn celery_script(python: &Path, broker: &str, backend: &str, queue: &str, comman
         .output()
         .map_err(fail)?;
     if !output.status.success() {
-        return Err(fail(format!("celery_bench.py {command} failed: {}", String::from_utf8_lossy(&output.stderr))));
+        return Err(fail(format!(
+            "celery_bench.py {command} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )));
     }
     serde_json::from_slice(&output.stdout).map_err(fail)
 }
@@ -129,11 +149,39 @@ fn celery_script(python: &Path, broker: &str, backend: &str, queue: &str, comman
 struct CeleryWorker(Child);
 
 impl CeleryWorker {
-    fn start(python: &Path, broker: &str, backend: &str, queue: &str, pool: &str, concurrency: usize) -> Result<Self, Failure> {
+    fn start(
+        python: &Path,
+        broker: &str,
+        backend: &str,
+        queue: &str,
+        pool: &str,
+        concurrency: usize,
+    ) -> Result<Self, Failure> {
         let child = Command::new(python)
-            .args(["-m", "celery", "-A", "tasks", "worker", "-P", pool, "-c", &concurrency.to_string()])
-            .args(["-Q", queue, "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "error"])
-            .args(["--hostname", &format!("bench-{pool}-{}@localhost", std::process::id())])
+            .args([
+                "-m",
+                "celery",
+                "-A",
+                "tasks",
+                "worker",
+                "-P",
+                pool,
+                "-c",
+                &concurrency.to_string(),
+            ])
+            .args([
+                "-Q",
+                queue,
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-l",
+                "error",
+            ])
+            .args([
+                "--hostname",
+                &format!("bench-{pool}-{}@localhost", std::process::id()),
+            ])
             .current_dir(python_dir())
             .env("BROKER", kombu_url(broker))
             .env("BACKEND", backend)
@@ -147,7 +195,9 @@ impl CeleryWorker {
 
 impl Drop for CeleryWorker {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.0.try_wait() {
@@ -182,11 +232,26 @@ impl Harness {
     }
 
     /// Publishes `n` tasks; returns the publish rate.
-    async fn publish(&self, client: &Client, task: &str, n: usize, args: impl Fn(usize) -> Vec<Value>, ignore_result: bool) -> Result<f64, Failure> {
+    async fn publish(
+        &self,
+        client: &Client,
+        task: &str,
+        n: usize,
+        args: impl Fn(usize) -> Vec<Value>,
+        ignore_result: bool,
+    ) -> Result<f64, Failure> {
         let started = Instant::now();
         for i in 0..n {
             client
-                .send_task(task, args(i), Map::new(), SendOptions { ignore_result, ..SendOptions::default() })
+                .send_task(
+                    task,
+                    args(i),
+                    Map::new(),
+                    SendOptions {
+                        ignore_result,
+                        ..SendOptions::default()
+                    },
+                )
                 .await
                 .map_err(fail)?;
         }
@@ -194,13 +259,26 @@ impl Harness {
     }
 
     /// Starts an in-process wasmq worker on `queue`; returns a stop handle and its stats.
-    fn worker(&self, queue: &str, backend: Arc<dyn ResultBackend>) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>, Arc<crate::worker::WorkerStats>) {
+    fn worker(
+        &self,
+        queue: &str,
+        backend: Arc<dyn ResultBackend>,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+        Arc<crate::worker::WorkerStats>,
+    ) {
         let options = WorkerOptions {
             queues: vec![queue.to_owned()],
             node_name: format!("wasmq-bench@{queue}"),
             ..WorkerOptions::default()
         };
-        let worker = Worker::new(Arc::clone(&self.broker) as Arc<dyn Broker>, backend, Arc::clone(&self.registry), options);
+        let worker = Worker::new(
+            Arc::clone(&self.broker) as Arc<dyn Broker>,
+            backend,
+            Arc::clone(&self.registry),
+            options,
+        );
         let stats = worker.stats();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
@@ -214,17 +292,26 @@ impl Harness {
     }
 
     /// wasmq drains `n` queued tasks; returns tasks per second.
-    async fn wasmq_drain(&self, task: &str, n: usize, args: impl Fn(usize) -> Vec<Value>, backend_url: Option<&str>) -> Result<f64, Failure> {
+    async fn wasmq_drain(
+        &self,
+        task: &str,
+        n: usize,
+        args: impl Fn(usize) -> Vec<Value>,
+        backend_url: Option<&str>,
+    ) -> Result<f64, Failure> {
         let queue = queue_name("wasmq-drain");
         let backend = match backend_url {
             Some(url) => self.backend(url)?,
             None => self.backend(&self.redis_url)?,
         };
         let client = self.client(Arc::clone(&backend), &queue);
-        self.publish(&client, task, n, args, backend_url.is_none()).await?;
+        self.publish(&client, task, n, args, backend_url.is_none())
+            .await?;
         let (stop, handle, stats) = self.worker(&queue, backend);
         let started = Instant::now();
-        let done = |s: &crate::worker::WorkerStats| s.succeeded.load(Ordering::Relaxed) + s.failed.load(Ordering::Relaxed);
+        let done = |s: &crate::worker::WorkerStats| {
+            s.succeeded.load(Ordering::Relaxed) + s.failed.load(Ordering::Relaxed)
+        };
         while done(&stats) < n as u64 {
             tokio::time::sleep(Duration::from_millis(2)).await;
             if started.elapsed() > Duration::from_secs(600) {
@@ -241,7 +328,15 @@ impl Harness {
     /// A Celery pool drains `n` queued tasks (results off); returns tasks per second, timed
     /// from the first message taken to an empty queue, and whether it stalled (the drain is
     /// cut off after two minutes and the rate taken over what was done).
-    async fn celery_drain(&self, python: &Path, pool: &str, concurrency: usize, task: &str, n: usize, args: impl Fn(usize) -> Vec<Value>) -> Result<(f64, Option<u64>), Failure> {
+    async fn celery_drain(
+        &self,
+        python: &Path,
+        pool: &str,
+        concurrency: usize,
+        task: &str,
+        n: usize,
+        args: impl Fn(usize) -> Vec<Value>,
+    ) -> Result<(f64, Option<u64>), Failure> {
         let queue = queue_name(&format!("celery-{pool}"));
         let client = self.client(self.backend(&self.redis_url)?, &queue);
         self.publish(&client, task, n, args, true).await?;
@@ -259,7 +354,9 @@ impl Harness {
             if left == 0 {
                 break;
             }
-            if started.is_some_and(|s| s.elapsed() > Duration::from_secs(120)) || Instant::now() > give_up {
+            if started.is_some_and(|s| s.elapsed() > Duration::from_secs(120))
+                || Instant::now() > give_up
+            {
                 done = total - left;
                 stalled = Some(done);
                 break;
@@ -282,7 +379,12 @@ impl Harness {
         for i in 0..=n {
             let started = Instant::now();
             let result = client
-                .send_task("math.add", vec![json!(i), json!(1)], Map::new(), SendOptions::default())
+                .send_task(
+                    "math.add",
+                    vec![json!(i), json!(1)],
+                    Map::new(),
+                    SendOptions::default(),
+                )
                 .await
                 .map_err(fail)?;
             result.get(Duration::from_secs(30)).await.map_err(fail)?;
@@ -294,7 +396,11 @@ impl Harness {
         let _ = handle.await;
         self.broker.delete_queue(&queue).await.map_err(fail)?;
         samples.sort_by(f64::total_cmp);
-        Ok([percentile(&samples, 50.0), percentile(&samples, 95.0), percentile(&samples, 99.0)])
+        Ok([
+            percentile(&samples, 50.0),
+            percentile(&samples, 95.0),
+            percentile(&samples, 99.0),
+        ])
     }
 }
 
@@ -307,16 +413,28 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn fib(n: u32) -> u64 {
-    if n < 2 { u64::from(n) } else { fib(n - 1) + fib(n - 2) }
+    if n < 2 {
+        u64::from(n)
+    } else {
+        fib(n - 1) + fib(n - 2)
+    }
 }
 
 pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
     only_local(&args.broker)?;
     only_local(&args.redis)?;
     let plan = if args.quick {
-        Plan { tasks: 2_000, round_trips: 200, fib_tasks: 40 }
+        Plan {
+            tasks: 2_000,
+            round_trips: 200,
+            fib_tasks: 40,
+        }
     } else {
-        Plan { tasks: 20_000, round_trips: 1_000, fib_tasks: 200 }
+        Plan {
+            tasks: 20_000,
+            round_trips: 1_000,
+            fib_tasks: 200,
+        }
     };
     let python = celery_python()?;
     let version = celery_version(&python);
@@ -324,7 +442,10 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
     let sandbox = Arc::new(Sandbox::new(args.engine.sandbox_config(32)).map_err(fail)?);
     let mut plugins = Vec::new();
     for (name, bytes) in crate::bundled::ALL {
-        plugins.push(((*name).to_owned(), sandbox.load_plugin_bytes(name, bytes).await?));
+        plugins.push((
+            (*name).to_owned(),
+            sandbox.load_plugin_bytes(name, bytes).await?,
+        ));
     }
     let registry = Arc::new(Registry::from_plugins(Arc::clone(&sandbox), plugins).map_err(fail)?);
     let h = Harness {
@@ -340,27 +461,49 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
     let step = |what: &str| eprintln!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
 
     // A Celery-sized message body for the raw ceiling.
-    let body = br#"[[1, 2], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#;
+    let body =
+        br#"[[1, 2], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#;
     step("raw lapin drain, ack each");
-    let raw_each = n as f64 / crate::broker::ceiling::raw_drain(&args.broker, n, body, 100, 1).await.map_err(fail)?.as_secs_f64();
+    let raw_each = n as f64
+        / crate::broker::ceiling::raw_drain(&args.broker, n, body, 100, 1)
+            .await
+            .map_err(fail)?
+            .as_secs_f64();
     step("raw lapin drain, ack every 100 (multiple)");
-    let raw_batched = n as f64 / crate::broker::ceiling::raw_drain(&args.broker, n, body, 1000, 100).await.map_err(fail)?.as_secs_f64();
+    let raw_batched = n as f64
+        / crate::broker::ceiling::raw_drain(&args.broker, n, body, 1000, 100)
+            .await
+            .map_err(fail)?
+            .as_secs_f64();
 
     step("wasmq drain, results off");
     let publish_queue = queue_name("publish");
     let publish_client = h.client(h.backend(&h.redis_url)?, &publish_queue);
-    let wasmq_publish = h.publish(&publish_client, "math.add", n.min(5_000), add_args, true).await?;
+    let wasmq_publish = h
+        .publish(&publish_client, "math.add", n.min(5_000), add_args, true)
+        .await?;
     h.broker.delete_queue(&publish_queue).await.map_err(fail)?;
     let wasmq_off = h.wasmq_drain("math.add", n, add_args, None).await?;
     step("wasmq drain, Redis results");
-    let wasmq_redis = h.wasmq_drain("math.add", n, add_args, Some(&args.redis)).await?;
+    let wasmq_redis = h
+        .wasmq_drain("math.add", n, add_args, Some(&args.redis))
+        .await?;
     step("wasmq drain, rpc results");
-    let wasmq_rpc = h.wasmq_drain("math.add", n, add_args, Some("rpc://")).await?;
+    let wasmq_rpc = h
+        .wasmq_drain("math.add", n, add_args, Some("rpc://"))
+        .await?;
 
     let mut celery = Vec::new();
     for (pool, concurrency) in [("prefork", 2), ("threads", 8), ("solo", 1)] {
-        step(&format!("Celery {pool} -c {concurrency} drain, results off"));
-        celery.push((pool, concurrency, h.celery_drain(&python, pool, concurrency, "tasks.add", n, add_args).await?));
+        step(&format!(
+            "Celery {pool} -c {concurrency} drain, results off"
+        ));
+        celery.push((
+            pool,
+            concurrency,
+            h.celery_drain(&python, pool, concurrency, "tasks.add", n, add_args)
+                .await?,
+        ));
     }
 
     step("round trips");
@@ -370,22 +513,39 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
     for backend in ["rpc://", args.redis.as_str()] {
         let queue = queue_name("celery-rtt");
         let worker = CeleryWorker::start(&python, &args.broker, backend, &queue, "solo", 1)?;
-        let result = celery_script(&python, &args.broker, backend, &queue, "roundtrip", plan.round_trips)?;
+        let result = celery_script(
+            &python,
+            &args.broker,
+            backend,
+            &queue,
+            "roundtrip",
+            plan.round_trips,
+        )?;
         drop(worker);
         h.broker.delete_queue(&queue).await.map_err(fail)?;
-        celery_rtt.push([result["p50"].as_f64().unwrap_or(0.0), result["p95"].as_f64().unwrap_or(0.0), result["p99"].as_f64().unwrap_or(0.0)]);
+        celery_rtt.push([
+            result["p50"].as_f64().unwrap_or(0.0),
+            result["p95"].as_f64().unwrap_or(0.0),
+            result["p99"].as_f64().unwrap_or(0.0),
+        ]);
     }
 
     step("publish rate of Celery's apply_async");
     let queue = queue_name("celery-publish");
-    let celery_publish = celery_script(&python, &args.broker, "", &queue, "publish", n.min(5_000))?["rate"].as_f64().unwrap_or(0.0);
+    let celery_publish = celery_script(&python, &args.broker, "", &queue, "publish", n.min(5_000))?
+        ["rate"]
+        .as_f64()
+        .unwrap_or(0.0);
     h.broker.delete_queue(&queue).await.map_err(fail)?;
 
     step("CPU-bound fib(25)");
     let m = plan.fib_tasks;
     let fib_args = |_: usize| vec![json!(25)];
     let wasmq_fib = h.wasmq_drain("math.fib", m, fib_args, None).await?;
-    let celery_fib = h.celery_drain(&python, "prefork", 2, "tasks.fib", m, fib_args).await?.0;
+    let celery_fib = h
+        .celery_drain(&python, "prefork", 2, "tasks.fib", m, fib_args)
+        .await?
+        .0;
     let native_started = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..2 {
@@ -414,19 +574,28 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
     println!("| measurement | result |");
     println!("|---|---|");
     println!("| raw lapin consumer, ack each (prefetch 100) | {raw_each:.0} msgs/s |");
-    println!("| raw lapin consumer, ack every 100 with `multiple` (prefetch 1000) | {raw_batched:.0} msgs/s |");
+    println!(
+        "| raw lapin consumer, ack every 100 with `multiple` (prefetch 1000) | {raw_batched:.0} msgs/s |"
+    );
     println!("| **wasmq** drain `math.add`, results off | **{wasmq_off:.0} tasks/s** |");
     println!("| wasmq drain `math.add`, Redis results | {wasmq_redis:.0} tasks/s |");
     println!("| wasmq drain `math.add`, rpc results | {wasmq_rpc:.0} tasks/s |");
     for (pool, concurrency, (rate, stalled)) in &celery {
-        let note = stalled.map(|done| format!(" (stalled: {done} of {n} done in 120 s)")).unwrap_or_default();
-        println!("| Celery {pool} `-c {concurrency}` drain `add`, results off | {rate:.0} tasks/s{note} |");
+        let note = stalled
+            .map(|done| format!(" (stalled: {done} of {n} done in 120 s)"))
+            .unwrap_or_default();
+        println!(
+            "| Celery {pool} `-c {concurrency}` drain `add`, results off | {rate:.0} tasks/s{note} |"
+        );
     }
     let ms = |v: [f64; 3]| format!("p50 {:.2} · p95 {:.2} · p99 {:.2} ms", v[0], v[1], v[2]);
     println!("| wasmq round trip, rpc | {} |", ms(wasmq_rtt_rpc));
     println!("| wasmq round trip, Redis | {} |", ms(wasmq_rtt_redis));
     println!("| Celery (solo) round trip, rpc | {} |", ms(celery_rtt[0]));
-    println!("| Celery (solo) round trip, Redis | {} |", ms(celery_rtt[1]));
+    println!(
+        "| Celery (solo) round trip, Redis | {} |",
+        ms(celery_rtt[1])
+    );
     println!("| fib(25): wasmq (Wasm, fuel + epochs), 2 slots | {wasmq_fib:.0} tasks/s |");
     println!("| fib(25): Celery prefork `-c 2` (Python) | {celery_fib:.1} tasks/s |");
     println!("| fib(25): native Rust, 2 threads, no queue | {native_fib:.0} calls/s |");
@@ -435,13 +604,34 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
     println!();
     println!("| ratio | value | goal |");
     println!("|---|---|---|");
-    println!("| wasmq drain / raw batched-ack ceiling | {:.2}× | ≥ 0.8× |", wasmq_off / raw_batched);
-    println!("| wasmq drain / raw ack-each ceiling | {:.2}× | |", wasmq_off / raw_each);
-    println!("| wasmq drain / best Celery pool | {:.1}× | ≥ 8× |", wasmq_off / best_celery.max(1e-9));
-    println!("| Celery round-trip p50 / wasmq (rpc) | {:.1}× | ≥ 3× |", celery_rtt[0][0] / wasmq_rtt_rpc[0].max(1e-9));
-    println!("| Celery round-trip p50 / wasmq (Redis) | {:.1}× | ≥ 3× |", celery_rtt[1][0] / wasmq_rtt_redis[0].max(1e-9));
-    println!("| fib(25) throughput: native / wasmq (queue included) | {:.2}× | ≤ 1.5× |", native_fib / wasmq_fib.max(1e-9));
-    println!("| fib(25) throughput: wasmq / Celery | {:.0}× | |", wasmq_fib / celery_fib.max(1e-9));
+    println!(
+        "| wasmq drain / raw batched-ack ceiling | {:.2}× | ≥ 0.8× |",
+        wasmq_off / raw_batched
+    );
+    println!(
+        "| wasmq drain / raw ack-each ceiling | {:.2}× | |",
+        wasmq_off / raw_each
+    );
+    println!(
+        "| wasmq drain / best Celery pool | {:.1}× | ≥ 8× |",
+        wasmq_off / best_celery.max(1e-9)
+    );
+    println!(
+        "| Celery round-trip p50 / wasmq (rpc) | {:.1}× | ≥ 3× |",
+        celery_rtt[0][0] / wasmq_rtt_rpc[0].max(1e-9)
+    );
+    println!(
+        "| Celery round-trip p50 / wasmq (Redis) | {:.1}× | ≥ 3× |",
+        celery_rtt[1][0] / wasmq_rtt_redis[0].max(1e-9)
+    );
+    println!(
+        "| fib(25) throughput: native / wasmq (queue included) | {:.2}× | ≤ 1.5× |",
+        native_fib / wasmq_fib.max(1e-9)
+    );
+    println!(
+        "| fib(25) throughput: wasmq / Celery | {:.0}× | |",
+        wasmq_fib / celery_fib.max(1e-9)
+    );
     eprintln!("total {:.0?}", started.elapsed());
     let _ = h.sandbox;
     Ok(())

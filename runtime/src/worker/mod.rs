@@ -230,6 +230,7 @@ impl Worker {
             }
             while running.join_next().await.is_some() {}
         }
+        consumer.flush_acks().await;
         drop(consumer);
         status.abort();
         if let Some(path) = &shared.options.status_file {
