@@ -839,11 +839,11 @@ async fn consume_once(
     tracing::info!(broker = %broker.describe(), queues = %queues.join(","), "consuming");
     let mut merged = futures_util::stream::select_all(streams);
     let channel = Arc::new(channel);
-    let batcher = AckBatcher::new(Arc::clone(&channel));
+    let batcher = AckBatcher::new(Arc::clone(&channel), prefetch);
     *current_batcher
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::clone(&batcher));
-    let mut flush = tokio::time::interval(Duration::from_millis(2));
+    let mut flush = tokio::time::interval(Duration::from_millis(1));
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -911,7 +911,8 @@ async fn consume_once(
 /// Acknowledges a channel's deliveries in batches: `basic.ack` with `multiple` up to the
 /// highest delivery tag below which every delivery is settled. Deliveries finish out of order
 /// (tasks run concurrently), so settled tags wait in a set until the prefix is contiguous. An
-/// ack goes out when 64 tags are pending or, at the latest, at the next 2 ms tick: late acks
+/// ack goes out when half the prefetch (at most 64) is pending or, at the latest, at the next
+/// 1 ms tick: late acks
 /// stay late (a delivery is only settled after its result is stored), and a crash redelivers
 /// at most those few messages.
 struct AckBatcher {
@@ -928,8 +929,12 @@ struct AckState {
     /// Highest tag settled but not yet acked on the wire.
     unacked_upto: Option<u64>,
     pending: u64,
+    /// Settled deliveries that trigger an ack at once: at most half the prefetch, or the
+    /// broker would stop delivering while the acks wait for the timer.
+    batch: u64,
 }
 
+/// The largest ack batch.
 const ACK_BATCH: u64 = 64;
 
 impl AckState {
@@ -949,7 +954,7 @@ impl AckState {
         if advanced {
             self.unacked_upto = Some(self.contiguous_below - 1);
         }
-        if self.pending >= ACK_BATCH {
+        if self.pending >= self.batch {
             self.pending = 0;
             return self.unacked_upto.take();
         }
@@ -964,11 +969,12 @@ impl AckState {
 }
 
 impl AckBatcher {
-    fn new(channel: Arc<Channel>) -> Arc<Self> {
+    fn new(channel: Arc<Channel>, prefetch: u16) -> Arc<Self> {
         Arc::new(Self {
             channel,
             state: Mutex::new(AckState {
                 contiguous_below: 1,
+                batch: (u64::from(prefetch) / 2).clamp(1, ACK_BATCH),
                 ..AckState::default()
             }),
         })
@@ -1152,6 +1158,7 @@ mod tests {
     fn acks_cover_only_contiguous_settled_tags() {
         let mut state = AckState {
             contiguous_below: 1,
+            batch: ACK_BATCH,
             ..AckState::default()
         };
         // 2 and 3 finish before 1: nothing can be acked yet.

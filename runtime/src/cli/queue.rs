@@ -56,7 +56,7 @@ pub(super) struct WorkerArgs {
     /// Tasks run at once. Default: the number of CPUs.
     #[arg(long, short = 'c', env = "WASMQ_CONCURRENCY")]
     concurrency: Option<usize>,
-    /// Unacknowledged messages held per concurrency slot. Default: 4.
+    /// Unacknowledged messages held per concurrency slot. Default: 16.
     #[arg(long, env = "WASMQ_PREFETCH_MULTIPLIER")]
     prefetch_multiplier: Option<usize>,
     /// This worker's node name. Default: wasmq@<hostname>.

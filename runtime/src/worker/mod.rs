@@ -40,7 +40,9 @@ pub struct WorkerOptions {
     pub queues: Vec<String>,
     /// Tasks run at once. Default: the number of CPUs.
     pub concurrency: usize,
-    /// Messages held per running slot (prefetch = concurrency × this). Default: 4.
+    /// Messages held per running slot (prefetch = concurrency × this). Default: 16 — wasm
+    /// tasks are short, and acks are batched up to half the prefetch; lower it for long
+    /// tasks so messages are not held back from other workers.
     pub prefetch_multiplier: usize,
     /// How long running tasks may finish after shutdown begins. Default: 30 s.
     pub shutdown_timeout: Duration,
@@ -60,7 +62,7 @@ impl Default for WorkerOptions {
         Self {
             queues: vec!["celery".into()],
             concurrency: std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
-            prefetch_multiplier: 4,
+            prefetch_multiplier: 16,
             shutdown_timeout: Duration::from_secs(30),
             retry: RetryPolicy::default(),
             track_started: false,
