@@ -189,6 +189,11 @@ impl Client {
         Ok(self.result(&message.id))
     }
 
+    /// The result backend this client reads from.
+    pub fn backend(&self) -> Arc<dyn ResultBackend> {
+        Arc::clone(&self.backend)
+    }
+
     /// A handle on the result of task `id`.
     pub fn result(&self, id: &str) -> AsyncResult {
         AsyncResult {

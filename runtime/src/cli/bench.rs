@@ -25,6 +25,8 @@ pub(super) enum BenchCommand {
     Embedded(EmbeddedArgs),
     /// RabbitMQ: wasmq side by side with the raw AMQP ceiling and Python Celery.
     Amqp(super::bench_amqp::AmqpArgs),
+    /// RabbitMQ: the worker's resident memory idle, under load and across many tasks.
+    Soak(super::bench_amqp::SoakArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -46,6 +48,7 @@ pub(super) async fn run(command: BenchCommand) -> Result<(), Failure> {
     match command {
         BenchCommand::Embedded(args) => embedded(args).await,
         BenchCommand::Amqp(args) => super::bench_amqp::run(args).await,
+        BenchCommand::Soak(args) => super::bench_amqp::soak(args).await,
     }
 }
 

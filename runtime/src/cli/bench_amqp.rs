@@ -642,3 +642,132 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
     let _ = h.sandbox;
     Ok(())
 }
+
+#[derive(Debug, clap::Args)]
+pub(super) struct SoakArgs {
+    /// Tasks to run in all.
+    #[arg(long, default_value_t = 100_000)]
+    tasks: usize,
+    /// The broker (must be on this machine).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    broker: String,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// This process's resident memory in KiB (Linux).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// `wasmq bench soak`: the resident memory of a worker (in this process, with its client)
+/// idle with the bundled plugins loaded, at full load, and after every 20,000 tasks, on
+/// RabbitMQ with results off. Tasks are published in rounds of 20,000 by 8 concurrent
+/// publishers while the worker drains.
+pub(super) async fn soak(args: SoakArgs) -> Result<(), Failure> {
+    only_local(&args.broker)?;
+    let broker = Arc::new(AmqpBroker::new(&args.broker).map_err(fail)?);
+    let sandbox = Arc::new(Sandbox::new(args.engine.sandbox_config(32)).map_err(fail)?);
+    let mut plugins = Vec::new();
+    for (name, bytes) in crate::bundled::ALL {
+        plugins.push((
+            (*name).to_owned(),
+            sandbox.load_plugin_bytes(name, bytes).await?,
+        ));
+    }
+    let registry = Arc::new(Registry::from_plugins(Arc::clone(&sandbox), plugins).map_err(fail)?);
+    let queue = queue_name("soak");
+    let backend = crate::results::connect(
+        "redis://127.0.0.1:6379/0",
+        Duration::from_secs(60),
+        &args.broker,
+    )
+    .map_err(fail)?;
+    let client = Client::new(Arc::clone(&broker) as Arc<dyn Broker>, backend)
+        .with_default_queue(queue.clone());
+    let options = WorkerOptions {
+        queues: vec![queue.clone()],
+        node_name: "wasmq-soak@localhost".into(),
+        ..WorkerOptions::default()
+    };
+    let worker = Worker::new(
+        Arc::clone(&broker) as Arc<dyn Broker>,
+        client_backend(&client),
+        registry,
+        options,
+    );
+    let stats = worker.stats();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        let _ = worker
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = rss_kib();
+    println!("| tasks done | resident memory (this process: worker + client) |");
+    println!("|---|---|");
+    println!(
+        "| 0 (idle, bundled plugins loaded) | {:.1} MiB |",
+        idle as f64 / 1024.0
+    );
+    let round = 20_000.min(args.tasks.max(1));
+    let mut sent = 0;
+    let mut peak = idle;
+    let started = Instant::now();
+    while sent < args.tasks {
+        let this_round = round.min(args.tasks - sent);
+        let mut publishers = Vec::new();
+        for p in 0..8 {
+            let client = client.clone();
+            publishers.push(tokio::spawn(async move {
+                for i in (p..this_round).step_by(8) {
+                    let n = json!(i);
+                    client
+                        .send_task(
+                            "math.add",
+                            vec![n.clone(), n],
+                            Map::new(),
+                            SendOptions {
+                                ignore_result: true,
+                                ..SendOptions::default()
+                            },
+                        )
+                        .await
+                        .map_err(fail)?;
+                }
+                Ok::<(), Failure>(())
+            }));
+        }
+        for publisher in publishers {
+            publisher.await.map_err(fail)??;
+            peak = peak.max(rss_kib());
+        }
+        sent += this_round;
+        while (stats.succeeded.load(Ordering::Relaxed) as usize) < sent {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            peak = peak.max(rss_kib());
+        }
+        println!("| {sent} | {:.1} MiB |", rss_kib() as f64 / 1024.0);
+    }
+    println!("| peak during the run | {:.1} MiB |", peak as f64 / 1024.0);
+    eprintln!("{} tasks in {:.1?}", args.tasks, started.elapsed());
+    let _ = stop.send(());
+    let _ = handle.await;
+    broker.delete_queue(&queue).await.map_err(fail)?;
+    Ok(())
+}
+
+fn client_backend(client: &Client) -> Arc<dyn ResultBackend> {
+    client.backend()
+}
