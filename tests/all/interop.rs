@@ -369,3 +369,85 @@ fn the_worker_reconnects_when_rabbitmq_drops_its_connections_and_every_task_comp
         delete(&queue).await;
     });
 }
+
+/// Readiness reflects actual consumption: a worker whose broker is unreachable is alive but
+/// reports "not consuming" (Celery's silent failure mode), one on RabbitMQ reports consuming.
+#[test]
+fn wasmq_status_reports_whether_the_worker_is_actually_consuming() {
+    let _shared = RABBITMQ
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    let status = |file: &std::path::Path| {
+        let output = Command::new(env!("CARGO_BIN_EXE_wasmq"))
+            .args(["status", "--status-file"])
+            .arg(file)
+            .output()
+            .unwrap();
+        (
+            output.status.code().unwrap(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let start = |broker: &str, file: &std::path::Path, queue: &str| {
+        Command::new(env!("CARGO_BIN_EXE_wasmq"))
+            .args([
+                "worker",
+                "--broker",
+                broker,
+                "--result-backend",
+                REDIS_URL,
+                "-Q",
+                queue,
+            ])
+            .arg("--plugins")
+            .arg(&plugins)
+            .arg("--status-file")
+            .arg(file)
+            .env(
+                "WASMQ_CACHE_DIR",
+                std::env::temp_dir().join("wasmq-test-artifact-cache"),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let wait_for = |file: &std::path::Path, code: i32| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (actual, stderr) = status(file);
+            if actual == code {
+                return stderr;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "status stayed {actual}: {stderr}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let queue = unique_queue("status");
+    let down = dir.path().join("down.json");
+    let mut unreachable = start("amqp://guest:guest@127.0.0.1:1/%2f", &down, &queue);
+    std::thread::sleep(Duration::from_millis(1500));
+    let stderr = wait_for(&down, 1);
+    assert!(stderr.contains("not consuming"), "{stderr}");
+    assert!(
+        unreachable.try_wait().unwrap().is_none(),
+        "the worker stays up and keeps retrying"
+    );
+    let up = dir.path().join("up.json");
+    let mut healthy = start(AMQP_URL, &up, &queue);
+    wait_for(&up, 0);
+    for child in [&mut unreachable, &mut healthy] {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+    }
+    // A stopped worker's status is not "consuming".
+    assert_eq!(status(&up).0, 1);
+    runtime().block_on(delete(&queue));
+}
