@@ -27,6 +27,8 @@ pub(super) enum BenchCommand {
     Amqp(super::bench_amqp::AmqpArgs),
     /// RabbitMQ: the worker's resident memory idle, under load and across many tasks.
     Soak(super::bench_amqp::SoakArgs),
+    /// RabbitMQ: drain throughput with 1, 2 and 4 worker processes.
+    Scale(super::bench_amqp::ScaleArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -49,6 +51,7 @@ pub(super) async fn run(command: BenchCommand) -> Result<(), Failure> {
         BenchCommand::Embedded(args) => embedded(args).await,
         BenchCommand::Amqp(args) => super::bench_amqp::run(args).await,
         BenchCommand::Soak(args) => super::bench_amqp::soak(args).await,
+        BenchCommand::Scale(args) => super::bench_amqp::scale(args).await,
     }
 }
 

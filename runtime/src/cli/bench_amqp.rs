@@ -145,10 +145,10 @@ fn celery_script(
     serde_json::from_slice(&output.stdout).map_err(fail)
 }
 
-/// A Python Celery worker process.
-struct CeleryWorker(Child);
+/// A benchmark child process (a Celery or wasmq worker), stopped with SIGTERM when dropped.
+struct BenchProcess(Child);
 
-impl CeleryWorker {
+impl BenchProcess {
     fn start(
         python: &Path,
         broker: &str,
@@ -193,7 +193,7 @@ impl CeleryWorker {
     }
 }
 
-impl Drop for CeleryWorker {
+impl Drop for BenchProcess {
     fn drop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.0.id().to_string()])
@@ -342,7 +342,7 @@ impl Harness {
         let queue = queue_name(&format!("celery-{pool}"));
         let client = self.client(self.backend(&self.redis_url)?, &queue);
         self.publish(&client, task, n, args, true).await?;
-        let worker = CeleryWorker::start(python, &self.broker_url, "", &queue, pool, concurrency)?;
+        let worker = BenchProcess::start(python, &self.broker_url, "", &queue, pool, concurrency)?;
         let total = n as u64;
         let mut started = None;
         let give_up = Instant::now() + self.stall_limit + Duration::from_secs(30);
@@ -513,7 +513,7 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
     let mut celery_rtt = Vec::new();
     for backend in ["rpc://", args.redis.as_str()] {
         let queue = queue_name("celery-rtt");
-        let worker = CeleryWorker::start(&python, &args.broker, backend, &queue, "solo", 1)?;
+        let worker = BenchProcess::start(&python, &args.broker, backend, &queue, "solo", 1)?;
         let result = celery_script(
             &python,
             &args.broker,
@@ -770,4 +770,109 @@ pub(super) async fn soak(args: SoakArgs) -> Result<(), Failure> {
 
 fn client_backend(client: &Client) -> Arc<dyn ResultBackend> {
     client.backend()
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct ScaleArgs {
+    /// Tasks per measurement.
+    #[arg(long, default_value_t = 20_000)]
+    tasks: usize,
+    /// The broker (must be on this machine).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    broker: String,
+}
+
+/// `wasmq bench scale`: drain throughput with 1, 2 and 4 `wasmq worker` processes
+/// (concurrency 2 each) on one queue, results off, timed from the first message taken to an
+/// empty queue (at most the workers' prefetch is still in flight then).
+pub(super) async fn scale(args: ScaleArgs) -> Result<(), Failure> {
+    only_local(&args.broker)?;
+    let broker = Arc::new(AmqpBroker::new(&args.broker).map_err(fail)?);
+    let folder = tempfile::tempdir().map_err(fail)?;
+    let plugins = folder.path().join("plugins");
+    super::plugins::export_bundled(&plugins).map_err(fail)?;
+    let exe = std::env::current_exe().map_err(fail)?;
+    let backend = crate::results::connect(
+        "redis://127.0.0.1:6379/0",
+        Duration::from_secs(60),
+        &args.broker,
+    )
+    .map_err(fail)?;
+    println!(
+        "| worker processes (concurrency 2 each) | drain `math.add`, results off | vs 1 process |"
+    );
+    println!("|---|---|---|");
+    let mut single = None;
+    for processes in [1_usize, 2, 4] {
+        let queue = queue_name(&format!("scale{processes}"));
+        let client = Client::new(Arc::clone(&broker) as Arc<dyn Broker>, Arc::clone(&backend))
+            .with_default_queue(queue.clone());
+        let mut publishers = Vec::new();
+        for p in 0..8 {
+            let client = client.clone();
+            let n = args.tasks;
+            publishers.push(tokio::spawn(async move {
+                for i in (p..n).step_by(8) {
+                    client
+                        .send_task(
+                            "math.add",
+                            vec![json!(i), json!(i)],
+                            Map::new(),
+                            SendOptions {
+                                ignore_result: true,
+                                ..SendOptions::default()
+                            },
+                        )
+                        .await
+                        .map_err(fail)?;
+                }
+                Ok::<(), Failure>(())
+            }));
+        }
+        for publisher in publishers {
+            publisher.await.map_err(fail)??;
+        }
+        let mut workers = Vec::new();
+        for w in 0..processes {
+            let child = Command::new(&exe)
+                .args([
+                    "worker",
+                    "--broker",
+                    &args.broker,
+                    "-Q",
+                    &queue,
+                    "--concurrency",
+                    "2",
+                    "--name",
+                ])
+                .arg(format!("wasmq-scale-{w}@localhost"))
+                .arg("--plugins")
+                .arg(&plugins)
+                .env("WASMQ_LOG", "error")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(fail)?;
+            workers.push(BenchProcess(child));
+        }
+        let total = args.tasks as u64;
+        let mut started = None;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let left = broker.queue_length(&queue).await.map_err(fail)?;
+            if left < total && started.is_none() {
+                started = Some(Instant::now());
+            }
+            if left == 0 || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let rate = args.tasks as f64 / started.map_or(0.0, |s| s.elapsed().as_secs_f64()).max(1e-9);
+        drop(workers);
+        broker.delete_queue(&queue).await.map_err(fail)?;
+        let base = *single.get_or_insert(rate);
+        println!("| {processes} | {rate:.0} tasks/s | {:.2}× |", rate / base);
+    }
+    Ok(())
 }
