@@ -100,15 +100,11 @@ impl Queue {
 pub(crate) async fn bundled_registry(
     sandbox: Sandbox,
 ) -> std::sync::Arc<wasmq::worker::registry::Registry> {
-    let sandbox = std::sync::Arc::new(sandbox);
-    let mut plugins = Vec::new();
-    for (name, bytes) in wasmq::bundled::ALL {
-        plugins.push((
-            (*name).to_owned(),
-            sandbox.load_plugin_bytes(name, bytes).await.unwrap(),
-        ));
-    }
-    std::sync::Arc::new(wasmq::worker::registry::Registry::from_plugins(sandbox, plugins).unwrap())
+    std::sync::Arc::new(
+        wasmq::worker::registry::Registry::bundled(std::sync::Arc::new(sandbox))
+            .await
+            .unwrap(),
+    )
 }
 
 /// A worker running in this process until the returned sender is dropped or fired.

@@ -55,9 +55,10 @@ pub(super) async fn run(command: BenchCommand) -> Result<(), Failure> {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+/// The `p`-th percentile (nearest rank) of sorted values.
+pub(super) fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
     if sorted.is_empty() {
-        return Duration::ZERO;
+        return T::default();
     }
     let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
     sorted[rank.min(sorted.len() - 1)]

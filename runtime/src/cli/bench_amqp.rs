@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
+use super::bench::percentile;
 use super::{EngineArgs, Failure};
 use crate::broker::Broker;
 use crate::broker::amqp::AmqpBroker;
@@ -404,14 +405,6 @@ impl Harness {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
 fn fib(n: u32) -> u64 {
     if n < 2 {
         u64::from(n)
@@ -440,14 +433,11 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
     let version = celery_version(&python);
     let broker = Arc::new(AmqpBroker::new(&args.broker).map_err(fail)?);
     let sandbox = Arc::new(Sandbox::new(args.engine.sandbox_config(32)).map_err(fail)?);
-    let mut plugins = Vec::new();
-    for (name, bytes) in crate::bundled::ALL {
-        plugins.push((
-            (*name).to_owned(),
-            sandbox.load_plugin_bytes(name, bytes).await?,
-        ));
-    }
-    let registry = Arc::new(Registry::from_plugins(Arc::clone(&sandbox), plugins).map_err(fail)?);
+    let registry = Arc::new(
+        Registry::bundled(Arc::clone(&sandbox))
+            .await
+            .map_err(fail)?,
+    );
     let h = Harness {
         stall_limit: Duration::from_secs(if args.quick { 20 } else { 120 }),
         broker_url: args.broker.clone(),
@@ -655,6 +645,42 @@ pub(super) struct SoakArgs {
     engine: EngineArgs,
 }
 
+/// Publishes `n` `math.add` tasks (results off) with 8 concurrent publishers, so publisher
+/// confirms are pipelined; calls `each_publisher_done` as each publisher finishes.
+async fn publish_adds(
+    client: &Client,
+    n: usize,
+    mut each_publisher_done: impl FnMut(),
+) -> Result<(), Failure> {
+    let mut publishers = Vec::new();
+    for p in 0..8 {
+        let client = client.clone();
+        publishers.push(tokio::spawn(async move {
+            for i in (p..n).step_by(8) {
+                let value = json!(i);
+                client
+                    .send_task(
+                        "math.add",
+                        vec![value.clone(), value],
+                        Map::new(),
+                        SendOptions {
+                            ignore_result: true,
+                            ..SendOptions::default()
+                        },
+                    )
+                    .await
+                    .map_err(fail)?;
+            }
+            Ok::<(), Failure>(())
+        }));
+    }
+    for publisher in publishers {
+        publisher.await.map_err(fail)??;
+        each_publisher_done();
+    }
+    Ok(())
+}
+
 /// This process's resident memory in KiB (Linux).
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -676,14 +702,11 @@ pub(super) async fn soak(args: SoakArgs) -> Result<(), Failure> {
     only_local(&args.broker)?;
     let broker = Arc::new(AmqpBroker::new(&args.broker).map_err(fail)?);
     let sandbox = Arc::new(Sandbox::new(args.engine.sandbox_config(32)).map_err(fail)?);
-    let mut plugins = Vec::new();
-    for (name, bytes) in crate::bundled::ALL {
-        plugins.push((
-            (*name).to_owned(),
-            sandbox.load_plugin_bytes(name, bytes).await?,
-        ));
-    }
-    let registry = Arc::new(Registry::from_plugins(Arc::clone(&sandbox), plugins).map_err(fail)?);
+    let registry = Arc::new(
+        Registry::bundled(Arc::clone(&sandbox))
+            .await
+            .map_err(fail)?,
+    );
     let queue = queue_name("soak");
     let backend = crate::results::connect(
         "redis://127.0.0.1:6379/0",
@@ -727,32 +750,7 @@ pub(super) async fn soak(args: SoakArgs) -> Result<(), Failure> {
     let started = Instant::now();
     while sent < args.tasks {
         let this_round = round.min(args.tasks - sent);
-        let mut publishers = Vec::new();
-        for p in 0..8 {
-            let client = client.clone();
-            publishers.push(tokio::spawn(async move {
-                for i in (p..this_round).step_by(8) {
-                    let n = json!(i);
-                    client
-                        .send_task(
-                            "math.add",
-                            vec![n.clone(), n],
-                            Map::new(),
-                            SendOptions {
-                                ignore_result: true,
-                                ..SendOptions::default()
-                            },
-                        )
-                        .await
-                        .map_err(fail)?;
-                }
-                Ok::<(), Failure>(())
-            }));
-        }
-        for publisher in publishers {
-            publisher.await.map_err(fail)??;
-            peak = peak.max(rss_kib());
-        }
+        publish_adds(&client, this_round, || peak = peak.max(rss_kib())).await?;
         sent += this_round;
         while (stats.succeeded.load(Ordering::Relaxed) as usize) < sent {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -807,31 +805,7 @@ pub(super) async fn scale(args: ScaleArgs) -> Result<(), Failure> {
         let queue = queue_name(&format!("scale{processes}"));
         let client = Client::new(Arc::clone(&broker) as Arc<dyn Broker>, Arc::clone(&backend))
             .with_default_queue(queue.clone());
-        let mut publishers = Vec::new();
-        for p in 0..8 {
-            let client = client.clone();
-            let n = args.tasks;
-            publishers.push(tokio::spawn(async move {
-                for i in (p..n).step_by(8) {
-                    client
-                        .send_task(
-                            "math.add",
-                            vec![json!(i), json!(i)],
-                            Map::new(),
-                            SendOptions {
-                                ignore_result: true,
-                                ..SendOptions::default()
-                            },
-                        )
-                        .await
-                        .map_err(fail)?;
-                }
-                Ok::<(), Failure>(())
-            }));
-        }
-        for publisher in publishers {
-            publisher.await.map_err(fail)??;
-        }
+        publish_adds(&client, args.tasks, || {}).await?;
         let mut workers = Vec::new();
         for w in 0..processes {
             let child = Command::new(&exe)

@@ -216,13 +216,11 @@ pub(super) async fn run(args: DemoArgs) -> Result<(), Failure> {
         )
         .map_err(Failure::internal)?,
     );
-    let mut plugins = Vec::new();
-    for (name, bytes) in crate::bundled::ALL {
-        let plugin = sandbox.load_plugin_bytes(name, bytes).await?;
-        plugins.push(((*name).to_owned(), plugin));
-    }
-    let registry =
-        Arc::new(Registry::from_plugins(Arc::clone(&sandbox), plugins).map_err(Failure::internal)?);
+    let registry = Arc::new(
+        Registry::bundled(Arc::clone(&sandbox))
+            .await
+            .map_err(|e| Failure::new(super::ExitStatus::BadPlugin, e))?,
+    );
     let loaded = started.elapsed();
 
     println!(

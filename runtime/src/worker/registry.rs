@@ -28,6 +28,9 @@ pub enum RegistryError {
         #[source]
         source: std::io::Error,
     },
+    /// A plugin cannot be loaded.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
     /// Two plugins claim the same task name.
     #[error("task {task} is offered by both {first} and {second}")]
     Duplicate {
@@ -174,6 +177,21 @@ impl Registry {
             folder: None,
             snapshot: RwLock::new(Arc::new(snapshot)),
         })
+    }
+
+    /// A registry of the plugins bundled in this binary (math, text, hostile).
+    ///
+    /// # Errors
+    /// When a bundled plugin cannot be loaded (a broken build).
+    pub async fn bundled(sandbox: Arc<Sandbox>) -> Result<Self, RegistryError> {
+        let mut plugins = Vec::new();
+        for (name, bytes) in crate::bundled::ALL {
+            plugins.push((
+                (*name).to_owned(),
+                sandbox.load_plugin_bytes(name, bytes).await?,
+            ));
+        }
+        Self::from_plugins(sandbox, plugins)
     }
 
     /// Loads every `.wasm` file in `folder`. A file that fails to load is logged and skipped
