@@ -1092,13 +1092,6 @@ pub struct AmqpConsumer {
     batcher: Arc<Mutex<Option<Arc<AckBatcher>>>>,
 }
 
-impl AmqpConsumer {
-    /// Whether the consumer is consuming right now (false while reconnecting).
-    pub fn is_consuming(&self) -> bool {
-        *self.status.borrow()
-    }
-}
-
 impl Drop for AmqpConsumer {
     fn drop(&mut self) {
         self.supervisor.abort();

@@ -507,6 +507,31 @@ struct SqliteConsumer {
     pending: Option<tokio::task::JoinHandle<Result<Vec<LeasedRow>, BrokerError>>>,
 }
 
+impl SqliteConsumer {
+    /// Turns leased rows into deliveries waiting to be handed out (they count against the
+    /// prefetch until settled).
+    fn buffer_rows(&mut self, rows: Vec<LeasedRow>) {
+        self.settler
+            .outstanding
+            .fetch_add(rows.len(), Ordering::AcqRel);
+        let settler: Arc<dyn Settle> = self.settler.clone();
+        for row in rows {
+            let envelope = Envelope {
+                headers: serde_json::from_str(&row.headers).unwrap_or_default(),
+                properties: serde_json::from_str::<Properties>(&row.properties).unwrap_or_default(),
+                body: row.body,
+            };
+            self.buffer.push_back(Delivery::new(
+                envelope,
+                row.queue,
+                row.deliveries,
+                u64::try_from(row.id).unwrap_or(0),
+                Arc::clone(&settler),
+            ));
+        }
+    }
+}
+
 impl Drop for SqliteConsumer {
     fn drop(&mut self) {
         self.renewer.abort();
@@ -553,52 +578,16 @@ impl Consumer for SqliteConsumer {
                 idle_sleep = (idle_sleep * 2).min(self.broker.options.max_poll_interval);
                 continue;
             }
-            self.settler
-                .outstanding
-                .fetch_add(rows.len(), Ordering::AcqRel);
-            let settler: Arc<dyn Settle> = self.settler.clone();
-            for row in rows {
-                let envelope = Envelope {
-                    headers: serde_json::from_str(&row.headers).unwrap_or_default(),
-                    properties: serde_json::from_str::<Properties>(&row.properties)
-                        .unwrap_or_default(),
-                    body: row.body,
-                };
-                self.buffer.push_back(Delivery::new(
-                    envelope,
-                    row.queue,
-                    row.deliveries,
-                    u64::try_from(row.id).unwrap_or(0),
-                    Arc::clone(&settler),
-                ));
-            }
+            self.buffer_rows(rows);
         }
     }
 
     async fn close(&mut self) {
+        // Rows a dropped `next()` leased are handed back like every other prefetched one.
         if let Some(pending) = self.pending.take()
             && let Ok(Ok(rows)) = pending.await
         {
-            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-            let owner = Arc::clone(&self.broker.owner);
-            let released = self
-                .broker
-                .db
-                .run(move |conn| {
-                    for id in ids {
-                        conn.execute(
-                            "UPDATE messages SET leased_by = NULL, leased_host = NULL, leased_pid = NULL,
-                                 lease_expires = NULL
-                             WHERE id = ?1 AND leased_by = ?2",
-                            params![id, owner.id],
-                        )?;
-                    }
-                    Ok(())
-                })
-                .await;
-            if let Err(error) = released {
-                tracing::warn!(%error, "cannot release prefetched messages; they return when their leases expire");
-            }
+            self.buffer_rows(rows);
         }
         while let Some(delivery) = self.buffer.pop_front() {
             if let Err(error) = delivery.release().await {

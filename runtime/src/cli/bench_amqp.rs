@@ -221,6 +221,30 @@ struct Harness {
     registry: Arc<Registry>,
 }
 
+/// A worker running in this process until the returned sender fires.
+fn spawn_worker(
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
+    registry: Arc<Registry>,
+    options: WorkerOptions,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+    Arc<crate::worker::WorkerStats>,
+) {
+    let worker = Worker::new(broker, backend, registry, options);
+    let stats = worker.stats();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        let _ = worker
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    (stop, handle, stats)
+}
+
 fn queue_name(what: &str) -> String {
     format!("wasmq-bench-{what}-{}", uuid::Uuid::new_v4().simple())
 }
@@ -276,22 +300,12 @@ impl Harness {
             node_name: format!("wasmq-bench@{queue}"),
             ..WorkerOptions::default()
         };
-        let worker = Worker::new(
+        spawn_worker(
             Arc::clone(&self.broker) as Arc<dyn Broker>,
             backend,
             Arc::clone(&self.registry),
             options,
-        );
-        let stats = worker.stats();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let handle = tokio::spawn(async move {
-            let _ = worker
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        (stop, handle, stats)
+        )
     }
 
     /// wasmq drains `n` queued tasks; returns tasks per second.
@@ -721,21 +735,12 @@ pub(super) async fn soak(args: SoakArgs) -> Result<(), Failure> {
         node_name: "wasmq-soak@localhost".into(),
         ..WorkerOptions::default()
     };
-    let worker = Worker::new(
+    let (stop, handle, stats) = spawn_worker(
         Arc::clone(&broker) as Arc<dyn Broker>,
-        client_backend(&client),
+        client.backend(),
         registry,
         options,
     );
-    let stats = worker.stats();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(async move {
-        let _ = worker
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = rss_kib();
     println!("| tasks done | resident memory (this process: worker + client) |");
@@ -764,10 +769,6 @@ pub(super) async fn soak(args: SoakArgs) -> Result<(), Failure> {
     let _ = handle.await;
     broker.delete_queue(&queue).await.map_err(fail)?;
     Ok(())
-}
-
-fn client_backend(client: &Client) -> Arc<dyn ResultBackend> {
-    client.backend()
 }
 
 #[derive(Debug, clap::Args)]

@@ -334,8 +334,28 @@ pub async fn poll_until_ready<B: ResultBackend + ?Sized>(
     deadline: tokio::time::Instant,
     timeout: Duration,
 ) -> Result<ResultMeta, ResultError> {
+    poll_until_ready_or_woken(backend, task_id, deadline, timeout, None).await
+}
+
+/// [`poll_until_ready`] that also reads again at once whenever `wake` is notified (a
+/// backend's signal that this process just stored a result).
+///
+/// # Errors
+/// [`ResultError::Timeout`] at the deadline, or the backend's error.
+pub async fn poll_until_ready_or_woken<B: ResultBackend + ?Sized>(
+    backend: &B,
+    task_id: &str,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    wake: Option<&tokio::sync::Notify>,
+) -> Result<ResultMeta, ResultError> {
     let mut pause = Duration::from_millis(1);
     loop {
+        // Registered before reading, so a store between the read and the sleep is not missed.
+        let mut woken = wake.map(|notify| Box::pin(notify.notified()));
+        if let Some(woken) = woken.as_mut() {
+            woken.as_mut().enable();
+        }
         let meta = backend.get(task_id).await?;
         if let Some(meta) = &meta
             && meta.status.is_ready()
@@ -350,8 +370,18 @@ pub async fn poll_until_ready<B: ResultBackend + ?Sized>(
                 state: meta.map_or(TaskState::Pending, |m| m.status),
             });
         }
-        tokio::time::sleep(pause.min(deadline - now)).await;
-        pause = (pause * 2).min(Duration::from_millis(5));
+        let woken = async {
+            match woken.as_mut() {
+                Some(woken) => woken.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = woken => {}
+            () = tokio::time::sleep(pause.min(deadline - now)) => {
+                pause = (pause * 2).min(Duration::from_millis(5));
+            }
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params};
 use tokio::sync::Notify;
 
-use super::{ReplyTo, ResultBackend, ResultError, ResultMeta, TaskState};
+use super::{ReplyTo, ResultBackend, ResultError, ResultMeta};
 use crate::sqlite::{Db, now_ms};
 
 const SCHEMA: &str = "
@@ -81,32 +81,7 @@ impl ResultBackend for SqliteResultBackend {
 
     async fn wait(&self, task_id: &str, timeout: Duration) -> Result<ResultMeta, ResultError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut pause = Duration::from_millis(1);
-        loop {
-            let stored = LOCAL_STORE.notified();
-            tokio::pin!(stored);
-            stored.as_mut().enable();
-            let meta = self.get(task_id).await?;
-            if let Some(meta) = &meta
-                && meta.status.is_ready()
-            {
-                return Ok(meta.clone());
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Err(ResultError::Timeout {
-                    task_id: task_id.to_owned(),
-                    timeout,
-                    state: meta.map_or(TaskState::Pending, |m| m.status),
-                });
-            }
-            tokio::select! {
-                () = &mut stored => {}
-                () = tokio::time::sleep(pause.min(deadline - now)) => {
-                    pause = (pause * 2).min(Duration::from_millis(5));
-                }
-            }
-        }
+        super::poll_until_ready_or_woken(self, task_id, deadline, timeout, Some(&LOCAL_STORE)).await
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, ResultError> {
