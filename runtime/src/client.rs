@@ -33,7 +33,8 @@ pub struct SendOptions {
     pub eta: Option<DateTime<Utc>>,
     /// Do not run after this long from now: the result becomes REVOKED ("expired").
     pub expires: Option<Duration>,
-    /// The queue. Default: the client's default queue (`celery`).
+    /// The queue. Default: the route of the task (see [`Client::with_routes`]), else the
+    /// client's default queue (`celery`).
     pub queue: Option<String>,
     /// Message priority, 0–255 (higher first).
     pub priority: Option<u8>,
@@ -86,6 +87,7 @@ pub struct Client {
     broker: Arc<dyn Broker>,
     backend: Arc<dyn ResultBackend>,
     default_queue: String,
+    routes: crate::config::TaskRoutes,
     origin: String,
 }
 
@@ -106,6 +108,7 @@ impl Client {
             broker,
             backend,
             default_queue: "celery".into(),
+            routes: crate::config::TaskRoutes::default(),
             origin: format!(
                 "gen{}@{}",
                 std::process::id(),
@@ -118,6 +121,14 @@ impl Client {
     #[must_use]
     pub fn with_default_queue(mut self, queue: impl Into<String>) -> Self {
         self.default_queue = queue.into();
+        self
+    }
+
+    /// Routes tasks by name (Celery's `task_routes`): a send that names no queue goes to
+    /// the first matching route's queue, else to the default queue.
+    #[must_use]
+    pub fn with_routes(mut self, routes: crate::config::TaskRoutes) -> Self {
+        self.routes = routes;
         self
     }
 
@@ -184,9 +195,23 @@ impl Client {
             message.reply_to = self.backend.reply_to();
         }
         let delay = message.eta.and_then(|eta| (eta - Utc::now()).to_std().ok());
-        let queue = queue.unwrap_or(&self.default_queue);
+        let queue = queue
+            .or_else(|| self.routes.queue_for(&message.task))
+            .unwrap_or(&self.default_queue);
         self.broker.publish(queue, &message.encode(), delay).await?;
         Ok(self.result(&message.id))
+    }
+
+    /// Revokes `task_id` on every worker (Celery's `revoke`): it will not run, and its
+    /// result becomes REVOKED when a worker meets it. With `terminate`, a worker running it
+    /// interrupts its sandbox.
+    ///
+    /// # Errors
+    /// [`BrokerError`] when the broker cannot broadcast it.
+    pub async fn revoke(&self, task_id: &str, terminate: bool) -> Result<(), BrokerError> {
+        self.broker
+            .revoke(&crate::broker::Revocation::now(task_id, terminate))
+            .await
     }
 
     /// The result backend this client reads from.

@@ -18,6 +18,20 @@
 //! max_retries = 3                              # WASMQ_MAX_RETRIES, --max-retries
 //! default_retry_delay = "3m"                   # WASMQ_DEFAULT_RETRY_DELAY, --default-retry-delay
 //! cache_dir = "~/.cache/wasmq/artifacts"       # WASMQ_CACHE_DIR, --cache-dir
+//! max_deliveries = 10                          # WASMQ_MAX_DELIVERIES, --max-deliveries
+//! queue_max_priority = 10                      # WASMQ_QUEUE_MAX_PRIORITY, --queue-max-priority
+//!
+//! [tasks."math.flaky"]   # per-task policy (Celery's task_annotations); a key may be a glob
+//! autoretry_for = ["ConnectionError"]
+//! max_retries = 5
+//! default_retry_delay = "10s"
+//! retry_backoff = "1s"
+//! retry_backoff_max = "10m"
+//! retry_jitter = true
+//! rate_limit = "10/s"
+//!
+//! [routes]        # task name or glob → queue, for clients (Celery's task_routes)
+//! "math.*" = "math"
 //!
 //! [limits]        # defaults for tasks that do not say (WASMQ_FUEL, --fuel, …)
 //! fuel = 10000000000
@@ -33,10 +47,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 
 use crate::engine::{Limits, parse_bytes, parse_duration};
-use crate::worker::{WorkerOptions, outcome::RetryPolicy};
+use crate::policy::{PolicyOverrides, RetryPolicy, TaskAnnotations};
+use crate::worker::WorkerOptions;
 
 /// The embedded default broker and result backend.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://.wasmq/wasmq.db";
@@ -89,6 +106,14 @@ pub struct RawConfig {
     pub limits: Option<RawLimits>,
     /// Ceiling limits.
     pub ceiling: Option<RawLimits>,
+    /// Deliveries of one message before it is dead-lettered as poison.
+    pub max_deliveries: Option<u32>,
+    /// `x-max-priority` for queues wasmq declares on RabbitMQ.
+    pub queue_max_priority: Option<u8>,
+    /// Per-task policies by task name or glob.
+    pub tasks: Option<BTreeMap<String, PolicyOverrides>>,
+    /// Task routes: task name or glob → queue.
+    pub routes: Option<BTreeMap<String, String>>,
 }
 
 /// Errors loading configuration.
@@ -164,7 +189,25 @@ impl RawConfig {
             cache_dir: self.cache_dir.or(lower.cache_dir),
             limits: merge_limits(self.limits, lower.limits),
             ceiling: merge_limits(self.ceiling, lower.ceiling),
+            max_deliveries: self.max_deliveries.or(lower.max_deliveries),
+            queue_max_priority: self.queue_max_priority.or(lower.queue_max_priority),
+            tasks: merge_maps(self.tasks, lower.tasks),
+            routes: merge_maps(self.routes, lower.routes),
         }
+    }
+}
+
+/// Entries of `high` replace those of `low` with the same key.
+fn merge_maps<V>(
+    high: Option<BTreeMap<String, V>>,
+    low: Option<BTreeMap<String, V>>,
+) -> Option<BTreeMap<String, V>> {
+    match (high, low) {
+        (Some(high), Some(mut low)) => {
+            low.extend(high);
+            Some(low)
+        }
+        (h, l) => h.or(l),
     }
 }
 
@@ -196,8 +239,34 @@ pub struct WorkerConfig {
     pub limits: Limits,
     /// Ceiling limits.
     pub ceiling: Limits,
+    /// `x-max-priority` for queues declared on RabbitMQ (none: no priority queues).
+    pub queue_max_priority: Option<u8>,
+    /// Task routes for clients.
+    pub routes: TaskRoutes,
     /// Worker behaviour.
     pub worker: WorkerOptions,
+}
+
+/// Celery's `task_routes`: task name or glob → queue. An exact name wins over globs; among
+/// globs the longest pattern wins.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskRoutes(Vec<(String, String)>);
+
+impl TaskRoutes {
+    /// Routes from `(pattern, queue)` pairs.
+    pub fn new(routes: impl IntoIterator<Item = (String, String)>) -> Self {
+        Self(crate::policy::most_specific_first(
+            routes.into_iter().collect(),
+        ))
+    }
+
+    /// The queue `task` is routed to, if a route matches.
+    pub fn queue_for(&self, task: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(pattern, _)| crate::policy::glob_matches(pattern, task))
+            .map(|(_, queue)| queue.as_str())
+    }
 }
 
 fn duration(
@@ -250,6 +319,29 @@ impl WorkerConfig {
             });
         }
         let sandbox = crate::engine::SandboxConfig::default();
+        if raw.max_deliveries == Some(0) {
+            return Err(ConfigError::Invalid {
+                key: "max_deliveries",
+                message: "must be at least 1".into(),
+            });
+        }
+        if raw.queue_max_priority.is_some_and(|p| p == 0) {
+            return Err(ConfigError::Invalid {
+                key: "queue_max_priority",
+                message: "must be between 1 and 255".into(),
+            });
+        }
+        if let Some((pattern, _)) = raw
+            .routes
+            .iter()
+            .flatten()
+            .find(|(p, q)| p.is_empty() || q.trim().is_empty())
+        {
+            return Err(ConfigError::Invalid {
+                key: "routes",
+                message: format!("route {pattern:?} needs a task pattern and a queue"),
+            });
+        }
         Ok(Self {
             broker: raw.broker.unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
             result_backend: raw
@@ -264,6 +356,8 @@ impl WorkerConfig {
             cache_dir: raw.cache_dir,
             limits: limits("limits", raw.limits, Limits::DEFAULT)?,
             ceiling: limits("ceiling", raw.ceiling, sandbox.ceiling)?,
+            queue_max_priority: raw.queue_max_priority,
+            routes: TaskRoutes::new(raw.routes.unwrap_or_default()),
             worker: WorkerOptions {
                 queues,
                 concurrency,
@@ -283,10 +377,14 @@ impl WorkerConfig {
                         raw.default_retry_delay,
                         defaults.retry.default_delay,
                     )?,
+                    ..RetryPolicy::default()
                 },
+                task_policies: TaskAnnotations::new(raw.tasks.unwrap_or_default()),
+                max_deliveries: raw.max_deliveries.unwrap_or(defaults.max_deliveries),
                 track_started: raw.track_started.unwrap_or(defaults.track_started),
                 node_name: raw.node_name.unwrap_or(defaults.node_name),
                 status_file: None,
+                state_file: None,
             },
         })
     }
@@ -340,6 +438,58 @@ mod tests {
         assert_eq!(config.worker.queues, ["a"]);
         assert_eq!(config.broker, "sqlite://file.db");
         assert_eq!(config.result_backend, DEFAULT_DATABASE_URL);
+    }
+
+    #[test]
+    fn task_policies_and_routes_come_from_tables() {
+        let file = RawConfig::from_toml(
+            r#"
+            max_deliveries = 4
+            [tasks."math.*"]
+            max_retries = 1
+            [tasks."math.flaky"]
+            autoretry_for = ["ConnectionError"]
+            retry_backoff = "1s"
+            rate_limit = "10/m"
+            [routes]
+            "math.*" = "math"
+            "math.fib" = "cpu"
+            "*" = "default"
+            "#,
+        )
+        .unwrap();
+        let flags = RawConfig::from_toml(
+            "[routes]
+\"text.*\" = \"text\"",
+        )
+        .unwrap();
+        let config = WorkerConfig::resolve(flags.or(file)).unwrap();
+        assert_eq!(config.worker.max_deliveries, 4);
+        let routes = &config.routes;
+        assert_eq!(
+            routes.queue_for("math.fib"),
+            Some("cpu"),
+            "exact beats glob"
+        );
+        assert_eq!(routes.queue_for("math.add"), Some("math"));
+        assert_eq!(routes.queue_for("text.slugify"), Some("text"), "merged");
+        assert_eq!(routes.queue_for("other"), Some("default"));
+        let policies = &config.worker.task_policies;
+        let flaky = policies.resolve(&config.worker.retry, None, "math.flaky");
+        assert_eq!(flaky.retry.autoretry_for, ["ConnectionError"]);
+        assert_eq!(flaky.retry.backoff, Some(Duration::from_secs(1)));
+        assert_eq!(flaky.rate_limit.unwrap().interval, Duration::from_secs(6));
+        assert_eq!(
+            policies
+                .resolve(&config.worker.retry, None, "math.add")
+                .retry
+                .max_retries,
+            1
+        );
+        let error = RawConfig::from_toml("[tasks.x]\nrate_limit = \"fast\"").unwrap_err();
+        assert!(error.contains("not a rate limit"), "{error}");
+        let error = RawConfig::from_toml("[tasks.x]\nretries = 2").unwrap_err();
+        assert!(error.contains("unknown field `retries`"), "{error}");
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod policy;
 pub mod protocol;
 pub mod results;
 mod sqlite;

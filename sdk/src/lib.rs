@@ -32,6 +32,22 @@
 //! `#[task(fuel = N, memory = "64MiB", timeout = "2s")]` declares default limits, which the
 //! worker may lower but never raise beyond its own ceiling.
 //!
+//! Retry and rate-limit defaults follow Celery's task attributes; the worker's per-task
+//! configuration overrides them:
+//!
+//! ```ignore
+//! #[task(
+//!     autoretry_for = ["ConnectionError"], // these failures are retried automatically
+//!     max_retries = 5,                     // then MaxRetriesExceededError
+//!     retry_backoff = "1s",                // 1 s, 2 s, 4 s, … (factor × 2^retries)
+//!     retry_backoff_max = "1m",            // capped
+//!     retry_jitter = true,                 // uniformly random in [0, backoff]
+//!     default_retry_delay = "30s",         // for retries that give no countdown
+//!     rate_limit = "10/s",                 // at most 10 runs per second per worker
+//! )]
+//! fn fetch(url: String) -> Result<String, TaskError> { /* … */ }
+//! ```
+//!
 //! Arguments bind the way Python binds them: positional first, then by keyword; an
 //! `Option<T>` parameter may be left out. A wrong count, an unknown keyword or a value of the
 //! wrong type ends the task with a `TypeError` failure naming the task, the parameter and the
@@ -362,8 +378,30 @@ pub mod __private {
         pub memory_bytes: Option<u64>,
         /// Default hard time limit.
         pub timeout_ms: Option<u64>,
+        /// Default retry and rate-limit policy.
+        pub policy: PolicyDef,
         /// Decodes arguments, calls the function, encodes the result.
         pub call: fn(&TaskContext, Args) -> Result<String, TaskError>,
+    }
+
+    /// A task's default retry and rate-limit policy, built by `#[task]` (see the WIT
+    /// `task-policy` record for each field's meaning).
+    #[derive(Default)]
+    pub struct PolicyDef {
+        /// Failure kinds retried automatically.
+        pub autoretry_for: &'static [&'static str],
+        /// Retries before `MaxRetriesExceededError`.
+        pub max_retries: Option<u32>,
+        /// Retry delay when none is given, in ms.
+        pub default_retry_delay_ms: Option<u64>,
+        /// Exponential backoff factor for automatic retries, in ms.
+        pub retry_backoff_ms: Option<u64>,
+        /// Backoff cap, in ms.
+        pub retry_backoff_max_ms: Option<u64>,
+        /// Full jitter on the backoff.
+        pub retry_jitter: Option<bool>,
+        /// Runs per worker, e.g. `"10/s"`.
+        pub rate_limit: Option<&'static str>,
     }
 
     /// Implemented by the hidden struct `#[task]` puts beside each task function.
@@ -503,6 +541,20 @@ pub mod __private {
                     memory_bytes: t.memory_bytes,
                     timeout_ms: t.timeout_ms,
                 },
+                policy: wit::TaskPolicy {
+                    autoretry_for: t
+                        .policy
+                        .autoretry_for
+                        .iter()
+                        .map(|k| (*k).to_owned())
+                        .collect(),
+                    max_retries: t.policy.max_retries,
+                    default_retry_delay_ms: t.policy.default_retry_delay_ms,
+                    retry_backoff_ms: t.policy.retry_backoff_ms,
+                    retry_backoff_max_ms: t.policy.retry_backoff_max_ms,
+                    retry_jitter: t.policy.retry_jitter,
+                    rate_limit: t.policy.rate_limit.map(str::to_owned),
+                },
             })
             .collect()
     }
@@ -543,6 +595,15 @@ mod tests {
         fuel: None,
         memory_bytes: None,
         timeout_ms: None,
+        policy: super::__private::PolicyDef {
+            autoretry_for: &[],
+            max_retries: None,
+            default_retry_delay_ms: None,
+            retry_backoff_ms: None,
+            retry_backoff_max_ms: None,
+            retry_jitter: None,
+            rate_limit: None,
+        },
         call: never,
     };
 

@@ -45,7 +45,7 @@ fn bad_plugin_files_are_rejected_with_the_right_error() {
         assert!(
             error
                 .to_string()
-                .starts_with("bad does not implement the wasmq:task/task-plugin@0.1.0 world"),
+                .starts_with("bad does not implement the wasmq:task/task-plugin@0.2.0 world"),
             "{error}"
         );
 
@@ -57,7 +57,7 @@ fn bad_plugin_files_are_rejected_with_the_right_error() {
 
         // After all of that the sandbox still loads and runs a good plugin.
         let plugin = sandbox.load_plugin_bytes("math", &math).await.unwrap();
-        assert_eq!(plugin.tasks().len(), 8);
+        assert_eq!(plugin.tasks().len(), 11);
     });
 }
 

@@ -10,4 +10,5 @@ mod limits;
 mod plugins;
 mod processes;
 mod queue;
+mod semantics;
 mod support;

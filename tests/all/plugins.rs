@@ -25,8 +25,29 @@ fn math_tasks() {
                 "math.div",
                 "math.sqrt",
                 "math.flaky",
+                "math.unstable",
+                "math.throttled",
+                "math.cooperative",
                 "math.sleep"
             ]
+        );
+        // The SDK's policy options reach the host through describe.
+        let unstable = &math.task("math.unstable").unwrap().policy;
+        assert_eq!(
+            unstable.autoretry_for.as_deref(),
+            Some(&["ConnectionError".to_owned()][..])
+        );
+        assert_eq!(unstable.max_retries, Some(4));
+        assert_eq!(unstable.retry_backoff, Some(Duration::from_millis(100)));
+        assert_eq!(unstable.retry_backoff_max, Some(Duration::from_secs(1)));
+        assert_eq!(unstable.retry_jitter, Some(false));
+        assert_eq!(
+            math.task("math.throttled").unwrap().policy.rate_limit,
+            Some(wasmq::policy::RateLimit::parse("5/s").unwrap())
+        );
+        assert_eq!(
+            math.task("math.add").unwrap().policy,
+            wasmq::policy::PolicyOverrides::default()
         );
         assert_eq!(math.task("math.add").unwrap().params, ["a", "b"]);
         assert_eq!(math.task("math.add").unwrap().doc, "Adds two integers.");
@@ -246,7 +267,7 @@ fn unknown_task_is_a_call_error_listing_the_available_tasks() {
             .unwrap_err();
         assert_eq!(
             error.to_string(),
-            "plugin math has no task named math.pow (it has: math.add, math.mul, math.fib, math.sum, math.div, math.sqrt, math.flaky, math.sleep)"
+            "plugin math has no task named math.pow (it has: math.add, math.mul, math.fib, math.sum, math.div, math.sqrt, math.flaky, math.unstable, math.throttled, math.cooperative, math.sleep)"
         );
     });
 }

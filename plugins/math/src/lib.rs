@@ -80,6 +80,46 @@ fn flaky(ctx: &TaskContext, succeed_after: u32) -> Result<u32, TaskError> {
     Ok(ctx.retries())
 }
 
+/// Fails with `ConnectionError` until it has been retried `succeed_after` times, then
+/// returns the number of retries. It never asks for a retry itself: its policy retries
+/// `ConnectionError` automatically, with exponential backoff (100 ms, 200 ms, 400 ms…,
+/// capped at 1 s, without jitter so the delays can be checked).
+#[task(
+    autoretry_for = ["ConnectionError"],
+    max_retries = 4,
+    retry_backoff = "100ms",
+    retry_backoff_max = "1s",
+    retry_jitter = false
+)]
+fn unstable(ctx: &TaskContext, succeed_after: u32) -> Result<u32, TaskError> {
+    if ctx.retries() < succeed_after {
+        return Err(TaskError::failed(
+            "ConnectionError",
+            format!("attempt {}: the service is down", ctx.retries() + 1),
+        ));
+    }
+    Ok(ctx.retries())
+}
+
+/// Returns `x`, at most 5 times a second per worker: a stand-in for a call to a service
+/// with a quota.
+#[task(rate_limit = "5/s")]
+fn throttled(x: i64) -> i64 {
+    x
+}
+
+/// Works in 10 ms steps until `steps` are done or its soft time limit passes, then returns
+/// how many steps it finished: a cooperative task that stops cleanly before the hard limit.
+#[task]
+fn cooperative(ctx: &TaskContext, steps: u32) -> u32 {
+    let mut done = 0;
+    while done < steps && !ctx.should_stop() {
+        std::thread::sleep(Duration::from_millis(10));
+        done += 1;
+    }
+    done
+}
+
 /// Sleeps for `seconds` (without using CPU), then returns them: a stand-in for I/O-bound
 /// work such as waiting on a remote service.
 #[task]
@@ -90,4 +130,16 @@ fn sleep(seconds: f64) -> Result<f64, TaskError> {
     Ok(seconds)
 }
 
-wasmq_sdk::export_tasks!(add, mul, fib, sum, div, sqrt, flaky, sleep);
+wasmq_sdk::export_tasks!(
+    add,
+    mul,
+    fib,
+    sum,
+    div,
+    sqrt,
+    flaky,
+    unstable,
+    throttled,
+    cooperative,
+    sleep
+);

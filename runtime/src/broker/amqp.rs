@@ -40,7 +40,7 @@ use lapin::{
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch};
 
-use super::{Broker, BrokerError, Consumer, DeadLetter, Delivery, Settle};
+use super::{Broker, BrokerError, Consumer, DeadLetter, Delivery, Revocation, Settle};
 use crate::protocol::{Envelope, Properties};
 
 /// Header carrying why a message was dead-lettered.
@@ -62,11 +62,33 @@ struct Session {
 }
 
 struct Inner {
+    options: AmqpOptions,
     uri: String,
     /// The URI without credentials, for logs.
     shown: String,
     name: String,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
+}
+
+/// How wasmq declares queues on RabbitMQ.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AmqpOptions {
+    /// `x-max-priority` for the work queues wasmq declares (Celery's
+    /// `task_queue_max_priority`); none: plain queues, where message priority is ignored.
+    pub queue_max_priority: Option<u8>,
+}
+
+/// The fanout exchange revocations are broadcast on.
+pub const REVOKE_EXCHANGE: &str = "wasmq.revoke";
+
+/// Celery's remote-control exchange (fanout, transient): Python's `app.control.revoke`
+/// and `AsyncResult.revoke` publish there, and wasmq workers listen to it too.
+pub const CELERY_PIDBOX_EXCHANGE: &str = "celery.pidbox";
+
+/// The queue where worker `node` receives revocations: durable, so revocations made while
+/// the worker is down wait for it (up to the retention of revocations).
+pub fn revoke_queue(node: &str) -> String {
+    format!("wasmq.revoke.{node}")
 }
 
 /// The RabbitMQ broker. Cheap to clone; connects lazily and reconnects on demand.
@@ -107,6 +129,14 @@ impl AmqpBroker {
     /// # Errors
     /// [`BrokerError::UnsupportedUrl`] when the URI does not parse.
     pub fn new(uri: &str) -> Result<Self, BrokerError> {
+        Self::with_options(uri, AmqpOptions::default())
+    }
+
+    /// A broker for `uri` declaring queues as `options` say.
+    ///
+    /// # Errors
+    /// [`BrokerError::UnsupportedUrl`] when the URI cannot be parsed.
+    pub fn with_options(uri: &str, options: AmqpOptions) -> Result<Self, BrokerError> {
         let parsed: lapin::uri::AMQPUri = uri
             .parse()
             .map_err(|e| BrokerError::UnsupportedUrl(format!("{uri} ({e})")))?;
@@ -123,6 +153,7 @@ impl AmqpBroker {
         );
         Ok(Self {
             inner: Arc::new(Inner {
+                options,
                 uri: uri.to_owned(),
                 shown,
                 name: format!(
@@ -197,10 +228,11 @@ impl AmqpBroker {
             .create_channel()
             .await
             .map_err(|e| lapin_error("cannot open a channel", &e))?;
-        match probe
-            .queue_declare(queue.into(), durable, FieldTable::default())
-            .await
-        {
+        let mut arguments = FieldTable::default();
+        if let Some(max) = self.inner.options.queue_max_priority {
+            arguments.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(max));
+        }
+        match probe.queue_declare(queue.into(), durable, arguments).await {
             Ok(_) => {
                 probe
                     .exchange_declare(
@@ -735,8 +767,244 @@ impl Broker for AmqpBroker {
         .await
     }
 
+    async fn revoke(&self, revocation: &Revocation) -> Result<(), BrokerError> {
+        let body = serde_json::to_vec(revocation).map_err(|e| BrokerError::Amqp(e.to_string()))?;
+        self.with_session(|session| {
+            let body = body.clone();
+            async move {
+                declare_revoke_exchange(&session.publisher).await?;
+                let confirm = session
+                    .publisher
+                    .basic_publish(
+                        REVOKE_EXCHANGE.into(),
+                        "".into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        BasicProperties::default()
+                            .with_content_type(crate::protocol::CONTENT_TYPE_JSON.into())
+                            .with_delivery_mode(2),
+                    )
+                    .await
+                    .map_err(|e| lapin_error("cannot publish a revocation", &e))?
+                    .await
+                    .map_err(|e| lapin_error("revocation not confirmed", &e))?;
+                match confirm {
+                    Confirmation::Nack(_) => Err(BrokerError::Amqp(
+                        "the broker refused the revocation".into(),
+                    )),
+                    _ => Ok(()),
+                }
+            }
+        })
+        .await
+    }
+
+    async fn revocations(
+        &self,
+        node: &str,
+    ) -> Result<tokio::sync::mpsc::Receiver<Revocation>, BrokerError> {
+        let (sender, receiver) = mpsc::channel(256);
+        // Declared before returning, so a revocation made once this returns reaches us.
+        let queue = revoke_queue(node);
+        self.with_session(|session| {
+            let queue = queue.clone();
+            async move { declare_revoke_queue(&session.publisher, &queue).await }
+        })
+        .await?;
+        let broker = self.clone();
+        let node = node.to_owned();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match broker.listen_for_revocations(&queue, &node, &sender).await {
+                    Ok(()) => return,
+                    Err(error) => {
+                        tracing::warn!(%error, "revocations: lost the broker; listening again soon");
+                    }
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = sender.closed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
+        Ok(receiver)
+    }
+
     fn describe(&self) -> String {
         self.inner.shown.clone()
+    }
+}
+
+/// Declares the fanout exchange revocations are broadcast on.
+async fn declare_revoke_exchange(channel: &Channel) -> Result<(), BrokerError> {
+    channel
+        .exchange_declare(
+            REVOKE_EXCHANGE.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| lapin_error("cannot declare the revoke exchange", &e))
+}
+
+/// Declares a worker's revocation queue and binds it to the revoke exchange. Its messages
+/// live as long as revocations are remembered; the queue itself goes away after a week
+/// without its worker.
+async fn declare_revoke_queue(channel: &Channel, queue: &str) -> Result<(), BrokerError> {
+    declare_revoke_exchange(channel).await?;
+    // As kombu declares it, so Python clients and wasmq agree on its arguments.
+    channel
+        .exchange_declare(
+            CELERY_PIDBOX_EXCHANGE.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| lapin_error("cannot declare celery.pidbox", &e))?;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongLongInt(
+            i64::try_from(crate::worker::revoked::REVOKE_EXPIRES.as_millis()).unwrap_or(i64::MAX),
+        ),
+    );
+    arguments.insert(
+        "x-expires".into(),
+        AMQPValue::LongLongInt(7 * 24 * 3600 * 1000),
+    );
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .map_err(|e| lapin_error(&format!("cannot declare queue {queue}"), &e))?;
+    channel
+        .queue_bind(
+            queue.into(),
+            REVOKE_EXCHANGE.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| lapin_error(&format!("cannot bind queue {queue}"), &e))?;
+    channel
+        .queue_bind(
+            queue.into(),
+            CELERY_PIDBOX_EXCHANGE.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| lapin_error(&format!("cannot bind queue {queue}"), &e))
+}
+
+/// The revocations in a message of the revoke queue: wasmq's own JSON, or a Celery
+/// remote-control `revoke` command addressed to everyone or to `node` (other commands are
+/// not for this queue and yield nothing).
+fn revocations_in(body: &[u8], node: &str) -> Result<Vec<Revocation>, serde_json::Error> {
+    let value: Value = serde_json::from_slice(body)?;
+    if value.get("method").is_none() {
+        return Ok(vec![serde_json::from_value(value)?]);
+    }
+    if value.get("method").and_then(Value::as_str) != Some("revoke") {
+        return Ok(Vec::new());
+    }
+    let addressed = match value.get("destination") {
+        Some(Value::Array(nodes)) => nodes.iter().any(|n| n.as_str() == Some(node)),
+        _ => true,
+    };
+    let arguments = value.get("arguments").cloned().unwrap_or(Value::Null);
+    let terminate = arguments
+        .get("terminate")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let ids = match arguments.get("task_id") {
+        Some(Value::String(id)) => vec![id.clone()],
+        Some(Value::Array(ids)) => ids
+            .iter()
+            .filter_map(|id| id.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok(if addressed {
+        ids.into_iter()
+            .map(|id| Revocation::now(id, terminate))
+            .collect()
+    } else {
+        Vec::new()
+    })
+}
+
+impl AmqpBroker {
+    /// Consumes `queue` into `sender` until the receiver is dropped (`Ok`) or the connection
+    /// fails (`Err`). Each revocation is acked once handed over (the worker persists it).
+    async fn listen_for_revocations(
+        &self,
+        queue: &str,
+        node: &str,
+        sender: &mpsc::Sender<Revocation>,
+    ) -> Result<(), BrokerError> {
+        let session = self.session().await?;
+        let channel = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| lapin_error("cannot open a channel", &e))?;
+        declare_revoke_queue(&channel, queue).await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                format!("wasmq-revoke-{}", uuid::Uuid::new_v4().simple())
+                    .as_str()
+                    .into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| lapin_error(&format!("cannot consume {queue}"), &e))?;
+        loop {
+            let next = tokio::select! {
+                next = consumer.next() => next,
+                () = sender.closed() => {
+                    let _ = channel.close(200, "OK".into()).await;
+                    return Ok(());
+                }
+            };
+            let Some(delivery) = next else {
+                return Err(BrokerError::Amqp(
+                    "the revocation consumer was cancelled".into(),
+                ));
+            };
+            let delivery = delivery.map_err(|e| lapin_error("revocations", &e))?;
+            match revocations_in(&delivery.data, node) {
+                Ok(revocations) => {
+                    for revocation in revocations {
+                        if sender.send(revocation).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "ignoring a malformed revocation"),
+            }
+            delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(|e| lapin_error("cannot ack a revocation", &e))?;
+        }
     }
 }
 
@@ -849,12 +1117,15 @@ async fn consume_once(
         tokio::select! {
             next = merged.next() => match next {
                 Some((queue, Ok(delivery))) => {
-                    let envelope = envelope_of(&delivery.properties, delivery.data);
-                    let delivery_count = envelope
-                        .headers
-                        .get("x-delivery-count")
-                        .and_then(Value::as_u64)
-                        .map_or(if delivery.redelivered { 2 } else { 1 }, |n| u32::try_from(n + 1).unwrap_or(u32::MAX));
+                    let mut envelope = envelope_of(&delivery.properties, delivery.data);
+                    // Quorum queues count deliveries; classic queues only say "redelivered",
+                    // so wasmq carries the count in the message itself (see below).
+                    let quorum_count = envelope.headers.get("x-delivery-count").and_then(Value::as_u64);
+                    let earlier = envelope.headers.get(DEAD_DELIVERIES_HEADER).and_then(Value::as_u64).unwrap_or(0);
+                    let delivery_count = quorum_count
+                        .map_or(earlier + 1, |n| n + 1);
+                    let delivery_count = u32::try_from(delivery_count).unwrap_or(u32::MAX);
+                    let recount = delivery.redelivered && quorum_count.is_none();
                     let settler = Arc::new(AmqpSettler {
                         acker: delivery.acker,
                         tag: delivery.delivery_tag,
@@ -865,6 +1136,24 @@ async fn consume_once(
                         delivery_count,
                         _channel: Arc::clone(&channel),
                     });
+                    if recount {
+                        // A classic-queue redelivery (its worker died or released it): publish
+                        // the message again carrying how many deliveries it has had, and ack
+                        // this copy, so a message that kills every worker is recognised after
+                        // `max_deliveries` and dead-lettered instead of looping forever.
+                        envelope.headers.insert(DEAD_DELIVERIES_HEADER.into(), u64::from(delivery_count).into());
+                        let broker = broker.clone();
+                        tokio::spawn(async move {
+                            match broker.publish(&queue, &envelope, None).await {
+                                Ok(()) => { let _ = Settle::ack(settler.as_ref(), 0).await; }
+                                Err(error) => {
+                                    tracing::warn!(%error, "cannot count a redelivery; releasing the message");
+                                    let _ = Settle::release(settler.as_ref(), 0).await;
+                                }
+                            }
+                        });
+                        continue;
+                    }
                     let ours = Delivery::new(envelope, queue, delivery_count, delivery.delivery_tag, settler);
                     if deliveries.send(Ok(ours)).await.is_err() {
                         return Ok(Ended::Stopped);
@@ -1172,6 +1461,31 @@ mod tests {
             flushed = flushed.or(state.settle(tag, true));
         }
         assert_eq!(flushed, Some(5 + ACK_BATCH));
+    }
+
+    #[test]
+    fn celery_remote_control_revokes_are_understood() {
+        let ours = serde_json::to_vec(&Revocation::now("a", true)).unwrap();
+        let parsed = revocations_in(&ours, "w1").unwrap();
+        assert_eq!(
+            (parsed[0].task_id.as_str(), parsed[0].terminate),
+            ("a", true)
+        );
+        let celery = br#"{"method":"revoke","arguments":{"task_id":"b","terminate":false,"signal":"SIGTERM"},"destination":null,"pattern":null,"matcher":null}"#;
+        let parsed = revocations_in(celery, "w1").unwrap();
+        assert_eq!(
+            (parsed[0].task_id.as_str(), parsed[0].terminate),
+            ("b", false)
+        );
+        let many = br#"{"method":"revoke","arguments":{"task_id":["c","d"],"terminate":true},"destination":["w1"]}"#;
+        assert_eq!(revocations_in(many, "w1").unwrap().len(), 2);
+        assert!(
+            revocations_in(many, "w2").unwrap().is_empty(),
+            "addressed to another node"
+        );
+        let ping = br#"{"method":"ping","arguments":{},"destination":null}"#;
+        assert!(revocations_in(ping, "w1").unwrap().is_empty());
+        assert!(revocations_in(b"not json", "w1").is_err());
     }
 
     #[test]

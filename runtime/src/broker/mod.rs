@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::protocol::Envelope;
 
@@ -137,6 +137,28 @@ pub struct DeadLetter {
     pub envelope: Envelope,
 }
 
+/// A task that must not run (Celery's `revoke`): broadcast to every worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// The revoked task's id.
+    pub task_id: String,
+    /// Also interrupt the task if it is running.
+    pub terminate: bool,
+    /// When it was revoked (Unix milliseconds).
+    pub revoked_at_ms: i64,
+}
+
+impl Revocation {
+    /// A revocation of `task_id` made now.
+    pub fn now(task_id: impl Into<String>, terminate: bool) -> Self {
+        Self {
+            task_id: task_id.into(),
+            terminate,
+            revoked_at_ms: chrono::Utc::now().timestamp_millis(),
+        }
+    }
+}
+
 /// A stream of deliveries from one or more queues.
 #[async_trait]
 pub trait Consumer: Send {
@@ -204,6 +226,23 @@ pub trait Broker: Send + Sync {
     /// When the broker cannot delete them.
     async fn delete_queue(&self, queue: &str) -> Result<(), BrokerError>;
 
+    /// Broadcasts `revocation` to every worker, including workers that are down now and
+    /// start later (within the retention of revocations).
+    ///
+    /// # Errors
+    /// When the broker cannot take it.
+    async fn revoke(&self, revocation: &Revocation) -> Result<(), BrokerError>;
+
+    /// The revocations worker `node` must know: those the broker still holds for it, then
+    /// new ones as they are made, until the receiver is dropped.
+    ///
+    /// # Errors
+    /// When the broker cannot start listening.
+    async fn revocations(
+        &self,
+        node: &str,
+    ) -> Result<tokio::sync::mpsc::Receiver<Revocation>, BrokerError>;
+
     /// A description for logs, e.g. `sqlite://.wasmq/wasmq.db`.
     fn describe(&self) -> String;
 }
@@ -213,8 +252,17 @@ pub trait Broker: Send + Sync {
 /// # Errors
 /// [`BrokerError::UnsupportedUrl`] for an unknown scheme, or the broker's own error.
 pub fn connect(url: &str) -> Result<Arc<dyn Broker>, BrokerError> {
+    connect_with(url, amqp::AmqpOptions::default())
+}
+
+/// Opens the broker at `url`; RabbitMQ queues are declared as `amqp` says (the embedded
+/// broker always honours priorities).
+///
+/// # Errors
+/// [`BrokerError::UnsupportedUrl`] for an unknown scheme, or the broker's own error.
+pub fn connect_with(url: &str, amqp: amqp::AmqpOptions) -> Result<Arc<dyn Broker>, BrokerError> {
     if url.starts_with("amqp://") || url.starts_with("amqps://") {
-        return Ok(Arc::new(amqp::AmqpBroker::new(url)?));
+        return Ok(Arc::new(amqp::AmqpBroker::with_options(url, amqp)?));
     }
     match crate::sqlite::parse_url(url) {
         Some(path) => Ok(Arc::new(sqlite::SqliteBroker::open(

@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params, params_from_iter};
 use tokio::sync::Notify;
 
-use super::{Broker, BrokerError, Consumer, DeadLetter, Delivery, Settle};
+use super::{Broker, BrokerError, Consumer, DeadLetter, Delivery, Revocation, Settle};
 use crate::protocol::{Envelope, Properties};
 use crate::sqlite::{Db, now_ms};
 
@@ -55,6 +55,12 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     properties TEXT    NOT NULL,
     body       BLOB    NOT NULL,
     dead_at    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revocations (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id    TEXT    NOT NULL,
+    terminate  INTEGER NOT NULL,
+    revoked_at INTEGER NOT NULL
 );
 ";
 
@@ -290,10 +296,81 @@ impl Broker for SqliteBroker {
         Ok(())
     }
 
+    async fn revoke(&self, revocation: &Revocation) -> Result<(), BrokerError> {
+        let r = revocation.clone();
+        let oldest = r.revoked_at_ms
+            - i64::try_from(crate::worker::revoked::REVOKE_EXPIRES.as_millis()).unwrap_or(0);
+        self.db
+            .run(move |conn| {
+                conn.execute(
+                    "INSERT INTO revocations (task_id, terminate, revoked_at) VALUES (?1, ?2, ?3)",
+                    params![r.task_id, r.terminate, r.revoked_at_ms],
+                )?;
+                conn.execute(
+                    "DELETE FROM revocations WHERE revoked_at < ?1",
+                    params![oldest],
+                )
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn revocations(
+        &self,
+        _node: &str,
+    ) -> Result<tokio::sync::mpsc::Receiver<Revocation>, BrokerError> {
+        // Every worker on the file reads the same table: it is the broadcast and the memory.
+        let (sender, receiver) = tokio::sync::mpsc::channel(256);
+        let db = self.db.clone();
+        tokio::spawn(async move {
+            let mut after = 0_i64;
+            loop {
+                let rows = db
+                    .run(move |conn| {
+                        let mut stmt = conn.prepare_cached(
+                            "SELECT seq, task_id, terminate, revoked_at FROM revocations
+                             WHERE seq > ?1 ORDER BY seq",
+                        )?;
+                        let rows = stmt.query_map(params![after], |r| {
+                            Ok((
+                                r.get::<_, i64>(0)?,
+                                Revocation {
+                                    task_id: r.get(1)?,
+                                    terminate: r.get(2)?,
+                                    revoked_at_ms: r.get(3)?,
+                                },
+                            ))
+                        })?;
+                        rows.collect::<Result<Vec<_>, _>>()
+                    })
+                    .await;
+                match rows {
+                    Ok(rows) => {
+                        for (seq, revocation) in rows {
+                            after = seq;
+                            if sender.send(revocation).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "cannot read revocations"),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(REVOCATION_POLL) => {}
+                    () = sender.closed() => return,
+                }
+            }
+        });
+        Ok(receiver)
+    }
+
     fn describe(&self) -> String {
         format!("sqlite://{}", self.db.path().display())
     }
 }
+
+/// How often workers look for new revocations in the database.
+const REVOCATION_POLL: Duration = Duration::from_millis(100);
 
 impl SqliteBroker {
     /// Keeps this process's leases alive and frees those of dead local processes.

@@ -35,6 +35,9 @@ enum Command {
     Worker(queue::WorkerArgs),
     /// Send a task (prints its id, or its result with --wait).
     Send(queue::SendArgs),
+    /// Revoke tasks: workers will not run them (their result becomes REVOKED); with
+    /// --terminate a running one is interrupted.
+    Revoke(queue::RevokeArgs),
     /// Show a task's result (or wait for it with --wait).
     Result(queue::ResultArgs),
     /// Report whether a worker is running and consuming (exit 0) or not (exit 1), from the
@@ -208,6 +211,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Command::Worker(args) => queue::worker(args).await,
             Command::Send(args) => queue::send(args).await,
             Command::Result(args) => queue::result(args).await,
+            Command::Revoke(args) => queue::revoke(args).await,
             Command::DeadLetters(args) => queue::dead_letters(args).await,
             Command::Status(args) => queue::status(args).await,
             Command::Call(args) => call::call(args).await,

@@ -23,23 +23,48 @@ pub(super) struct Endpoints {
     /// Result backend URL. Default: sqlite://.wasmq/wasmq.db (the embedded backend).
     #[arg(long, env = "WASMQ_RESULT_BACKEND")]
     result_backend: Option<String>,
+    /// A strict TOML configuration file (see the README); flags and WASMQ_* variables
+    /// override it. Clients read `broker`, `result_backend`, `routes` and
+    /// `queue_max_priority` from it.
+    #[arg(long, env = "WASMQ_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 impl Endpoints {
+    /// The configuration: these flags over the file.
+    fn resolve(&self, flags: RawConfig) -> Result<WorkerConfig, Failure> {
+        let mut raw = RawConfig {
+            broker: self.broker.clone(),
+            result_backend: self.result_backend.clone(),
+            ..flags
+        };
+        if let Some(file) = &self.config {
+            let from_file =
+                RawConfig::from_file(file).map_err(|e| Failure::bad_input(format!("{e:#}")))?;
+            raw = raw.or(from_file);
+        }
+        WorkerConfig::resolve(raw).map_err(Failure::bad_input)
+    }
+
     fn client(&self) -> Result<Client, Failure> {
-        let broker_url = self.broker.as_deref().unwrap_or(DEFAULT_DATABASE_URL);
-        let broker =
-            crate::broker::connect(broker_url).map_err(|e| Failure::bad_input(format!("{e:#}")))?;
+        let config = self.resolve(RawConfig::default())?;
+        let broker = connect_broker(&config)?;
         let backend = crate::results::connect(
-            self.result_backend
-                .as_deref()
-                .unwrap_or(DEFAULT_DATABASE_URL),
+            &config.result_backend,
             crate::results::DEFAULT_RESULT_EXPIRES,
-            broker_url,
+            &config.broker,
         )
         .map_err(|e| Failure::bad_input(format!("{e:#}")))?;
-        Ok(Client::new(broker, backend))
+        Ok(Client::new(broker, backend).with_routes(config.routes))
     }
+}
+
+fn connect_broker(config: &WorkerConfig) -> Result<Arc<dyn crate::broker::Broker>, Failure> {
+    let options = crate::broker::amqp::AmqpOptions {
+        queue_max_priority: config.queue_max_priority,
+    };
+    crate::broker::connect_with(&config.broker, options)
+        .map_err(|e| Failure::bad_input(format!("{e:#}")))
 }
 
 #[derive(Debug, clap::Args)]
@@ -86,13 +111,21 @@ pub(super) struct WorkerArgs {
     /// Default hard time limit of a task, e.g. 30s. Default: 30s.
     #[arg(long, env = "WASMQ_TIMEOUT")]
     timeout: Option<String>,
+    /// Deliveries of one message before it is dead-lettered as poison (its worker keeps
+    /// dying). Default: 10.
+    #[arg(long, env = "WASMQ_MAX_DELIVERIES")]
+    max_deliveries: Option<u32>,
+    /// Declare RabbitMQ queues with this x-max-priority (1-255), so message priorities are
+    /// honoured. Default: plain queues.
+    #[arg(long, env = "WASMQ_QUEUE_MAX_PRIORITY")]
+    queue_max_priority: Option<u8>,
     /// Write the worker's status (JSON) to this file every second, for `wasmq status`.
     #[arg(long, env = "WASMQ_STATUS_FILE")]
     status_file: Option<PathBuf>,
-    /// A strict TOML configuration file (see the README); flags and WASMQ_* variables
-    /// override it.
-    #[arg(long, env = "WASMQ_CONFIG")]
-    config: Option<PathBuf>,
+    /// Where revoked task ids are remembered across restarts. Default:
+    /// .wasmq/state/<node name>.revoked.json.
+    #[arg(long, env = "WASMQ_STATE_FILE")]
+    state_file: Option<PathBuf>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -108,8 +141,8 @@ impl WorkerArgs {
                 }
             });
         RawConfig {
-            broker: self.endpoints.broker.clone(),
-            result_backend: self.endpoints.result_backend.clone(),
+            broker: None,
+            result_backend: None,
             plugins: self.plugins.clone(),
             queues: self.queues.clone(),
             concurrency: self.concurrency,
@@ -123,6 +156,10 @@ impl WorkerArgs {
             cache_dir: self.engine.cache_dir.clone(),
             limits,
             ceiling: None,
+            max_deliveries: self.max_deliveries,
+            queue_max_priority: self.queue_max_priority,
+            tasks: None,
+            routes: None,
         }
     }
 }
@@ -161,16 +198,8 @@ async fn wait_for_signal() -> &'static str {
 }
 
 pub(super) async fn worker(args: WorkerArgs) -> Result<(), Failure> {
-    let mut raw = args.raw();
-    if let Some(file) = &args.config {
-        let from_file =
-            RawConfig::from_file(file).map_err(|e| Failure::bad_input(format!("{e:#}")))?;
-        raw = raw.or(from_file);
-    }
-    let config = WorkerConfig::resolve(raw).map_err(Failure::bad_input)?;
-
-    let broker =
-        crate::broker::connect(&config.broker).map_err(|e| Failure::bad_input(format!("{e:#}")))?;
+    let config = args.endpoints.resolve(args.raw())?;
+    let broker = connect_broker(&config)?;
     let backend = crate::results::connect(
         &config.result_backend,
         config.result_expires,
@@ -205,6 +234,12 @@ pub(super) async fn worker(args: WorkerArgs) -> Result<(), Failure> {
     let watcher = registry.watch(Duration::from_millis(500));
     let mut options = config.worker;
     options.status_file.clone_from(&args.status_file);
+    options.state_file = Some(args.state_file.clone().unwrap_or_else(|| {
+        PathBuf::from(".wasmq/state").join(format!(
+            "{}.revoked.json",
+            options.node_name.replace(['/', '\\'], "_")
+        ))
+    }));
     let worker = Worker::new(broker, backend, registry, options);
     let stats = worker
         .run(shutdown_signal())
@@ -230,7 +265,7 @@ pub(super) struct SendArgs {
     /// Keyword arguments as a JSON object.
     #[arg(long, default_value = "{}")]
     kwargs: String,
-    /// The queue. Default: celery.
+    /// The queue. Default: the task's route in the config file's [routes], else celery.
     #[arg(long, short = 'Q')]
     queue: Option<String>,
     /// Run no earlier than SECS seconds from now.
@@ -327,6 +362,33 @@ fn print_ready(task: &str, outcome: Result<Value, GetError>) -> Result<(), Failu
         }
         Err(GetError::Backend(error)) => Err(Failure::internal(error)),
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct RevokeArgs {
+    /// The ids of the tasks to revoke.
+    #[arg(required = true)]
+    ids: Vec<String>,
+    /// Also interrupt the task if a worker is running it.
+    #[arg(long)]
+    terminate: bool,
+    #[command(flatten)]
+    endpoints: Endpoints,
+}
+
+pub(super) async fn revoke(args: RevokeArgs) -> Result<(), Failure> {
+    let client = args.endpoints.client()?;
+    for id in &args.ids {
+        client
+            .revoke(id, args.terminate)
+            .await
+            .map_err(|e| Failure::internal(anyhow::anyhow!("cannot revoke {id}: {e:#}")))?;
+        println!(
+            "revoked {id}{}",
+            if args.terminate { " (terminate)" } else { "" }
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]

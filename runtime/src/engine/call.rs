@@ -35,7 +35,13 @@ pub type StateListener = Arc<dyn Fn(StateUpdate) + Send + Sync>;
 
 /// A handle that interrupts a running call from outside (e.g. `revoke --terminate`).
 #[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
+pub struct CancelToken(Arc<CancelState>);
+
+#[derive(Debug, Default)]
+struct CancelState {
+    cancelled: AtomicBool,
+    notify: tokio::sync::Notify,
+}
 
 impl CancelToken {
     /// A token that is not cancelled.
@@ -43,14 +49,29 @@ impl CancelToken {
         Self::default()
     }
 
-    /// Interrupts the call at its next epoch tick (within about 10 ms).
+    /// Interrupts the call: at its next epoch tick (within about 10 ms) when the guest is
+    /// running, at once when it is blocked in a host call.
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.0.cancelled.store(true, Ordering::SeqCst);
+        self.0.notify.notify_waiters();
     }
 
     /// True once [`CancelToken::cancel`] was called.
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Completes once the token is cancelled.
+    pub async fn cancelled(&self) {
+        loop {
+            let notified = self.0.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_cancelled() {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 

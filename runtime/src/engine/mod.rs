@@ -472,11 +472,20 @@ impl Sandbox {
         );
         // Backstop for a guest blocked inside a host call (where no epoch check runs).
         let backstop = limits.timeout + self.config.epoch_tick * 10;
-        let outcome = match tokio::time::timeout(backstop, call).await {
-            Ok(Ok(Ok(json))) => self.check_result(json),
-            Ok(Ok(Err(task_error))) => task_error_outcome(task_error),
-            Ok(Err(error)) => self.classify(&error, &store, &captured, &limits),
-            Err(_elapsed) => self.classify(&DeadlineExceeded.into(), &store, &captured, &limits),
+        // Cancellation too: a guest blocked in a host call never reaches an epoch check.
+        let cancel = request.cancel.clone().unwrap_or_default();
+        let finished = tokio::select! {
+            finished = tokio::time::timeout(backstop, call) => Some(finished),
+            () = cancel.cancelled() => None,
+        };
+        let outcome = match finished {
+            Some(Ok(Ok(Ok(json)))) => self.check_result(json),
+            Some(Ok(Ok(Err(task_error)))) => task_error_outcome(task_error),
+            Some(Ok(Err(error))) => self.classify(&error, &store, &captured, &limits),
+            Some(Err(_elapsed)) => {
+                self.classify(&DeadlineExceeded.into(), &store, &captured, &limits)
+            }
+            None => self.classify(&Cancelled.into(), &store, &captured, &limits),
         };
         Ok(self.report(outcome, &store, &captured, &limits, started, &request))
     }

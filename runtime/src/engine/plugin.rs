@@ -29,6 +29,8 @@ pub struct TaskInfo {
     pub params: Vec<String>,
     /// Default limits the plugin asks for.
     pub limits: LimitOverrides,
+    /// Default retry and rate-limit policy the plugin declares.
+    pub policy: crate::policy::PolicyOverrides,
 }
 
 /// Why a plugin file cannot be loaded.
@@ -72,8 +74,8 @@ pub enum PluginError {
         reason: String,
     },
     /// The component imports something wasmq does not provide, or does not export the
-    /// `wasmq:task/plugin@0.1.0` interface.
-    #[error("{name} does not implement the wasmq:task/task-plugin@0.1.0 world: {reason}")]
+    /// `wasmq:task/plugin@0.2.0` interface.
+    #[error("{name} does not implement the wasmq:task/task-plugin@0.2.0 world: {reason}")]
     WrongWorld {
         /// The plugin's name.
         name: String,
@@ -300,7 +302,28 @@ impl Sandbox {
             if tasks.iter().any(|t| t.name == task.name) {
                 return Err(bad(format!("task {} is declared twice", task.name)));
             }
+            let declared = task.policy;
+            let rate_limit = match declared.rate_limit.as_deref() {
+                Some(text) => Some(crate::policy::RateLimit::parse(text).map_err(|e| {
+                    bad(format!(
+                        "task {} declares an invalid rate limit: {e}",
+                        task.name
+                    ))
+                })?),
+                None => None,
+            };
+            let ms = |v: Option<u64>| v.map(std::time::Duration::from_millis);
+            let policy = crate::policy::PolicyOverrides {
+                autoretry_for: Some(declared.autoretry_for).filter(|k| !k.is_empty()),
+                max_retries: declared.max_retries,
+                default_retry_delay: ms(declared.default_retry_delay_ms),
+                retry_backoff: ms(declared.retry_backoff_ms),
+                retry_backoff_max: ms(declared.retry_backoff_max_ms),
+                retry_jitter: declared.retry_jitter,
+                rate_limit,
+            };
             tasks.push(TaskInfo {
+                policy,
                 name: task.name,
                 doc: task.doc,
                 params: task.params,

@@ -14,6 +14,7 @@
 
 pub mod outcome;
 pub mod registry;
+pub mod revoked;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,15 +24,17 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use serde_json::Value;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::broker::{Broker, BrokerError, Delivery};
+use crate::broker::{Broker, BrokerError, Delivery, Revocation};
 use crate::engine::{CallError, CallRequest, CancelToken, LimitOverrides, Outcome, StateListener};
+use crate::policy::{RateLimit, RetryPolicy, TaskAnnotations};
 use crate::protocol::TaskMessage;
 use crate::results::{ReplyTo, ResultBackend, ResultMeta};
-use outcome::{Decision, RetryPolicy, Settlement};
+use outcome::{Decision, Settlement};
 use registry::Registry;
+use revoked::RevokedSet;
 
 /// How a worker behaves.
 #[derive(Debug, Clone)]
@@ -46,8 +49,17 @@ pub struct WorkerOptions {
     pub prefetch_multiplier: usize,
     /// How long running tasks may finish after shutdown begins. Default: 30 s.
     pub shutdown_timeout: Duration,
-    /// Retry behaviour for tasks that ask to be retried.
+    /// Retry behaviour for tasks that neither declare nor are configured otherwise.
     pub retry: RetryPolicy,
+    /// Per-task retry and rate-limit policy (Celery's `task_annotations`), over what
+    /// plugins declare.
+    pub task_policies: TaskAnnotations,
+    /// Deliveries of one message before it is dead-lettered as poison (a message whose
+    /// worker keeps dying). Default: 10.
+    pub max_deliveries: u32,
+    /// Where revoked task ids are remembered across restarts (Celery's `--statedb`).
+    /// Default: none (the embedded broker remembers them itself).
+    pub state_file: Option<std::path::PathBuf>,
     /// Store a STARTED state before running each task. Default: false (as Celery).
     pub track_started: bool,
     /// This worker's name, e.g. `wasmq@host`.
@@ -65,6 +77,9 @@ impl Default for WorkerOptions {
             prefetch_multiplier: 16,
             shutdown_timeout: Duration::from_secs(30),
             retry: RetryPolicy::default(),
+            task_policies: TaskAnnotations::default(),
+            max_deliveries: 10,
+            state_file: None,
             track_started: false,
             node_name: default_node_name(),
             status_file: None,
@@ -100,7 +115,15 @@ pub struct WorkerStats {
     pub dead_lettered: AtomicU64,
     /// Messages released for redelivery (shutdown, storage errors).
     pub released: AtomicU64,
+    /// Revoked tasks not run (or interrupted).
+    pub revoked: AtomicU64,
+    /// Messages handed back to the broker to wait (eta not due, rate limit).
+    pub deferred: AtomicU64,
 }
+
+/// The longest a worker holds a message in memory before its eta or its rate-limit turn;
+/// longer waits go back to the broker as delayed messages.
+const HOLD_AT_MOST: Duration = Duration::from_secs(1);
 
 /// What the worker shares with each task it runs.
 struct Shared {
@@ -114,6 +137,17 @@ struct Shared {
     next_run: AtomicU64,
     /// Set when running tasks were interrupted by shutdown: their messages are released.
     aborting: std::sync::atomic::AtomicBool,
+    /// Task slots (`concurrency` permits); a task waiting for its eta or its rate-limit
+    /// turn gives its slot back meanwhile.
+    slots: Arc<Semaphore>,
+    /// Revoked task ids.
+    revoked: RevokedSet,
+    /// Running tasks by task id, to terminate revoked ones.
+    running_ids: Mutex<HashMap<String, CancelToken>>,
+    /// Per task name: when its rate limit next lets one run.
+    rate_turns: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Messages held waiting for a rate-limit turn (bounded by half the prefetch).
+    rate_waiting: std::sync::atomic::AtomicUsize,
 }
 
 /// A worker, ready to run.
@@ -129,8 +163,15 @@ impl Worker {
         registry: Arc<Registry>,
         options: WorkerOptions,
     ) -> Self {
+        let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
+        let revoked = RevokedSet::open(options.state_file.clone());
         Self {
             shared: Arc::new(Shared {
+                slots,
+                revoked,
+                running_ids: Mutex::new(HashMap::new()),
+                rate_turns: Mutex::new(HashMap::new()),
+                rate_waiting: std::sync::atomic::AtomicUsize::new(0),
                 broker,
                 backend,
                 registry,
@@ -173,7 +214,9 @@ impl Worker {
             .consuming()
             .unwrap_or_else(|| tokio::sync::watch::channel(true).1);
         let status = tokio::spawn(report_status(Arc::clone(&shared), consuming));
-        let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
+        let revocations = shared.broker.revocations(&options.node_name).await?;
+        let listener = tokio::spawn(listen_for_revocations(Arc::clone(&shared), revocations));
+        let slots = Arc::clone(&shared.slots);
         let mut running = JoinSet::new();
         let mut purge = tokio::time::interval(Duration::from_secs(600));
         tokio::pin!(shutdown);
@@ -196,7 +239,7 @@ impl Worker {
                     shared.stats.received.fetch_add(1, Ordering::Relaxed);
                     let shared = Arc::clone(&shared);
                     running.spawn(async move {
-                        process(&shared, delivery).await;
+                        let slot = process(&shared, delivery, slot).await;
                         drop(slot);
                     });
                 }
@@ -235,6 +278,7 @@ impl Worker {
         consumer.flush_acks().await;
         drop(consumer);
         status.abort();
+        listener.abort();
         if let Some(path) = &shared.options.status_file {
             write_status(path, &shared, false, "stopped");
         }
@@ -292,6 +336,8 @@ fn write_status(path: &std::path::Path, shared: &Shared, consuming: bool, state:
         "failed": load(&stats.failed),
         "retried": load(&stats.retried),
         "dead_lettered": load(&stats.dead_lettered),
+        "revoked": load(&stats.revoked),
+        "deferred": load(&stats.deferred),
     });
     let tmp = path.with_extension("tmp");
     let written =
@@ -309,43 +355,147 @@ async fn purge_expired(shared: &Shared) {
     }
 }
 
-/// Handles one delivery from decode to settlement.
-async fn process(shared: &Arc<Shared>, delivery: Delivery) {
+/// Remembers revocations as they arrive and interrupts running tasks revoked with
+/// `terminate`.
+async fn listen_for_revocations(
+    shared: Arc<Shared>,
+    mut revocations: tokio::sync::mpsc::Receiver<Revocation>,
+) {
+    while let Some(revocation) = revocations.recv().await {
+        let task_id = revocation.task_id.clone();
+        let terminate = revocation.terminate;
+        if shared.revoked.insert(revocation) {
+            tracing::info!(task_id = %task_id, terminate, "task revoked");
+        }
+        if terminate {
+            let token = shared
+                .running_ids
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&task_id)
+                .cloned();
+            if let Some(token) = token {
+                tracing::warn!(task_id = %task_id, "terminating the running task (revoked)");
+                token.cancel();
+            }
+        }
+    }
+}
+
+/// Waits `wait` without holding a task slot, then takes a slot again.
+async fn hold(shared: &Shared, slot: OwnedSemaphorePermit, wait: Duration) -> OwnedSemaphorePermit {
+    drop(slot);
+    tokio::time::sleep(wait).await;
+    Arc::clone(&shared.slots)
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed")
+}
+
+/// What a rate limit says about running a task now.
+enum RateTurn {
+    /// Run after this wait (possibly zero); the turn is taken.
+    After(Duration),
+    /// Too long to hold in memory: hand the message back to the broker for this long.
+    Defer(Duration),
+}
+
+/// Takes the next turn of `task`'s rate limit if it comes soon enough to wait for it in
+/// memory, without holding more than half the prefetch waiting.
+fn rate_turn(shared: &Shared, task: &str, rate: RateLimit) -> RateTurn {
+    let now = tokio::time::Instant::now();
+    let mut turns = shared
+        .rate_turns
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let next = turns.get(task).copied().unwrap_or(now).max(now);
+    let wait = next - now;
+    let options = &shared.options;
+    let hold_limit = (options.concurrency.max(1) * options.prefetch_multiplier.max(1) / 2).max(1);
+    if wait.is_zero()
+        || (wait <= HOLD_AT_MOST && shared.rate_waiting.load(Ordering::Relaxed) < hold_limit)
+    {
+        turns.insert(task.to_owned(), next + rate.interval);
+        RateTurn::After(wait)
+    } else {
+        RateTurn::Defer(wait.max(HOLD_AT_MOST))
+    }
+}
+
+/// Hands a delivery back to the broker to be delivered again after `wait` (a new message,
+/// so nothing is held unacknowledged meanwhile).
+async fn defer(shared: &Shared, delivery: Delivery, wait: Duration) {
+    shared.stats.deferred.fetch_add(1, Ordering::Relaxed);
+    let republished = shared
+        .broker
+        .publish(&delivery.queue, &delivery.envelope, Some(wait))
+        .await;
+    match republished {
+        Ok(()) => settle(shared, delivery, &Settlement::Ack).await,
+        Err(error) => {
+            tracing::warn!(%error, "cannot delay a message; releasing it");
+            release(shared, delivery).await;
+        }
+    }
+}
+
+/// Handles one delivery from decode to settlement; gives back the task slot it ran in.
+async fn process(
+    shared: &Arc<Shared>,
+    delivery: Delivery,
+    mut slot: OwnedSemaphorePermit,
+) -> OwnedSemaphorePermit {
     let message = match TaskMessage::decode(&delivery.envelope) {
         Ok(message) => message,
         Err(error) => {
             tracing::error!(task_id = ?error.task_id, queue = %delivery.queue, "malformed message: {error}");
             let decision = outcome::undecodable(&error);
             finish(shared, delivery, None, decision).await;
-            return;
+            return slot;
         }
     };
+    if delivery.delivery_count > shared.options.max_deliveries {
+        tracing::error!(task = %message.task, id = %message.id, deliveries = delivery.delivery_count,
+            "poison message: delivered too many times without finishing; dead-lettering it");
+        let decision = outcome::poison(
+            &message,
+            delivery.delivery_count,
+            shared.options.max_deliveries,
+        );
+        finish(shared, delivery, Some(&message), decision).await;
+        return slot;
+    }
+    if shared.revoked.get(&message.id).is_some() {
+        tracing::info!(task = %message.task, id = %message.id, "revoked; not run");
+        shared.stats.revoked.fetch_add(1, Ordering::Relaxed);
+        finish(
+            shared,
+            delivery,
+            Some(&message),
+            outcome::revoked(&message, "revoked"),
+        )
+        .await;
+        return slot;
+    }
     let now = Utc::now();
     if message.expires.is_some_and(|expires| expires <= now) {
         tracing::info!(task = %message.task, id = %message.id, "expired; not run");
         finish(shared, delivery, Some(&message), outcome::expired(&message)).await;
-        return;
+        return slot;
     }
     if let Some(eta) = message.eta
         && let Ok(wait) = (eta - now).to_std()
         && !wait.is_zero()
     {
-        // Never early: the broker's clock is in milliseconds, so round the wait up.
-        let wait = wait.max(Duration::from_millis(1));
-        // Not due yet: hand it back to the broker as a delayed message instead of holding it
-        // unacknowledged (Celery's ETA problem with RabbitMQ's consumer_timeout).
-        let republished = shared
-            .broker
-            .publish(&delivery.queue, &delivery.envelope, Some(wait))
-            .await;
-        match republished {
-            Ok(()) => settle(shared, delivery, &Settlement::Ack).await,
-            Err(error) => {
-                tracing::warn!(%error, "cannot delay a message; releasing it");
-                release(shared, delivery).await;
-            }
+        if wait > HOLD_AT_MOST {
+            // Not due yet: hand it back to the broker as a delayed message instead of
+            // holding it unacknowledged (Celery's ETA problem with RabbitMQ's
+            // consumer_timeout). The broker may deliver it up to a second early; the
+            // remainder is held here.
+            defer(shared, delivery, wait).await;
+            return slot;
         }
-        return;
+        slot = hold(shared, slot, wait).await;
     }
     let Some(plugin) = shared.registry.lookup(&message.task) else {
         tracing::error!(task = %message.task, id = %message.id, "received an unregistered task");
@@ -356,8 +506,28 @@ async fn process(shared: &Arc<Shared>, delivery: Delivery) {
             outcome::not_registered(&message),
         )
         .await;
-        return;
+        return slot;
     };
+    let policy = shared.options.task_policies.resolve(
+        &shared.options.retry,
+        plugin.task(&message.task).map(|t| &t.policy),
+        &message.task,
+    );
+    if let Some(rate) = policy.rate_limit {
+        match rate_turn(shared, &message.task, rate) {
+            RateTurn::After(wait) if wait.is_zero() => {}
+            RateTurn::After(wait) => {
+                shared.rate_waiting.fetch_add(1, Ordering::Relaxed);
+                slot = hold(shared, slot, wait).await;
+                shared.rate_waiting.fetch_sub(1, Ordering::Relaxed);
+            }
+            RateTurn::Defer(wait) => {
+                tracing::debug!(task = %message.task, id = %message.id, ?wait, "rate limited; deferring");
+                defer(shared, delivery, wait).await;
+                return slot;
+            }
+        }
+    }
     let reply = reply_of(&message);
     if shared.options.track_started {
         let mut started = ResultMeta::custom(
@@ -376,6 +546,15 @@ async fn process(shared: &Arc<Shared>, delivery: Delivery) {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .insert(run, cancel.clone());
+    shared
+        .running_ids
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(message.id.clone(), cancel.clone());
+    if shared.revoked.get(&message.id).is_some_and(|r| r.terminate) {
+        // Revoked with terminate while it waited: the listener may have missed it.
+        cancel.cancel();
+    }
     let request = CallRequest {
         task: message.task.clone(),
         id: message.id.clone(),
@@ -395,17 +574,27 @@ async fn process(shared: &Arc<Shared>, delivery: Delivery) {
         parent_id: message.parent_id.clone(),
         group_id: message.group.clone(),
         limits: LimitOverrides {
+            // A message may shorten the task's time limit, never lengthen it: the task's
+            // declared default (else the worker's) bounds what a sender can ask for, and the
+            // sandbox clamps everything to the ceiling.
             timeout: message
                 .time_limit
                 .filter(|t| *t > 0.0)
-                .map(Duration::from_secs_f64),
+                .and_then(|t| Duration::try_from_secs_f64(t).ok())
+                .map(|t| {
+                    let task_default = plugin
+                        .task(&message.task)
+                        .and_then(|info| info.limits.timeout)
+                        .unwrap_or(shared.registry.sandbox().config().defaults.timeout);
+                    t.min(task_default)
+                }),
             ..LimitOverrides::default()
         },
         soft_timeout: message
             .soft_time_limit
             .filter(|t| *t > 0.0)
-            .map(Duration::from_secs_f64),
-        cancel: Some(cancel),
+            .and_then(|t| Duration::try_from_secs_f64(t).ok()),
+        cancel: Some(cancel.clone()),
     };
     let started = Instant::now();
     let listener = state_listener(shared, reply.clone());
@@ -419,6 +608,11 @@ async fn process(shared: &Arc<Shared>, delivery: Delivery) {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .remove(&run);
+    shared
+        .running_ids
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(&message.id);
     let report = match result {
         Ok(report) => report,
         Err(CallError::UnknownTask { .. }) => {
@@ -429,26 +623,28 @@ async fn process(shared: &Arc<Shared>, delivery: Delivery) {
                 outcome::not_registered(&message),
             )
             .await;
-            return;
+            return slot;
         }
         Err(error @ CallError::Unavailable(_)) => {
             tracing::warn!(task = %message.task, id = %message.id, %error, "releasing the message for later");
             release(shared, delivery).await;
-            return;
+            return slot;
         }
     };
     if shared.aborting.load(Ordering::SeqCst) && !report.outcome.is_success() {
         release(shared, delivery).await;
-        return;
+        return slot;
     }
     log_outcome(&message, &report.outcome, started.elapsed());
-    let decision = outcome::decide(
-        &message,
-        &report.outcome,
-        &report.limits,
-        &shared.options.retry,
-    );
+    let decision = if cancel.is_cancelled() && !report.outcome.is_success() {
+        // Only revoke --terminate cancels outside shutdown.
+        shared.stats.revoked.fetch_add(1, Ordering::Relaxed);
+        outcome::revoked(&message, "terminated")
+    } else {
+        outcome::decide(&message, &report.outcome, &report.limits, &policy.retry)
+    };
     finish(shared, delivery, Some(&message), decision).await;
+    slot
 }
 
 /// Where an rpc result goes: the message's `reply_to`, correlated by its `correlation_id`

@@ -38,23 +38,7 @@ pub struct Decision {
     pub settlement: Settlement,
 }
 
-/// Retry behaviour when a task asks to be retried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Attempts after the first; past it the result is `MaxRetriesExceededError`. Default 3.
-    pub max_retries: u32,
-    /// Delay when the task gives none (Celery's `default_retry_delay`). Default 3 minutes.
-    pub default_delay: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            max_retries: 3,
-            default_delay: Duration::from_secs(180),
-        }
-    }
-}
+pub use crate::policy::RetryPolicy;
 
 /// Python's built-in exception names: failures of these kinds get `exc_module: builtins`
 /// so a Python client raises the real class.
@@ -112,8 +96,22 @@ pub fn decide(
             )),
             settlement: Settlement::Ack,
         },
-        Outcome::Failed { kind, message } => {
-            failed(ExceptionInfo::new(kind, module_for(kind), message.clone()))
+        Outcome::Failed {
+            kind,
+            message: text,
+        } => {
+            let exception = ExceptionInfo::new(kind, module_for(kind), text.clone());
+            // Celery's autoretry_for: retried like a retry request; past max_retries the
+            // failure itself is the result (Celery re-raises the original exception).
+            if policy.autoretries(kind) && message.retries < policy.max_retries {
+                let delay = policy.automatic_delay(message.retries);
+                Decision {
+                    meta: Some(ResultMeta::retry(id, &exception)),
+                    settlement: Settlement::RetryLater { delay },
+                }
+            } else {
+                failed(exception)
+            }
         }
         Outcome::InvalidArguments { message: text } => Decision {
             meta: Some(ResultMeta::failure(
@@ -226,9 +224,30 @@ pub fn not_registered(message: &TaskMessage) -> Decision {
 
 /// A message past its `expires`: REVOKED `TaskRevokedError("expired")`, acked.
 pub fn expired(message: &TaskMessage) -> Decision {
+    revoked(message, "expired")
+}
+
+/// A revoked task (`reason` is `revoked`, or `terminated` when it was interrupted):
+/// REVOKED `TaskRevokedError(reason)`, acked.
+pub fn revoked(message: &TaskMessage, reason: &str) -> Decision {
     Decision {
-        meta: Some(ResultMeta::revoked(&message.id, "expired")),
+        meta: Some(ResultMeta::revoked(&message.id, reason)),
         settlement: Settlement::Ack,
+    }
+}
+
+/// A message delivered more than `max_deliveries` times without being settled (its worker
+/// died each time): FAILURE `WorkerLostError`, dead-lettered instead of looping forever.
+pub fn poison(message: &TaskMessage, deliveries: u32, max_deliveries: u32) -> Decision {
+    let reason = format!(
+        "poison message: delivered {deliveries} times without finishing (max_deliveries {max_deliveries})"
+    );
+    Decision {
+        meta: Some(ResultMeta::failure(
+            &message.id,
+            &ExceptionInfo::new("WorkerLostError", "billiard.exceptions", reason.clone()),
+        )),
+        settlement: Settlement::DeadLetter { reason },
     }
 }
 
@@ -340,6 +359,41 @@ mod tests {
         let d = decide(&message(3), &retry, &limits, &policy);
         assert_eq!(exc(&d).exc_type, "MaxRetriesExceededError");
         assert_eq!(d.settlement, Settlement::Ack);
+
+        let autoretry = RetryPolicy {
+            autoretry_for: vec!["ConnectionError".into()],
+            backoff: Some(Duration::from_millis(100)),
+            jitter: false,
+            max_retries: 2,
+            ..RetryPolicy::default()
+        };
+        let refused = Outcome::Failed {
+            kind: "ConnectionError".into(),
+            message: "refused".into(),
+        };
+        let d = decide(&message(1), &refused, &limits, &autoretry);
+        assert_eq!(d.meta.as_ref().unwrap().status, TaskState::Retry);
+        assert_eq!(exc(&d).exc_type, "ConnectionError");
+        assert_eq!(
+            d.settlement,
+            Settlement::RetryLater {
+                delay: Duration::from_millis(200)
+            },
+            "backoff factor × 2^retries"
+        );
+        let d = decide(&message(2), &refused, &limits, &autoretry);
+        assert_eq!(d.meta.as_ref().unwrap().status, TaskState::Failure);
+        assert_eq!(
+            exc(&d).exc_type,
+            "ConnectionError",
+            "the failure itself, once retries are spent"
+        );
+        let d = decide(&message(0), &failed, &limits, &autoretry);
+        assert_eq!(
+            d.meta.as_ref().unwrap().status,
+            TaskState::Failure,
+            "not listed"
+        );
 
         let d = decide(
             &m,

@@ -35,6 +35,27 @@ struct TaskOptions {
     fuel: Option<u64>,
     memory_bytes: Option<u64>,
     timeout_ms: Option<u64>,
+    autoretry_for: Vec<String>,
+    max_retries: Option<u32>,
+    default_retry_delay_ms: Option<u64>,
+    retry_backoff_ms: Option<u64>,
+    retry_backoff_max_ms: Option<u64>,
+    retry_jitter: Option<bool>,
+    rate_limit: Option<String>,
+}
+
+/// Every option `#[task(...)]` accepts, for error messages.
+const OPTION_NAMES: &str = "name, fuel, memory, timeout, autoretry_for, max_retries, \
+     default_retry_delay, retry_backoff, retry_backoff_max, retry_jitter or rate_limit";
+
+/// Checks a Celery rate limit: `N/s`, `N/m`, `N/h` or `N` (per second), N > 0.
+fn valid_rate_limit(text: &str) -> bool {
+    let (number, unit) = text.split_once('/').unwrap_or((text, "s"));
+    matches!(unit.trim(), "s" | "m" | "h")
+        && number
+            .trim()
+            .parse::<f64>()
+            .is_ok_and(|n| n.is_finite() && n > 0.0)
 }
 
 fn parse_options(attr: proc_macro2::TokenStream) -> syn::Result<TaskOptions> {
@@ -44,7 +65,7 @@ fn parse_options(attr: proc_macro2::TokenStream) -> syn::Result<TaskOptions> {
         let Meta::NameValue(nv) = &meta else {
             return Err(syn::Error::new(
                 meta.span(),
-                "expected `name = \"...\"`, `fuel = N`, `memory = \"64MiB\"` or `timeout = \"2s\"`",
+                format!("expected `option = value` with option one of {OPTION_NAMES}"),
             ));
         };
         let key = nv
@@ -52,6 +73,28 @@ fn parse_options(attr: proc_macro2::TokenStream) -> syn::Result<TaskOptions> {
             .get_ident()
             .map(ToString::to_string)
             .unwrap_or_default();
+        if key == "autoretry_for" {
+            let Expr::Array(array) = &nv.value else {
+                return Err(syn::Error::new(
+                    nv.value.span(),
+                    "expected a list of failure kinds, e.g. [\"ConnectionError\"]",
+                ));
+            };
+            for element in &array.elems {
+                match element {
+                    Expr::Lit(ExprLit {
+                        lit: Lit::Str(s), ..
+                    }) if !s.value().trim().is_empty() => options.autoretry_for.push(s.value()),
+                    other => {
+                        return Err(syn::Error::new(
+                            other.span(),
+                            "expected a failure kind as a string, e.g. \"ConnectionError\"",
+                        ));
+                    }
+                }
+            }
+            continue;
+        }
         let Expr::Lit(ExprLit { lit, .. }) = &nv.value else {
             return Err(syn::Error::new(nv.value.span(), "expected a literal"));
         };
@@ -78,16 +121,52 @@ fn parse_options(attr: proc_macro2::TokenStream) -> syn::Result<TaskOptions> {
                     syn::Error::new(s.span(), "expected a duration like \"2s\" or \"500ms\"")
                 })?);
             }
-            ("name" | "memory" | "timeout", other) => {
+            ("max_retries", Lit::Int(n)) => options.max_retries = Some(n.base10_parse()?),
+            ("retry_jitter", Lit::Bool(b)) => options.retry_jitter = Some(b.value),
+            (
+                key @ ("default_retry_delay" | "retry_backoff" | "retry_backoff_max"),
+                Lit::Str(s),
+            ) => {
+                let ms = parse_duration_ms(&s.value()).ok_or_else(|| {
+                    syn::Error::new(s.span(), "expected a duration like \"2s\" or \"500ms\"")
+                })?;
+                match key {
+                    "default_retry_delay" => options.default_retry_delay_ms = Some(ms),
+                    "retry_backoff" => options.retry_backoff_ms = Some(ms),
+                    _ => options.retry_backoff_max_ms = Some(ms),
+                }
+            }
+            ("rate_limit", Lit::Str(s)) => {
+                if !valid_rate_limit(&s.value()) {
+                    return Err(syn::Error::new(
+                        s.span(),
+                        "expected a rate like \"100/s\", \"10/m\" or \"1/h\"",
+                    ));
+                }
+                options.rate_limit = Some(s.value());
+            }
+            (
+                "name"
+                | "memory"
+                | "timeout"
+                | "default_retry_delay"
+                | "retry_backoff"
+                | "retry_backoff_max"
+                | "rate_limit",
+                other,
+            ) => {
                 return Err(syn::Error::new(other.span(), "expected a string literal"));
             }
-            ("fuel", other) => {
+            ("retry_jitter", other) => {
+                return Err(syn::Error::new(other.span(), "expected true or false"));
+            }
+            ("fuel" | "max_retries", other) => {
                 return Err(syn::Error::new(other.span(), "expected an integer literal"));
             }
             _ => {
                 return Err(syn::Error::new(
                     nv.path.span(),
-                    format!("unknown task option `{key}`; expected name, fuel, memory or timeout"),
+                    format!("unknown task option `{key}`; expected {OPTION_NAMES}"),
                 ));
             }
         }
@@ -310,6 +389,22 @@ fn expand(
     let fuel = option_tokens(options.fuel);
     let memory = option_tokens(options.memory_bytes);
     let timeout = option_tokens(options.timeout_ms);
+    let default_retry_delay = option_tokens(options.default_retry_delay_ms);
+    let retry_backoff = option_tokens(options.retry_backoff_ms);
+    let retry_backoff_max = option_tokens(options.retry_backoff_max_ms);
+    let max_retries = match options.max_retries {
+        Some(v) => quote!(::core::option::Option::Some(#v)),
+        None => quote!(::core::option::Option::None),
+    };
+    let retry_jitter = match options.retry_jitter {
+        Some(v) => quote!(::core::option::Option::Some(#v)),
+        None => quote!(::core::option::Option::None),
+    };
+    let rate_limit = match &options.rate_limit {
+        Some(v) => quote!(::core::option::Option::Some(#v)),
+        None => quote!(::core::option::Option::None),
+    };
+    let autoretry_for = &options.autoretry_for;
     let vis = &item_fn.vis;
     let ctx_param = if takes_context {
         quote!(__ctx)
@@ -333,6 +428,15 @@ fn expand(
                 fuel: #fuel,
                 memory_bytes: #memory,
                 timeout_ms: #timeout,
+                policy: ::wasmq_sdk::__private::PolicyDef {
+                    autoretry_for: &[#(#autoretry_for),*],
+                    max_retries: #max_retries,
+                    default_retry_delay_ms: #default_retry_delay,
+                    retry_backoff_ms: #retry_backoff,
+                    retry_backoff_max_ms: #retry_backoff_max,
+                    retry_jitter: #retry_jitter,
+                    rate_limit: #rate_limit,
+                },
                 call: {
                     fn __wasmq_call(
                         #ctx_param: &::wasmq_sdk::TaskContext,
@@ -393,5 +497,37 @@ mod tests {
         let item: ItemFn = syn::parse_str("fn f(a: i64) -> i64 { a }").unwrap();
         let err = expand(quote!(colour = "red"), &item).err().unwrap();
         assert!(err.to_string().contains("unknown task option `colour`"));
+        let bad_options = [
+            (quote!(rate_limit = "fast"), "expected a rate like"),
+            (quote!(rate_limit = "0/s"), "expected a rate like"),
+            (quote!(retry_backoff = "soon"), "expected a duration"),
+            (quote!(autoretry_for = "ConnectionError"), "expected a list"),
+            (quote!(autoretry_for = [1]), "expected a failure kind"),
+            (quote!(retry_jitter = "yes"), "expected true or false"),
+            (quote!(max_retries = "3"), "expected an integer"),
+        ];
+        for (attr, expected) in bad_options {
+            let err = expand(attr.clone(), &item)
+                .err()
+                .unwrap_or_else(|| panic!("{attr} accepted"));
+            assert!(err.to_string().contains(expected), "{attr}: {err}");
+        }
+        let options = parse_options(quote!(
+            autoretry_for = ["ConnectionError", "TimeoutError"],
+            max_retries = 5,
+            retry_backoff = "1s",
+            retry_backoff_max = "1m",
+            retry_jitter = false,
+            default_retry_delay = "30s",
+            rate_limit = "10/m"
+        ))
+        .unwrap();
+        assert_eq!(options.autoretry_for, ["ConnectionError", "TimeoutError"]);
+        assert_eq!(options.max_retries, Some(5));
+        assert_eq!(options.retry_backoff_ms, Some(1000));
+        assert_eq!(options.retry_backoff_max_ms, Some(60_000));
+        assert_eq!(options.retry_jitter, Some(false));
+        assert_eq!(options.default_retry_delay_ms, Some(30_000));
+        assert_eq!(options.rate_limit.as_deref(), Some("10/m"));
     }
 }
