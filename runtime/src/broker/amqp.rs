@@ -804,13 +804,16 @@ impl Broker for AmqpBroker {
         node: &str,
     ) -> Result<tokio::sync::mpsc::Receiver<Revocation>, BrokerError> {
         let (sender, receiver) = mpsc::channel(256);
-        // Declared before returning, so a revocation made once this returns reaches us.
+        // Declared before returning when the broker is up, so a revocation made once this
+        // returns reaches us; when it is down, the listener declares it once connected.
         let queue = revoke_queue(node);
-        self.with_session(|session| {
-            let queue = queue.clone();
-            async move { declare_revoke_queue(&session.publisher, &queue).await }
-        })
-        .await?;
+        let declared = match self.session().await {
+            Ok(session) => declare_revoke_queue(&session.publisher, &queue).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = declared {
+            tracing::warn!(%error, "revocations: cannot reach the broker yet; listening once connected");
+        }
         let broker = self.clone();
         let node = node.to_owned();
         tokio::spawn(async move {
