@@ -135,3 +135,65 @@ fn inspect_lists_tasks_with_parameters_limits_and_docs() {
     assert_eq!(code, 4);
     assert_eq!(stderr, "error: Cargo is not a WebAssembly file\n");
 }
+
+#[test]
+fn send_follows_the_config_routes_and_revoke_broadcasts() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("wasmq.db").display());
+    let config = dir.path().join("wasmq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "broker = \"{url}\"\nresult_backend = \"{url}\"\n[routes]\n\"math.*\" = \"math\"\n"
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let (code, id, stderr) = run(&["send", "--config", config, "math.add", "[1, 2]"]);
+    assert_eq!((code, stderr.as_str()), (0, ""), "{id}");
+    let (code, other, _) = run(&["send", "--config", config, "text.slugify", "[\"A b\"]"]);
+    assert_eq!(code, 0, "{other}");
+    let broker = wasmq::broker::connect(&url).unwrap();
+    crate::support::runtime().block_on(async {
+        assert_eq!(broker.queue_length("math").await.unwrap(), 1, "routed");
+        assert_eq!(
+            broker.queue_length("celery").await.unwrap(),
+            1,
+            "the default queue"
+        );
+    });
+
+    let (code, stdout, stderr) = run(&["revoke", "--config", config, id.trim(), "--terminate"]);
+    assert_eq!(
+        (code, stdout, stderr),
+        (
+            0,
+            format!("revoked {} (terminate)\n", id.trim()),
+            String::new()
+        )
+    );
+    let seen = crate::support::runtime().block_on(async {
+        let mut revocations = broker.revocations("cli-test").await.unwrap();
+        revocations.recv().await.unwrap()
+    });
+    assert_eq!((seen.task_id.as_str(), seen.terminate), (id.trim(), true));
+
+    let (code, _, stderr) = run(&["revoke", "--config", config]);
+    assert_eq!(code, 2, "no id is a usage error: {stderr}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[routes]\n\"math.*\" = \"\"\n").unwrap();
+    let (code, _, stderr) = run(&[
+        "send",
+        "--config",
+        bad.to_str().unwrap(),
+        "math.add",
+        "[1, 2]",
+    ]);
+    assert_eq!(
+        (code, stderr.as_str()),
+        (
+            2,
+            "error: routes: route \"math.*\" needs a task pattern and a queue\n"
+        )
+    );
+}
