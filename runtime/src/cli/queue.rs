@@ -23,13 +23,17 @@ pub(super) struct Endpoints {
     /// Result backend URL. Default: sqlite://.wasmq/wasmq.db (the embedded backend).
     #[arg(long, env = "WASMQ_RESULT_BACKEND")]
     result_backend: Option<String>,
+    /// Hold delayed messages (countdown, eta, retries) in Redis until due, e.g.
+    /// redis://127.0.0.1:6379/0, instead of in the broker. Default: in the broker.
+    #[arg(long, env = "WASMQ_SCHEDULER")]
+    scheduler: Option<String>,
 }
 
 impl Endpoints {
     fn client(&self) -> Result<Client, Failure> {
         let broker_url = self.broker.as_deref().unwrap_or(DEFAULT_DATABASE_URL);
-        let broker =
-            crate::broker::connect(broker_url).map_err(|e| Failure::bad_input(format!("{e:#}")))?;
+        let broker = crate::scheduler::connect(broker_url, self.scheduler.as_deref())
+            .map_err(|e| Failure::bad_input(format!("{e:#}")))?;
         let backend = crate::results::connect(
             self.result_backend
                 .as_deref()
@@ -110,6 +114,7 @@ impl WorkerArgs {
         RawConfig {
             broker: self.endpoints.broker.clone(),
             result_backend: self.endpoints.result_backend.clone(),
+            scheduler: self.endpoints.scheduler.clone(),
             plugins: self.plugins.clone(),
             queues: self.queues.clone(),
             concurrency: self.concurrency,
@@ -169,8 +174,8 @@ pub(super) async fn worker(args: WorkerArgs) -> Result<(), Failure> {
     }
     let config = WorkerConfig::resolve(raw).map_err(Failure::bad_input)?;
 
-    let broker =
-        crate::broker::connect(&config.broker).map_err(|e| Failure::bad_input(format!("{e:#}")))?;
+    let broker = crate::scheduler::connect(&config.broker, config.scheduler.as_deref())
+        .map_err(|e| Failure::bad_input(format!("{e:#}")))?;
     let backend = crate::results::connect(
         &config.result_backend,
         config.result_expires,
