@@ -180,7 +180,8 @@ fn a_delayed_task_survives_a_worker_restart_before_it_is_due() {
         let broker = amqp();
         let worker = InProcessWorker::start(Arc::clone(&broker), &queue).await;
         let client = client(Arc::clone(&broker), &queue);
-        let sent = send_add(&client, 20, 22, Duration::from_secs(3)).await;
+        // Long enough for the new worker to load its plugins before the task is due.
+        let sent = send_add(&client, 20, 22, Duration::from_secs(8)).await;
         worker.stop().await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let worker = InProcessWorker::start(amqp(), &queue).await;
@@ -390,7 +391,10 @@ fn a_claim_whose_scheduler_died_is_published_exactly_once_after_its_lease() {
             }
         );
         assert_eq!(one + two, 49, "{one} + {two}");
-        let mut consumer = broker.consume(std::slice::from_ref(&queue), 100).await.unwrap();
+        let mut consumer = broker
+            .consume(std::slice::from_ref(&queue), 100)
+            .await
+            .unwrap();
         for _ in 0..50 {
             let delivery = tokio::time::timeout(WAIT, consumer.next())
                 .await

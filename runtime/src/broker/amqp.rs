@@ -807,7 +807,15 @@ async fn consume_once(
         .await
         .map_err(|e| lapin_error("cannot open a channel", &e))?;
     channel
-        .basic_qos(prefetch, BasicQosOptions { global: true })
+        // One queue: per-consumer QoS, the same limit, and the only kind quorum queues (e.g.
+        // declared by Celery for native delayed delivery) accept. Several queues: one limit
+        // for the channel, as Celery sets it.
+        .basic_qos(
+            prefetch,
+            BasicQosOptions {
+                global: queues.len() > 1,
+            },
+        )
         .await
         .map_err(|e| lapin_error("cannot set QoS", &e))?;
     let mut streams = Vec::new();
@@ -862,7 +870,16 @@ async fn consume_once(
                         _channel: Arc::clone(&channel),
                     });
                     let ours = Delivery::new(envelope, queue, delivery_count, delivery.delivery_tag, settler);
-                    if deliveries.send(Ok(ours)).await.is_err() {
+                    if let Err(mpsc::error::SendError(unsent)) = deliveries.send(Ok(ours)).await {
+                        // The consumer is closing: give it back and stop consuming, or the
+                        // broker keeps delivering to a consumer nobody reads.
+                        if let Ok(unsent) = unsent {
+                            let _ = unsent.release().await;
+                        }
+                        for tag in &tags {
+                            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                        }
+                        let _ = consuming.send(false);
                         return Ok(Ended::Stopped);
                     }
                 }
@@ -1112,6 +1129,10 @@ impl Consumer for AmqpConsumer {
                 let _ = delivery.release().await;
             }
         }
+        // Let the supervisor cancel its consumers: aborted in the middle of starting one
+        // (dropped right after a quick stop), it would leave a consumer on a connection that
+        // lives on (shared with a client), holding the messages it is sent unacked.
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.supervisor).await;
     }
 
     fn consuming(&self) -> Option<watch::Receiver<bool>> {
