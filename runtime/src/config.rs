@@ -7,6 +7,8 @@
 //! ```toml
 //! broker = "sqlite://.wasmq/wasmq.db"          # WASMQ_BROKER, --broker
 //! result_backend = "sqlite://.wasmq/wasmq.db"  # WASMQ_RESULT_BACKEND, --result-backend
+//! scheduler = "redis://127.0.0.1:6379/0"       # WASMQ_SCHEDULER, --scheduler (default: none,
+//!                                              # the broker delays messages itself)
 //! plugins = ".wasmq/plugins"                   # WASMQ_PLUGINS, --plugins
 //! queues = ["celery"]                          # WASMQ_QUEUES, --queues a,b
 //! concurrency = 2                              # WASMQ_CONCURRENCY, --concurrency (default: CPUs)
@@ -80,6 +82,8 @@ pub struct RawConfig {
     pub broker: Option<String>,
     /// Result backend URL.
     pub result_backend: Option<String>,
+    /// Redis URL of the scheduler holding delayed messages (none: the broker holds them).
+    pub scheduler: Option<String>,
     /// Plugin folder.
     pub plugins: Option<PathBuf>,
     /// Queues to consume.
@@ -176,6 +180,7 @@ impl RawConfig {
         RawConfig {
             broker: self.broker.or(lower.broker),
             result_backend: self.result_backend.or(lower.result_backend),
+            scheduler: self.scheduler.or(lower.scheduler),
             plugins: self.plugins.or(lower.plugins),
             queues: self.queues.or(lower.queues),
             concurrency: self.concurrency.or(lower.concurrency),
@@ -229,6 +234,8 @@ pub struct WorkerConfig {
     pub broker: String,
     /// Result backend URL.
     pub result_backend: String,
+    /// Redis URL of the scheduler holding delayed messages (`None`: the broker holds them).
+    pub scheduler: Option<String>,
     /// Plugin folder.
     pub plugins: PathBuf,
     /// Result retention.
@@ -347,6 +354,7 @@ impl WorkerConfig {
             result_backend: raw
                 .result_backend
                 .unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
+            scheduler: raw.scheduler,
             plugins: raw.plugins.unwrap_or_else(|| DEFAULT_PLUGIN_FOLDER.into()),
             result_expires: duration(
                 "result_expires",

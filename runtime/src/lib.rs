@@ -14,6 +14,7 @@
 //!                rights -> exactly one Outcome
 //!   -> worker    decide once: result meta + ack | retry | dead-letter (worker/outcome.rs)
 //! results    store Celery meta; clients wait on it                    (results/)
+//! scheduler  optionally hold delayed messages in Redis until due      (scheduler/)
 //! broker     settle the message (late ack, after the result is stored)
 //! ```
 //!
@@ -29,6 +30,7 @@ pub mod engine;
 pub mod policy;
 pub mod protocol;
 pub mod results;
+pub mod scheduler;
 mod sqlite;
 pub mod worker;
 

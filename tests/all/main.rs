@@ -4,6 +4,7 @@
 mod bad_plugins;
 mod cache;
 mod cli;
+mod delays;
 mod hostile;
 mod interop;
 mod limits;

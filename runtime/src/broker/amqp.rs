@@ -11,11 +11,12 @@
 //! in the `x-wasmq-dead-reason` header, then the original is acked. The work queue itself
 //! gets no `x-dead-letter-*` arguments: Python clients declare it without them.
 //!
-//! **Delays** (countdown, eta, retry backoff) never hold a message unacked: a delayed message
-//! goes to `wasmq.delay.<queue>.<ms>`, a durable queue whose `x-message-ttl` is that delay
-//! and whose dead-letter route is the work queue. Every delay value has its own queue, so a
-//! short delay never waits behind a long one; delays are rounded up (10 ms under 1 s, 100 ms
-//! under a minute, 1 s beyond) to bound the number of queues, and idle delay queues expire.
+//! **Delays** (countdown, eta, retry backoff) never hold a message unacked: they go through
+//! Celery 5.5's *native delayed delivery* topology — 28 level queues `celery_delayed_0..27`
+//! that hold a message for the binary digits of its delay in whole seconds, then the topic
+//! exchange `celery_delayed_delivery`, to which every work queue is bound with `#.<queue>`.
+//! A delay under a second goes straight to the work queue; the worker waits out the
+//! fraction using the message's `eta`. See [`delayed`] for the layout.
 //!
 //! **Reliability**: every publish is confirmed by the broker (publisher confirms); the
 //! consumer uses per-channel QoS = prefetch; a supervisor reconnects with backoff after the
@@ -43,6 +44,8 @@ use tokio::sync::{mpsc, watch};
 use super::{Broker, BrokerError, Consumer, DeadLetter, Delivery, Revocation, Settle};
 use crate::protocol::{Envelope, Properties};
 
+pub mod delayed;
+
 /// Header carrying why a message was dead-lettered.
 pub const DEAD_REASON_HEADER: &str = "x-wasmq-dead-reason";
 /// Header carrying how many times a dead-lettered message had been delivered.
@@ -57,8 +60,10 @@ pub fn dead_letter_queue(queue: &str) -> String {
 struct Session {
     connection: Connection,
     publisher: Channel,
-    /// Queues (and delay queues) declared on this connection.
+    /// Work queues declared (and bound for delayed delivery) on this connection.
     declared: Mutex<HashSet<String>>,
+    /// Set once the delay levels are declared on this connection.
+    delay_levels: tokio::sync::OnceCell<()>,
 }
 
 struct Inner {
@@ -67,6 +72,8 @@ struct Inner {
     /// The URI without credentials, for logs.
     shown: String,
     name: String,
+    /// The type the delay levels are declared with (`?delayed_queue_type=` in the URI).
+    delayed_queue_type: delayed::QueueType,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
 }
 
@@ -109,22 +116,10 @@ fn lapin_error(what: &str, error: &lapin::Error) -> BrokerError {
     BrokerError::Amqp(format!("{what}: {error}"))
 }
 
-/// Rounds a delay up to the granularity of the delay queues.
-fn delay_bucket_ms(delay: Duration) -> u64 {
-    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX).max(1);
-    let step = if ms < 1_000 {
-        10
-    } else if ms < 60_000 {
-        100
-    } else {
-        1_000
-    };
-    ms.div_ceil(step) * step
-}
-
 impl AmqpBroker {
     /// A broker for `uri` (`amqp://user:pass@host:port/vhost` or `amqps://…`). Nothing is
-    /// connected until first use.
+    /// connected until first use. The query parameter `delayed_queue_type=quorum` declares
+    /// the delay levels as quorum queues (default `classic`; see [`delayed`]).
     ///
     /// # Errors
     /// [`BrokerError::UnsupportedUrl`] when the URI does not parse.
@@ -140,6 +135,12 @@ impl AmqpBroker {
         let parsed: lapin::uri::AMQPUri = uri
             .parse()
             .map_err(|e| BrokerError::UnsupportedUrl(format!("{uri} ({e})")))?;
+        let delayed_queue_type = match query_parameter(uri, "delayed_queue_type") {
+            Some(value) => value
+                .parse()
+                .map_err(|e| BrokerError::UnsupportedUrl(format!("{uri} ({e})")))?,
+            None => delayed::QueueType::default(),
+        };
         let shown = format!(
             "{}://{}:{}/{}",
             if uri.starts_with("amqps") {
@@ -161,6 +162,7 @@ impl AmqpBroker {
                     std::process::id(),
                     gethostname::gethostname().to_string_lossy()
                 ),
+                delayed_queue_type,
                 session: tokio::sync::Mutex::new(None),
             }),
         })
@@ -192,6 +194,7 @@ impl AmqpBroker {
             connection,
             publisher,
             declared: Mutex::new(HashSet::new()),
+            delay_levels: tokio::sync::OnceCell::new(),
         });
         *guard = Some(Arc::clone(&session));
         tracing::debug!(broker = %self.inner.shown, "connected");
@@ -207,9 +210,10 @@ impl AmqpBroker {
     }
 
     /// Declares `queue` the way Celery does (durable queue, durable direct exchange of the
-    /// same name, bound by the queue name), and its dead-letter queue. A queue that already
-    /// exists with other arguments (a 406 from RabbitMQ, on a throwaway channel) is used as
-    /// it is.
+    /// same name, bound by the queue name), and its dead-letter queue, and binds it to the
+    /// delayed-delivery exchange (declaring the delay levels first, once per connection). A
+    /// queue that already exists with other arguments (a 406 from RabbitMQ, on a throwaway
+    /// channel) is used as it is.
     async fn ensure_queue(&self, session: &Session, queue: &str) -> Result<(), BrokerError> {
         if session
             .declared
@@ -234,7 +238,7 @@ impl AmqpBroker {
         }
         match probe.queue_declare(queue.into(), durable, arguments).await {
             Ok(_) => {
-                probe
+                let exchange = probe
                     .exchange_declare(
                         queue.into(),
                         ExchangeKind::Direct,
@@ -244,19 +248,27 @@ impl AmqpBroker {
                         },
                         FieldTable::default(),
                     )
-                    .await
-                    .map_err(|e| lapin_error(&format!("cannot declare exchange {queue}"), &e))?;
-                probe
-                    .queue_bind(
-                        queue.into(),
-                        queue.into(),
-                        queue.into(),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(|e| lapin_error(&format!("cannot bind queue {queue}"), &e))?;
-                let _ = probe.close(200, "OK".into()).await;
+                    .await;
+                match exchange {
+                    Ok(()) => {
+                        probe
+                            .queue_bind(
+                                queue.into(),
+                                queue.into(),
+                                queue.into(),
+                                QueueBindOptions::default(),
+                                FieldTable::default(),
+                            )
+                            .await
+                            .map_err(|e| lapin_error(&format!("cannot bind queue {queue}"), &e))?;
+                        let _ = probe.close(200, "OK".into()).await;
+                    }
+                    // Declared by Python with another exchange type (say topic, for native
+                    // delayed delivery): wasmq publishes to the default exchange anyway.
+                    Err(error) => {
+                        tracing::info!(queue, %error, "the exchange exists with another type; using it as it is");
+                    }
+                }
             }
             Err(error) => {
                 tracing::info!(queue, %error, "the queue exists with other arguments; using it as it is");
@@ -269,65 +281,18 @@ impl AmqpBroker {
             .await
             .map_err(|e| lapin_error(&format!("cannot declare queue {dead}"), &e))?;
         session
+            .delay_levels
+            .get_or_try_init(|| {
+                delayed::declare_topology(&session.connection, self.inner.delayed_queue_type)
+            })
+            .await?;
+        delayed::bind_queue(&session.publisher, queue).await?;
+        session
             .declared
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(queue.to_owned());
         Ok(())
-    }
-
-    /// Declares the delay queue for `delay` in front of `queue`; returns its name.
-    async fn ensure_delay_queue(
-        &self,
-        session: &Session,
-        queue: &str,
-        delay: Duration,
-    ) -> Result<String, BrokerError> {
-        let ms = delay_bucket_ms(delay);
-        let name = format!("wasmq.delay.{queue}.{ms}");
-        if session
-            .declared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(&name)
-        {
-            return Ok(name);
-        }
-        let mut arguments = FieldTable::default();
-        arguments.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
-        );
-        arguments.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("".into()),
-        );
-        arguments.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(queue.into()),
-        );
-        arguments.insert(
-            "x-expires".into(),
-            AMQPValue::LongLongInt(i64::try_from(ms.saturating_add(60_000)).unwrap_or(i64::MAX)),
-        );
-        session
-            .publisher
-            .queue_declare(
-                name.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                arguments,
-            )
-            .await
-            .map_err(|e| lapin_error(&format!("cannot declare delay queue {name}"), &e))?;
-        session
-            .declared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(name.clone());
-        Ok(name)
     }
 
     /// Publishes `body` to `routing_key` on the default exchange and waits for the
@@ -339,10 +304,24 @@ impl AmqpBroker {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), BrokerError> {
+        self.publish_confirmed_to(session, "", routing_key, body, properties)
+            .await
+    }
+
+    /// Publishes `body` to `exchange` with `routing_key` and waits for the broker's
+    /// confirmation.
+    async fn publish_confirmed_to(
+        &self,
+        session: &Session,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BrokerError> {
         let confirm = session
             .publisher
             .basic_publish(
-                "".into(),
+                exchange.into(),
                 routing_key.into(),
                 BasicPublishOptions::default(),
                 body,
@@ -467,6 +446,15 @@ impl AmqpBroker {
         });
         Ok(())
     }
+}
+
+/// The value of query parameter `name` in `uri`, if given.
+fn query_parameter<'a>(uri: &'a str, name: &str) -> Option<&'a str> {
+    let (_, query) = uri.split_once('?')?;
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find_map(|(key, value)| (key == name).then_some(value))
 }
 
 /// JSON header values → AMQP field values (py-amqp's typing: `I` for ints that fit 32 bits,
@@ -595,15 +583,26 @@ impl Broker for AmqpBroker {
         envelope: &Envelope,
         delay: Option<Duration>,
     ) -> Result<(), BrokerError> {
-        let delay = delay.filter(|d| !d.is_zero());
+        // The levels carry whole seconds; the worker waits out a fraction (see `delayed`).
+        let seconds = delay.map_or(0, |d| d.as_secs());
         self.with_session(|session| async move {
             self.ensure_queue(&session, queue).await?;
-            let target = match delay {
-                Some(delay) => self.ensure_delay_queue(&session, queue, delay).await?,
-                None => queue.to_owned(),
-            };
-            self.publish_confirmed(&session, &target, &envelope.body, properties_of(envelope))
-                .await
+            if seconds == 0 {
+                return self
+                    .publish_confirmed(&session, queue, &envelope.body, properties_of(envelope))
+                    .await;
+            }
+            let mut held = envelope.clone();
+            held.headers
+                .retain(|name, _| !delayed::is_dead_letter_header(name));
+            self.publish_confirmed_to(
+                &session,
+                &delayed::entry_exchange(),
+                &delayed::routing_key(seconds, queue),
+                &held.body,
+                properties_of(&held),
+            )
+            .await
         })
         .await
     }
@@ -725,19 +724,16 @@ impl Broker for AmqpBroker {
 
     async fn delete_queue(&self, queue: &str) -> Result<(), BrokerError> {
         self.with_session(|session| async move {
-            let delay_prefix = format!("wasmq.delay.{queue}.");
-            let delays: Vec<String> = session
-                .declared
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .iter()
-                .filter(|name| name.starts_with(&delay_prefix))
-                .cloned()
-                .collect();
-            for name in [queue.to_owned(), dead_letter_queue(queue)]
-                .into_iter()
-                .chain(delays)
-            {
+            // The shared delay levels stay; only this queue's way out of them goes.
+            let channel = session
+                .connection
+                .create_channel()
+                .await
+                .map_err(|e| lapin_error("cannot open a channel", &e))?;
+            if delayed::unbind_queue(&channel, queue).await.is_ok() {
+                let _ = channel.close(200, "OK".into()).await;
+            }
+            for name in [queue.to_owned(), dead_letter_queue(queue)] {
                 let channel = session
                     .connection
                     .create_channel()
@@ -761,7 +757,7 @@ impl Broker for AmqpBroker {
                 .declared
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .retain(|name| name != queue && !name.starts_with(&delay_prefix));
+                .retain(|name| name != queue);
             Ok(())
         })
         .await
@@ -1082,7 +1078,15 @@ async fn consume_once(
         .await
         .map_err(|e| lapin_error("cannot open a channel", &e))?;
     channel
-        .basic_qos(prefetch, BasicQosOptions { global: true })
+        // One queue: per-consumer QoS, the same limit, and the only kind quorum queues (e.g.
+        // declared by Celery for native delayed delivery) accept. Several queues: one limit
+        // for the channel, as Celery sets it.
+        .basic_qos(
+            prefetch,
+            BasicQosOptions {
+                global: queues.len() > 1,
+            },
+        )
         .await
         .map_err(|e| lapin_error("cannot set QoS", &e))?;
     let mut streams = Vec::new();
@@ -1158,7 +1162,16 @@ async fn consume_once(
                         continue;
                     }
                     let ours = Delivery::new(envelope, queue, delivery_count, delivery.delivery_tag, settler);
-                    if deliveries.send(Ok(ours)).await.is_err() {
+                    if let Err(mpsc::error::SendError(unsent)) = deliveries.send(Ok(ours)).await {
+                        // The consumer is closing: give it back and stop consuming, or the
+                        // broker keeps delivering to a consumer nobody reads.
+                        if let Ok(unsent) = unsent {
+                            let _ = unsent.release().await;
+                        }
+                        for tag in &tags {
+                            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                        }
+                        let _ = consuming.send(false);
                         return Ok(Ended::Stopped);
                     }
                 }
@@ -1408,6 +1421,10 @@ impl Consumer for AmqpConsumer {
                 let _ = delivery.release().await;
             }
         }
+        // Let the supervisor cancel its consumers: aborted in the middle of starting one
+        // (dropped right after a quick stop), it would leave a consumer on a connection that
+        // lives on (shared with a client), holding the messages it is sent unacked.
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.supervisor).await;
     }
 
     fn consuming(&self) -> Option<watch::Receiver<bool>> {
@@ -1489,14 +1506,6 @@ mod tests {
         let ping = br#"{"method":"ping","arguments":{},"destination":null}"#;
         assert!(revocations_in(ping, "w1").unwrap().is_empty());
         assert!(revocations_in(b"not json", "w1").is_err());
-    }
-
-    #[test]
-    fn delays_round_up_to_their_bucket() {
-        assert_eq!(delay_bucket_ms(Duration::from_millis(1)), 10);
-        assert_eq!(delay_bucket_ms(Duration::from_millis(995)), 1_000);
-        assert_eq!(delay_bucket_ms(Duration::from_millis(1_234)), 1_300);
-        assert_eq!(delay_bucket_ms(Duration::from_millis(61_001)), 62_000);
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub enum BrokerError {
     /// The consumer was closed.
     #[error("the consumer is closed")]
     Closed,
+    /// The scheduler holding delayed messages failed.
+    #[error(transparent)]
+    Scheduler(#[from] crate::scheduler::SchedulerError),
 }
 
 /// A message handed to a consumer, to be settled exactly once.

@@ -23,8 +23,12 @@ pub(super) struct Endpoints {
     /// Result backend URL. Default: sqlite://.wasmq/wasmq.db (the embedded backend).
     #[arg(long, env = "WASMQ_RESULT_BACKEND")]
     result_backend: Option<String>,
+    /// Hold delayed messages (countdown, eta, retries) in Redis until due, e.g.
+    /// redis://127.0.0.1:6379/0, instead of in the broker. Default: in the broker.
+    #[arg(long, env = "WASMQ_SCHEDULER")]
+    scheduler: Option<String>,
     /// A strict TOML configuration file (see the README); flags and WASMQ_* variables
-    /// override it. Clients read `broker`, `result_backend`, `routes` and
+    /// override it. Clients read `broker`, `result_backend`, `scheduler`, `routes` and
     /// `queue_max_priority` from it.
     #[arg(long, env = "WASMQ_CONFIG")]
     config: Option<PathBuf>,
@@ -36,6 +40,7 @@ impl Endpoints {
         let mut raw = RawConfig {
             broker: self.broker.clone(),
             result_backend: self.result_backend.clone(),
+            scheduler: self.scheduler.clone(),
             ..flags
         };
         if let Some(file) = &self.config {
@@ -63,7 +68,7 @@ fn connect_broker(config: &WorkerConfig) -> Result<Arc<dyn crate::broker::Broker
     let options = crate::broker::amqp::AmqpOptions {
         queue_max_priority: config.queue_max_priority,
     };
-    crate::broker::connect_with(&config.broker, options)
+    crate::scheduler::connect(&config.broker, config.scheduler.as_deref(), options)
         .map_err(|e| Failure::bad_input(format!("{e:#}")))
 }
 
@@ -141,8 +146,11 @@ impl WorkerArgs {
                 }
             });
         RawConfig {
+            // The endpoints (broker, result backend, scheduler) are added by
+            // `Endpoints::resolve`.
             broker: None,
             result_backend: None,
+            scheduler: None,
             plugins: self.plugins.clone(),
             queues: self.queues.clone(),
             concurrency: self.concurrency,

@@ -1,0 +1,198 @@
+//! Schedulers: delayed messages (countdown, eta, retry backoff) held outside the broker
+//! until they are due, then published to it.
+//!
+//! The brokers can delay messages themselves (RabbitMQ's delay levels, SQLite's visible-at
+//! rows); a scheduler is for deployments that already run Redis and want delays to be exact
+//! to the millisecond, independent of the broker, and visible in one place. Wrap the broker
+//! in a [`ScheduledBroker`]: its delayed publishes go to the [`RedisScheduler`], everything
+//! else to the broker, and each of its consumers (i.e. each worker) runs a poller that moves
+//! due messages to the broker. Any number of workers share the work; see [`redis`] for how a
+//! message is published once and never lost.
+
+pub mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+pub use self::redis::{RedisScheduler, RedisSchedulerOptions};
+use crate::broker::{Broker, BrokerError, Consumer, DeadLetter, Delivery};
+use crate::protocol::Envelope;
+
+/// Errors from a scheduler.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// The scheduler URL is not understood.
+    #[error("unsupported scheduler URL {0:?} (expected redis://host:port/db)")]
+    UnsupportedUrl(String),
+    /// Redis failed or refused.
+    #[error("redis: {0}")]
+    Redis(String),
+    /// A message could not be encoded for storage.
+    #[error("cannot encode a scheduled message")]
+    Encode(#[source] serde_json::Error),
+}
+
+/// A broker whose delayed messages wait in a [`RedisScheduler`].
+#[derive(Clone)]
+pub struct ScheduledBroker {
+    /// Where messages go when they are due (and undelayed ones at once).
+    inner: Arc<dyn Broker>,
+    /// Where delayed messages wait.
+    scheduler: Arc<RedisScheduler>,
+}
+
+impl std::fmt::Debug for ScheduledBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScheduledBroker")
+            .field("inner", &self.inner.describe())
+            .field("scheduler", &self.scheduler)
+            .finish()
+    }
+}
+
+impl ScheduledBroker {
+    /// Delayed messages published through the result go to `scheduler`, the rest to `inner`.
+    pub fn new(inner: Arc<dyn Broker>, scheduler: Arc<RedisScheduler>) -> Self {
+        Self { inner, scheduler }
+    }
+
+    /// The scheduler.
+    pub fn scheduler(&self) -> &Arc<RedisScheduler> {
+        &self.scheduler
+    }
+}
+
+/// Opens the broker at `broker_url`, wrapped in a [`ScheduledBroker`] when `scheduler_url`
+/// is given (`redis://host:port/db`; keys prefixed `wasmq.scheduler`).
+///
+/// # Errors
+/// The broker's or scheduler's URL error.
+pub fn connect(
+    broker_url: &str,
+    scheduler_url: Option<&str>,
+    amqp: crate::broker::amqp::AmqpOptions,
+) -> Result<Arc<dyn Broker>, BrokerError> {
+    let broker = crate::broker::connect_with(broker_url, amqp)?;
+    match scheduler_url {
+        None => Ok(broker),
+        Some(url) => {
+            let scheduler = RedisScheduler::new(url, RedisSchedulerOptions::default())?;
+            Ok(Arc::new(ScheduledBroker::new(broker, Arc::new(scheduler))))
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for ScheduledBroker {
+    async fn publish(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+        delay: Option<Duration>,
+    ) -> Result<(), BrokerError> {
+        match delay.filter(|d| !d.is_zero()) {
+            Some(delay) => Ok(self.scheduler.schedule(queue, envelope, delay).await?),
+            None => self.inner.publish(queue, envelope, None).await,
+        }
+    }
+
+    async fn consume(
+        &self,
+        queues: &[String],
+        prefetch: usize,
+    ) -> Result<Box<dyn Consumer>, BrokerError> {
+        let inner = self.inner.consume(queues, prefetch).await?;
+        let (stop, mut stopped) = watch::channel(false);
+        let scheduler = Arc::clone(&self.scheduler);
+        let broker = Arc::clone(&self.inner);
+        tracing::info!(scheduler = %scheduler.describe(), "publishing due messages");
+        let poller = tokio::spawn(async move {
+            scheduler
+                .run(&*broker, async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                })
+                .await;
+        });
+        Ok(Box::new(ScheduledConsumer {
+            inner,
+            stop,
+            _poller: poller,
+        }))
+    }
+
+    async fn dead_letters(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BrokerError> {
+        self.inner.dead_letters(queue, limit).await
+    }
+
+    async fn queue_length(&self, queue: &str) -> Result<u64, BrokerError> {
+        let ready = self.inner.queue_length(queue).await?;
+        Ok(ready + self.scheduler.pending(queue).await?)
+    }
+
+    async fn delete_queue(&self, queue: &str) -> Result<(), BrokerError> {
+        self.scheduler.forget_queue(queue).await?;
+        self.inner.delete_queue(queue).await
+    }
+
+    async fn revoke(&self, revocation: &crate::broker::Revocation) -> Result<(), BrokerError> {
+        self.inner.revoke(revocation).await
+    }
+
+    async fn revocations(
+        &self,
+        node: &str,
+    ) -> Result<tokio::sync::mpsc::Receiver<crate::broker::Revocation>, BrokerError> {
+        self.inner.revocations(node).await
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} (delays: {})",
+            self.inner.describe(),
+            self.scheduler.describe()
+        )
+    }
+}
+
+/// The broker's consumer, plus the poller that publishes due messages while it lives.
+struct ScheduledConsumer {
+    inner: Box<dyn Consumer>,
+    /// Asks the poller to stop after its current round.
+    stop: watch::Sender<bool>,
+    /// The poller; it stops by itself once asked.
+    _poller: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ScheduledConsumer {
+    fn drop(&mut self) {
+        // Let the poller finish its round (publishing what it claimed), then stop.
+        let _ = self.stop.send(true);
+    }
+}
+
+#[async_trait]
+impl Consumer for ScheduledConsumer {
+    async fn next(&mut self) -> Result<Delivery, BrokerError> {
+        self.inner.next().await
+    }
+
+    async fn close(&mut self) {
+        let _ = self.stop.send(true);
+        self.inner.close().await;
+    }
+
+    fn consuming(&self) -> Option<watch::Receiver<bool>> {
+        self.inner.consuming()
+    }
+
+    async fn flush_acks(&mut self) {
+        self.inner.flush_acks().await;
+    }
+}
