@@ -26,7 +26,7 @@ pub(super) struct Endpoints {
 }
 
 impl Endpoints {
-    fn client(&self) -> Result<Client, Failure> {
+    pub(super) fn client(&self) -> Result<Client, Failure> {
         let broker_url = self.broker.as_deref().unwrap_or(DEFAULT_DATABASE_URL);
         let broker =
             crate::broker::connect(broker_url).map_err(|e| Failure::bad_input(format!("{e:#}")))?;
@@ -261,7 +261,7 @@ pub(super) struct SendArgs {
     endpoints: Endpoints,
 }
 
-fn seconds(name: &str, secs: Option<f64>) -> Result<Option<Duration>, Failure> {
+pub(super) fn seconds(name: &str, secs: Option<f64>) -> Result<Option<Duration>, Failure> {
     secs.map(|s| {
         Duration::try_from_secs_f64(s).map_err(|_| {
             Failure::bad_input(format!("--{name} must be a non-negative number of seconds"))
@@ -308,7 +308,7 @@ pub(super) async fn send(args: SendArgs) -> Result<(), Failure> {
     print_ready(&args.task, result.get(timeout).await)
 }
 
-fn print_ready(task: &str, outcome: Result<Value, GetError>) -> Result<(), Failure> {
+pub(super) fn print_ready(task: &str, outcome: Result<Value, GetError>) -> Result<(), Failure> {
     match outcome {
         Ok(value) => {
             println!("{value}");
