@@ -324,10 +324,18 @@ fn canvas_on_rabbitmq_with_redis_results() {
         let meta = result.meta().await.unwrap().unwrap();
         assert_eq!(meta.group_id.as_deref(), Some(gid.as_str()));
         let keys = chord_keys(&gid).await;
-        assert!(
-            keys.iter().all(|k| k.ends_with(".c")),
-            "only the completion marker stays: {keys:?}"
+        assert_eq!(
+            keys,
+            [format!("celery-taskset-meta-{gid}.c")],
+            "only the completion marker stays"
         );
+        let redis = redis::Client::open(REDIS_URL).unwrap();
+        let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("DEL")
+            .arg(&keys[0])
+            .query_async(&mut connection)
+            .await
+            .unwrap();
 
         let _ = stop.send(());
         worker.await.unwrap();
