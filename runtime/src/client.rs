@@ -219,6 +219,26 @@ impl Client {
         Arc::clone(&self.backend)
     }
 
+    /// The broker this client publishes to (for canvas publishing).
+    pub(crate) fn broker_ref(&self) -> &dyn Broker {
+        self.broker.as_ref()
+    }
+
+    /// The result backend, borrowed (for canvas publishing).
+    pub(crate) fn backend_ref(&self) -> &dyn ResultBackend {
+        self.backend.as_ref()
+    }
+
+    /// The queue of sends that name none.
+    pub(crate) fn default_queue(&self) -> &str {
+        &self.default_queue
+    }
+
+    /// This client's node name (`gen<pid>@<host>`), sent as the `origin` header.
+    pub(crate) fn origin(&self) -> &str {
+        &self.origin
+    }
+
     /// A handle on the result of task `id`.
     pub fn result(&self, id: &str) -> AsyncResult {
         AsyncResult {

@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! client     Client::send_task builds a Celery v2 message            (client.rs)
+//!            chain / group / chord build Celery canvas messages      (canvas.rs)
 //! protocol   headers + [args, kwargs, embed] ⇄ Envelope                (protocol/)
 //! broker     publish / consume with prefetch / ack, dead-letter       (broker/)
 //!   -> worker    decode, admit (expires, eta), look up the task       (worker/)
@@ -13,6 +14,7 @@
 //!   -> engine    fresh Store: memory cap, fuel, deadline, no ambient  (engine/)
 //!                rights -> exactly one Outcome
 //!   -> worker    decide once: result meta + ack | retry | dead-letter (worker/outcome.rs)
+//!   -> worker    continue the workflow: callbacks, chain, chord       (worker/canvas.rs)
 //! results    store Celery meta; clients wait on it                    (results/)
 //! scheduler  optionally hold delayed messages in Redis until due      (scheduler/)
 //! broker     settle the message (late ack, after the result is stored)
@@ -23,6 +25,7 @@
 
 pub mod broker;
 pub mod bundled;
+pub mod canvas;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -3,6 +3,7 @@
 
 mod bad_plugins;
 mod cache;
+mod canvas;
 mod cli;
 mod delays;
 mod hostile;

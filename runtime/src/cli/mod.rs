@@ -7,6 +7,7 @@
 mod bench;
 mod bench_amqp;
 mod call;
+mod canvas;
 mod demo;
 mod plugins;
 mod queue;
@@ -40,6 +41,16 @@ enum Command {
     Revoke(queue::RevokeArgs),
     /// Show a task's result (or wait for it with --wait).
     Result(queue::ResultArgs),
+    /// Send a chain: each step's result is prepended to the next step's arguments. Steps
+    /// are NAME[ARGS], e.g. 'math.add[2,2]'; NAME![ARGS] is immutable. Prints the last
+    /// step's id, or its result with --wait.
+    Chain(canvas::ChainArgs),
+    /// Send a group: members (NAME[ARGS]) run in parallel. Prints each member's id, or the
+    /// list of results with --wait.
+    Group(canvas::GroupArgs),
+    /// Send a chord: a group whose results, as one list, go to --body. Prints the body's
+    /// id, or its result with --wait. Needs the sqlite or redis result backend.
+    Chord(canvas::ChordArgs),
     /// Report whether a worker is running and consuming (exit 0) or not (exit 1), from the
     /// status file it writes.
     Status(queue::StatusArgs),
@@ -212,6 +223,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Command::Send(args) => queue::send(args).await,
             Command::Result(args) => queue::result(args).await,
             Command::Revoke(args) => queue::revoke(args).await,
+            Command::Chain(args) => canvas::run_chain(args).await,
+            Command::Group(args) => canvas::run_group(args).await,
+            Command::Chord(args) => canvas::run_chord(args).await,
             Command::DeadLetters(args) => queue::dead_letters(args).await,
             Command::Status(args) => queue::status(args).await,
             Command::Call(args) => call::call(args).await,

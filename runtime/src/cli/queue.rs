@@ -51,7 +51,7 @@ impl Endpoints {
         WorkerConfig::resolve(raw).map_err(Failure::bad_input)
     }
 
-    fn client(&self) -> Result<Client, Failure> {
+    pub(super) fn client(&self) -> Result<Client, Failure> {
         let config = self.resolve(RawConfig::default())?;
         let broker = connect_broker(&config)?;
         let backend = crate::results::connect(
@@ -304,7 +304,7 @@ pub(super) struct SendArgs {
     endpoints: Endpoints,
 }
 
-fn seconds(name: &str, secs: Option<f64>) -> Result<Option<Duration>, Failure> {
+pub(super) fn seconds(name: &str, secs: Option<f64>) -> Result<Option<Duration>, Failure> {
     secs.map(|s| {
         Duration::try_from_secs_f64(s).map_err(|_| {
             Failure::bad_input(format!("--{name} must be a non-negative number of seconds"))
@@ -351,7 +351,7 @@ pub(super) async fn send(args: SendArgs) -> Result<(), Failure> {
     print_ready(&args.task, result.get(timeout).await)
 }
 
-fn print_ready(task: &str, outcome: Result<Value, GetError>) -> Result<(), Failure> {
+pub(super) fn print_ready(task: &str, outcome: Result<Value, GetError>) -> Result<(), Failure> {
     match outcome {
         Ok(value) => {
             println!("{value}");

@@ -51,6 +51,11 @@ pub enum ResultError {
         /// Its state when we gave up.
         state: TaskState,
     },
+    /// The backend has no chord counter (Celery's rpc backend has none either).
+    #[error(
+        "the {0} result backend cannot run chords (use redis:// or the embedded sqlite:// backend)"
+    )]
+    ChordsUnsupported(String),
     /// A stored meta could not be read.
     #[error("the stored result of {task_id} is not valid meta JSON: {reason}")]
     Corrupt {
@@ -270,6 +275,29 @@ pub struct ReplyTo {
     pub correlation_id: String,
 }
 
+/// One chord header member's outcome, reported to the chord counter after its result is
+/// stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChordPart {
+    /// The chord's group id (the member's `group` header).
+    pub group_id: String,
+    /// The member's `group_index` (results are ordered by it; none sorts last).
+    pub index: Option<u64>,
+    /// The member's task id.
+    pub task_id: String,
+    /// Its final state.
+    pub state: TaskState,
+    /// Its result, or its encoded exception.
+    pub result: Value,
+}
+
+/// A completed chord's header results, in `group_index` order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChordResults {
+    /// Each member's `(task_id, state, result)`.
+    pub members: Vec<(String, TaskState, Value)>,
+}
+
 /// Where results are stored.
 #[async_trait]
 pub trait ResultBackend: Send + Sync {
@@ -312,6 +340,30 @@ pub trait ResultBackend: Send + Sync {
             timeout,
         )
         .await
+    }
+
+    /// Records that chord `group_id` has `size` header members (Celery's `set_chord_size`;
+    /// the client calls it before publishing the header).
+    ///
+    /// # Errors
+    /// [`ResultError::ChordsUnsupported`] for a backend without a chord counter.
+    async fn set_chord_size(&self, group_id: &str, size: usize) -> Result<(), ResultError> {
+        let _ = (group_id, size);
+        Err(ResultError::ChordsUnsupported(self.describe()))
+    }
+
+    /// Records a header member's outcome, atomically; returns every member's result when
+    /// this part completes the chord (exactly once per chord, to exactly one caller), and
+    /// forgets the chord then. A part reported twice (a redelivered message) counts once.
+    ///
+    /// # Errors
+    /// [`ResultError::ChordsUnsupported`] for a backend without a chord counter.
+    async fn chord_part_return(
+        &self,
+        part: &ChordPart,
+    ) -> Result<Option<ChordResults>, ResultError> {
+        let _ = part;
+        Err(ResultError::ChordsUnsupported(self.describe()))
     }
 
     /// Deletes expired results; returns how many.

@@ -12,7 +12,21 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use tokio::sync::OnceCell;
 
-use super::{ReplyTo, ResultBackend, ResultError, ResultMeta, TaskState};
+use super::{ChordPart, ChordResults, ReplyTo, ResultBackend, ResultError, ResultMeta, TaskState};
+
+/// One `.j` entry, `[1, tid, state, result]`.
+fn decode_part(
+    group_id: &str,
+    json: &str,
+) -> Result<(String, TaskState, serde_json::Value), ResultError> {
+    let corrupt = |reason: String| ResultError::Corrupt {
+        task_id: format!("chord {group_id}"),
+        reason,
+    };
+    let (_, tid, state, result): (serde_json::Value, String, TaskState, serde_json::Value) =
+        serde_json::from_str(json).map_err(|e| corrupt(format!("{e}: {json}")))?;
+    Ok((tid, state, result))
+}
 
 /// The key (and channel) of a task's meta.
 pub fn meta_key(task_id: &str) -> String {
@@ -33,6 +47,52 @@ redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 ";
 
+/// The key of a group's chord data: `celery-taskset-meta-<gid>` plus a suffix (`.s` size,
+/// `.j` results, `.t` added members, `.d` parts seen, `.c` completion claim).
+pub fn group_key(group_id: &str, suffix: &str) -> String {
+    format!("celery-taskset-meta-{group_id}{suffix}")
+}
+
+/// Celery's chord counter (`on_chord_part_return`, 5.6/5.7), in one script: add this part
+/// once (the `.d` set remembers `tid:index`, so a redelivered member counts once) to the
+/// `.j` ZSET scored by `group_index`; when the count reaches the size `.s` (+ `.t`), claim
+/// completion with `SET .c done NX` — a Python worker seeing `done` stands aside — and
+/// return every part in order, deleting the chord's keys.
+/// KEYS: j t s d c; ARGV: tid, encoded part, score, expiry seconds.
+/// Returns {ready, parts}: `parts` is empty unless this call completed the chord.
+const CHORD_PART_SCRIPT: &str = r"
+local jkey, tkey, skey, dkey, ckey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local tid, value, score, expires = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+if redis.call('GET', ckey) == 'done' then
+  return {-1, {}}
+end
+local member = tid .. ':' .. score
+if redis.call('SISMEMBER', dkey, member) == 0 then
+  redis.call('ZADD', jkey, score, value)
+  redis.call('SADD', dkey, member)
+end
+local ready = redis.call('ZCOUNT', jkey, '-inf', '+inf')
+if expires > 0 then
+  for _, key in ipairs({jkey, tkey, skey, dkey}) do
+    redis.call('EXPIRE', key, expires)
+  end
+end
+local size = redis.call('GET', skey)
+if not size then
+  return {ready, {}}
+end
+local total = tonumber(size) + tonumber(redis.call('GET', tkey) or 0)
+if ready < total then
+  return {ready, {}}
+end
+if not redis.call('SET', ckey, 'done', 'NX', 'EX', math.max(expires, 300)) then
+  return {ready, {}}
+end
+local parts = redis.call('ZRANGE', jkey, 0, -1)
+redis.call('DEL', jkey, tkey, skey, dkey)
+return {ready, parts}
+";
+
 fn redis_error(what: &str, error: &::redis::RedisError) -> ResultError {
     ResultError::Redis(format!("{what}: {error}"))
 }
@@ -44,6 +104,7 @@ pub struct RedisResultBackend {
     expires: Duration,
     connection: OnceCell<ConnectionManager>,
     script: ::redis::Script,
+    chord_script: ::redis::Script,
 }
 
 impl std::fmt::Debug for RedisResultBackend {
@@ -71,6 +132,7 @@ impl RedisResultBackend {
             expires,
             connection: OnceCell::new(),
             script: ::redis::Script::new(STORE_SCRIPT),
+            chord_script: ::redis::Script::new(CHORD_PART_SCRIPT),
         })
     }
 
@@ -165,6 +227,57 @@ impl ResultBackend for RedisResultBackend {
                 }
             }
         }
+    }
+
+    async fn set_chord_size(&self, group_id: &str, size: usize) -> Result<(), ResultError> {
+        let mut connection = self.connection().await?;
+        // As Celery's `set_chord_size`: a re-applied chord starts a new run.
+        let _: () = ::redis::pipe()
+            .atomic()
+            .del(group_key(group_id, ".c"))
+            .set_ex(
+                group_key(group_id, ".s"),
+                size,
+                self.expires.as_secs().max(1),
+            )
+            .query_async(&mut connection)
+            .await
+            .map_err(|e| redis_error("cannot set a chord size", &e))?;
+        Ok(())
+    }
+
+    async fn chord_part_return(
+        &self,
+        part: &ChordPart,
+    ) -> Result<Option<ChordResults>, ResultError> {
+        let mut connection = self.connection().await?;
+        let gid = &part.group_id;
+        let encoded = serde_json::json!([1, part.task_id, part.state, part.result]).to_string();
+        let score = part
+            .index
+            .map_or_else(|| "+inf".to_owned(), |i| i.to_string());
+        let (_ready, parts): (i64, Vec<String>) = self
+            .chord_script
+            .key(group_key(gid, ".j"))
+            .key(group_key(gid, ".t"))
+            .key(group_key(gid, ".s"))
+            .key(group_key(gid, ".d"))
+            .key(group_key(gid, ".c"))
+            .arg(&part.task_id)
+            .arg(encoded)
+            .arg(score)
+            .arg(self.expires.as_secs().max(1))
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| redis_error("cannot count a chord part", &e))?;
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        let members = parts
+            .iter()
+            .map(|json| decode_part(gid, json))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(ChordResults { members }))
     }
 
     async fn purge_expired(&self) -> Result<u64, ResultError> {

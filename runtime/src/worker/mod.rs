@@ -12,6 +12,7 @@
 //! `shutdown_timeout`; tasks still running then are interrupted and their messages released
 //! for redelivery.
 
+mod canvas;
 pub mod outcome;
 pub mod registry;
 pub mod revoked;
@@ -718,10 +719,24 @@ async fn finish(
             meta.group_id.clone_from(&message.group);
         }
         meta.worker = Some(shared.options.node_name.clone());
+        // Canvas: callbacks and the next chain step go out before the result is stored.
+        if let Some(message) = message
+            && !canvas::before_store(shared, &delivery.queue, message, &mut meta).await
+        {
+            release(shared, delivery).await;
+            return;
+        }
         let keep = !ignore_result || !matches!(decision.settlement, Settlement::Ack);
         // An undecodable message still says where its sender listens.
         let reply = message.map_or_else(|| reply_of_envelope(&delivery.envelope), reply_of);
         if keep && !store(shared, &meta, reply.as_ref()).await {
+            release(shared, delivery).await;
+            return;
+        }
+        // Canvas: chord counting, and a failure's chain and errbacks, after it is stored.
+        if let Some(message) = message
+            && !canvas::after_store(shared, &delivery.queue, message, &meta).await
+        {
             release(shared, delivery).await;
             return;
         }

@@ -1,0 +1,547 @@
+//! Canvas against real brokers: chains, links, errbacks, groups and chords run by an
+//! in-process wasmq worker on the embedded SQLite broker and backend, and on RabbitMQ with
+//! Redis results; a real Python Celery client's chain, group and chord served by a wasmq
+//! worker; and the rpc backend refusing chords instead of hanging.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value, json};
+use wasmq::broker::Broker;
+use wasmq::broker::amqp::AmqpBroker;
+use wasmq::canvas::{CanvasError, Signature, chain, chord, group};
+use wasmq::client::{Client, GetError, SendOptions};
+use wasmq::results::{ResultError, TaskState};
+use wasmq::worker::WorkerOptions;
+
+use crate::support::{
+    AMQP_URL, KOMBU_AMQP_URL, Queue, RABBITMQ, REDIS_URL, bundled_registry, python, python_dir,
+    runtime, sandbox, spawn_worker, unique_queue,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn sig(task: &str, args: Value) -> Signature {
+    Signature::new(task, args.as_array().cloned().unwrap())
+}
+
+fn id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn options(queue: &str) -> WorkerOptions {
+    WorkerOptions {
+        queues: vec![queue.to_owned()],
+        concurrency: 2,
+        node_name: format!("wasmq-canvas@{queue}"),
+        shutdown_timeout: Duration::from_secs(10),
+        ..WorkerOptions::default()
+    }
+}
+
+/// Expects a FAILURE of `exc_type` whose message contains `text`.
+fn assert_failed(outcome: Result<Value, GetError>, exc_type: &str, text: &str) -> String {
+    match outcome {
+        Err(GetError::Failed { exception, task_id }) => {
+            assert_eq!(exception.exc_type, exc_type, "{exception}");
+            assert!(
+                exception.message().contains(text),
+                "{exception} lacks {text:?}"
+            );
+            task_id
+        }
+        other => panic!("expected {exc_type}, got {other:?}"),
+    }
+}
+
+/// Chains, immutable steps, links, errbacks, a failing chain and groups: the same workflow
+/// on every broker and backend.
+async fn chains_links_and_groups(client: &Client) {
+    // add(2,2) | add(4) | mul(10) → 80, each step's result prepended to the next.
+    let first = id();
+    let steps = [
+        sig("math.add", json!([2, 2])).with_option("task_id", first.clone()),
+        sig("math.add", json!([4])),
+        sig("math.mul", json!([10])),
+    ];
+    let result = chain(steps).apply(client).await.unwrap();
+    assert_eq!(result.get(WAIT).await.unwrap(), json!(80));
+    let head = client.result(&first).meta().await.unwrap().unwrap();
+    assert_eq!(head.result, json!(4));
+    assert_eq!(head.children.len(), 1, "the next step is the first's child");
+    let second = head.children[0][0][0]
+        .as_str()
+        .unwrap_or_else(|| panic!("{head:?}"))
+        .to_owned();
+    let middle = client.result(&second).meta().await.unwrap().unwrap();
+    assert_eq!(middle.result, json!(8));
+    assert_eq!(middle.parent_id.as_deref(), Some(first.as_str()));
+
+    // An immutable step ignores its parent's result: add(1,1) | add.si(5,5) | mul(2) → 20.
+    let result = chain([
+        sig("math.add", json!([1, 1])),
+        sig("math.add", json!([5, 5])).immutable(),
+        sig("math.mul", json!([2])),
+    ])
+    .apply(client)
+    .await
+    .unwrap();
+    assert_eq!(result.get(WAIT).await.unwrap(), json!(20));
+
+    // link: the callback gets the result; a mutable one prepended, an immutable one not.
+    let (callback, still) = (id(), id());
+    let linked = sig("math.add", json!([2, 3]))
+        .link(sig("math.mul", json!([10])).with_option("task_id", callback.clone()))
+        .link(
+            sig("math.add", json!([7, 7]))
+                .immutable()
+                .with_option("task_id", still.clone()),
+        )
+        .apply(client)
+        .await
+        .unwrap();
+    assert_eq!(linked.get(WAIT).await.unwrap(), json!(5));
+    assert_eq!(client.result(&callback).get(WAIT).await.unwrap(), json!(50));
+    assert_eq!(client.result(&still).get(WAIT).await.unwrap(), json!(14));
+
+    // link_error: the errback is published with the failed task's id.
+    let errback = id();
+    let failing = sig("math.div", json!([1, 0]))
+        .link(sig("math.add", json!([1])))
+        .link_error(sig("text.slugify", json!([])).with_option("task_id", errback.clone()))
+        .apply(client)
+        .await
+        .unwrap();
+    assert_failed(
+        failing.get(WAIT).await,
+        "ZeroDivisionError",
+        "division by zero",
+    );
+    assert_eq!(
+        client.result(&errback).get(WAIT).await.unwrap(),
+        json!(failing.id),
+        "the errback's argument is the failed task's id"
+    );
+
+    // A failure mid-chain fails every later step at once: waiting on the end never hangs.
+    let (after, last) = (id(), id());
+    let started = Instant::now();
+    let result = chain([
+        sig("math.add", json!([1, 1])),
+        sig("math.div", json!([0])),
+        sig("math.add", json!([1])).with_option("task_id", after.clone()),
+        sig("math.mul", json!([2])).with_option("task_id", last.clone()),
+    ])
+    .apply(client)
+    .await
+    .unwrap();
+    assert_eq!(result.id, last);
+    assert_failed(
+        result.get(WAIT).await,
+        "ZeroDivisionError",
+        "division by zero",
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        client.result(&after).state().await.unwrap(),
+        TaskState::Failure
+    );
+
+    // group: every member's result, in order; members share the group id.
+    let result = group((0..5).map(|i| sig("math.add", json!([i, i]))))
+        .apply(client)
+        .await
+        .unwrap();
+    assert_eq!(result.results.len(), 5);
+    assert_eq!(
+        result.get(WAIT).await.unwrap(),
+        [0, 2, 4, 6, 8].map(|n| json!(n)).to_vec()
+    );
+    let member = result.results[3].meta().await.unwrap().unwrap();
+    assert_eq!(member.group_id.as_deref(), Some(result.id.as_str()));
+
+    // A callback wasmq cannot run fails the task with the reason instead of vanishing.
+    let mut xmap = sig("celery.map", json!([]));
+    xmap.subtask_type = Some("xmap".into());
+    let refused = sig("math.add", json!([1, 2]))
+        .link(xmap.clone())
+        .apply(client)
+        .await;
+    match refused {
+        // The client checks the canvas before sending it...
+        Err(CanvasError::Unsupported(reason)) => assert!(reason.contains("xmap"), "{reason}"),
+        other => panic!("expected an unsupported canvas, got {other:?}"),
+    }
+    // ...and the worker, receiving one from elsewhere, stores the reason as the FAILURE.
+    let mut message = client.build_message(
+        "math.add",
+        vec![json!(1), json!(2)],
+        Map::new(),
+        &SendOptions::default(),
+    );
+    message.embed.callbacks = Some(vec![xmap.to_value()]);
+    let sent = client.send_message(&message, None).await.unwrap();
+    assert_failed(sent.get(WAIT).await, "NotImplementedError", "xmap");
+}
+
+/// Chords, a chain through a group (upgraded to a chord), and a chord whose member fails.
+async fn chords(client: &Client) {
+    // group(add(i, i) for i in 0..10) | sum → 90.
+    let result = chord(
+        (0..10).map(|i| sig("math.add", json!([i, i]))),
+        sig("math.sum", json!([])),
+    )
+    .apply(client)
+    .await
+    .unwrap();
+    assert_eq!(result.get(WAIT).await.unwrap().as_f64(), Some(90.0));
+
+    // add(1,1) | group(add(1), add(2)) | sum → sum([3, 4]) = 7.
+    let result = chain([
+        sig("math.add", json!([1, 1])),
+        group([sig("math.add", json!([1])), sig("math.add", json!([2]))]).into(),
+        sig("math.sum", json!([])),
+    ])
+    .apply(client)
+    .await
+    .unwrap();
+    assert_eq!(result.get(WAIT).await.unwrap().as_f64(), Some(7.0));
+
+    // A failed member fails the body with Celery's ChordError, once all members are in.
+    let failing = id();
+    let result = chord(
+        [
+            sig("math.add", json!([1, 1])),
+            sig("math.div", json!([1, 0])).with_option("task_id", failing.clone()),
+            sig("math.add", json!([2, 2])),
+        ],
+        sig("math.sum", json!([])),
+    )
+    .apply(client)
+    .await
+    .unwrap();
+    let text = format!("Dependency {failing} raised ZeroDivisionError('division by zero')");
+    assert_failed(result.get(WAIT).await, "ChordError", &text);
+}
+
+#[test]
+fn canvas_on_the_embedded_broker_and_backend() {
+    runtime().block_on(async {
+        let queue = Queue::new();
+        let (stop, worker) =
+            spawn_worker(&queue, bundled_registry(sandbox()).await, options("celery"));
+        chains_links_and_groups(&queue.client).await;
+        chords(&queue.client).await;
+        let _ = stop.send(());
+        worker.await.unwrap();
+    });
+}
+
+async fn amqp_worker(
+    queue: &str,
+    backend_url: &str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Arc<wasmq::worker::WorkerStats>>,
+) {
+    let broker: Arc<dyn Broker> = Arc::new(AmqpBroker::new(AMQP_URL).unwrap());
+    let backend =
+        wasmq::results::connect(backend_url, Duration::from_secs(3600), AMQP_URL).unwrap();
+    let worker = wasmq::worker::Worker::new(
+        broker,
+        backend,
+        bundled_registry(sandbox()).await,
+        options(queue),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        worker
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap()
+    });
+    (stop, handle)
+}
+
+fn amqp_client(queue: &str, backend_url: &str) -> Client {
+    let broker: Arc<dyn Broker> = Arc::new(AmqpBroker::new(AMQP_URL).unwrap());
+    let backend =
+        wasmq::results::connect(backend_url, Duration::from_secs(3600), AMQP_URL).unwrap();
+    Client::new(broker, backend).with_default_queue(queue)
+}
+
+async fn delete(queue: &str) {
+    AmqpBroker::new(AMQP_URL)
+        .unwrap()
+        .delete_queue(queue)
+        .await
+        .unwrap();
+}
+
+/// The chord's Redis keys, as Celery names them.
+async fn chord_keys(group_id: &str) -> Vec<String> {
+    let client = redis::Client::open(REDIS_URL).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("celery-taskset-meta-{group_id}*"))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    keys
+}
+
+#[test]
+fn canvas_on_rabbitmq_with_redis_results() {
+    let _shared = RABBITMQ
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    runtime().block_on(async {
+        let queue = unique_queue("canvas");
+        let (stop, worker) = amqp_worker(&queue, REDIS_URL).await;
+        let client = amqp_client(&queue, REDIS_URL);
+        chains_links_and_groups(&client).await;
+        chords(&client).await;
+
+        // Exactly Celery's keys: the size is written first; completion deletes them.
+        let gid = id();
+        let body = id();
+        let result = chord(
+            (0..3).map(|i| sig("math.add", json!([i, 1]))),
+            sig("math.sum", json!([])).with_option("task_id", body.clone()),
+        )
+        .with_group_id(&gid)
+        .apply(&client)
+        .await
+        .unwrap();
+        assert_eq!(result.id, body);
+        assert_eq!(result.get(WAIT).await.unwrap().as_f64(), Some(6.0));
+        let meta = result.meta().await.unwrap().unwrap();
+        assert_eq!(meta.group_id.as_deref(), Some(gid.as_str()));
+        let keys = chord_keys(&gid).await;
+        assert_eq!(
+            keys,
+            [format!("celery-taskset-meta-{gid}.c")],
+            "only the completion marker stays"
+        );
+        let redis = redis::Client::open(REDIS_URL).unwrap();
+        let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("DEL")
+            .arg(&keys[0])
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+
+        let _ = stop.send(());
+        worker.await.unwrap();
+        delete(&queue).await;
+    });
+}
+
+#[test]
+fn rpc_results_refuse_chords_instead_of_hanging() {
+    let _shared = RABBITMQ
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    runtime().block_on(async {
+        let queue = unique_queue("canvas-rpc");
+        let (stop, worker) = amqp_worker(&queue, "rpc://").await;
+        let client = amqp_client(&queue, "rpc://");
+
+        // The client refuses, as Celery's rpc backend does (NotImplementedError).
+        let refused = chord([sig("math.add", json!([1, 1]))], sig("math.sum", json!([])))
+            .apply(&client)
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(CanvasError::Backend(ResultError::ChordsUnsupported(_)))
+            ),
+            "{refused:?}"
+        );
+
+        // A header member sent anyway (e.g. by a client with another backend) fails the
+        // body at once; the body's waiter is answered on its rpc queue.
+        let body = id();
+        let member = sig("math.add", json!([1, 1]))
+            .with_option("group_id", id())
+            .with_option("group_index", 0)
+            .with_option(
+                "chord",
+                sig("math.sum", json!([]))
+                    .with_option("task_id", body.clone())
+                    .to_value(),
+            );
+        let member = member.apply(&client).await.unwrap();
+        assert_eq!(member.get(WAIT).await.unwrap(), json!(2));
+        assert_failed(
+            client.result(&body).get(WAIT).await,
+            "NotImplementedError",
+            "cannot run chords",
+        );
+
+        // Chains work on rpc: every step answers the client that started the chain.
+        let result = chain([sig("math.add", json!([2, 2])), sig("math.mul", json!([10]))])
+            .apply(&client)
+            .await
+            .unwrap();
+        assert_eq!(result.get(WAIT).await.unwrap(), json!(40));
+
+        let _ = stop.send(());
+        worker.await.unwrap();
+        delete(&queue).await;
+    });
+}
+
+#[test]
+fn python_celery_canvas_is_served_by_a_wasmq_worker() {
+    let _shared = RABBITMQ
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    python();
+    runtime().block_on(async {
+        let queue = unique_queue("pycanvas");
+        let (stop, worker) = amqp_worker(&queue, REDIS_URL).await;
+        let queue_for_python = queue.clone();
+        let output = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(python())
+                .arg(python_dir().join("canvas_client.py"))
+                .env("BROKER", KOMBU_AMQP_URL)
+                .env("BACKEND", REDIS_URL)
+                .env("QUEUE", queue_for_python)
+                .output()
+                .expect("run the Python canvas client")
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "the Python client failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let results: Value =
+            serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+        assert_eq!(results["chain"], json!({"ok": 8}), "{results:#}");
+        assert_eq!(results["chain3"], json!({"ok": 80}), "{results:#}");
+        assert_eq!(results["immutable"], json!({"ok": 20}), "{results:#}");
+        assert_eq!(
+            results["group"],
+            json!({"ok": [0, 2, 4, 6, 8]}),
+            "{results:#}"
+        );
+        assert_eq!(results["chord"], json!({"ok": 90.0}), "{results:#}");
+        assert_eq!(results["link"], json!({"ok": [5, 50]}), "{results:#}");
+        let failed = &results["chord_failure"];
+        assert_eq!(failed["error"], "ChordError", "{results:#}");
+        assert_eq!(failed["is_chord_error"], true, "{results:#}");
+        assert!(
+            failed["message"]
+                .as_str()
+                .unwrap()
+                .contains("raised ZeroDivisionError('division by zero')"),
+            "{results:#}"
+        );
+        let chain_failure = &results["chain_failure"];
+        assert_eq!(chain_failure["error"], "ZeroDivisionError", "{results:#}");
+        let _ = stop.send(());
+        worker.await.unwrap();
+        delete(&queue).await;
+    });
+}
+
+/// Runs the `wasmq` binary; returns (exit code, stdout, stderr).
+fn wasmq(args: &[&str]) -> (i32, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wasmq"))
+        .args(args)
+        .env("WASMQ_LOG", "off")
+        .output()
+        .expect("run wasmq");
+    (
+        output.status.code().expect("exit code"),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn canvas_cli_chain_group_and_chord_with_exit_codes() {
+    runtime().block_on(async {
+        let queue = Queue::new();
+        let (stop, worker) =
+            spawn_worker(&queue, bundled_registry(sandbox()).await, options("celery"));
+        let url = queue.url.clone();
+        let run = move |args: &[&str]| {
+            let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+            all.extend([
+                "--broker".into(),
+                url.clone(),
+                "--result-backend".into(),
+                url.clone(),
+            ]);
+            tokio::task::spawn_blocking(move || {
+                wasmq(&all.iter().map(String::as_str).collect::<Vec<_>>())
+            })
+        };
+        let chained = run(&[
+            "chain",
+            "math.add[2,2]",
+            "math.add[4]",
+            "math.mul[10]",
+            "--wait",
+        ]);
+        assert_eq!(chained.await.unwrap(), (0, "80\n".into(), String::new()));
+        let immutable = run(&["chain", "math.add[1,1]", "math.add![5,5]", "--wait"]);
+        assert_eq!(immutable.await.unwrap(), (0, "10\n".into(), String::new()));
+        let grouped = run(&["group", "math.add[1,2]", "math.add[3,4]", "--wait"]);
+        assert_eq!(grouped.await.unwrap(), (0, "[3,7]\n".into(), String::new()));
+        let chorded = run(&[
+            "chord",
+            "--body",
+            "math.sum",
+            "math.add[1,1]",
+            "math.add[2,2]",
+            "--wait",
+        ]);
+        assert_eq!(chorded.await.unwrap(), (0, "6.0\n".into(), String::new()));
+
+        // Without --wait: the ids, one per line, that `wasmq result` then reads.
+        let (code, ids, _) = run(&["group", "math.add[1,1]", "math.add[2,2]"])
+            .await
+            .unwrap();
+        assert_eq!((code, ids.lines().count()), (0, 2), "{ids}");
+        let first = ids.lines().next().unwrap().to_owned();
+        let read = run(&["result", &first, "--wait"]).await.unwrap();
+        assert_eq!(read, (0, "2\n".into(), String::new()));
+
+        // A failing step: exit 1 with the error; bad syntax: exit 2.
+        let (code, _, stderr) = run(&[
+            "chain",
+            "math.add[1,1]",
+            "math.div[0]",
+            "math.add[1]",
+            "--wait",
+        ])
+        .await
+        .unwrap();
+        assert_eq!(code, 1, "{stderr}");
+        assert!(
+            stderr.contains("ZeroDivisionError: division by zero"),
+            "{stderr}"
+        );
+        let (code, _, stderr) = run(&["chain", "math.add[1,]", "--wait"]).await.unwrap();
+        assert_eq!(code, 2, "{stderr}");
+        assert!(
+            stderr.starts_with("error: \"math.add[1,]\": arguments are not JSON"),
+            "{stderr}"
+        );
+
+        let _ = stop.send(());
+        worker.await.unwrap();
+    });
+}
