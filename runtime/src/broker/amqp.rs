@@ -1149,16 +1149,15 @@ async fn consume_once(
                         // this copy, so a message that kills every worker is recognised after
                         // `max_deliveries` and dead-lettered instead of looping forever.
                         envelope.headers.insert(DEAD_DELIVERIES_HEADER.into(), u64::from(delivery_count).into());
-                        let broker = broker.clone();
-                        tokio::spawn(async move {
-                            match broker.publish(&queue, &envelope, None).await {
-                                Ok(()) => { let _ = Settle::ack(settler.as_ref(), 0).await; }
-                                Err(error) => {
-                                    tracing::warn!(%error, "cannot count a redelivery; releasing the message");
-                                    let _ = Settle::release(settler.as_ref(), 0).await;
-                                }
+                        // Inline, not spawned: the ack must reach the channel before this
+                        // consumer can close, or both copies would come back.
+                        match broker.publish(&queue, &envelope, None).await {
+                            Ok(()) => { let _ = Settle::ack(settler.as_ref(), 0).await; }
+                            Err(error) => {
+                                tracing::warn!(%error, "cannot count a redelivery; releasing the message");
+                                let _ = Settle::release(settler.as_ref(), 0).await;
                             }
-                        });
+                        }
                         continue;
                     }
                     let ours = Delivery::new(envelope, queue, delivery_count, delivery.delivery_tag, settler);
