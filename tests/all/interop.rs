@@ -431,7 +431,13 @@ fn wasmq_status_reports_whether_the_worker_is_actually_consuming() {
     let queue = unique_queue("status");
     let down = dir.path().join("down.json");
     let mut unreachable = start("amqp://guest:guest@127.0.0.1:1/%2f", &down, &queue);
-    std::thread::sleep(Duration::from_millis(1500));
+    // Exit 1 also means "no status file yet": wait until the worker has written one (it
+    // loads its plugins first, which takes a while on a loaded machine).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !down.exists() {
+        assert!(Instant::now() < deadline, "the worker wrote no status file");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let stderr = wait_for(&down, 1);
     assert!(stderr.contains("not consuming"), "{stderr}");
     assert!(
