@@ -115,6 +115,12 @@ impl std::fmt::Debug for RedisResultBackend {
     }
 }
 
+/// `redis://host:port/db` of `client`, without credentials, for logs.
+pub(crate) fn describe_client(client: &::redis::Client) -> String {
+    let info = client.get_connection_info();
+    format!("redis://{}/{}", info.addr(), info.redis_settings().db())
+}
+
 impl RedisResultBackend {
     /// A backend for `url` (`redis://host:port/db`); connects on first use and reconnects
     /// by itself.
@@ -124,8 +130,7 @@ impl RedisResultBackend {
     pub fn new(url: &str, expires: Duration) -> Result<Self, ResultError> {
         let client = ::redis::Client::open(url)
             .map_err(|e| ResultError::UnsupportedUrl(format!("{url} ({e})")))?;
-        let info = client.get_connection_info();
-        let shown = format!("redis://{}/{}", info.addr(), info.redis_settings().db());
+        let shown = describe_client(&client);
         Ok(Self {
             client,
             shown,

@@ -223,8 +223,7 @@ impl RedisScheduler {
     pub fn new(url: &str, options: RedisSchedulerOptions) -> Result<Self, SchedulerError> {
         let client = ::redis::Client::open(url)
             .map_err(|e| SchedulerError::UnsupportedUrl(format!("{url} ({e})")))?;
-        let info = client.get_connection_info();
-        let shown = format!("redis://{}/{}", info.addr(), info.redis_settings().db());
+        let shown = crate::results::redis::describe_client(&client);
         Ok(Self {
             client,
             shown,

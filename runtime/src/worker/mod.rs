@@ -133,8 +133,9 @@ struct Shared {
     registry: Arc<Registry>,
     options: WorkerOptions,
     stats: Arc<WorkerStats>,
-    /// Running tasks' cancel tokens, to interrupt them when shutdown times out.
-    running: Mutex<HashMap<u64, CancelToken>>,
+    /// Running tasks (by run number): their task ids and cancel tokens, to interrupt them
+    /// when shutdown times out or when they are revoked with terminate.
+    running: Mutex<HashMap<u64, (String, CancelToken)>>,
     next_run: AtomicU64,
     /// Set when running tasks were interrupted by shutdown: their messages are released.
     aborting: std::sync::atomic::AtomicBool,
@@ -143,8 +144,6 @@ struct Shared {
     slots: Arc<Semaphore>,
     /// Revoked task ids.
     revoked: RevokedSet,
-    /// Running tasks by task id, to terminate revoked ones.
-    running_ids: Mutex<HashMap<String, CancelToken>>,
     /// Per task name: when its rate limit next lets one run.
     rate_turns: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Messages held waiting for a rate-limit turn (bounded by half the prefetch).
@@ -170,7 +169,6 @@ impl Worker {
             shared: Arc::new(Shared {
                 slots,
                 revoked,
-                running_ids: Mutex::new(HashMap::new()),
                 rate_turns: Mutex::new(HashMap::new()),
                 rate_waiting: std::sync::atomic::AtomicUsize::new(0),
                 broker,
@@ -266,7 +264,7 @@ impl Worker {
                 "shutdown timeout: interrupting running tasks; their messages will be redelivered"
             );
             shared.aborting.store(true, Ordering::SeqCst);
-            for token in shared
+            for (_, token) in shared
                 .running
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -369,15 +367,16 @@ async fn listen_for_revocations(
             tracing::info!(task_id = %task_id, terminate, "task revoked");
         }
         if terminate {
-            let token = shared
-                .running_ids
+            for (id, token) in shared
+                .running
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get(&task_id)
-                .cloned();
-            if let Some(token) = token {
-                tracing::warn!(task_id = %task_id, "terminating the running task (revoked)");
-                token.cancel();
+                .values()
+            {
+                if *id == task_id {
+                    tracing::warn!(task_id = %task_id, "terminating the running task (revoked)");
+                    token.cancel();
+                }
             }
         }
     }
@@ -546,12 +545,7 @@ async fn process(
         .running
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .insert(run, cancel.clone());
-    shared
-        .running_ids
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .insert(message.id.clone(), cancel.clone());
+        .insert(run, (message.id.clone(), cancel.clone()));
     if shared.revoked.get(&message.id).is_some_and(|r| r.terminate) {
         // Revoked with terminate while it waited: the listener may have missed it.
         cancel.cancel();
@@ -609,11 +603,6 @@ async fn process(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .remove(&run);
-    shared
-        .running_ids
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .remove(&message.id);
     let report = match result {
         Ok(report) => report,
         Err(CallError::UnknownTask { .. }) => {
