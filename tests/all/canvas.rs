@@ -73,6 +73,9 @@ async fn chains_links_and_groups(client: &Client) {
         .as_str()
         .unwrap_or_else(|| panic!("{head:?}"))
         .to_owned();
+    // The worker publishes the next step before it stores this step's result (Celery's
+    // order), so the chain's end can be ready a moment before the middle is stored.
+    assert_eq!(client.result(&second).get(WAIT).await.unwrap(), json!(8));
     let middle = client.result(&second).meta().await.unwrap().unwrap();
     assert_eq!(middle.result, json!(8));
     assert_eq!(middle.parent_id.as_deref(), Some(first.as_str()));
