@@ -66,6 +66,7 @@ async fn chains_links_and_groups(client: &Client) {
     ];
     let result = chain(steps).apply(client).await.unwrap();
     assert_eq!(result.get(WAIT).await.unwrap(), json!(80));
+    assert_eq!(client.result(&first).get(WAIT).await.unwrap(), json!(4));
     let head = client.result(&first).meta().await.unwrap().unwrap();
     assert_eq!(head.result, json!(4));
     assert_eq!(head.children.len(), 1, "the next step is the first's child");
