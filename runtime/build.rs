@@ -44,6 +44,10 @@ fn main() {
             "cargo:rerun-if-changed={}",
             plugins_dir.join(name).join("src").display()
         );
+        println!(
+            "cargo:rerun-if-changed={}",
+            plugins_dir.join(name).join("build.rs").display()
+        );
     }
 
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());

@@ -12,7 +12,7 @@
 //! plugins = ".wasmq/plugins"                   # WASMQ_PLUGINS, --plugins
 //! queues = ["celery"]                          # WASMQ_QUEUES, --queues a,b
 //! concurrency = 2                              # WASMQ_CONCURRENCY, --concurrency (default: CPUs)
-//! prefetch_multiplier = 16                     # WASMQ_PREFETCH_MULTIPLIER, --prefetch-multiplier
+//! prefetch_multiplier = 64                     # WASMQ_PREFETCH_MULTIPLIER, --prefetch-multiplier
 //! node_name = "wasmq@host"                     # WASMQ_NODE_NAME, --name
 //! shutdown_timeout = "30s"                     # WASMQ_SHUTDOWN_TIMEOUT, --shutdown-timeout
 //! result_expires = "1day"                      # WASMQ_RESULT_EXPIRES, --result-expires

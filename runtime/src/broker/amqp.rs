@@ -36,12 +36,15 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    BasicProperties, Channel, Confirmation as AmqpConfirmation, Connection, ConnectionProperties,
+    ExchangeKind,
 };
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch};
 
-use super::{Broker, BrokerError, Consumer, DeadLetter, Delivery, Revocation, Settle};
+use super::{
+    Broker, BrokerError, Confirmation, Consumer, DeadLetter, Delivery, Revocation, Settle,
+};
 use crate::protocol::{Envelope, Properties};
 
 pub mod delayed;
@@ -332,8 +335,8 @@ impl AmqpBroker {
             .await
             .map_err(|e| lapin_error("publish not confirmed", &e))?;
         match confirm {
-            Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Nack(_) => Err(BrokerError::Amqp(format!(
+            AmqpConfirmation::Ack(_) | AmqpConfirmation::NotRequested => Ok(()),
+            AmqpConfirmation::Nack(_) => Err(BrokerError::Amqp(format!(
                 "the broker refused a message for {routing_key}"
             ))),
         }
@@ -394,11 +397,13 @@ impl AmqpBroker {
 
     /// Declares `queue` (non-durable, auto-delete, expiring like Celery's rpc reply queues)
     /// and consumes it without acks, passing each message's correlation id and body to
-    /// `sink`. Used by the rpc result backend's client side.
+    /// `sink` on the consuming task itself (no hand-off to another task: a waiting caller is
+    /// woken straight from here) until `sink` returns false. Used by the rpc result backend's
+    /// client side.
     pub(crate) async fn consume_replies(
         &self,
         queue: &str,
-        sink: mpsc::UnboundedSender<(Option<String>, Vec<u8>)>,
+        mut sink: impl FnMut(Option<String>, &[u8]) -> bool + Send + 'static,
     ) -> Result<(), BrokerError> {
         let session = self.session().await?;
         let channel = session
@@ -439,7 +444,7 @@ impl AmqpBroker {
                     .correlation_id()
                     .as_ref()
                     .map(|c| c.to_string());
-                if sink.send((correlation, delivery.data)).is_err() {
+                if !sink(correlation, &delivery.data) {
                     break;
                 }
             }
@@ -605,6 +610,46 @@ impl Broker for AmqpBroker {
             .await
         })
         .await
+    }
+
+    async fn publish_unconfirmed(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+        delay: Option<Duration>,
+    ) -> Result<Confirmation, BrokerError> {
+        if delay.is_some_and(|d| d.as_secs() > 0) {
+            self.publish(queue, envelope, delay).await?;
+            return Ok(Confirmation::settled(Ok(())));
+        }
+        let confirm = self
+            .with_session(|session| async move {
+                self.ensure_queue(&session, queue).await?;
+                session
+                    .publisher
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions::default(),
+                        &envelope.body,
+                        properties_of(envelope),
+                    )
+                    .await
+                    .map_err(|e| lapin_error("cannot publish", &e))
+            })
+            .await?;
+        let queue = queue.to_owned();
+        Ok(Confirmation::pending(async move {
+            match confirm
+                .await
+                .map_err(|e| lapin_error("publish not confirmed", &e))?
+            {
+                AmqpConfirmation::Ack(_) | AmqpConfirmation::NotRequested => Ok(()),
+                AmqpConfirmation::Nack(_) => Err(BrokerError::Amqp(format!(
+                    "the broker refused a message for {queue}"
+                ))),
+            }
+        }))
     }
 
     async fn consume(
@@ -785,7 +830,7 @@ impl Broker for AmqpBroker {
                     .await
                     .map_err(|e| lapin_error("revocation not confirmed", &e))?;
                 match confirm {
-                    Confirmation::Nack(_) => Err(BrokerError::Amqp(
+                    AmqpConfirmation::Nack(_) => Err(BrokerError::Amqp(
                         "the broker refused the revocation".into(),
                     )),
                     _ => Ok(()),
@@ -1113,13 +1158,11 @@ async fn consume_once(
     let _ = consuming.send(true);
     tracing::info!(broker = %broker.describe(), queues = %queues.join(","), "consuming");
     let mut merged = futures_util::stream::select_all(streams);
-    let channel = Arc::new(channel);
-    let batcher = AckBatcher::new(Arc::clone(&channel), prefetch);
+    let batcher = AckBatcher::new(channel.clone(), prefetch);
     *current_batcher
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::clone(&batcher));
-    let mut flush = tokio::time::interval(Duration::from_millis(1));
-    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::spawn(send_acks(Arc::clone(&batcher)));
     loop {
         tokio::select! {
             next = merged.next() => match next {
@@ -1139,9 +1182,7 @@ async fn consume_once(
                         batcher: Arc::clone(&batcher),
                         broker: broker.clone(),
                         queue: queue.clone(),
-                        envelope: envelope.clone(),
                         delivery_count,
-                        _channel: Arc::clone(&channel),
                     });
                     if recount {
                         // A classic-queue redelivery (its worker died or released it): publish
@@ -1152,7 +1193,10 @@ async fn consume_once(
                         // Inline, not spawned: the ack must reach the channel before this
                         // consumer can close, or both copies would come back.
                         match broker.publish(&queue, &envelope, None).await {
-                            Ok(()) => { let _ = Settle::ack(settler.as_ref(), 0).await; }
+                            Ok(()) => {
+                                let _ = Settle::ack(settler.as_ref(), 0).await;
+                                let _ = batcher.flush().await;
+                            }
                             Err(error) => {
                                 tracing::warn!(%error, "cannot count a redelivery; releasing the message");
                                 let _ = Settle::release(settler.as_ref(), 0).await;
@@ -1185,27 +1229,13 @@ async fn consume_once(
                     return Ok(Ended::Lost);
                 }
             },
-            _ = flush.tick() => {
-                if let Err(error) = batcher.flush().await {
-                    tracing::warn!(%error, "cannot ack; the messages will be redelivered");
-                }
-            }
             _ = stopped.changed() => {
                 for tag in &tags {
                     let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
                 }
                 let _ = consuming.send(false);
-                // Deliveries already handed out may still be settled: keep flushing their
-                // acks until the last of them is gone.
-                let batcher = Arc::clone(&batcher);
-                tokio::spawn(async move {
-                    let mut tick = tokio::time::interval(Duration::from_millis(2));
-                    while Arc::strong_count(&batcher) > 1 {
-                        tick.tick().await;
-                        let _ = batcher.flush().await;
-                    }
-                    let _ = batcher.flush().await;
-                });
+                // Deliveries already handed out may still be settled: `send_acks` keeps
+                // acking them until the last of them is gone.
                 return Ok(Ended::Stopped);
             }
         }
@@ -1214,14 +1244,29 @@ async fn consume_once(
 
 /// Acknowledges a channel's deliveries in batches: `basic.ack` with `multiple` up to the
 /// highest delivery tag below which every delivery is settled. Deliveries finish out of order
-/// (tasks run concurrently), so settled tags wait in a set until the prefix is contiguous. An
-/// ack goes out when half the prefetch (at most 64) is pending or, at the latest, at the next
-/// 1 ms tick: late acks
-/// stay late (a delivery is only settled after its result is stored), and a crash redelivers
-/// at most those few messages.
+/// (tasks run concurrently), so settled tags wait in a set until the prefix is contiguous.
+///
+/// Settling only records the tag; one task per channel ([`send_acks`]) writes the acks, so
+/// neither a finishing task nor the consuming loop waits for lapin's I/O thread. An ack goes
+/// out as soon as half the prefetch (at most 64) is pending, else [`ACK_DELAY`] after the
+/// first pending settlement: late acks stay late (a delivery is only settled after its result
+/// is stored), and a crash redelivers at most those few messages.
 struct AckBatcher {
-    channel: Arc<Channel>,
+    channel: Channel,
     state: Mutex<AckState>,
+    /// Woken when the first settlement is pending and when a batch is full.
+    due: tokio::sync::Notify,
+}
+
+/// What a settlement asks of the ack writer.
+#[derive(Debug, PartialEq, Eq)]
+enum AckDue {
+    /// Nothing new: an ack is already due.
+    Nothing,
+    /// The first pending settlement: ack within [`ACK_DELAY`].
+    Soon,
+    /// A full batch: ack now.
+    Now,
 }
 
 #[derive(Default)]
@@ -1241,28 +1286,38 @@ struct AckState {
 /// The largest ack batch.
 const ACK_BATCH: u64 = 64;
 
+/// The longest an ack waits for its batch to fill.
+const ACK_DELAY: Duration = Duration::from_millis(1);
+
 impl AckState {
     /// Records `tag` as settled; `acked` says whether it still needs a `basic.ack` (a
-    /// released delivery was nacked on its own). Returns the tag to ack up to, if the batch
-    /// is full.
-    fn settle(&mut self, tag: u64, acked: bool) -> Option<u64> {
-        self.settled.insert(tag);
-        let mut advanced = false;
-        while self.settled.remove(&self.contiguous_below) {
+    /// released delivery was nacked on its own). Says when the ack writer should act.
+    fn settle(&mut self, tag: u64, acked: bool) -> AckDue {
+        if tag == self.contiguous_below {
             self.contiguous_below += 1;
-            advanced = true;
+            while self.settled.remove(&self.contiguous_below) {
+                self.contiguous_below += 1;
+            }
+            self.unacked_upto = Some(self.contiguous_below - 1);
+        } else {
+            self.settled.insert(tag);
         }
+        let first = self.pending == 0;
         if acked {
             self.pending += 1;
         }
-        if advanced {
-            self.unacked_upto = Some(self.contiguous_below - 1);
-        }
         if self.pending >= self.batch {
-            self.pending = 0;
-            return self.unacked_upto.take();
+            AckDue::Now
+        } else if first {
+            AckDue::Soon
+        } else {
+            AckDue::Nothing
         }
-        None
+    }
+
+    /// True when a full batch waits.
+    fn full(&self) -> bool {
+        self.pending >= self.batch
     }
 
     /// The tag to ack up to now, if any.
@@ -1273,7 +1328,7 @@ impl AckState {
 }
 
 impl AckBatcher {
-    fn new(channel: Arc<Channel>, prefetch: u16) -> Arc<Self> {
+    fn new(channel: Channel, prefetch: u16) -> Arc<Self> {
         Arc::new(Self {
             channel,
             state: Mutex::new(AckState {
@@ -1281,15 +1336,27 @@ impl AckBatcher {
                 batch: (u64::from(prefetch) / 2).clamp(1, ACK_BATCH),
                 ..AckState::default()
             }),
+            due: tokio::sync::Notify::new(),
         })
     }
 
-    /// Records `tag` as settled; returns the tag to ack up to when the batch is full.
-    fn settle(&self, tag: u64, acked: bool) -> Option<u64> {
+    /// Records `tag` as settled and wakes the ack writer when an ack becomes due.
+    fn settle(&self, tag: u64, acked: bool) {
+        let due = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .settle(tag, acked);
+        if due != AckDue::Nothing {
+            self.due.notify_one();
+        }
+    }
+
+    fn full(&self) -> bool {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .settle(tag, acked)
+            .full()
     }
 
     /// The tag to ack up to now, if any.
@@ -1316,29 +1383,56 @@ impl AckBatcher {
     }
 }
 
-/// Settles one AMQP delivery; keeps its channel open until settled.
+/// Writes a channel's batched acks (see [`AckBatcher`]) until nothing else holds the
+/// batcher: the consumer loop has ended and every delivery it handed out is settled.
+async fn send_acks(batcher: Arc<AckBatcher>) {
+    loop {
+        // Wait for a pending settlement; look every 100 ms whether the batcher is orphaned.
+        tokio::select! {
+            () = batcher.due.notified() => {}
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        if !batcher.full() {
+            // Give the batch a moment to fill, unless it fills first.
+            tokio::select! {
+                () = batcher.due.notified() => {}
+                () = tokio::time::sleep(ACK_DELAY) => {}
+            }
+        }
+        if let Err(error) = batcher.flush().await {
+            tracing::warn!(%error, "cannot ack; the messages will be redelivered");
+        }
+        if Arc::strong_count(&batcher) == 1 {
+            let _ = batcher.flush().await;
+            return;
+        }
+    }
+}
+
+/// Settles one AMQP delivery; keeps its channel open (through the batcher) until settled.
 struct AmqpSettler {
     acker: lapin::Acker,
     tag: u64,
     batcher: Arc<AckBatcher>,
     broker: AmqpBroker,
     queue: String,
-    envelope: Envelope,
     delivery_count: u32,
-    _channel: Arc<Channel>,
 }
 
 #[async_trait]
 impl Settle for AmqpSettler {
     async fn ack(&self, _tag: u64) -> Result<(), BrokerError> {
-        match self.batcher.settle(self.tag, true) {
-            Some(upto) => self.batcher.ack_upto(upto).await,
-            None => Ok(()),
-        }
+        self.batcher.settle(self.tag, true);
+        Ok(())
     }
 
-    async fn dead_letter(&self, _tag: u64, reason: &str) -> Result<(), BrokerError> {
-        let mut envelope = self.envelope.clone();
+    async fn dead_letter(
+        &self,
+        _tag: u64,
+        reason: &str,
+        envelope: &Envelope,
+    ) -> Result<(), BrokerError> {
+        let mut envelope = envelope.clone();
         envelope
             .headers
             .insert(DEAD_REASON_HEADER.into(), reason.into());
@@ -1379,9 +1473,7 @@ impl Settle for AmqpSettler {
             .await
             .map(drop)
             .map_err(|e| lapin_error("cannot release", &e));
-        if let Some(upto) = self.batcher.settle(self.tag, false) {
-            self.batcher.ack_upto(upto).await?;
-        }
+        self.batcher.settle(self.tag, false);
         released
     }
 }
@@ -1462,12 +1554,12 @@ mod tests {
             batch: ACK_BATCH,
             ..AckState::default()
         };
-        // 2 and 3 finish before 1: nothing can be acked yet.
-        assert_eq!(state.settle(2, true), None);
-        assert_eq!(state.settle(3, true), None);
+        // 2 and 3 finish before 1: nothing can be acked yet (the writer is woken once).
+        assert_eq!(state.settle(2, true), AckDue::Soon);
+        assert_eq!(state.settle(3, true), AckDue::Nothing);
         assert_eq!(state.take(), None);
         // 1 finishes: everything up to 3 can go in one multiple ack.
-        assert_eq!(state.settle(1, true), None);
+        assert_eq!(state.settle(1, true), AckDue::Soon);
         assert_eq!(state.take(), Some(3));
         assert_eq!(state.take(), None);
         // A released (nacked) delivery does not block the ones after it.
@@ -1475,11 +1567,15 @@ mod tests {
         state.settle(5, true);
         assert_eq!(state.take(), Some(5));
         // A full batch asks to be flushed at once.
-        let mut flushed = None;
+        let mut dues = Vec::new();
         for tag in 6..6 + ACK_BATCH {
-            flushed = flushed.or(state.settle(tag, true));
+            dues.push(state.settle(tag, true));
         }
-        assert_eq!(flushed, Some(5 + ACK_BATCH));
+        assert_eq!(dues.first(), Some(&AckDue::Soon));
+        assert_eq!(dues.last(), Some(&AckDue::Now));
+        assert!(state.full());
+        assert_eq!(state.take(), Some(5 + ACK_BATCH));
+        assert!(!state.full());
     }
 
     #[test]

@@ -103,7 +103,9 @@ impl Delivery {
     /// # Errors
     /// When the broker cannot record it; the message will then be delivered again.
     pub async fn dead_letter(self, reason: &str) -> Result<(), BrokerError> {
-        self.settler.dead_letter(self.tag, reason).await
+        self.settler
+            .dead_letter(self.tag, reason, &self.envelope)
+            .await
     }
 
     /// Give the message back unprocessed, to be delivered again at once (e.g. at shutdown).
@@ -119,7 +121,13 @@ impl Delivery {
 #[async_trait]
 pub(crate) trait Settle: Send + Sync {
     async fn ack(&self, tag: u64) -> Result<(), BrokerError>;
-    async fn dead_letter(&self, tag: u64, reason: &str) -> Result<(), BrokerError>;
+    /// Moves the delivery (whose message is `envelope`) to the dead letters.
+    async fn dead_letter(
+        &self,
+        tag: u64,
+        reason: &str,
+        envelope: &Envelope,
+    ) -> Result<(), BrokerError>;
     async fn release(&self, tag: u64) -> Result<(), BrokerError>;
 }
 
@@ -186,6 +194,43 @@ pub trait Consumer: Send {
     async fn flush_acks(&mut self) {}
 }
 
+/// The broker's answer to a publish, still to come (see [`Broker::publish_unconfirmed`]).
+#[must_use = "a confirmation says whether the broker took the message"]
+pub struct Confirmation(
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), BrokerError>> + Send>>,
+);
+
+impl Confirmation {
+    /// A confirmation whose answer is known.
+    pub fn settled(answer: Result<(), BrokerError>) -> Self {
+        Self(Box::pin(std::future::ready(answer)))
+    }
+
+    /// A confirmation that resolves with `answer`.
+    pub fn pending(
+        answer: impl std::future::Future<Output = Result<(), BrokerError>> + Send + 'static,
+    ) -> Self {
+        Self(Box::pin(answer))
+    }
+}
+
+impl std::fmt::Debug for Confirmation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Confirmation")
+    }
+}
+
+impl std::future::Future for Confirmation {
+    type Output = Result<(), BrokerError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
 /// A message broker.
 #[async_trait]
 pub trait Broker: Send + Sync {
@@ -199,6 +244,24 @@ pub trait Broker: Send + Sync {
         envelope: &Envelope,
         delay: Option<Duration>,
     ) -> Result<(), BrokerError>;
+
+    /// Publishes like [`Broker::publish`] but returns once the message is on its way, with
+    /// the broker's confirmation still to come: awaiting the [`Confirmation`] says whether
+    /// the broker took it. Lets a caller overlap the confirmation with other waiting (a
+    /// caller waiting for the task's result anyway) or pipeline many publishes. Default:
+    /// publishes with [`Broker::publish`] and returns a settled confirmation.
+    ///
+    /// # Errors
+    /// When the message cannot be sent at all.
+    async fn publish_unconfirmed(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+        delay: Option<Duration>,
+    ) -> Result<Confirmation, BrokerError> {
+        self.publish(queue, envelope, delay).await?;
+        Ok(Confirmation::settled(Ok(())))
+    }
 
     /// Starts consuming `queues`, with at most `prefetch` unsettled deliveries.
     ///

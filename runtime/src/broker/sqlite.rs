@@ -518,7 +518,12 @@ impl Settle for SqliteSettler {
         .await
     }
 
-    async fn dead_letter(&self, tag: u64, reason: &str) -> Result<(), BrokerError> {
+    async fn dead_letter(
+        &self,
+        tag: u64,
+        reason: &str,
+        _envelope: &Envelope,
+    ) -> Result<(), BrokerError> {
         let owner = Arc::clone(&self.owner);
         let id = i64::try_from(tag).unwrap_or(i64::MAX);
         let reason = reason.to_owned();

@@ -41,9 +41,16 @@ pub(super) struct AmqpArgs {
     /// Redis for the Redis-backend rows (must be on this machine).
     #[arg(long, default_value = "redis://127.0.0.1:6379/0")]
     redis: String,
+    /// Only the raw ceiling and wasmq's own rows (no Celery): for profiling during
+    /// development.
+    #[arg(long, hide = true)]
+    wasmq_only: bool,
     #[command(flatten)]
     engine: EngineArgs,
 }
+
+/// Publishes awaiting their confirmation at once in [`Harness::publish_pipelined`].
+const CONFIRM_WINDOW: usize = 256;
 
 /// Sizes of one run.
 struct Plan {
@@ -212,6 +219,8 @@ impl Drop for BenchProcess {
 }
 
 struct Harness {
+    /// The worker process's CPU time per task (µs) in each wasmq drain, in order.
+    cpu_per_task: std::sync::Mutex<Vec<f64>>,
     /// A Celery drain slower than this is cut off and reported as stalled.
     stall_limit: Duration,
     broker_url: String,
@@ -258,7 +267,7 @@ impl Harness {
         crate::results::connect(url, Duration::from_secs(3600), &self.broker_url).map_err(fail)
     }
 
-    /// Publishes `n` tasks; returns the publish rate.
+    /// Publishes `n` tasks, each confirmed before the next is sent; returns the rate.
     async fn publish(
         &self,
         client: &Client,
@@ -281,6 +290,45 @@ impl Harness {
                 )
                 .await
                 .map_err(fail)?;
+        }
+        Ok(n as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// Publishes `n` tasks with [`Client::submit`], at most [`CONFIRM_WINDOW`] awaiting
+    /// their confirmation; returns the rate, timed until the last is confirmed.
+    async fn publish_pipelined(
+        &self,
+        client: &Client,
+        task: &str,
+        n: usize,
+        args: impl Fn(usize) -> Vec<Value>,
+        ignore_result: bool,
+    ) -> Result<f64, Failure> {
+        let started = Instant::now();
+        let mut unconfirmed: std::collections::VecDeque<crate::broker::Confirmation> =
+            std::collections::VecDeque::with_capacity(CONFIRM_WINDOW);
+        for i in 0..n {
+            if unconfirmed.len() == CONFIRM_WINDOW
+                && let Some(oldest) = unconfirmed.pop_front()
+            {
+                oldest.await.map_err(fail)?;
+            }
+            let (_, confirmation) = client
+                .submit(
+                    task,
+                    args(i),
+                    Map::new(),
+                    SendOptions {
+                        ignore_result,
+                        ..SendOptions::default()
+                    },
+                )
+                .await
+                .map_err(fail)?;
+            unconfirmed.push_back(confirmation);
+        }
+        for confirmation in unconfirmed {
+            confirmation.await.map_err(fail)?;
         }
         Ok(n as f64 / started.elapsed().as_secs_f64())
     }
@@ -322,20 +370,35 @@ impl Harness {
             None => self.backend(&self.redis_url)?,
         };
         let client = self.client(Arc::clone(&backend), &queue);
-        self.publish(&client, task, n, args, backend_url.is_none())
+        self.publish_pipelined(&client, task, n, args, backend_url.is_none())
             .await?;
+        eprintln!("        {n} queued; draining");
         let (stop, handle, stats) = self.worker(&queue, backend);
+        // Timed from the first message taken (as the Celery drains and the raw ceiling are),
+        // not from the worker's connection set-up.
+        let set_up = Instant::now();
+        while stats.received.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+            if set_up.elapsed() > Duration::from_secs(60) {
+                return Err(fail("the wasmq worker took no message in a minute"));
+            }
+        }
         let started = Instant::now();
+        let cpu_before = cpu_seconds();
         let done = |s: &crate::worker::WorkerStats| {
             s.succeeded.load(Ordering::Relaxed) + s.failed.load(Ordering::Relaxed)
         };
         while done(&stats) < n as u64 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
             if started.elapsed() > Duration::from_secs(600) {
                 return Err(fail("the wasmq drain did not finish in 10 minutes"));
             }
         }
         let rate = n as f64 / started.elapsed().as_secs_f64();
+        self.cpu_per_task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((cpu_seconds() - cpu_before) / n as f64 * 1e6);
         let _ = stop.send(());
         let _ = handle.await;
         self.broker.delete_queue(&queue).await.map_err(fail)?;
@@ -356,7 +419,7 @@ impl Harness {
     ) -> Result<(f64, Option<u64>), Failure> {
         let queue = queue_name(&format!("celery-{pool}"));
         let client = self.client(self.backend(&self.redis_url)?, &queue);
-        self.publish(&client, task, n, args, true).await?;
+        self.publish_pipelined(&client, task, n, args, true).await?;
         let worker = BenchProcess::start(python, &self.broker_url, "", &queue, pool, concurrency)?;
         let total = n as u64;
         let mut started = None;
@@ -385,7 +448,12 @@ impl Harness {
     }
 
     /// Sequential send → get round trips with a wasmq worker; returns p50/p95/p99 in ms.
-    async fn wasmq_round_trips(&self, backend_url: &str, n: usize) -> Result<[f64; 3], Failure> {
+    async fn wasmq_round_trips(
+        &self,
+        backend_url: &str,
+        n: usize,
+        overlap_confirm: bool,
+    ) -> Result<[f64; 3], Failure> {
         let queue = queue_name("wasmq-rtt");
         let backend = self.backend(backend_url)?;
         let client = self.client(Arc::clone(&backend), &queue);
@@ -393,16 +461,26 @@ impl Harness {
         let mut samples = Vec::with_capacity(n);
         for i in 0..=n {
             let started = Instant::now();
-            let result = client
-                .send_task(
-                    "math.add",
-                    vec![json!(i), json!(1)],
-                    Map::new(),
-                    SendOptions::default(),
-                )
-                .await
-                .map_err(fail)?;
-            result.get(Duration::from_secs(30)).await.map_err(fail)?;
+            let args = vec![json!(i), json!(1)];
+            let timeout = Duration::from_secs(30);
+            if overlap_confirm {
+                client
+                    .call(
+                        "math.add",
+                        args,
+                        Map::new(),
+                        SendOptions::default(),
+                        timeout,
+                    )
+                    .await
+                    .map_err(fail)?;
+            } else {
+                let result = client
+                    .send_task("math.add", args, Map::new(), SendOptions::default())
+                    .await
+                    .map_err(fail)?;
+                result.get(timeout).await.map_err(fail)?;
+            }
             if i > 0 {
                 samples.push(started.elapsed().as_secs_f64() * 1000.0);
             }
@@ -453,6 +531,7 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
             .map_err(fail)?,
     );
     let h = Harness {
+        cpu_per_task: std::sync::Mutex::default(),
         stall_limit: Duration::from_secs(if args.quick { 20 } else { 120 }),
         broker_url: args.broker.clone(),
         redis_url: args.redis.clone(),
@@ -488,6 +567,10 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
         .publish(&publish_client, "math.add", n.min(5_000), add_args, true)
         .await?;
     h.broker.delete_queue(&publish_queue).await.map_err(fail)?;
+    let wasmq_publish_pipelined = h
+        .publish_pipelined(&publish_client, "math.add", n, add_args, true)
+        .await?;
+    h.broker.delete_queue(&publish_queue).await.map_err(fail)?;
     let wasmq_off = h.wasmq_drain("math.add", n, add_args, None).await?;
     step("wasmq drain, Redis results");
     let wasmq_redis = h
@@ -497,6 +580,47 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
     let wasmq_rpc = h
         .wasmq_drain("math.add", n, add_args, Some("rpc://"))
         .await?;
+    step("wasmq round trips");
+    let wasmq_rtt_rpc = h
+        .wasmq_round_trips("rpc://", plan.round_trips, true)
+        .await?;
+    let wasmq_rtt_redis = h
+        .wasmq_round_trips(&args.redis, plan.round_trips, true)
+        .await?;
+    let wasmq_rtt_rpc_confirmed = h
+        .wasmq_round_trips("rpc://", plan.round_trips, false)
+        .await?;
+    let wasmq_rtt_redis_confirmed = h
+        .wasmq_round_trips(&args.redis, plan.round_trips, false)
+        .await?;
+    if args.wasmq_only {
+        let ms = |v: [f64; 3]| format!("p50 {:.2} · p95 {:.2} · p99 {:.2} ms", v[0], v[1], v[2]);
+        println!("| raw ack each | {raw_each:.0} |\n| raw batched | {raw_batched:.0} |");
+        println!(
+            "| wasmq off | {wasmq_off:.0} |\n| wasmq redis | {wasmq_redis:.0} |\n| wasmq rpc | {wasmq_rpc:.0} |"
+        );
+        println!(
+            "| wasmq publish | {wasmq_publish:.0} |\n| wasmq publish pipelined | {wasmq_publish_pipelined:.0} |"
+        );
+        println!(
+            "| rtt rpc | {} |\n| rtt redis | {} |",
+            ms(wasmq_rtt_rpc),
+            ms(wasmq_rtt_redis)
+        );
+        println!(
+            "| rtt rpc confirmed | {} |\n| rtt redis confirmed | {} |",
+            ms(wasmq_rtt_rpc_confirmed),
+            ms(wasmq_rtt_redis_confirmed)
+        );
+        println!("| off / batched | {:.2} |", wasmq_off / raw_batched);
+        println!(
+            "| cpu µs/task | {:.1?} |",
+            h.cpu_per_task
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        );
+        return Ok(());
+    }
 
     let mut celery = Vec::new();
     for (pool, concurrency) in [("prefork", 2), ("threads", 8), ("solo", 1)] {
@@ -511,9 +635,7 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
         ));
     }
 
-    step("round trips");
-    let wasmq_rtt_rpc = h.wasmq_round_trips("rpc://", plan.round_trips).await?;
-    let wasmq_rtt_redis = h.wasmq_round_trips(&args.redis, plan.round_trips).await?;
+    step("Celery round trips");
     let mut celery_rtt = Vec::new();
     for backend in ["rpc://", args.redis.as_str()] {
         let queue = queue_name("celery-rtt");
@@ -585,6 +707,16 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
     println!("| **wasmq** drain `math.add`, results off | **{wasmq_off:.0} tasks/s** |");
     println!("| wasmq drain `math.add`, Redis results | {wasmq_redis:.0} tasks/s |");
     println!("| wasmq drain `math.add`, rpc results | {wasmq_rpc:.0} tasks/s |");
+    let cpu = h
+        .cpu_per_task
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    if let [off, redis, rpc, ..] = cpu[..] {
+        println!(
+            "| wasmq process CPU per task in those drains (off / Redis / rpc) | {off:.0} / {redis:.0} / {rpc:.0} µs |"
+        );
+    }
     for (pool, concurrency, (rate, stalled)) in &celery {
         let note = stalled
             .map(|done| {
@@ -599,8 +731,22 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
         );
     }
     let ms = |v: [f64; 3]| format!("p50 {:.2} · p95 {:.2} · p99 {:.2} ms", v[0], v[1], v[2]);
-    println!("| wasmq round trip, rpc | {} |", ms(wasmq_rtt_rpc));
-    println!("| wasmq round trip, Redis | {} |", ms(wasmq_rtt_redis));
+    println!(
+        "| wasmq round trip, rpc (`Client::call`) | {} |",
+        ms(wasmq_rtt_rpc)
+    );
+    println!(
+        "| wasmq round trip, Redis (`Client::call`) | {} |",
+        ms(wasmq_rtt_redis)
+    );
+    println!(
+        "| wasmq round trip, rpc (`send_task`, confirmed, then `get`) | {} |",
+        ms(wasmq_rtt_rpc_confirmed)
+    );
+    println!(
+        "| wasmq round trip, Redis (`send_task`, confirmed, then `get`) | {} |",
+        ms(wasmq_rtt_redis_confirmed)
+    );
     println!("| Celery (solo) round trip, rpc | {} |", ms(celery_rtt[0]));
     println!(
         "| Celery (solo) round trip, Redis | {} |",
@@ -609,7 +755,12 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
     println!("| fib(25): wasmq (Wasm, fuel + epochs), 2 slots | {wasmq_fib:.0} tasks/s |");
     println!("| fib(25): Celery prefork `-c 2` (Python) | {celery_fib:.1} tasks/s |");
     println!("| fib(25): native Rust, 2 threads, no queue | {native_fib:.0} calls/s |");
-    println!("| publish: wasmq `Client::send_task` (confirmed) | {wasmq_publish:.0} msgs/s |");
+    println!(
+        "| publish: wasmq `Client::send_task` (each confirmed before the next) | {wasmq_publish:.0} msgs/s |"
+    );
+    println!(
+        "| publish: wasmq `Client::submit` ({CONFIRM_WINDOW} confirmations outstanding, all awaited) | {wasmq_publish_pipelined:.0} msgs/s |"
+    );
     println!("| publish: Celery `apply_async` | {celery_publish:.0} msgs/s |");
     println!();
     println!("| ratio | value | goal |");
@@ -696,6 +847,26 @@ async fn publish_adds(
 }
 
 /// This process's resident memory in KiB (Linux).
+/// CPU time this process has used (user + system), from `/proc/self/stat`.
+fn cpu_seconds() -> f64 {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name (which may hold spaces) start after ") ".
+            let rest = stat
+                .rsplit_once(") ")?
+                .1
+                .split_whitespace()
+                .collect::<Vec<_>>();
+            let utime: u64 = rest.get(11)?.parse().ok()?;
+            let stime: u64 = rest.get(12)?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .unwrap_or(0);
+    // The kernel reports in USER_HZ, 100 on Linux.
+    ticks as f64 / 100.0
+}
+
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()

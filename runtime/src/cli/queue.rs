@@ -86,7 +86,8 @@ pub(super) struct WorkerArgs {
     /// Tasks run at once. Default: the number of CPUs.
     #[arg(long, short = 'c', env = "WASMQ_CONCURRENCY")]
     concurrency: Option<usize>,
-    /// Unacknowledged messages held per concurrency slot. Default: 16.
+    /// Unacknowledged messages held per concurrency slot. Default: 64 (short wasm tasks);
+    /// lower it for long tasks so one worker does not hold back messages others could run.
     #[arg(long, env = "WASMQ_PREFETCH_MULTIPLIER")]
     prefetch_multiplier: Option<usize>,
     /// This worker's node name. Default: wasmq@<hostname>.
@@ -369,6 +370,7 @@ pub(super) fn print_ready(task: &str, outcome: Result<Value, GetError>) -> Resul
             Err(Failure::new(ExitStatus::Timeout, error))
         }
         Err(GetError::Backend(error)) => Err(Failure::internal(error)),
+        Err(GetError::NotSent(error)) => Err(Failure::internal(error)),
     }
 }
 

@@ -221,6 +221,9 @@ impl std::fmt::Debug for Sandbox {
     }
 }
 
+/// Linear memory kept mapped between tasks in a pool slot (see [`engine_config`]).
+const MEMORY_KEEP_RESIDENT: usize = 256 << 10;
+
 fn engine_config(config: &SandboxConfig, allocator: AllocatorKind) -> Config {
     let mut wasm = Config::new();
     wasm.wasm_component_model(true)
@@ -239,11 +242,17 @@ fn engine_config(config: &SandboxConfig, allocator: AllocatorKind) -> Config {
             .total_tables(slots.saturating_mul(8))
             .total_stacks(slots)
             .max_memory_size(usize::try_from(config.ceiling.memory_bytes).unwrap_or(usize::MAX))
-            // Measured with `cargo bench --bench sandbox` (BENCHMARKS.md): keeping table
-            // pages resident (re-zeroed with memset) beats unmapping them, 19 µs against
-            // 27 µs a call; keeping linear memory resident does not (a Rust guest's 1 MiB
-            // shadow stack makes the memset cost more than the page faults it saves).
-            .linear_memory_keep_resident(0)
+            // After each task wasmtime resets the instance's memory. Up to this much is
+            // kept mapped and re-zeroed (image data re-copied) with memset; the rest is
+            // unmapped with madvise, which costs page faults on the next task and, while
+            // other threads of the worker run on other cores, a TLB shootdown (an IPI,
+            // dear in a VM). The bundled plugins link a 128 KiB shadow stack (192 KiB of
+            // initial memory), so a typical task never leaves this range: in the AMQP drain
+            // bench this took the worker from 11.2k to 12.7k tasks/s, and the madvise path
+            // had been 15 % of the worker's CPU in `perf`. A guest with Rust's default 1 MiB
+            // stack pays memset for 256 KiB plus madvise for the rest. Tables stay resident
+            // too (19 µs against 27 µs a call in `cargo bench --bench sandbox`).
+            .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
             .table_keep_resident(64 << 10);
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     } else {

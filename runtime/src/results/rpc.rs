@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::json;
-use tokio::sync::{Notify, OnceCell, mpsc};
+use tokio::sync::{Notify, OnceCell};
 
 use super::{ReplyTo, ResultBackend, ResultError, ResultMeta, TaskState};
 use crate::broker::amqp::AmqpBroker;
@@ -81,14 +81,16 @@ impl ResultBackend for RpcResultBackend {
     async fn prepare(&self) -> Result<(), ResultError> {
         self.consuming
             .get_or_try_init(|| async {
-                let (sink, mut arrivals) = mpsc::unbounded_channel::<(Option<String>, Vec<u8>)>();
-                self.broker.consume_replies(&self.reply_queue, sink).await?;
-                let inbox = Arc::clone(&self.inbox);
-                tokio::spawn(async move {
-                    while let Some((correlation, body)) = arrivals.recv().await {
-                        let Ok(mut meta) = serde_json::from_slice::<ResultMeta>(&body) else {
+                let inbox = Arc::downgrade(&self.inbox);
+                self.broker
+                    .consume_replies(&self.reply_queue, move |correlation, body| {
+                        // The backend is gone: stop consuming.
+                        let Some(inbox) = inbox.upgrade() else {
+                            return false;
+                        };
+                        let Ok(mut meta) = serde_json::from_slice::<ResultMeta>(body) else {
                             tracing::warn!("ignoring an unreadable rpc result");
-                            continue;
+                            return true;
                         };
                         if let Some(id) = correlation.filter(|c| *c != meta.task_id) {
                             meta.task_id = id;
@@ -105,8 +107,9 @@ impl ResultBackend for RpcResultBackend {
                         }
                         drop(results);
                         inbox.arrived.notify_waiters();
-                    }
-                });
+                        true
+                    })
+                    .await?;
                 Ok::<(), ResultError>(())
             })
             .await
