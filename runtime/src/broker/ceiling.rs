@@ -116,3 +116,108 @@ pub async fn raw_drain(
     let _ = connection.close(200, "OK".into()).await;
     Ok(elapsed)
 }
+
+/// The raw AMQP round trip: one connection publishes a persistent message to a fresh queue,
+/// where a consumer (in the same process, no acks) answers each one with a transient
+/// message to a reply queue, which the sender consumes — the broker's part of a task round
+/// trip with rpc results, with no decoding and no work. Returns the `n` round trips in
+/// milliseconds, sorted.
+///
+/// # Errors
+/// When RabbitMQ cannot be reached or refuses an operation.
+pub async fn raw_round_trips(uri: &str, n: usize, body: &[u8]) -> Result<Vec<f64>, BrokerError> {
+    let connection = Connection::connect(uri, ConnectionProperties::default())
+        .await
+        .map_err(|e| amqp("connect", &e))?;
+    let id = uuid::Uuid::new_v4().simple();
+    let (requests, replies) = (
+        format!("wasmq-bench-raw-rtt-{id}"),
+        format!("wasmq-bench-raw-rtt-{id}.reply"),
+    );
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| amqp("channel", &e))?;
+    for (queue, durable) in [(&requests, true), (&replies, false)] {
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable,
+                    auto_delete: !durable,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp("declare", &e))?;
+    }
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..BasicConsumeOptions::default()
+    };
+    let answerer = connection
+        .create_channel()
+        .await
+        .map_err(|e| amqp("channel", &e))?;
+    let mut incoming = answerer
+        .basic_consume(
+            requests.as_str().into(),
+            "answerer".into(),
+            no_ack,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp("consume", &e))?;
+    let reply_to = replies.clone();
+    let answering = tokio::spawn(async move {
+        while let Some(Ok(delivery)) = incoming.next().await {
+            let _ = answerer
+                .basic_publish(
+                    "".into(),
+                    reply_to.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &delivery.data,
+                    BasicProperties::default().with_delivery_mode(1),
+                )
+                .await;
+        }
+    });
+    let mut answers = channel
+        .basic_consume(
+            replies.as_str().into(),
+            "asker".into(),
+            no_ack,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp("consume", &e))?;
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..=n {
+        let started = Instant::now();
+        channel
+            .basic_publish(
+                "".into(),
+                requests.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .map_err(|e| amqp("publish", &e))?;
+        match tokio::time::timeout(Duration::from_secs(10), answers.next()).await {
+            Ok(Some(Ok(_))) => {}
+            _ => return Err(BrokerError::Amqp("no answer in 10 s".into())),
+        }
+        if i > 0 {
+            samples.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    answering.abort();
+    let _ = channel
+        .queue_delete(requests.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "OK".into()).await;
+    samples.sort_by(f64::total_cmp);
+    Ok(samples)
+}

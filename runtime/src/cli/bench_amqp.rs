@@ -512,13 +512,13 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
         Plan {
             tasks: 2_000,
             round_trips: 200,
-            fib_tasks: 40,
+            fib_tasks: 200,
         }
     } else {
         Plan {
             tasks: 20_000,
             round_trips: 1_000,
-            fib_tasks: 200,
+            fib_tasks: 2_000,
         }
     };
     let python = celery_python()?;
@@ -580,6 +580,17 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
     let wasmq_rpc = h
         .wasmq_drain("math.add", n, add_args, Some("rpc://"))
         .await?;
+    step("raw AMQP round trips");
+    let raw_rtt = {
+        let samples = crate::broker::ceiling::raw_round_trips(&args.broker, plan.round_trips, body)
+            .await
+            .map_err(fail)?;
+        [
+            percentile(&samples, 50.0),
+            percentile(&samples, 95.0),
+            percentile(&samples, 99.0),
+        ]
+    };
     step("wasmq round trips");
     let wasmq_rtt_rpc = h
         .wasmq_round_trips("rpc://", plan.round_trips, true)
@@ -602,6 +613,7 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
         println!(
             "| wasmq publish | {wasmq_publish:.0} |\n| wasmq publish pipelined | {wasmq_publish_pipelined:.0} |"
         );
+        println!("| raw rtt | {} |", ms(raw_rtt));
         println!(
             "| rtt rpc | {} |\n| rtt redis | {} |",
             ms(wasmq_rtt_rpc),
@@ -731,6 +743,10 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
         );
     }
     let ms = |v: [f64; 3]| format!("p50 {:.2} · p95 {:.2} · p99 {:.2} ms", v[0], v[1], v[2]);
+    println!(
+        "| raw AMQP round trip (persistent publish → consumer → transient reply, lapin) | {} |",
+        ms(raw_rtt)
+    );
     println!(
         "| wasmq round trip, rpc (`Client::call`) | {} |",
         ms(wasmq_rtt_rpc)

@@ -443,7 +443,9 @@ async fn defer(shared: &Shared, delivery: Delivery, wait: Duration) {
     }
 }
 
-/// A slot runner: takes a task slot, then a delivery, and processes it; until `stopped`.
+/// A slot runner: takes a delivery, then a task slot, and processes it; until `stopped`.
+/// An idle runner holds no slot, so a task waiting out its eta or rate limit can take one
+/// back when it is due.
 async fn run_slots(
     shared: Arc<Shared>,
     consumer: Arc<tokio::sync::Mutex<Box<dyn crate::broker::Consumer>>>,
@@ -453,11 +455,6 @@ async fn run_slots(
         if *stopped.borrow() {
             return;
         }
-        let slot = tokio::select! {
-            biased;
-            _ = stopped.changed() => return,
-            slot = Arc::clone(&shared.slots).acquire_owned() => slot.expect("the semaphore is never closed"),
-        };
         let delivery = {
             let mut consumer = tokio::select! {
                 biased;
@@ -473,10 +470,18 @@ async fn run_slots(
         match delivery {
             Ok(delivery) => {
                 shared.stats.received.fetch_add(1, Ordering::Relaxed);
+                let slot = tokio::select! {
+                    biased;
+                    slot = Arc::clone(&shared.slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+                    () = async { drop(stopped.wait_for(|stop| *stop).await) } => {
+                        // Shutting down before a slot freed: give the message back.
+                        release(&shared, delivery).await;
+                        return;
+                    }
+                };
                 dispatch(&shared, delivery, slot).await;
             }
             Err(error) => {
-                drop(slot);
                 tracing::error!(%error, "cannot receive from the broker; retrying in 1s");
                 tokio::select! {
                     _ = stopped.changed() => return,
