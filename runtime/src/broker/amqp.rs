@@ -534,7 +534,7 @@ fn from_table(table: &FieldTable) -> Map<String, Value> {
         .collect()
 }
 
-fn properties_of(envelope: &Envelope) -> BasicProperties {
+pub(crate) fn properties_of(envelope: &Envelope) -> BasicProperties {
     let p = &envelope.properties;
     let mut properties = BasicProperties::default()
         .with_content_type(

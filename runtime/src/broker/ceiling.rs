@@ -19,9 +19,9 @@ fn amqp(what: &str, error: &lapin::Error) -> BrokerError {
     BrokerError::Amqp(format!("{what}: {error}"))
 }
 
-/// Publishes `count` copies of `body` to a fresh queue, then drains it with one consumer
-/// (QoS `prefetch`), acking every `ack_every`-th delivery with `multiple`. Returns the drain
-/// time, from the first delivery to the last ack.
+/// Publishes `count` copies of `body` with `properties` (made persistent) to a fresh queue,
+/// then drains it with one consumer (QoS `prefetch`), acking every `ack_every`-th delivery
+/// with `multiple`. Returns the drain time, from the first delivery to the last ack.
 ///
 /// # Errors
 /// When RabbitMQ cannot be reached or refuses an operation.
@@ -29,6 +29,7 @@ pub async fn raw_drain(
     uri: &str,
     count: usize,
     body: &[u8],
+    properties: &BasicProperties,
     prefetch: u16,
     ack_every: u64,
 ) -> Result<Duration, BrokerError> {
@@ -62,7 +63,7 @@ pub async fn raw_drain(
                 queue.as_str().into(),
                 BasicPublishOptions::default(),
                 body,
-                BasicProperties::default().with_delivery_mode(2),
+                properties.clone().with_delivery_mode(2),
             )
             .await
             .map_err(|e| amqp("publish", &e))?;
@@ -117,7 +118,8 @@ pub async fn raw_drain(
     Ok(elapsed)
 }
 
-/// The raw AMQP round trip: one connection publishes a persistent message to a fresh queue,
+/// The raw AMQP round trip: one connection publishes a persistent message (`body` with
+/// `properties`) to a fresh queue,
 /// where a consumer (in the same process, no acks) answers each one with a transient
 /// message to a reply queue, which the sender consumes — the broker's part of a task round
 /// trip with rpc results, with no decoding and no work. Returns the `n` round trips in
@@ -125,7 +127,12 @@ pub async fn raw_drain(
 ///
 /// # Errors
 /// When RabbitMQ cannot be reached or refuses an operation.
-pub async fn raw_round_trips(uri: &str, n: usize, body: &[u8]) -> Result<Vec<f64>, BrokerError> {
+pub async fn raw_round_trips(
+    uri: &str,
+    n: usize,
+    body: &[u8],
+    properties: &BasicProperties,
+) -> Result<Vec<f64>, BrokerError> {
     let connection = Connection::connect(uri, ConnectionProperties::default())
         .await
         .map_err(|e| amqp("connect", &e))?;
@@ -201,7 +208,7 @@ pub async fn raw_round_trips(uri: &str, n: usize, body: &[u8]) -> Result<Vec<f64
                 requests.as_str().into(),
                 BasicPublishOptions::default(),
                 body,
-                BasicProperties::default().with_delivery_mode(2),
+                properties.clone().with_delivery_mode(2),
             )
             .await
             .map_err(|e| amqp("publish", &e))?;

@@ -544,21 +544,41 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
     let add_args = |i: usize| vec![json!(i), json!(i)];
     let step = |what: &str| eprintln!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
 
-    // A Celery-sized message body for the raw ceiling.
-    let body =
-        br#"[[1, 2], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#;
+    // The raw ceiling drains the very message wasmq's client sends for `math.add` (Celery's
+    // protocol 2: ~20 headers and the JSON body), and for reference the body alone.
+    let message = Client::new(
+        Arc::clone(&h.broker) as Arc<dyn Broker>,
+        h.backend(&h.redis_url)?,
+    )
+    .build_message(
+        "math.add",
+        add_args(1),
+        Map::new(),
+        &SendOptions {
+            ignore_result: true,
+            ..SendOptions::default()
+        },
+    )
+    .encode();
+    let (body, properties) = (
+        message.body.as_slice(),
+        crate::broker::amqp::properties_of(&message),
+    );
+    let raw = |properties, prefetch, ack_every| {
+        let broker = args.broker.clone();
+        async move {
+            crate::broker::ceiling::raw_drain(&broker, n, body, &properties, prefetch, ack_every)
+                .await
+                .map(|elapsed| n as f64 / elapsed.as_secs_f64())
+                .map_err(fail)
+        }
+    };
     step("raw lapin drain, ack each");
-    let raw_each = n as f64
-        / crate::broker::ceiling::raw_drain(&args.broker, n, body, 100, 1)
-            .await
-            .map_err(fail)?
-            .as_secs_f64();
+    let raw_each = raw(properties.clone(), 100, 1).await?;
     step("raw lapin drain, ack every 100 (multiple)");
-    let raw_batched = n as f64
-        / crate::broker::ceiling::raw_drain(&args.broker, n, body, 1000, 100)
-            .await
-            .map_err(fail)?
-            .as_secs_f64();
+    let raw_batched = raw(properties.clone(), 1000, 100).await?;
+    step("raw lapin drain, body only, ack every 100 (multiple)");
+    let raw_bare = raw(lapin::BasicProperties::default(), 1000, 100).await?;
 
     step("wasmq drain, results off");
     let publish_queue = queue_name("publish");
@@ -582,9 +602,14 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
         .await?;
     step("raw AMQP round trips");
     let raw_rtt = {
-        let samples = crate::broker::ceiling::raw_round_trips(&args.broker, plan.round_trips, body)
-            .await
-            .map_err(fail)?;
+        let samples = crate::broker::ceiling::raw_round_trips(
+            &args.broker,
+            plan.round_trips,
+            body,
+            &properties,
+        )
+        .await
+        .map_err(fail)?;
         [
             percentile(&samples, 50.0),
             percentile(&samples, 95.0),
@@ -606,7 +631,9 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
         .await?;
     if args.wasmq_only {
         let ms = |v: [f64; 3]| format!("p50 {:.2} · p95 {:.2} · p99 {:.2} ms", v[0], v[1], v[2]);
-        println!("| raw ack each | {raw_each:.0} |\n| raw batched | {raw_batched:.0} |");
+        println!(
+            "| raw ack each | {raw_each:.0} |\n| raw batched | {raw_batched:.0} |\n| raw bare | {raw_bare:.0} |"
+        );
         println!(
             "| wasmq off | {wasmq_off:.0} |\n| wasmq redis | {wasmq_redis:.0} |\n| wasmq rpc | {wasmq_rpc:.0} |"
         );
@@ -712,9 +739,14 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
     );
     println!("| measurement | result |");
     println!("|---|---|");
-    println!("| raw lapin consumer, ack each (prefetch 100) | {raw_each:.0} msgs/s |");
     println!(
-        "| raw lapin consumer, ack every 100 with `multiple` (prefetch 1000) | {raw_batched:.0} msgs/s |"
+        "| raw lapin consumer, the same Celery messages, ack each (prefetch 100) | {raw_each:.0} msgs/s |"
+    );
+    println!(
+        "| raw lapin consumer, the same Celery messages, ack every 100 with `multiple` (prefetch 1000) | {raw_batched:.0} msgs/s |"
+    );
+    println!(
+        "| raw lapin consumer, the body alone (no headers), ack every 100 with `multiple` (prefetch 1000) | {raw_bare:.0} msgs/s |"
     );
     println!("| **wasmq** drain `math.add`, results off | **{wasmq_off:.0} tasks/s** |");
     println!("| wasmq drain `math.add`, Redis results | {wasmq_redis:.0} tasks/s |");
