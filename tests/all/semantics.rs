@@ -422,7 +422,14 @@ async fn poison(setup: &Setup) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(dead.len(), 1, "dead-lettered once, not duplicated");
+    assert_eq!(
+        dead.len(),
+        1,
+        "dead-lettered once, not duplicated: {:?}",
+        dead.iter()
+            .map(|d| (d.delivery_count, d.reason.clone(), d.task_id.clone()))
+            .collect::<Vec<_>>()
+    );
     assert_eq!(dead[0].delivery_count, poisoned_after);
     assert!(
         dead[0].reason.starts_with("poison message"),

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
@@ -1162,7 +1162,10 @@ async fn consume_once(
     *current_batcher
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::clone(&batcher));
-    tokio::spawn(send_acks(Arc::clone(&batcher)));
+    tokio::spawn(send_acks(
+        Arc::downgrade(&batcher),
+        Arc::clone(&batcher.due),
+    ));
     loop {
         tokio::select! {
             next = merged.next() => match next {
@@ -1255,7 +1258,27 @@ struct AckBatcher {
     channel: Channel,
     state: Mutex<AckState>,
     /// Woken when the first settlement is pending and when a batch is full.
-    due: tokio::sync::Notify,
+    due: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for AckBatcher {
+    /// The last holder is gone (the consumer loop has ended and every delivery is settled):
+    /// send what is still pending before the channel closes, or those messages would be
+    /// redelivered. lapin queues the frame when the call is first polled, ahead of the
+    /// channel's close, so one poll is enough.
+    fn drop(&mut self) {
+        let pending = self
+            .state
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(tag) = pending {
+            let _ = self
+                .channel
+                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .now_or_never();
+        }
+    }
 }
 
 /// What a settlement asks of the ack writer.
@@ -1273,9 +1296,13 @@ enum AckDue {
 struct AckState {
     /// Every tag below this one is settled (tags start at 1).
     contiguous_below: u64,
-    /// Settled tags at or above `contiguous_below`.
-    settled: std::collections::BTreeSet<u64>,
-    /// Highest tag settled but not yet acked on the wire.
+    /// Settled tags above `contiguous_below`, each with whether it needs a `basic.ack`
+    /// (false: it was released with its own `basic.nack`).
+    settled: BTreeMap<u64, bool>,
+    /// Highest tag of the settled prefix that needs an ack and has not been acked on the
+    /// wire. Never a released tag: RabbitMQ closes the channel on an ack naming a tag it no
+    /// longer holds ("unknown delivery tag"), which would requeue every message in flight
+    /// on it. A `multiple` ack up to this tag covers released tags below it harmlessly.
     unacked_upto: Option<u64>,
     pending: u64,
     /// Settled deliveries that trigger an ack at once: at most half the prefetch, or the
@@ -1294,13 +1321,18 @@ impl AckState {
     /// released delivery was nacked on its own). Says when the ack writer should act.
     fn settle(&mut self, tag: u64, acked: bool) -> AckDue {
         if tag == self.contiguous_below {
+            if acked {
+                self.unacked_upto = Some(tag);
+            }
             self.contiguous_below += 1;
-            while self.settled.remove(&self.contiguous_below) {
+            while let Some(needs_ack) = self.settled.remove(&self.contiguous_below) {
+                if needs_ack {
+                    self.unacked_upto = Some(self.contiguous_below);
+                }
                 self.contiguous_below += 1;
             }
-            self.unacked_upto = Some(self.contiguous_below - 1);
-        } else {
-            self.settled.insert(tag);
+        } else if tag > self.contiguous_below {
+            self.settled.insert(tag, acked);
         }
         let first = self.pending == 0;
         if acked {
@@ -1336,7 +1368,7 @@ impl AckBatcher {
                 batch: (u64::from(prefetch) / 2).clamp(1, ACK_BATCH),
                 ..AckState::default()
             }),
-            due: tokio::sync::Notify::new(),
+            due: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -1383,28 +1415,29 @@ impl AckBatcher {
     }
 }
 
-/// Writes a channel's batched acks (see [`AckBatcher`]) until nothing else holds the
-/// batcher: the consumer loop has ended and every delivery it handed out is settled.
-async fn send_acks(batcher: Arc<AckBatcher>) {
+/// Writes a channel's batched acks (see [`AckBatcher`]) while anything else holds the
+/// batcher. It holds only a weak reference, so the channel closes as soon as the consumer
+/// loop has ended and every delivery it handed out is settled (the batcher's `Drop` sends
+/// the last ack).
+async fn send_acks(batcher: std::sync::Weak<AckBatcher>, due: Arc<tokio::sync::Notify>) {
     loop {
-        // Wait for a pending settlement; look every 100 ms whether the batcher is orphaned.
+        // Wait for a pending settlement; look every 100 ms whether the batcher is gone.
         tokio::select! {
-            () = batcher.due.notified() => {}
+            () = due.notified() => {}
             () = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
+        let Some(batcher) = batcher.upgrade() else {
+            return;
+        };
         if !batcher.full() {
             // Give the batch a moment to fill, unless it fills first.
             tokio::select! {
-                () = batcher.due.notified() => {}
+                () = due.notified() => {}
                 () = tokio::time::sleep(ACK_DELAY) => {}
             }
         }
         if let Err(error) = batcher.flush().await {
             tracing::warn!(%error, "cannot ack; the messages will be redelivered");
-        }
-        if Arc::strong_count(&batcher) == 1 {
-            let _ = batcher.flush().await;
-            return;
         }
     }
 }
@@ -1566,15 +1599,22 @@ mod tests {
         state.settle(4, false);
         state.settle(5, true);
         assert_eq!(state.take(), Some(5));
+        // ...and is never the tag an ack names: RabbitMQ no longer holds it, and would
+        // close the channel ("unknown delivery tag"), requeueing everything on it.
+        state.settle(6, true);
+        state.settle(7, false);
+        assert_eq!(state.take(), Some(6));
+        state.settle(8, false);
+        assert_eq!(state.take(), None);
         // A full batch asks to be flushed at once.
         let mut dues = Vec::new();
-        for tag in 6..6 + ACK_BATCH {
+        for tag in 9..9 + ACK_BATCH {
             dues.push(state.settle(tag, true));
         }
         assert_eq!(dues.first(), Some(&AckDue::Soon));
         assert_eq!(dues.last(), Some(&AckDue::Now));
         assert!(state.full());
-        assert_eq!(state.take(), Some(5 + ACK_BATCH));
+        assert_eq!(state.take(), Some(8 + ACK_BATCH));
         assert!(!state.full());
     }
 
