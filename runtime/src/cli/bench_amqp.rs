@@ -32,7 +32,9 @@ use crate::worker::{Worker, WorkerOptions};
 
 #[derive(Debug, clap::Args)]
 pub(super) struct AmqpArgs {
-    /// A short run (2,000 tasks, 200 round trips) for development: under 3 minutes.
+    /// A short run (2,000 tasks, 200 round trips, no soak or scaling rows) for
+    /// development: under 3 minutes. The full run adds the 100,000-task memory soak and the
+    /// 1/2/4-process scaling rows (`bench soak`, `bench scale`).
     #[arg(long)]
     quick: bool,
     /// The broker (must be on this machine).
@@ -841,8 +843,26 @@ pub(super) async fn run(args: AmqpArgs) -> Result<(), Failure> {
         "| fib(25) throughput: wasmq / Celery | {:.0}× | |",
         wasmq_fib / celery_fib.max(1e-9)
     );
-    eprintln!("total {:.0?}", started.elapsed());
     let _ = h.sandbox;
+    if !args.quick {
+        // The full mode also runs the memory soak and the scaling rows.
+        println!();
+        step("memory soak (100,000 tasks)");
+        soak(SoakArgs {
+            tasks: 100_000,
+            broker: args.broker.clone(),
+            engine: args.engine.clone(),
+        })
+        .await?;
+        println!();
+        step("scaling: 1, 2 and 4 worker processes");
+        scale(ScaleArgs {
+            tasks: n,
+            broker: args.broker.clone(),
+        })
+        .await?;
+    }
+    eprintln!("total {:.0?}", started.elapsed());
     Ok(())
 }
 
