@@ -30,8 +30,10 @@ use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, BrokerError, Delivery, Revocation};
-use crate::engine::{CallError, CallRequest, CancelToken, LimitOverrides, Outcome, StateListener};
-use crate::policy::{RateLimit, RetryPolicy, TaskAnnotations};
+use crate::engine::{
+    CallError, CallRequest, CancelToken, LimitOverrides, Outcome, Plugin, StateListener,
+};
+use crate::policy::{RateLimit, RetryPolicy, TaskAnnotations, TaskPolicy};
 use crate::protocol::TaskMessage;
 use crate::results::{ReplyTo, ResultBackend, ResultMeta};
 use outcome::{Decision, Settlement};
@@ -504,42 +506,36 @@ async fn dispatch(shared: &Arc<Shared>, delivery: Delivery, slot: OwnedSemaphore
             return;
         }
     };
-    if may_wait(shared, &message) {
+    // Looked up once here: the registry's plugin for the task and its resolved policy.
+    let task = shared.registry.lookup(&message.task).map(|plugin| {
+        let policy = shared.options.task_policies.resolve(
+            &shared.options.retry,
+            plugin.task(&message.task).map(|t| &t.policy),
+            &message.task,
+        );
+        (plugin, policy)
+    });
+    let waits = message.eta.is_some_and(|eta| eta > Utc::now())
+        || task
+            .as_ref()
+            .is_some_and(|(_, policy)| policy.rate_limit.is_some());
+    if waits {
         let shared_ = Arc::clone(shared);
         shared.detached.spawn(async move {
-            drop(process(&shared_, delivery, message, slot).await);
+            drop(process(&shared_, delivery, message, task, slot).await);
         });
     } else {
-        drop(process(shared, delivery, message, slot).await);
+        drop(process(shared, delivery, message, task, slot).await);
     }
-}
-
-/// True when `message` may wait in memory before it runs: its eta is in the future or its
-/// task is rate limited.
-fn may_wait(shared: &Shared, message: &TaskMessage) -> bool {
-    if message.eta.is_some_and(|eta| eta > Utc::now()) {
-        return true;
-    }
-    if shared
-        .options
-        .task_policies
-        .find(&message.task)
-        .is_some_and(|overrides| overrides.rate_limit.is_some())
-    {
-        return true;
-    }
-    shared.registry.lookup(&message.task).is_some_and(|plugin| {
-        plugin
-            .task(&message.task)
-            .is_some_and(|task| task.policy.rate_limit.is_some())
-    })
 }
 
 /// Handles one decoded delivery up to its settlement; gives back the task slot it ran in.
+/// `task` is the plugin serving it and its policy, none when the task is not registered.
 async fn process(
     shared: &Arc<Shared>,
     delivery: Delivery,
     message: TaskMessage,
+    task: Option<(Plugin, TaskPolicy)>,
     mut slot: OwnedSemaphorePermit,
 ) -> OwnedSemaphorePermit {
     if delivery.delivery_count > shared.options.max_deliveries {
@@ -585,7 +581,7 @@ async fn process(
         }
         slot = hold(shared, slot, wait).await;
     }
-    let Some(plugin) = shared.registry.lookup(&message.task) else {
+    let Some((plugin, policy)) = task else {
         tracing::error!(task = %message.task, id = %message.id, "received an unregistered task");
         finish(
             shared,
@@ -596,11 +592,6 @@ async fn process(
         .await;
         return slot;
     };
-    let policy = shared.options.task_policies.resolve(
-        &shared.options.retry,
-        plugin.task(&message.task).map(|t| &t.policy),
-        &message.task,
-    );
     if let Some(rate) = policy.rate_limit {
         match rate_turn(shared, &message.task, rate) {
             RateTurn::After(wait) if wait.is_zero() => {}
