@@ -53,8 +53,10 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::engine::{Limits, parse_bytes, parse_duration};
+use crate::engine::Limits;
 use crate::policy::{PolicyOverrides, RetryPolicy, TaskAnnotations};
+use crate::routes::TaskRoutes;
+use crate::units::{parse_bytes, parse_duration};
 use crate::worker::WorkerOptions;
 
 /// The embedded default broker and result backend.
@@ -248,32 +250,11 @@ pub struct WorkerConfig {
     pub ceiling: Limits,
     /// `x-max-priority` for queues declared on RabbitMQ (none: no priority queues).
     pub queue_max_priority: Option<u8>,
-    /// Task routes for clients.
+    /// Task routes, for clients (`wasmq send --config`) and for the tasks a worker publishes
+    /// to continue a workflow (also in `worker.routes`).
     pub routes: TaskRoutes,
     /// Worker behaviour.
     pub worker: WorkerOptions,
-}
-
-/// Celery's `task_routes`: task name or glob → queue. An exact name wins over globs; among
-/// globs the longest pattern wins.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TaskRoutes(Vec<(String, String)>);
-
-impl TaskRoutes {
-    /// Routes from `(pattern, queue)` pairs.
-    pub fn new(routes: impl IntoIterator<Item = (String, String)>) -> Self {
-        Self(crate::policy::most_specific_first(
-            routes.into_iter().collect(),
-        ))
-    }
-
-    /// The queue `task` is routed to, if a route matches.
-    pub fn queue_for(&self, task: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(pattern, _)| crate::policy::glob_matches(pattern, task))
-            .map(|(_, queue)| queue.as_str())
-    }
 }
 
 fn duration(
@@ -282,7 +263,10 @@ fn duration(
     default: Duration,
 ) -> Result<Duration, ConfigError> {
     text.map_or(Ok(default), |t| {
-        parse_duration(&t).map_err(|message| ConfigError::Invalid { key, message })
+        parse_duration(&t).map_err(|e| ConfigError::Invalid {
+            key,
+            message: e.to_string(),
+        })
     })
 }
 
@@ -295,9 +279,10 @@ fn limits(
     Ok(Limits {
         fuel: raw.fuel.unwrap_or(default.fuel),
         memory_bytes: match raw.memory {
-            Some(text) => {
-                parse_bytes(&text).map_err(|message| ConfigError::Invalid { key, message })?
-            }
+            Some(text) => parse_bytes(&text).map_err(|e| ConfigError::Invalid {
+                key,
+                message: e.to_string(),
+            })?,
             None => default.memory_bytes,
         },
         timeout: duration(key, raw.timeout, default.timeout)?,
@@ -349,6 +334,7 @@ impl WorkerConfig {
                 message: format!("route {pattern:?} needs a task pattern and a queue"),
             });
         }
+        let routes = TaskRoutes::new(raw.routes.unwrap_or_default());
         Ok(Self {
             broker: raw.broker.unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
             result_backend: raw
@@ -365,7 +351,7 @@ impl WorkerConfig {
             limits: limits("limits", raw.limits, Limits::DEFAULT)?,
             ceiling: limits("ceiling", raw.ceiling, sandbox.ceiling)?,
             queue_max_priority: raw.queue_max_priority,
-            routes: TaskRoutes::new(raw.routes.unwrap_or_default()),
+            routes: routes.clone(),
             worker: WorkerOptions {
                 queues,
                 concurrency,
@@ -391,6 +377,7 @@ impl WorkerConfig {
                 max_deliveries: raw.max_deliveries.unwrap_or(defaults.max_deliveries),
                 track_started: raw.track_started.unwrap_or(defaults.track_started),
                 node_name: raw.node_name.unwrap_or(defaults.node_name),
+                routes,
                 status_file: None,
                 state_file: None,
             },

@@ -2,26 +2,43 @@
 //!
 //! # Layout
 //!
-//! The path of one task through the crate:
+//! The crate is built in floors; a module imports only from floors below its own (the
+//! repository's `ARCHITECTURE.md` says why, and what must never import what):
 //!
 //! ```text
-//! client     Client::send_task builds a Celery v2 message            (client.rs)
-//!            chain / group / chord build Celery canvas messages      (canvas.rs)
-//! protocol   headers + [args, kwargs, embed] ⇄ Envelope                (protocol/)
-//! broker     publish / consume with prefetch / ack, dead-letter       (broker/)
-//!   -> worker    decode, admit (expires, eta), look up the task       (worker/)
-//!   -> registry  task name -> plugin, hot-deployed from a folder      (worker/registry.rs)
-//!   -> engine    fresh Store: memory cap, fuel, deadline, no ambient  (engine/)
-//!                rights -> exactly one Outcome
-//!   -> worker    decide once: result meta + ack | retry | dead-letter (worker/outcome.rs)
-//!   -> worker    continue the workflow: callbacks, chain, chord       (worker/canvas.rs)
-//! results    store Celery meta; clients wait on it                    (results/)
-//! scheduler  optionally hold delayed messages in Redis until due      (scheduler/)
-//! broker     settle the message (late ack, after the result is stored)
+//! edge       cli/ (one file per command)   bench/ (the comparison harness)
+//! config     config.rs          raw flags/env/TOML → a validated WorkerConfig
+//! client     client/            send, call, submit; AsyncResult; starting workflows
+//! worker     worker/            admit → run → decide → settle → continue the workflow
+//!            registry.rs        task name → plugin, hot-deployed from a folder
+//! canvas     canvas/            signatures, chain/group/chord, publishing a workflow
+//! storage    results/           result backends (embedded, Redis, rpc)
+//!            broker/            brokers (embedded, RabbitMQ) and the Redis delay scheduler
+//! sandbox    engine/            the only module that knows wasmtime
+//! vocabulary protocol/          Celery protocol v2 messages and send options
+//!            policy.rs          retry and rate-limit policy
+//!            routes.rs          task name → queue
+//!            units.rs           sizes and durations
+//!            db.rs              the embedded database file
 //! ```
 //!
-//! Only [`engine`] knows wasmtime; only [`broker`] and [`results`] know their storage.
-//! [`cli`] is the command-line edge and [`config`] merges configuration sources.
+//! # The path of one task
+//!
+//! ```text
+//! client     Client::send_task: SendOptions → TaskMessage, routed    client/, protocol/options.rs
+//!            (a workflow: canvas::Dispatch publishes its first tasks) canvas/dispatch.rs
+//! broker     publish; a worker's consumer delivers it, prefetched     broker/
+//! worker     decode the Celery v2 envelope                            protocol/
+//!            admit: poison? revoked? expired? eta? rate limit?        worker/admit.rs
+//!            look up the plugin                                       registry.rs
+//!            run it in a fresh Store: memory, fuel, deadline, no      worker/run.rs, engine/
+//!            ambient rights → exactly one Outcome
+//!            decide once: result meta + ack | retry | defer |         worker/decision.rs
+//!            dead-letter | release
+//!            store the meta; publish the workflow's next steps;      worker/settle.rs,
+//!            count chord parts; then settle (late ack)                worker/continuation.rs
+//! results    the client's AsyncResult::get reads the stored meta      results/, client/result.rs
+//! ```
 
 pub mod broker;
 pub mod bundled;
@@ -32,9 +49,12 @@ pub mod config;
 pub mod engine;
 pub mod policy;
 pub mod protocol;
+pub mod registry;
 pub mod results;
+pub mod routes;
 pub mod scheduler;
 mod sqlite;
+pub mod units;
 pub mod worker;
 
 pub use sqlite::DbError;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::engine::parse_duration;
+use crate::units::parse_duration;
 
 /// A rate limit: at most one run per `interval` (a token bucket of capacity 1 refilled at
 /// the given rate, as Celery's worker does it).

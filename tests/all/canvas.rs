@@ -245,6 +245,100 @@ fn canvas_on_the_embedded_broker_and_backend() {
     });
 }
 
+/// Regression (issue 11, bug 1): the canvas published every step to the default queue,
+/// ignoring `task_routes`. Each task must go where its route says, whoever publishes it: the
+/// client for a workflow's first tasks, the worker for the steps that follow.
+#[test]
+fn workflow_steps_follow_task_routes() {
+    runtime().block_on(async {
+        let queue = Queue::new();
+        let routes = || {
+            wasmq::routes::TaskRoutes::new([
+                ("math.add".to_owned(), "adds".to_owned()),
+                ("math.mul".to_owned(), "muls".to_owned()),
+                ("math.sum".to_owned(), "adds".to_owned()),
+            ])
+        };
+        let worker_on = |queue_name: &str, node: &str| WorkerOptions {
+            queues: vec![queue_name.to_owned()],
+            concurrency: 2,
+            node_name: node.to_owned(),
+            routes: routes(),
+            shutdown_timeout: Duration::from_secs(10),
+            ..WorkerOptions::default()
+        };
+        // Nobody consumes the default queue: a task sent there is never run.
+        let (stop_adds, adds) = spawn_worker(
+            &queue,
+            bundled_registry(sandbox()).await,
+            worker_on("adds", "adder@routes"),
+        );
+        let (stop_muls, muls) = spawn_worker(
+            &queue,
+            bundled_registry(sandbox()).await,
+            worker_on("muls", "multiplier@routes"),
+        );
+        let client = queue.client.clone().with_routes(routes());
+        let wait = Duration::from_secs(15);
+        let ran_on = |id: String| {
+            let client = client.clone();
+            async move {
+                let meta = client.result(&id).meta().await.unwrap().unwrap();
+                meta.worker.unwrap_or_default()
+            }
+        };
+
+        let (add_id, mul_id) = (id(), id());
+        let result = chain([
+            sig("math.add", json!([2, 2])).with_option("task_id", add_id.clone()),
+            sig("math.mul", json!([10])).with_option("task_id", mul_id.clone()),
+            sig("math.add", json!([1])),
+        ])
+        .apply(&client)
+        .await
+        .unwrap();
+        assert_eq!(result.get(wait).await.unwrap(), json!(41));
+        assert_eq!(ran_on(add_id).await, "adder@routes");
+        client.result(&mul_id).get(wait).await.unwrap();
+        assert_eq!(ran_on(mul_id).await, "multiplier@routes");
+
+        let members = group([
+            sig("math.mul", json!([1, 2])),
+            sig("math.mul", json!([3, 4])),
+        ])
+        .apply(&client)
+        .await
+        .unwrap();
+        assert_eq!(members.get(wait).await.unwrap(), [json!(2), json!(12)]);
+        for member in &members.results {
+            assert_eq!(ran_on(member.id.clone()).await, "multiplier@routes");
+        }
+
+        let body_id = id();
+        let total = chord(
+            [
+                sig("math.mul", json!([1, 1])),
+                sig("math.mul", json!([2, 2])),
+            ],
+            sig("math.sum", json!([])).with_option("task_id", body_id.clone()),
+        )
+        .apply(&client)
+        .await
+        .unwrap();
+        assert_eq!(total.get(wait).await.unwrap(), json!(5.0));
+        assert_eq!(
+            ran_on(body_id).await,
+            "adder@routes",
+            "the body is routed too"
+        );
+
+        let _ = stop_adds.send(());
+        let _ = stop_muls.send(());
+        adds.await.unwrap();
+        muls.await.unwrap();
+    });
+}
+
 async fn amqp_worker(
     queue: &str,
     backend_url: &str,

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value, json};
 use wasmq::client::{GetError, SendOptions};
 use wasmq::protocol::{Envelope, Properties};
+use wasmq::registry::Registry;
 use wasmq::results::TaskState;
 use wasmq::worker::WorkerOptions;
-use wasmq::worker::registry::Registry;
 
 use crate::support::{
     Queue, bundled_registry, dead_letters_at_least, runtime, sandbox, spawn_worker,

@@ -532,7 +532,7 @@ async fn routes(setup: &Setup) {
         format!("{}-math", setup.queue),
         format!("{}-text", setup.queue),
     );
-    let routes = wasmq::config::TaskRoutes::new([
+    let routes = wasmq::routes::TaskRoutes::new([
         ("math.*".to_owned(), math.clone()),
         ("text.slugify".to_owned(), text.clone()),
     ]);

@@ -99,9 +99,9 @@ impl Queue {
 /// A registry of the bundled plugins (math, text, hostile), in memory.
 pub(crate) async fn bundled_registry(
     sandbox: Sandbox,
-) -> std::sync::Arc<wasmq::worker::registry::Registry> {
+) -> std::sync::Arc<wasmq::registry::Registry> {
     std::sync::Arc::new(
-        wasmq::worker::registry::Registry::bundled(std::sync::Arc::new(sandbox))
+        wasmq::registry::Registry::bundled(std::sync::Arc::new(sandbox))
             .await
             .unwrap(),
     )
@@ -110,7 +110,7 @@ pub(crate) async fn bundled_registry(
 /// A worker running in this process until the returned sender is dropped or fired.
 pub(crate) fn spawn_worker(
     queue: &Queue,
-    registry: std::sync::Arc<wasmq::worker::registry::Registry>,
+    registry: std::sync::Arc<wasmq::registry::Registry>,
     options: wasmq::worker::WorkerOptions,
 ) -> (
     tokio::sync::oneshot::Sender<()>,

@@ -16,7 +16,7 @@ use serde_json::{Map, json};
 use super::{EngineArgs, Failure};
 use crate::client::{Client, SendOptions};
 use crate::engine::Sandbox;
-use crate::worker::registry::Registry;
+use crate::registry::Registry;
 use crate::worker::{Worker, WorkerOptions};
 
 #[derive(Debug, clap::Subcommand)]

@@ -26,8 +26,8 @@ use crate::broker::Broker;
 use crate::broker::amqp::AmqpBroker;
 use crate::client::{Client, SendOptions};
 use crate::engine::Sandbox;
+use crate::registry::Registry;
 use crate::results::ResultBackend;
-use crate::worker::registry::Registry;
 use crate::worker::{Worker, WorkerOptions};
 
 #[derive(Debug, clap::Args)]

@@ -4,9 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{EngineArgs, ExitStatus, Failure, sandbox};
-use crate::engine::{
-    CallError, CallRequest, LimitOverrides, Outcome, format_duration, parse_bytes, parse_duration,
-};
+use crate::engine::{CallError, CallRequest, LimitOverrides, Outcome};
+use crate::units::{format_duration, parse_bytes, parse_duration};
 
 #[derive(Debug, clap::Args)]
 pub(super) struct CallArgs {

@@ -14,8 +14,8 @@ use crate::broker::Broker;
 use crate::client::{Client, SendOptions};
 use crate::engine::Sandbox;
 use crate::protocol::{Envelope, Properties};
+use crate::registry::Registry;
 use crate::results::{ResultBackend, ResultMeta, TaskState};
-use crate::worker::registry::Registry;
 use crate::worker::{Worker, WorkerOptions};
 
 #[derive(Debug, clap::Args)]

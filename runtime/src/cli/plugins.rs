@@ -7,8 +7,9 @@ use std::sync::Arc;
 use clap::Subcommand;
 
 use super::{EngineArgs, ExitStatus, Failure, sandbox};
-use crate::engine::{CacheStatus, Plugin, format_bytes, format_duration};
-use crate::worker::registry::Registry;
+use crate::engine::{CacheStatus, Plugin};
+use crate::registry::Registry;
+use crate::units::{format_bytes, format_duration};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum PluginsCommand {

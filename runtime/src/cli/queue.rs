@@ -10,9 +10,9 @@ use super::{EngineArgs, ExitStatus, Failure};
 use crate::client::{Client, GetError, SendOptions};
 use crate::config::{DEFAULT_DATABASE_URL, RawConfig, RawLimits, WorkerConfig};
 use crate::engine::Sandbox;
+use crate::registry::Registry;
 use crate::results::{ResultError, ResultMeta, TaskState};
 use crate::worker::Worker;
-use crate::worker::registry::Registry;
 
 /// Where messages and results live; shared by worker, send and result.
 #[derive(Debug, Clone, clap::Args)]

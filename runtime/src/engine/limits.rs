@@ -7,6 +7,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::units::{format_bytes, format_duration};
+
 /// Limits that may be partly specified; `None` means "not said at this level".
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LimitOverrides {
@@ -79,46 +81,6 @@ impl fmt::Display for Limits {
     }
 }
 
-/// Formats a byte count the way users write it: `128 MiB`, `512 KiB`, `100 B`.
-pub fn format_bytes(bytes: u64) -> String {
-    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
-    for (size, unit) in UNITS {
-        if bytes >= size {
-            return if bytes.is_multiple_of(size) {
-                format!("{} {unit}", bytes / size)
-            } else {
-                format!("{:.1} {unit}", bytes as f64 / size as f64)
-            };
-        }
-    }
-    format!("{bytes} B")
-}
-
-/// Formats a duration compactly: `2s`, `500ms`, `1m 30s`.
-pub fn format_duration(duration: Duration) -> String {
-    humantime::format_duration(duration).to_string()
-}
-
-/// Parses a size like `16MiB`, `512KiB`, `1GB` or a plain number of bytes.
-///
-/// # Errors
-/// A message naming the text when it is not a size.
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    text.trim()
-        .parse::<bytesize::ByteSize>()
-        .map(|b| b.as_u64())
-        .map_err(|_| format!("`{text}` is not a size (try 16MiB, 512KiB or 1GiB)"))
-}
-
-/// Parses a duration like `2s`, `500ms` or `1m`.
-///
-/// # Errors
-/// A message naming the text when it is not a duration.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|_| format!("`{text}` is not a duration (try 2s, 500ms or 1m)"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,19 +118,5 @@ mod tests {
             Duration::from_secs(1),
             "worker default fills the gap"
         );
-    }
-
-    #[test]
-    fn sizes_and_durations() {
-        assert_eq!(parse_bytes("16MiB"), Ok(16 << 20));
-        assert_eq!(parse_bytes("512 KiB"), Ok(512 << 10));
-        assert_eq!(parse_bytes("4096"), Ok(4096));
-        assert!(parse_bytes("lots").unwrap_err().contains("`lots`"));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("soon").is_err());
-        assert_eq!(format_bytes(128 << 20), "128 MiB");
-        assert_eq!(format_bytes(1536), "1.5 KiB");
-        assert_eq!(format_duration(Duration::from_millis(1500)), "1s 500ms");
     }
 }

@@ -32,12 +32,11 @@ use wasmtime_wasi::WasiCtxBuilder;
 
 pub use cache::CacheStatus;
 pub use call::{CancelToken, StateListener, StateUpdate};
-pub use limits::{
-    LimitOverrides, Limits, format_bytes, format_duration, parse_bytes, parse_duration,
-};
+pub use limits::{LimitOverrides, Limits};
 pub use outcome::{LimitExceeded, LimitKind, Outcome};
 pub use plugin::{Plugin, PluginError, TaskInfo};
 
+use crate::units::format_bytes;
 use bindings::types as wit;
 use call::{CallState, Captured, SandboxLimiter};
 use outcome::{Cancelled, DeadlineExceeded, Observations, classify_error};

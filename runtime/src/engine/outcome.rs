@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use wasmtime::Trap;
 
-use super::limits::{Limits, format_bytes, format_duration};
+use super::limits::Limits;
+use crate::units::{format_bytes, format_duration};
 
 /// The end of one task call.
 #[derive(Debug, Clone, PartialEq, Eq)]

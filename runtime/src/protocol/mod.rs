@@ -11,12 +11,14 @@
 //! task id whenever one can be read, so the worker can store a FAILURE the sender will see.
 
 mod kombu;
+mod options;
 
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use kombu::unwrap_kombu_values;
+pub use options::SendOptions;
 
 /// The only body encoding wasmq reads and writes.
 pub const CONTENT_TYPE_JSON: &str = "application/json";

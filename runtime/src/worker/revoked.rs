@@ -111,6 +111,24 @@ impl RevokedSet {
     }
 }
 
+/// Remembers revocations as they arrive and interrupts running tasks revoked with
+/// `terminate`.
+pub(super) async fn listen(
+    shared: std::sync::Arc<super::Shared>,
+    mut revocations: tokio::sync::mpsc::Receiver<Revocation>,
+) {
+    while let Some(revocation) = revocations.recv().await {
+        let task_id = revocation.task_id.clone();
+        let terminate = revocation.terminate;
+        if shared.revoked.insert(revocation) {
+            tracing::info!(task_id = %task_id, terminate, "task revoked");
+        }
+        if terminate && shared.running.cancel(&task_id) {
+            tracing::warn!(task_id = %task_id, "terminating the running task (revoked)");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

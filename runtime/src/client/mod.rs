@@ -1,4 +1,9 @@
-//! The client: send tasks (Celery's `send_task` / `apply_async`) and read their results.
+//! The client: send tasks (Celery's `send_task` / `apply_async`), start workflows, and read
+//! results.
+//!
+//! * this file — [`Client`]: addressing (routes, default queue), the three ways to send;
+//! * [`result`] — [`AsyncResult`], a task's future result, and [`GroupResult`];
+//! * [`apply`] — starting a canvas (`chain(...).apply(&client)`).
 //!
 //! ```no_run
 //! # async fn example(client: wasmq::client::Client) -> Result<(), Box<dyn std::error::Error>> {
@@ -12,39 +17,21 @@
 //! # Ok(()) }
 //! ```
 
+mod apply;
+mod result;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde_json::{Map, Value};
 
+pub use self::result::{AsyncResult, GroupResult, into_value};
 use crate::broker::{Broker, BrokerError, Confirmation};
+pub use crate::protocol::SendOptions;
 use crate::protocol::TaskMessage;
-use crate::results::{ExceptionInfo, ResultBackend, ResultError, ResultMeta, TaskState};
-
-/// Options of one send, as Celery's `apply_async` keywords.
-#[derive(Debug, Clone, Default)]
-pub struct SendOptions {
-    /// Use this task id instead of a fresh UUID.
-    pub task_id: Option<String>,
-    /// Run no earlier than this long from now.
-    pub countdown: Option<Duration>,
-    /// Run no earlier than this time (ignored when `countdown` is set).
-    pub eta: Option<DateTime<Utc>>,
-    /// Do not run after this long from now: the result becomes REVOKED ("expired").
-    pub expires: Option<Duration>,
-    /// The queue. Default: the route of the task (see [`Client::with_routes`]), else the
-    /// client's default queue (`celery`).
-    pub queue: Option<String>,
-    /// Message priority, 0–255 (higher first).
-    pub priority: Option<u8>,
-    /// Hard time limit.
-    pub time_limit: Option<Duration>,
-    /// Soft time limit.
-    pub soft_time_limit: Option<Duration>,
-    /// Don't store the result.
-    pub ignore_result: bool,
-}
+use crate::results::{ExceptionInfo, ResultBackend, ResultError};
+use crate::routes::TaskRoutes;
 
 /// Errors sending a task.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +77,7 @@ pub struct Client {
     broker: Arc<dyn Broker>,
     backend: Arc<dyn ResultBackend>,
     default_queue: String,
-    routes: crate::config::TaskRoutes,
+    routes: TaskRoutes,
     origin: String,
 }
 
@@ -111,7 +98,7 @@ impl Client {
             broker,
             backend,
             default_queue: "celery".into(),
-            routes: crate::config::TaskRoutes::default(),
+            routes: TaskRoutes::default(),
             origin: format!(
                 "gen{}@{}",
                 std::process::id(),
@@ -130,7 +117,7 @@ impl Client {
     /// Routes tasks by name (Celery's `task_routes`): a send that names no queue goes to
     /// the first matching route's queue, else to the default queue.
     #[must_use]
-    pub fn with_routes(mut self, routes: crate::config::TaskRoutes) -> Self {
+    pub fn with_routes(mut self, routes: TaskRoutes) -> Self {
         self.routes = routes;
         self
     }
@@ -143,25 +130,7 @@ impl Client {
         kwargs: Map<String, Value>,
         options: &SendOptions,
     ) -> TaskMessage {
-        let mut message = TaskMessage::new(task, args, kwargs);
-        if let Some(id) = &options.task_id {
-            message.id.clone_from(id);
-            message.root_id = Some(id.clone());
-            message.correlation_id = Some(id.clone());
-        }
-        let now = Utc::now();
-        message.eta = match options.countdown {
-            Some(countdown) => chrono::Duration::from_std(countdown).ok().map(|d| now + d),
-            None => options.eta,
-        };
-        message.expires = options
-            .expires
-            .and_then(|e| chrono::Duration::from_std(e).ok())
-            .map(|d| now + d);
-        message.priority = options.priority;
-        message.time_limit = options.time_limit.map(|t| t.as_secs_f64());
-        message.soft_time_limit = options.soft_time_limit.map(|t| t.as_secs_f64());
-        message.ignore_result = options.ignore_result;
+        let mut message = TaskMessage::build(task, args, kwargs, options);
         message.origin = Some(self.origin.clone());
         message
     }
@@ -273,9 +242,9 @@ impl Client {
             message.reply_to = self.backend.reply_to();
         }
         let delay = message.eta.and_then(|eta| (eta - Utc::now()).to_std().ok());
-        let queue = queue
-            .or_else(|| self.routes.queue_for(&message.task))
-            .unwrap_or(&self.default_queue);
+        let queue = self
+            .routes
+            .resolve(&message.task, queue, &self.default_queue);
         Ok((queue, delay))
     }
 
@@ -296,103 +265,8 @@ impl Client {
         Arc::clone(&self.backend)
     }
 
-    /// The broker this client publishes to (for canvas publishing).
-    pub(crate) fn broker_ref(&self) -> &dyn Broker {
-        self.broker.as_ref()
-    }
-
-    /// The result backend, borrowed (for canvas publishing).
-    pub(crate) fn backend_ref(&self) -> &dyn ResultBackend {
-        self.backend.as_ref()
-    }
-
-    /// The queue of sends that name none.
-    pub(crate) fn default_queue(&self) -> &str {
-        &self.default_queue
-    }
-
-    /// This client's node name (`gen<pid>@<host>`), sent as the `origin` header.
-    pub(crate) fn origin(&self) -> &str {
-        &self.origin
-    }
-
     /// A handle on the result of task `id`.
     pub fn result(&self, id: &str) -> AsyncResult {
-        AsyncResult {
-            id: id.to_owned(),
-            backend: Arc::clone(&self.backend),
-        }
-    }
-}
-
-/// A task's future result (Celery's `AsyncResult`).
-#[derive(Clone)]
-pub struct AsyncResult {
-    /// The task id.
-    pub id: String,
-    backend: Arc<dyn ResultBackend>,
-}
-
-impl std::fmt::Debug for AsyncResult {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AsyncResult").field("id", &self.id).finish()
-    }
-}
-
-impl AsyncResult {
-    /// Waits for the task to finish and returns its value.
-    ///
-    /// # Errors
-    /// [`GetError::Failed`] or [`GetError::Revoked`] with the exception, or
-    /// [`GetError::Backend`] (including a timeout).
-    pub async fn get(&self, timeout: Duration) -> Result<Value, GetError> {
-        let meta = self.backend.wait(&self.id, timeout).await?;
-        into_value(meta)
-    }
-
-    /// The stored meta, if any.
-    ///
-    /// # Errors
-    /// When the backend cannot be read.
-    pub async fn meta(&self) -> Result<Option<ResultMeta>, ResultError> {
-        self.backend.get(&self.id).await
-    }
-
-    /// The current state (PENDING when nothing is stored yet).
-    ///
-    /// # Errors
-    /// When the backend cannot be read.
-    pub async fn state(&self) -> Result<TaskState, ResultError> {
-        Ok(self.meta().await?.map_or(TaskState::Pending, |m| m.status))
-    }
-
-    /// True once the task finished (SUCCESS, FAILURE or REVOKED).
-    ///
-    /// # Errors
-    /// When the backend cannot be read.
-    pub async fn ready(&self) -> Result<bool, ResultError> {
-        Ok(self.state().await?.is_ready())
-    }
-}
-
-/// The value of a ready meta, or its exception.
-///
-/// # Errors
-/// [`GetError::Failed`] / [`GetError::Revoked`] for those states.
-pub fn into_value(meta: ResultMeta) -> Result<Value, GetError> {
-    let exception = || {
-        meta.exception()
-            .unwrap_or_else(|| ExceptionInfo::new("Exception", "builtins", meta.result.to_string()))
-    };
-    match meta.status {
-        TaskState::Failure => Err(GetError::Failed {
-            task_id: meta.task_id.clone(),
-            exception: exception(),
-        }),
-        TaskState::Revoked => Err(GetError::Revoked {
-            task_id: meta.task_id.clone(),
-            exception: exception(),
-        }),
-        _ => Ok(meta.result),
+        AsyncResult::new(id, Arc::clone(&self.backend))
     }
 }

@@ -1,5 +1,11 @@
 //! Every way a delivery can end, decided in one place: which result meta is stored and how
-//! the message is settled (ack, retry later, dead-letter).
+//! the message is settled (ack, retry later, defer, dead-letter, release). The rest of the
+//! worker carries decisions out; it never makes one.
+//!
+//! * before running: [`undecodable`], [`poison`], [`revoked`], [`expired`], [`deferred`],
+//!   [`not_registered`];
+//! * after running: [`after_run`] — the sandbox's outcome, or why there is none (no sandbox
+//!   free, shutdown interrupted it, a revoke terminated it), through [`decide`].
 //!
 //! Exceptions are encoded the way Celery encodes them so Python clients can `except` them:
 //! fuel or wall-time limits are `billiard.exceptions.TimeLimitExceeded`, the memory limit is
@@ -8,7 +14,7 @@
 
 use std::time::Duration;
 
-use crate::engine::{LimitKind, Limits, Outcome};
+use crate::engine::{CallError, CallReport, LimitKind, Limits, Outcome};
 use crate::protocol::{DecodeError, TaskMessage};
 use crate::results::{ExceptionInfo, ResultMeta};
 
@@ -22,11 +28,19 @@ pub enum Settlement {
         /// When the next attempt may start.
         delay: Duration,
     },
+    /// Not yet: publish the same message again to be delivered after `delay`, then ack
+    /// this copy (nothing is held unacknowledged meanwhile).
+    Defer {
+        /// When it may be delivered again.
+        delay: Duration,
+    },
     /// It must not be processed again: move it to the dead-letter store.
     DeadLetter {
         /// Why.
         reason: String,
     },
+    /// Give it back unprocessed, to be delivered again (to this or another worker).
+    Release,
 }
 
 /// The decision for one delivery.
@@ -39,6 +53,53 @@ pub struct Decision {
 }
 
 pub use crate::policy::RetryPolicy;
+
+impl Decision {
+    /// Settle as `settlement` with nothing stored.
+    pub fn settle_only(settlement: Settlement) -> Self {
+        Self {
+            meta: None,
+            settlement,
+        }
+    }
+}
+
+/// How a run that produced no ordinary outcome was interrupted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Interruption {
+    /// The worker's shutdown timed out and interrupted running tasks.
+    pub shutdown: bool,
+    /// The task was revoked with `terminate` while it ran.
+    pub terminated: bool,
+}
+
+/// Decides what a sandbox call means for its message: the call's own outcome (see
+/// [`decide`]), unless it could not start (released, to run when a sandbox is free), the
+/// task was not found in its plugin (`NotRegistered`), or it was interrupted — by shutdown
+/// (released: it runs again elsewhere) or by a revoke with terminate (REVOKED
+/// `terminated`). A task that succeeded despite an interruption keeps its success.
+pub fn after_run(
+    message: &TaskMessage,
+    call: &Result<CallReport, CallError>,
+    interruption: Interruption,
+    policy: &RetryPolicy,
+) -> Decision {
+    let report = match call {
+        Ok(report) => report,
+        Err(CallError::UnknownTask { .. }) => return not_registered(message),
+        Err(CallError::Unavailable(_)) => return Decision::settle_only(Settlement::Release),
+    };
+    if report.outcome.is_success() {
+        return decide(message, &report.outcome, &report.limits, policy);
+    }
+    if interruption.shutdown {
+        Decision::settle_only(Settlement::Release)
+    } else if interruption.terminated {
+        revoked(message, "terminated")
+    } else {
+        decide(message, &report.outcome, &report.limits, policy)
+    }
+}
 
 /// Python's built-in exception names: failures of these kinds get `exc_module: builtins`
 /// so a Python client raises the real class.
@@ -220,6 +281,12 @@ pub fn not_registered(message: &TaskMessage) -> Decision {
             reason: format!("unknown task {}", message.task),
         },
     }
+}
+
+/// A message whose eta is further away than the worker holds messages: back to the broker,
+/// delayed by `wait`.
+pub fn deferred(wait: Duration) -> Decision {
+    Decision::settle_only(Settlement::Defer { delay: wait })
 }
 
 /// A message past its `expires`: REVOKED `TaskRevokedError("expired")`, acked.
@@ -410,5 +477,74 @@ mod tests {
         assert_eq!(exc(&d).exc_message, [json!("math.add")]);
         let d = expired(&m);
         assert_eq!(d.meta.as_ref().unwrap().status, TaskState::Revoked);
+    }
+
+    #[test]
+    fn runs_without_an_ordinary_outcome_are_decided_here_too() {
+        let limits = Limits {
+            fuel: 100,
+            memory_bytes: 1 << 20,
+            timeout: Duration::from_secs(2),
+        };
+        let report = |outcome: Outcome| {
+            Ok(CallReport {
+                outcome,
+                limits,
+                fuel_used: 0,
+                elapsed: Duration::ZERO,
+            })
+        };
+        let policy = RetryPolicy::default();
+        let m = message(0);
+        let interrupted = report(limit(LimitKind::WallTime, "interrupted"));
+        let shutdown = Interruption {
+            shutdown: true,
+            terminated: true,
+        };
+        let terminated = Interruption {
+            shutdown: false,
+            terminated: true,
+        };
+
+        let busy = Err(CallError::Unavailable("every pool slot is in use".into()));
+        let d = after_run(&m, &busy, Interruption::default(), &policy);
+        assert_eq!(d, Decision::settle_only(Settlement::Release));
+
+        let unknown = Err(CallError::UnknownTask {
+            plugin: "math".into(),
+            task: "math.add".into(),
+            available: String::new(),
+        });
+        let d = after_run(&m, &unknown, Interruption::default(), &policy);
+        assert!(matches!(d.settlement, Settlement::DeadLetter { .. }));
+
+        let d = after_run(&m, &interrupted, shutdown, &policy);
+        assert_eq!(
+            d.settlement,
+            Settlement::Release,
+            "shutdown: runs again elsewhere"
+        );
+        assert!(d.meta.is_none());
+
+        let d = after_run(&m, &interrupted, terminated, &policy);
+        assert_eq!(d.meta.as_ref().unwrap().status, TaskState::Revoked);
+        assert_eq!(
+            d.meta.as_ref().unwrap().exception().unwrap().exc_message,
+            [json!("terminated")]
+        );
+
+        let done = report(Outcome::Success("5".into()));
+        let d = after_run(&m, &done, shutdown, &policy);
+        assert_eq!(
+            d.meta.as_ref().unwrap().status,
+            TaskState::Success,
+            "a success that beat the interruption is kept"
+        );
+
+        let d = after_run(&m, &interrupted, Interruption::default(), &policy);
+        assert_eq!(
+            d.meta.as_ref().unwrap().exception().unwrap().exc_type,
+            "TimeLimitExceeded"
+        );
     }
 }

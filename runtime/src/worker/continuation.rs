@@ -22,7 +22,7 @@
 use serde_json::{Value, json};
 
 use super::Shared;
-use crate::canvas::{CanvasError, Dispatch, Signature, option_list, worker_dispatch};
+use crate::canvas::{CanvasError, Dispatch, Signature, option_list};
 use crate::protocol::TaskMessage;
 use crate::results::{ChordPart, ExceptionInfo, ReplyTo, ResultError, ResultMeta, TaskState};
 
@@ -101,7 +101,7 @@ async fn continue_success(
     for sig in callbacks.iter().chain(next.as_ref()) {
         sig.validate()?;
     }
-    let dispatch = worker_dispatch(&shared.broker, &shared.backend, message, queue);
+    let dispatch = dispatch(shared, message, queue);
     let mut children = Vec::new();
     for callback in &callbacks {
         let mut callback = callback.clone();
@@ -118,6 +118,26 @@ async fn continue_success(
         children.extend(child_tuple(&next));
     }
     Ok(children)
+}
+
+/// Publishes on behalf of `message` (the workflow's parent of what it publishes), which
+/// came from `queue`: unrouted tasks go back to that queue.
+fn dispatch<'a>(shared: &'a Shared, message: &TaskMessage, queue: &str) -> Dispatch<'a> {
+    Dispatch {
+        broker: shared.broker.as_ref(),
+        backend: shared.backend.as_ref(),
+        routes: &shared.options.routes,
+        queue: queue.to_owned(),
+        root_id: Some(
+            message
+                .root_id
+                .clone()
+                .unwrap_or_else(|| message.id.clone()),
+        ),
+        parent_id: Some(message.id.clone()),
+        reply_to: message.reply_to.clone(),
+        origin: message.origin.clone(),
+    }
 }
 
 /// `AsyncResult.as_tuple()` of a published signature: `[[id, null], null]`.
@@ -153,7 +173,7 @@ async fn after_store_inner(
     if !failed && meta.status != TaskState::Success {
         return Ok(());
     }
-    let dispatch = worker_dispatch(&shared.broker, &shared.backend, message, queue);
+    let dispatch = dispatch(shared, message, queue);
     if failed {
         // In the order the steps would have run, so the chain's end is answered last.
         for step in message.embed.chain.iter().flatten().rev() {

@@ -1,0 +1,184 @@
+//! Carrying out a decision: store the result, continue the workflow, publish what must be
+//! published (a retry, a deferred copy), then settle the message — in that order, so a
+//! message is acknowledged only once everything it caused is safely stored or published
+//! (late acks). When any step fails the message is released instead: it runs again.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use chrono::Utc;
+use serde_json::Value;
+
+use super::Shared;
+use super::continuation;
+use super::decision::{Decision, Settlement};
+use crate::broker::Delivery;
+use crate::protocol::{Envelope, TaskMessage};
+use crate::results::{ReplyTo, ResultMeta, TaskState};
+
+/// Stores the decision's meta (unless the message asked not to), continues the workflow,
+/// then settles the message as decided. `message` is none for a message that could not be
+/// decoded.
+pub(super) async fn finish(
+    shared: &Arc<Shared>,
+    delivery: Delivery,
+    message: Option<&TaskMessage>,
+    decision: Decision,
+) {
+    if let Some(meta) = decision.meta
+        && !store_and_continue(shared, &delivery, message, meta, &decision.settlement).await
+    {
+        release(shared, delivery).await;
+        return;
+    }
+    let republished = match (&decision.settlement, message) {
+        (Settlement::RetryLater { delay }, Some(message)) => {
+            let mut next = message.clone();
+            next.retries += 1;
+            next.eta = chrono::Duration::from_std(*delay)
+                .ok()
+                .map(|d| Utc::now() + d);
+            next.parent_id = Some(message.id.clone());
+            Some((next.encode(), *delay, "retry"))
+        }
+        (Settlement::Defer { delay }, _) => {
+            shared.stats.deferred.fetch_add(1, Ordering::Relaxed);
+            Some((delivery.envelope.clone(), *delay, "deferred message"))
+        }
+        _ => None,
+    };
+    if let Some((envelope, delay, what)) = republished
+        && let Err(error) = shared
+            .broker
+            .publish(&delivery.queue, &envelope, Some(delay))
+            .await
+    {
+        tracing::warn!(%error, "cannot publish the {what}; releasing the message");
+        release(shared, delivery).await;
+        return;
+    }
+    settle(shared, delivery, &decision.settlement).await;
+}
+
+/// Stores `meta` with what the message says about it, publishing the workflow's next steps
+/// before (on success) or after (chord counting, failure propagation) storing it. False
+/// when the message must be released.
+async fn store_and_continue(
+    shared: &Arc<Shared>,
+    delivery: &Delivery,
+    message: Option<&TaskMessage>,
+    mut meta: ResultMeta,
+    settlement: &Settlement,
+) -> bool {
+    if let Some(message) = message {
+        meta.parent_id.clone_from(&message.parent_id);
+        meta.group_id.clone_from(&message.group);
+    }
+    meta.worker = Some(shared.options.node_name.clone());
+    if let Some(message) = message
+        && !continuation::before_store(shared, &delivery.queue, message, &mut meta).await
+    {
+        return false;
+    }
+    let ignore_result = message.is_some_and(|m| m.ignore_result);
+    let keep = !ignore_result || !matches!(settlement, Settlement::Ack);
+    // An undecodable message still says where its sender listens.
+    let reply = message.map_or_else(|| reply_of_envelope(&delivery.envelope), reply_of);
+    if keep && !store(shared, &meta, reply.as_ref()).await {
+        return false;
+    }
+    if let Some(message) = message
+        && !continuation::after_store(shared, &delivery.queue, message, &meta).await
+    {
+        return false;
+    }
+    let stats = &shared.stats;
+    let counter = match meta.status {
+        TaskState::Success => &stats.succeeded,
+        TaskState::Retry => &stats.retried,
+        TaskState::Revoked => &stats.revoked,
+        _ => &stats.failed,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+/// True when settling `message` as `decision` says needs no network round trip: no result
+/// to store, nothing to publish, only an ack (which the broker batches).
+pub(super) fn settles_locally(message: &TaskMessage, decision: &Decision) -> bool {
+    let embed = &message.embed;
+    message.ignore_result
+        && matches!(decision.settlement, Settlement::Ack)
+        && embed.callbacks.as_ref().is_none_or(Vec::is_empty)
+        && embed.errbacks.as_ref().is_none_or(Vec::is_empty)
+        && embed.chain.as_ref().is_none_or(Vec::is_empty)
+        && embed.chord.is_none()
+}
+
+/// Where an rpc result goes: the message's `reply_to`, correlated by its `correlation_id`
+/// (or the task id).
+pub(super) fn reply_of(message: &TaskMessage) -> Option<ReplyTo> {
+    message
+        .reply_to
+        .as_ref()
+        .filter(|q| !q.is_empty())
+        .map(|queue| ReplyTo {
+            queue: queue.clone(),
+            correlation_id: message
+                .correlation_id
+                .clone()
+                .unwrap_or_else(|| message.id.clone()),
+        })
+}
+
+/// [`reply_of`] for a message that could not be decoded.
+fn reply_of_envelope(envelope: &Envelope) -> Option<ReplyTo> {
+    let id = envelope.headers.get("id").and_then(Value::as_str);
+    let properties = &envelope.properties;
+    let queue = properties.reply_to.as_ref().filter(|q| !q.is_empty())?;
+    Some(ReplyTo {
+        queue: queue.clone(),
+        correlation_id: properties
+            .correlation_id
+            .clone()
+            .or_else(|| id.map(str::to_owned))?,
+    })
+}
+
+/// Stores `meta`; false (logged) when the backend failed.
+pub(super) async fn store(shared: &Shared, meta: &ResultMeta, reply: Option<&ReplyTo>) -> bool {
+    match shared.backend.store(meta, reply).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::error!(%error, task_id = %meta.task_id, "cannot store the result; the message will be redelivered");
+            false
+        }
+    }
+}
+
+async fn settle(shared: &Shared, delivery: Delivery, settlement: &Settlement) {
+    let result = match settlement {
+        Settlement::Ack | Settlement::RetryLater { .. } | Settlement::Defer { .. } => {
+            delivery.ack().await
+        }
+        Settlement::DeadLetter { reason } => {
+            shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            delivery.dead_letter(reason).await
+        }
+        Settlement::Release => {
+            release(shared, delivery).await;
+            return;
+        }
+    };
+    if let Err(error) = result {
+        tracing::error!(%error, "cannot settle a message; it will be redelivered");
+    }
+}
+
+/// Gives the message back for redelivery.
+pub(super) async fn release(shared: &Shared, delivery: Delivery) {
+    shared.stats.released.fetch_add(1, Ordering::Relaxed);
+    if let Err(error) = delivery.release().await {
+        tracing::warn!(%error, "cannot release a message; it returns when its lease expires");
+    }
+}

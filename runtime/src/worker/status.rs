@@ -1,0 +1,93 @@
+//! What a worker reports about itself: its counters, when consumption stops and resumes (a
+//! broker reconnect), and the status file `wasmq status` turns into an exit code — so
+//! readiness reflects actual consumption, not merely a live process.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+
+use super::Shared;
+
+/// Counters of what a worker did.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Messages taken from the broker.
+    pub received: AtomicU64,
+    /// Tasks that succeeded.
+    pub succeeded: AtomicU64,
+    /// Tasks that ended as FAILURE (including limits and traps).
+    pub failed: AtomicU64,
+    /// Tasks sent back for a retry.
+    pub retried: AtomicU64,
+    /// Messages dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Messages released for redelivery (shutdown, storage errors).
+    pub released: AtomicU64,
+    /// Tasks that ended REVOKED: revoked (not run, or interrupted) or expired.
+    pub revoked: AtomicU64,
+    /// Messages handed back to the broker to wait (eta not due, rate limit).
+    pub deferred: AtomicU64,
+}
+
+/// Logs when consumption starts and stops (a broker reconnect), and keeps the status file
+/// current, so readiness reflects actual consumption.
+pub(super) async fn report(shared: Arc<Shared>, mut consuming: tokio::sync::watch::Receiver<bool>) {
+    let mut last = *consuming.borrow();
+    let mut consumed_before = last;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let now = *consuming.borrow();
+        if now != last {
+            if now && consumed_before {
+                tracing::info!("consuming again after reconnecting to the broker");
+            } else if !now {
+                tracing::warn!("not consuming: the broker connection is down; reconnecting");
+            }
+            consumed_before |= now;
+            last = now;
+        }
+        if let Some(path) = &shared.options.status_file {
+            write(
+                path,
+                &shared,
+                now,
+                if now { "consuming" } else { "reconnecting" },
+            );
+        }
+        tokio::select! {
+            changed = consuming.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+/// Writes the status file atomically (temporary file, then rename).
+pub(super) fn write(path: &Path, shared: &Shared, consuming: bool, state: &str) {
+    let stats = &shared.stats;
+    let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+    let status = serde_json::json!({
+        "node": shared.options.node_name,
+        "pid": std::process::id(),
+        "state": state,
+        "consuming": consuming,
+        "queues": shared.options.queues,
+        "broker": shared.broker.describe(),
+        "updated": crate::protocol::format_time(&Utc::now()),
+        "received": load(&stats.received),
+        "succeeded": load(&stats.succeeded),
+        "failed": load(&stats.failed),
+        "retried": load(&stats.retried),
+        "dead_lettered": load(&stats.dead_lettered),
+        "revoked": load(&stats.revoked),
+        "deferred": load(&stats.deferred),
+    });
+    let tmp = path.with_extension("tmp");
+    let written =
+        std::fs::write(&tmp, status.to_string()).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(error) = written {
+        tracing::warn!(%error, path = %path.display(), "cannot write the status file");
+    }
+}
