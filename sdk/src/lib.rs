@@ -193,38 +193,90 @@ pub struct TaskError {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ErrorKind {
-    Failed {
-        kind: String,
-        message: String,
-    },
+    Failed(Failure),
     Retry {
         countdown: Option<Duration>,
         reason: String,
+        /// The failure once retries are spent.
+        exc: Option<Failure>,
     },
     Reject(String),
     InvalidArguments(String),
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Failure {
+    kind: String,
+    message: String,
+    /// The exception's arguments as a JSON array, when not just `[message]`.
+    args_json: Option<String>,
+}
+
+impl From<Failure> for wit::Failure {
+    fn from(failure: Failure) -> Self {
+        Self {
+            kind: failure.kind,
+            message: failure.message,
+            args_json: failure.args_json,
+        }
+    }
+}
+
 impl TaskError {
-    /// The task failed. `kind` becomes Celery's `exc_type` (use Python exception names such
-    /// as `ValueError` where a Python client will read the result), `message` its
-    /// `exc_message`.
+    /// The task failed with an exception of class `kind` and the one argument `message`
+    /// (Celery's `exc_type` and `exc_message`). Name a Python builtin alone (`ValueError`,
+    /// `KeyError`) and any other class by its dotted path (`proj.tasks.QuotaError`): a
+    /// Python client then raises that very class, which its `except` clauses catch.
     pub fn failed(kind: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
-            kind: ErrorKind::Failed {
+            kind: ErrorKind::Failed(Failure {
                 kind: kind.into(),
                 message: message.into(),
-            },
+                args_json: None,
+            }),
+        }
+    }
+
+    /// The task failed with an exception of class `kind` built with these arguments
+    /// (Python's `raise Kind(*args)`; Celery stores them as `exc_message`), for exceptions
+    /// whose arguments are not one message:
+    ///
+    /// ```no_run
+    /// # use wasmq_sdk::TaskError;
+    /// let error = TaskError::raised("proj.tasks.QuotaError", ("over quota", 120, 100));
+    /// ```
+    pub fn raised<A: Serialize>(kind: impl Into<String>, args: A) -> Self {
+        let args = match serde_json::to_value(args) {
+            Ok(serde_json::Value::Array(args)) => args,
+            Ok(serde_json::Value::Null) => Vec::new(),
+            Ok(one) => vec![one],
+            Err(e) => vec![serde_json::Value::String(format!(
+                "the exception's arguments cannot be encoded: {e}"
+            ))],
+        };
+        let message = args
+            .iter()
+            .map(|arg| arg.as_str().map_or_else(|| arg.to_string(), str::to_owned))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Self {
+            kind: ErrorKind::Failed(Failure {
+                kind: kind.into(),
+                message,
+                args_json: Some(serde_json::Value::Array(args).to_string()),
+            }),
         }
     }
 
     /// Asks the worker to run the task again later (same id, `retries + 1`), after the
-    /// worker's retry policy delay; chain [`TaskError::after`] to choose the delay.
+    /// worker's retry policy delay; chain [`TaskError::after`] to choose the delay and
+    /// [`TaskError::or_fail_with`] to choose the failure once retries are spent.
     pub fn retry(reason: impl Into<String>) -> Self {
         Self {
             kind: ErrorKind::Retry {
                 countdown: None,
                 reason: reason.into(),
+                exc: None,
             },
         }
     }
@@ -234,6 +286,25 @@ impl TaskError {
     pub fn after(mut self, countdown: Duration) -> Self {
         if let ErrorKind::Retry { countdown: c, .. } = &mut self.kind {
             *c = Some(countdown);
+        }
+        self
+    }
+
+    /// The failure a retry request ends with once the task's retries are spent (Celery's
+    /// `self.retry(exc=exc)`) instead of `MaxRetriesExceededError`; no effect on other
+    /// errors, or when `failure` is not a failure.
+    ///
+    /// ```no_run
+    /// # use wasmq_sdk::TaskError;
+    /// let error = TaskError::retry("the service is down")
+    ///     .or_fail_with(TaskError::failed("ConnectionError", "the service is down"));
+    /// ```
+    #[must_use]
+    pub fn or_fail_with(mut self, failure: TaskError) -> Self {
+        if let (ErrorKind::Retry { exc, .. }, ErrorKind::Failed(failure)) =
+            (&mut self.kind, failure.kind)
+        {
+            *exc = Some(failure);
         }
         self
     }
@@ -256,8 +327,10 @@ impl TaskError {
 impl fmt::Display for TaskError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            ErrorKind::Failed { kind, message } => write!(f, "{kind}: {message}"),
-            ErrorKind::Retry { countdown, reason } => match countdown {
+            ErrorKind::Failed(Failure { kind, message, .. }) => write!(f, "{kind}: {message}"),
+            ErrorKind::Retry {
+                countdown, reason, ..
+            } => match countdown {
                 Some(c) => write!(f, "retry in {c:?}: {reason}"),
                 None => write!(f, "retry: {reason}"),
             },
@@ -272,10 +345,15 @@ impl std::error::Error for TaskError {}
 impl From<TaskError> for wit::TaskError {
     fn from(error: TaskError) -> Self {
         match error.kind {
-            ErrorKind::Failed { kind, message } => Self::Failed(wit::Failure { kind, message }),
-            ErrorKind::Retry { countdown, reason } => Self::Retry(wit::RetryRequest {
+            ErrorKind::Failed(failure) => Self::Failed(failure.into()),
+            ErrorKind::Retry {
+                countdown,
+                reason,
+                exc,
+            } => Self::Retry(wit::RetryRequest {
                 countdown_ms: countdown.map(|c| u64::try_from(c.as_millis()).unwrap_or(u64::MAX)),
                 reason,
+                exc: exc.map(Into::into),
             }),
             ErrorKind::Reject(reason) => Self::Reject(reason),
             ErrorKind::InvalidArguments(message) => Self::InvalidArguments(message),

@@ -43,9 +43,10 @@ fn bad_plugin_files_are_rejected_with_the_right_error() {
         let error = load(&sandbox, b"\0asm\x0d\0\x01\0").await;
         assert!(matches!(error, PluginError::WrongWorld { .. }), "{error}");
         assert!(
-            error
-                .to_string()
-                .starts_with("bad does not implement the wasmq:task/task-plugin@0.2.0 world"),
+            error.to_string().starts_with(
+                "bad does not implement the wasmq:task/task-plugin world \
+                     (wasmq:task@0.3.0 or @0.2.0)"
+            ),
             "{error}"
         );
 

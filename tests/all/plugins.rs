@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::support::{MATH, TEXT};
 use serde_json::json;
-use wasmq::engine::{CallRequest, Outcome, StateUpdate};
+use wasmq::engine::{CallRequest, Outcome, StateUpdate, TaskFailure};
 
 use crate::support::{call, load, runtime, sandbox, success};
 
@@ -80,15 +80,12 @@ fn math_tasks() {
         let report = call(&sandbox, &math, "math.div", "[1, 0]").await;
         assert_eq!(
             report.outcome,
-            Outcome::Failed {
-                kind: "ZeroDivisionError".into(),
-                message: "division by zero".into()
-            }
+            Outcome::Failed(TaskFailure::new("ZeroDivisionError", "division by zero"))
         );
         let report = call(&sandbox, &math, "math.add", &format!("[{}, 1]", i64::MAX)).await;
-        assert!(matches!(&report.outcome, Outcome::Failed { kind, .. } if kind == "OverflowError"));
+        assert!(matches!(&report.outcome, Outcome::Failed(f) if f.kind == "OverflowError"));
         let report = call(&sandbox, &math, "math.fib", "[93]").await;
-        assert!(matches!(&report.outcome, Outcome::Failed { kind, .. } if kind == "ValueError"));
+        assert!(matches!(&report.outcome, Outcome::Failed(f) if f.kind == "ValueError"));
         let report = call(&sandbox, &math, "math.sqrt", "[-1]").await;
         assert_eq!(
             report.outcome,
@@ -177,7 +174,8 @@ fn retry_requests_carry_their_countdown_and_see_the_retry_count() {
             report.outcome,
             Outcome::Retry {
                 countdown: Some(Duration::from_millis(100)),
-                reason: "attempt 1 of 3: not yet".into()
+                reason: "attempt 1 of 3: not yet".into(),
+                exc: None,
             }
         );
         let mut request = CallRequest::new("math.flaky", "[2]");
@@ -268,6 +266,73 @@ fn unknown_task_is_a_call_error_listing_the_available_tasks() {
         assert_eq!(
             error.to_string(),
             "plugin math has no task named math.pow (it has: math.add, math.mul, math.fib, math.sum, math.div, math.sqrt, math.flaky, math.unstable, math.throttled, math.cooperative, math.sleep)"
+        );
+    });
+}
+
+/// A plugin built with the previous SDK (`wasmq:task@0.2.0`, kept in `tests/fixtures`) keeps
+/// loading and running after the contract moved to 0.3.0: its failures simply carry no
+/// arguments of their own.
+#[test]
+fn a_plugin_built_for_the_previous_contract_keeps_running() {
+    runtime().block_on(async {
+        let sandbox = sandbox();
+        let old = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/math-wit-0.2.0.wasm"
+        );
+        let math = load(&sandbox, old).await;
+        assert_eq!(math.contract_version(), "0.2.0");
+        assert_eq!(load(&sandbox, MATH).await.contract_version(), "0.3.0");
+        assert_eq!(
+            success(&sandbox, &math, "math.add", "[2, 3]").await,
+            json!(5)
+        );
+        let report = call(&sandbox, &math, "math.div", "[1, 0]").await;
+        assert_eq!(
+            report.outcome,
+            Outcome::Failed(TaskFailure::new("ZeroDivisionError", "division by zero"))
+        );
+        let report = call(&sandbox, &math, "math.flaky", "[1]").await;
+        assert!(
+            matches!(
+                &report.outcome,
+                Outcome::Retry {
+                    exc: None,
+                    countdown: Some(_),
+                    ..
+                }
+            ),
+            "{:?}",
+            report.outcome
+        );
+    });
+}
+
+/// Exceptions keep their class path and arguments (`TaskError::raised`), and a retry
+/// request can name the failure it ends with (`or_fail_with`, Celery's `retry(exc=…)`).
+#[test]
+fn failures_carry_their_class_path_and_arguments() {
+    runtime().block_on(async {
+        let sandbox = sandbox();
+        let math = load(&sandbox, MATH).await;
+        let report = call(&sandbox, &math, "math.bounded", "[7, 0, 5]").await;
+        assert_eq!(
+            report.outcome,
+            Outcome::Failed(TaskFailure {
+                kind: "wasmq_errors.OutOfRange".into(),
+                message: "7.0, 0.0, 5.0".into(),
+                args: Some(vec![json!(7.0), json!(0.0), json!(5.0)]),
+            })
+        );
+        let report = call(&sandbox, &math, "math.give_up", "[]").await;
+        let Outcome::Retry { exc: Some(exc), .. } = &report.outcome else {
+            panic!("a retry naming its final failure: {:?}", report.outcome)
+        };
+        assert_eq!(exc.kind, "wasmq_errors.GaveUp");
+        assert_eq!(
+            exc.args,
+            Some(vec![json!("the service never answers"), json!(0)])
         );
     });
 }

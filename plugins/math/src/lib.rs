@@ -130,6 +130,30 @@ fn sleep(seconds: f64) -> Result<f64, TaskError> {
     Ok(seconds)
 }
 
+/// Returns `x` when it lies within `[low, high]`; otherwise fails with the custom exception
+/// `wasmq_errors.OutOfRange(x, low, high)` — a class of the caller's own module, with its
+/// arguments, so a Python client catches it as that class and reads `exc.args` back.
+#[task]
+fn bounded(x: f64, low: f64, high: f64) -> Result<f64, TaskError> {
+    if (low..=high).contains(&x) {
+        Ok(x)
+    } else {
+        Err(TaskError::raised("wasmq_errors.OutOfRange", (x, low, high)))
+    }
+}
+
+/// Asks for a retry every time; once its one retry is spent it fails with the exception it
+/// named in the request (Celery's `self.retry(exc=…)`), `wasmq_errors.GaveUp`, instead of
+/// `MaxRetriesExceededError`.
+#[task(max_retries = 1, default_retry_delay = "10ms")]
+fn give_up(ctx: &TaskContext) -> Result<(), TaskError> {
+    Err(TaskError::retry("the service never answers")
+        .or_fail_with(TaskError::raised(
+            "wasmq_errors.GaveUp",
+            ("the service never answers", ctx.retries()),
+        )))
+}
+
 wasmq_sdk::export_tasks!(
     add,
     mul,
@@ -141,5 +165,7 @@ wasmq_sdk::export_tasks!(
     unstable,
     throttled,
     cooperative,
-    sleep
+    sleep,
+    bounded,
+    give_up
 );

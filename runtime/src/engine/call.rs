@@ -251,3 +251,33 @@ impl host::Host for CallState {
         }))
     }
 }
+
+/// The previous contract's `host` interface: the same three functions, served by the
+/// current implementation.
+impl bindings::v0_2::types::Host for CallState {}
+
+impl bindings::v0_2::wasmq::task::host::Host for CallState {
+    fn log(
+        &mut self,
+        level: bindings::v0_2::types::LogLevel,
+        message: String,
+    ) -> wasmtime::Result<()> {
+        use bindings::v0_2::types::LogLevel as Old;
+        let level = match level {
+            Old::Trace => types::LogLevel::Trace,
+            Old::Debug => types::LogLevel::Debug,
+            Old::Info => types::LogLevel::Info,
+            Old::Warn => types::LogLevel::Warn,
+            Old::Error => types::LogLevel::Error,
+        };
+        host::Host::log(self, level, message)
+    }
+
+    fn update_state(&mut self, state: String, meta_json: String) -> wasmtime::Result<()> {
+        host::Host::update_state(self, state, meta_json)
+    }
+
+    fn soft_time_left_ms(&mut self) -> wasmtime::Result<Option<u64>> {
+        host::Host::soft_time_left_ms(self)
+    }
+}

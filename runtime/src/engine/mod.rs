@@ -15,6 +15,7 @@
 mod bindings;
 mod cache;
 mod call;
+mod contract;
 mod limits;
 mod outcome;
 mod plugin;
@@ -33,7 +34,7 @@ use wasmtime_wasi::WasiCtxBuilder;
 pub use cache::CacheStatus;
 pub use call::{CancelToken, StateListener, StateUpdate};
 pub use limits::{LimitOverrides, Limits};
-pub use outcome::{LimitExceeded, LimitKind, Outcome};
+pub use outcome::{LimitExceeded, LimitKind, Outcome, TaskFailure};
 pub use plugin::{Plugin, PluginError, TaskInfo};
 
 use crate::units::format_bytes;
@@ -289,11 +290,7 @@ impl Sandbox {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
-        bindings::TaskPlugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
-            &mut linker,
-            |state| state,
-        )
-        .map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
+        contract::add_to_linker(&mut linker).map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let ticker = if config.instrumentation {
@@ -460,7 +457,7 @@ impl Sandbox {
             group_id: request.group_id.clone(),
         };
 
-        let instance = match plugin.instance_pre().instantiate_async(&mut store).await {
+        let instance = match plugin.instance_pre().instantiate(&mut store).await {
             Ok(instance) => instance,
             Err(error) => {
                 if error.downcast_ref::<wasmtime::Trap>().is_none()
@@ -472,7 +469,7 @@ impl Sandbox {
                 return Ok(self.report(outcome, &store, &captured, &limits, started, &request));
             }
         };
-        let call = instance.wasmq_task_plugin().call_run(
+        let call = instance.run(
             &mut store,
             &invocation,
             &request.args_json,
@@ -535,10 +532,10 @@ impl Sandbox {
         }
         match serde_json::from_str::<serde::de::IgnoredAny>(&json) {
             Ok(_) => Outcome::Success(json),
-            Err(e) => Outcome::Failed {
-                kind: "EncodeError".to_owned(),
-                message: format!("the task returned invalid JSON: {e}"),
-            },
+            Err(e) => Outcome::Failed(TaskFailure::new(
+                "EncodeError",
+                format!("the task returned invalid JSON: {e}"),
+            )),
         }
     }
 
@@ -568,16 +565,31 @@ impl Sandbox {
 
 fn task_error_outcome(error: wit::TaskError) -> Outcome {
     match error {
-        wit::TaskError::Failed(failure) => Outcome::Failed {
-            kind: failure.kind,
-            message: failure.message,
-        },
+        wit::TaskError::Failed(failure) => Outcome::Failed(task_failure(failure)),
         wit::TaskError::Retry(retry) => Outcome::Retry {
             countdown: retry.countdown_ms.map(Duration::from_millis),
             reason: retry.reason,
+            exc: retry.exc.map(task_failure),
         },
         wit::TaskError::Reject(reason) => Outcome::Rejected { reason },
         wit::TaskError::InvalidArguments(message) => Outcome::InvalidArguments { message },
+    }
+}
+
+/// A guest's failure record. Arguments that are not a JSON array are kept as the one
+/// argument they are, so nothing the guest said is lost.
+fn task_failure(failure: wit::Failure) -> TaskFailure {
+    let args = failure
+        .args_json
+        .map(|json| match serde_json::from_str(&json) {
+            Ok(serde_json::Value::Array(args)) => args,
+            Ok(other) => vec![other],
+            Err(_) => vec![serde_json::Value::String(json)],
+        });
+    TaskFailure {
+        kind: failure.kind,
+        message: failure.message,
+        args,
     }
 }
 

@@ -20,18 +20,15 @@ pub enum Outcome {
     /// The task returned; the value is its JSON result.
     Success(String),
     /// The task reported a failure (Celery's `exc_type` / `exc_message`).
-    Failed {
-        /// The failure kind, e.g. `ZeroDivisionError` or `TypeError`.
-        kind: String,
-        /// The explanation.
-        message: String,
-    },
+    Failed(TaskFailure),
     /// The task asked to be run again later.
     Retry {
         /// The delay it asked for, if any.
         countdown: Option<Duration>,
         /// Why.
         reason: String,
+        /// The failure to end with once retries are spent (Celery's `retry(exc=…)`).
+        exc: Option<TaskFailure>,
     },
     /// The arguments did not fit the task's parameters; the task was not called.
     InvalidArguments {
@@ -52,6 +49,29 @@ pub enum Outcome {
     },
 }
 
+/// An exception a task raised: its class and its arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskFailure {
+    /// The class: a Python builtin name (`ZeroDivisionError`), or a dotted path
+    /// (`proj.tasks.QuotaError`) whose last part is the class and the rest its module.
+    pub kind: String,
+    /// The explanation.
+    pub message: String,
+    /// The exception's arguments (Python's `exc.args`), when they are not just `[message]`.
+    pub args: Option<Vec<serde_json::Value>>,
+}
+
+impl TaskFailure {
+    /// A failure of `kind` whose one argument is `message`.
+    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            message: message.into(),
+            args: None,
+        }
+    }
+}
+
 impl Outcome {
     /// True for [`Outcome::Success`].
     pub fn is_success(&self) -> bool {
@@ -64,7 +84,7 @@ impl Outcome {
     pub fn kind_name(&self) -> &'static str {
         match self {
             Outcome::Success(_) => "success",
-            Outcome::Failed { .. } => "failed",
+            Outcome::Failed(_) => "failed",
             Outcome::Retry { .. } => "retry",
             Outcome::Rejected { .. } => "rejected",
             Outcome::InvalidArguments { .. } => "invalid-arguments",
@@ -86,8 +106,12 @@ impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Outcome::Success(json) => write!(f, "succeeded: {json}"),
-            Outcome::Failed { kind, message } => write!(f, "failed: {kind}: {message}"),
-            Outcome::Retry { countdown, reason } => match countdown {
+            Outcome::Failed(TaskFailure { kind, message, .. }) => {
+                write!(f, "failed: {kind}: {message}")
+            }
+            Outcome::Retry {
+                countdown, reason, ..
+            } => match countdown {
                 Some(c) => write!(
                     f,
                     "asked to be retried in {}: {reason}",

@@ -12,9 +12,8 @@ use std::time::Instant;
 
 use wasmtime::component::Component;
 
-use super::bindings::TaskPluginPre;
 use super::cache::{CacheStatus, content_hash};
-use super::call::CallState;
+use super::contract::{self, PluginPre};
 use super::limits::{LimitOverrides, Limits};
 use super::{CallError, Outcome, Sandbox};
 
@@ -74,8 +73,8 @@ pub enum PluginError {
         reason: String,
     },
     /// The component imports something wasmq does not provide, or does not export the
-    /// `wasmq:task/plugin@0.2.0` interface.
-    #[error("{name} does not implement the wasmq:task/task-plugin@0.2.0 world: {reason}")]
+    /// `wasmq:task/plugin` interface of a version this worker serves.
+    #[error("{name} does not implement the wasmq:task/task-plugin world ({served}): {reason}", served = contract::SERVED)]
     WrongWorld {
         /// The plugin's name.
         name: String,
@@ -110,7 +109,7 @@ struct PluginInner {
     name: String,
     content_hash: String,
     tasks: Vec<TaskInfo>,
-    pre: TaskPluginPre<CallState>,
+    pre: PluginPre,
     cache_status: CacheStatus,
 }
 
@@ -145,12 +144,18 @@ impl Plugin {
         self.inner.tasks.iter().find(|t| t.name == name)
     }
 
+    /// The version of the WIT contract the plugin was built for (`0.3.0`, or `0.2.0` for a
+    /// plugin built with the previous SDK, which the worker still serves).
+    pub fn contract_version(&self) -> &'static str {
+        self.inner.pre.version()
+    }
+
     /// Whether the compiled code came from the artifact cache.
     pub fn cache_status(&self) -> CacheStatus {
         self.inner.cache_status
     }
 
-    pub(crate) fn instance_pre(&self) -> &TaskPluginPre<CallState> {
+    pub(crate) fn instance_pre(&self) -> &PluginPre {
         &self.inner.pre
     }
 }
@@ -210,10 +215,18 @@ impl Sandbox {
                 name: name.clone(),
                 reason: format!("{e:#}"),
             })?;
-        let pre = TaskPluginPre::new(pre).map_err(|e| PluginError::WrongWorld {
+        let pre = PluginPre::new(pre).map_err(|e| PluginError::WrongWorld {
             name: name.clone(),
             reason: format!("{e:#}"),
         })?;
+        if !matches!(pre, PluginPre::Current(_)) {
+            tracing::warn!(
+                plugin = %name,
+                "built for wasmq:task@{}: served, but rebuild it with the current SDK for \
+                 exception arguments and retry(exc=…)",
+                pre.version()
+            );
+        }
         let tasks = self.describe(&name, &pre).await?;
         Ok(Plugin {
             inner: Arc::new(PluginInner {
@@ -251,11 +264,7 @@ impl Sandbox {
         Ok((component, CacheStatus::Compiled))
     }
 
-    async fn describe(
-        &self,
-        name: &str,
-        pre: &TaskPluginPre<CallState>,
-    ) -> Result<Vec<TaskInfo>, PluginError> {
+    async fn describe(&self, name: &str, pre: &PluginPre) -> Result<Vec<TaskInfo>, PluginError> {
         let failed = |outcome: String| PluginError::Describe {
             name: name.to_owned(),
             outcome,
@@ -272,8 +281,8 @@ impl Sandbox {
             )
             .map_err(|e: CallError| failed(e.to_string()))?;
         let result = async {
-            let instance = pre.instantiate_async(&mut store).await?;
-            instance.wasmq_task_plugin().call_describe(&mut store).await
+            let instance = pre.instantiate(&mut store).await?;
+            instance.describe(&mut store).await
         }
         .await;
         captured.forward_to_log("describe", name);

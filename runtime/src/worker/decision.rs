@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use crate::engine::{CallError, CallReport, LimitKind, Limits, Outcome};
+use crate::engine::{CallError, CallReport, LimitKind, Limits, Outcome, TaskFailure};
 use crate::protocol::{DecodeError, TaskMessage};
 use crate::results::{ExceptionInfo, ResultMeta};
 
@@ -137,6 +137,26 @@ fn module_for(kind: &str) -> &'static str {
     }
 }
 
+/// Celery's encoding of an exception a task raised, as Celery stores it: a dotted kind
+/// (`proj.tasks.QuotaError`) splits into `exc_module` and `exc_type`, so a Python client
+/// raises that very class; a bare kind is a builtin (`builtins`) or wasmq's own
+/// (`wasmq.exceptions`). `exc_message` holds the exception's arguments, else `[message]`.
+pub fn exception_of(failure: &TaskFailure) -> ExceptionInfo {
+    let kind = failure.kind.as_str();
+    let (module, class) = match kind.rsplit_once('.') {
+        Some((module, class)) if !module.is_empty() && !class.is_empty() => (module, class),
+        _ => (module_for(kind), kind),
+    };
+    ExceptionInfo {
+        exc_type: class.to_owned(),
+        exc_module: module.to_owned(),
+        exc_message: failure
+            .args
+            .clone()
+            .unwrap_or_else(|| vec![failure.message.clone().into()]),
+    }
+}
+
 /// Decides what a finished call means for its message.
 pub fn decide(
     message: &TaskMessage,
@@ -157,14 +177,13 @@ pub fn decide(
             )),
             settlement: Settlement::Ack,
         },
-        Outcome::Failed {
-            kind,
-            message: text,
-        } => {
-            let exception = ExceptionInfo::new(kind, module_for(kind), text.clone());
+        Outcome::Failed(failure) => {
+            let exception = exception_of(failure);
             // Celery's autoretry_for: retried like a retry request; past max_retries the
             // failure itself is the result (Celery re-raises the original exception).
-            if policy.autoretries(kind) && message.retries < policy.max_retries {
+            let listed =
+                policy.autoretries(&failure.kind) || policy.autoretries(&exception.exc_type);
+            if listed && message.retries < policy.max_retries {
                 let delay = policy.automatic_delay(message.retries);
                 Decision {
                     meta: Some(ResultMeta::retry(id, &exception)),
@@ -183,8 +202,16 @@ pub fn decide(
                 reason: format!("invalid arguments: {text}"),
             },
         },
-        Outcome::Retry { countdown, reason } => {
+        Outcome::Retry {
+            countdown,
+            reason,
+            exc,
+        } => {
             if message.retries >= policy.max_retries {
+                // Celery's `retry(exc=…)` raises the given exception once retries are spent.
+                if let Some(exc) = exc {
+                    return failed(exception_of(exc));
+                }
                 failed(ExceptionInfo::new(
                     "MaxRetriesExceededError",
                     "celery.exceptions",
@@ -384,17 +411,11 @@ mod tests {
             ("MemoryError", "builtins")
         );
 
-        let failed = Outcome::Failed {
-            kind: "ZeroDivisionError".into(),
-            message: "division by zero".into(),
-        };
+        let failed = Outcome::Failed(TaskFailure::new("ZeroDivisionError", "division by zero"));
         let d = decide(&m, &failed, &limits, &policy);
         assert_eq!(exc(&d).to_string(), "ZeroDivisionError: division by zero");
         assert_eq!(exc(&d).exc_module, "builtins");
-        let custom = Outcome::Failed {
-            kind: "QuotaError".into(),
-            message: "over".into(),
-        };
+        let custom = Outcome::Failed(TaskFailure::new("QuotaError", "over"));
         assert_eq!(
             exc(&decide(&m, &custom, &limits, &policy)).exc_module,
             "wasmq.exceptions"
@@ -414,6 +435,7 @@ mod tests {
         let retry = Outcome::Retry {
             countdown: Some(Duration::from_secs(1)),
             reason: "later".into(),
+            exc: None,
         };
         let d = decide(&m, &retry, &limits, &policy);
         assert_eq!(d.meta.as_ref().unwrap().status, TaskState::Retry);
@@ -434,10 +456,7 @@ mod tests {
             max_retries: 2,
             ..RetryPolicy::default()
         };
-        let refused = Outcome::Failed {
-            kind: "ConnectionError".into(),
-            message: "refused".into(),
-        };
+        let refused = Outcome::Failed(TaskFailure::new("ConnectionError", "refused"));
         let d = decide(&message(1), &refused, &limits, &autoretry);
         assert_eq!(d.meta.as_ref().unwrap().status, TaskState::Retry);
         assert_eq!(exc(&d).exc_type, "ConnectionError");
@@ -545,6 +564,71 @@ mod tests {
         assert_eq!(
             d.meta.as_ref().unwrap().exception().unwrap().exc_type,
             "TimeLimitExceeded"
+        );
+    }
+
+    #[test]
+    fn exceptions_keep_their_module_class_and_arguments() {
+        let limits = Limits {
+            fuel: 100,
+            memory_bytes: 1 << 20,
+            timeout: Duration::from_secs(2),
+        };
+        let policy = RetryPolicy::default();
+        let exc = |d: &Decision| d.meta.as_ref().unwrap().exception().unwrap();
+        let expected = TaskFailure {
+            kind: "t.integration.tasks.ExpectedException".into(),
+            message: "Task expected to fail, 42".into(),
+            args: Some(vec![json!("Task expected to fail"), json!(42)]),
+        };
+        let d = decide(
+            &message(0),
+            &Outcome::Failed(expected.clone()),
+            &limits,
+            &policy,
+        );
+        let e = exc(&d);
+        assert_eq!(e.exc_module, "t.integration.tasks");
+        assert_eq!(e.exc_type, "ExpectedException");
+        assert_eq!(e.exc_message, [json!("Task expected to fail"), json!(42)]);
+        assert_eq!(
+            exc(&decide(
+                &message(0),
+                &Outcome::Failed(TaskFailure::new("KeyError", "k")),
+                &limits,
+                &policy
+            ))
+            .exc_module,
+            "builtins"
+        );
+
+        let retry = Outcome::Retry {
+            countdown: None,
+            reason: "down".into(),
+            exc: Some(expected),
+        };
+        let spent = decide(&message(3), &retry, &limits, &policy);
+        assert_eq!(spent.settlement, Settlement::Ack);
+        assert_eq!(
+            exc(&spent).exc_type,
+            "ExpectedException",
+            "retry(exc=…) raises exc"
+        );
+        let again = decide(&message(0), &retry, &limits, &policy);
+        assert_eq!(again.meta.as_ref().unwrap().status, TaskState::Retry);
+
+        let autoretry = RetryPolicy {
+            autoretry_for: vec!["ExpectedException".into()],
+            ..RetryPolicy::default()
+        };
+        let failed = Outcome::Failed(TaskFailure::new("proj.ExpectedException", "x"));
+        assert_eq!(
+            decide(&message(0), &failed, &limits, &autoretry)
+                .meta
+                .unwrap()
+                .status,
+            TaskState::Retry,
+            "autoretry_for matches the class name as well as the dotted path"
         );
     }
 }
