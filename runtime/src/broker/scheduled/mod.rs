@@ -43,7 +43,7 @@ pub enum SchedulerError {
 
 impl SchedulerError {
     /// True when retrying later may succeed: Redis was unreachable, dropped the connection,
-    /// timed out or is busy loading (see [`crate::redis_client::is_transient`]).
+    /// timed out, or is briefly unable to serve (loading its data set, a failover).
     pub fn is_transient(&self) -> bool {
         match self {
             SchedulerError::Redis { source, .. } => crate::redis_client::is_transient(source),
