@@ -46,15 +46,15 @@ pub mod canvas;
 pub mod cli;
 pub mod client;
 pub mod config;
+mod db;
 pub mod engine;
 pub mod policy;
 pub mod protocol;
+mod redis_client;
 pub mod registry;
 pub mod results;
 pub mod routes;
-pub mod scheduler;
-mod sqlite;
 pub mod units;
 pub mod worker;
 
-pub use sqlite::DbError;
+pub use db::DbError;

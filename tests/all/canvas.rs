@@ -374,12 +374,11 @@ fn amqp_client(queue: &str, backend_url: &str) -> Client {
     Client::new(broker, backend).with_default_queue(queue)
 }
 
+/// Deletes `queue` and what RabbitMQ holds for its (stopped) worker's node.
 async fn delete(queue: &str) {
-    AmqpBroker::new(AMQP_URL)
-        .unwrap()
-        .delete_queue(queue)
-        .await
-        .unwrap();
+    let broker = AmqpBroker::new(AMQP_URL).unwrap();
+    broker.delete_queue(queue).await.unwrap();
+    broker.forget_node(&options(queue).node_name).await.unwrap();
 }
 
 /// The chord's Redis keys, as Celery names them.

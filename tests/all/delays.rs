@@ -13,8 +13,8 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 use wasmq::broker::Broker;
 use wasmq::broker::amqp::AmqpBroker;
+use wasmq::broker::scheduled::{RedisScheduler, RedisSchedulerOptions, ScheduledBroker};
 use wasmq::client::{AsyncResult, Client, SendOptions};
-use wasmq::scheduler::{RedisScheduler, RedisSchedulerOptions, ScheduledBroker};
 use wasmq::worker::WorkerOptions;
 
 use crate::support::{
@@ -28,6 +28,9 @@ const WAIT: Duration = Duration::from_secs(60);
 struct InProcessWorker {
     stop: tokio::sync::oneshot::Sender<()>,
     handle: tokio::task::JoinHandle<()>,
+    /// Forgets the node once the worker has stopped.
+    broker: Arc<dyn Broker>,
+    node: String,
 }
 
 impl InProcessWorker {
@@ -41,7 +44,8 @@ impl InProcessWorker {
             node_name: format!("wasmq-delays@{queue}"),
             ..WorkerOptions::default()
         };
-        let worker = wasmq::worker::Worker::new(broker, backend, registry, options);
+        let node = options.node_name.clone();
+        let worker = wasmq::worker::Worker::new(Arc::clone(&broker), backend, registry, options);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
             worker
@@ -51,12 +55,22 @@ impl InProcessWorker {
                 .await
                 .expect("worker");
         });
-        Self { stop, handle }
+        Self {
+            stop,
+            handle,
+            broker,
+            node,
+        }
     }
 
+    /// Stops the worker and deletes its node's revocation queue.
     async fn stop(self) {
         let _ = self.stop.send(());
         self.handle.await.expect("worker task");
+        self.broker
+            .forget_node(&self.node)
+            .await
+            .expect("forget the node");
     }
 }
 

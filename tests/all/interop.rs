@@ -35,7 +35,7 @@ async fn start_worker(queue: &str, backend_url: &str) -> AmqpWorker {
     let options = WorkerOptions {
         queues: vec![queue.to_owned()],
         concurrency: 2,
-        node_name: format!("wasmq-test@{queue}"),
+        node_name: node(queue),
         ..WorkerOptions::default()
     };
     let worker = wasmq::worker::Worker::new(broker, backend, registry, options);
@@ -58,12 +58,16 @@ impl AmqpWorker {
     }
 }
 
+/// The node name of the wasmq workers consuming `queue`.
+fn node(queue: &str) -> String {
+    format!("wasmq-test@{queue}")
+}
+
+/// Deletes `queue` and what RabbitMQ holds for the node of its (stopped) wasmq workers.
 async fn delete(queue: &str) {
-    AmqpBroker::new(AMQP_URL)
-        .unwrap()
-        .delete_queue(queue)
-        .await
-        .unwrap();
+    let broker = AmqpBroker::new(AMQP_URL).unwrap();
+    broker.delete_queue(queue).await.unwrap();
+    broker.forget_node(&node(queue)).await.unwrap();
 }
 
 fn run_python_client(queue: &str, backend: &str) -> Value {
@@ -400,6 +404,8 @@ fn wasmq_status_reports_whether_the_worker_is_actually_consuming() {
                 REDIS_URL,
                 "-Q",
                 queue,
+                "--name",
+                &node(queue),
             ])
             .arg("--plugins")
             .arg(&plugins)

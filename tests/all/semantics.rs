@@ -15,7 +15,8 @@ use wasmq::results::{ResultBackend, TaskState};
 use wasmq::worker::{Worker, WorkerOptions, WorkerStats};
 
 use crate::support::{
-    AMQP_URL, Queue, RABBITMQ, REDIS_URL, bundled_registry, runtime, sandbox, unique_queue,
+    AMQP_URL, Queue, RABBITMQ, REDIS_URL, bundled_registry, rabbitmq_has_queue, runtime, sandbox,
+    unique_queue,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -27,6 +28,8 @@ struct Setup {
     backend: Arc<dyn ResultBackend>,
     client: Client,
     queue: String,
+    /// The nodes of the workers started, forgotten at cleanup.
+    nodes: std::sync::Mutex<Vec<String>>,
     _embedded: Option<Queue>,
 }
 
@@ -38,6 +41,7 @@ impl Setup {
             backend: embedded.backend.clone(),
             client: embedded.client.clone(),
             queue: "celery".into(),
+            nodes: std::sync::Mutex::default(),
             _embedded: Some(embedded),
         }
     }
@@ -53,6 +57,7 @@ impl Setup {
             backend,
             client,
             queue,
+            nodes: std::sync::Mutex::default(),
             _embedded: None,
         }
     }
@@ -69,6 +74,7 @@ impl Setup {
 
     /// Starts a worker in this process; stop it with [`Running::stop`].
     async fn start(&self, options: WorkerOptions) -> Running {
+        self.nodes.lock().unwrap().push(options.node_name.clone());
         let worker = Worker::new(
             self.broker.clone(),
             self.backend.clone(),
@@ -99,9 +105,15 @@ impl Setup {
             .unwrap()
     }
 
+    /// Deletes the queue (RabbitMQ) and what the broker holds for every worker node started
+    /// (call it once they have stopped).
     async fn cleanup(self) {
         if self._embedded.is_none() {
             self.broker.delete_queue(&self.queue).await.unwrap();
+        }
+        let nodes = std::mem::take(&mut *self.nodes.lock().unwrap());
+        for node in nodes {
+            self.broker.forget_node(&node).await.unwrap();
         }
     }
 }
@@ -365,12 +377,44 @@ fn revoke_refuses_and_terminates_tasks_across_restarts_on_rabbitmq() {
         let setup = Setup::rabbitmq("revoke", AmqpOptions::default());
         let node = format!("wasmq-test-revoke@{}", setup.queue);
         revoke(&setup, &node).await;
-        setup
-            .broker
-            .delete_queue(&revoke_queue(&node))
-            .await
-            .unwrap();
         setup.cleanup().await;
+    });
+}
+
+/// Regression (issue 11, bug 3): every test worker on RabbitMQ left its durable
+/// `wasmq.revoke.<node>` queue behind, collecting every `celery.pidbox` broadcast for a week.
+/// The queue stays durable (it outlives its worker, so revocations made while the worker is
+/// down wait for it), and forgetting the stopped node at cleanup deletes it for good.
+#[test]
+fn cleanup_deletes_the_revoke_queue_of_a_stopped_worker_on_rabbitmq() {
+    let _shared = RABBITMQ
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    runtime().block_on(async {
+        let setup = Setup::rabbitmq("forget-node", AmqpOptions::default());
+        let node = format!("wasmq-test-forget@{}", setup.queue);
+        let revoke = revoke_queue(&node);
+        let worker = setup.start(setup.options(&node)).await;
+        let sum = setup
+            .send("math.add", json!([2, 3]), SendOptions::default())
+            .await;
+        assert_eq!(sum.get(WAIT).await.unwrap(), json!(5));
+        assert!(
+            rabbitmq_has_queue(&revoke).await,
+            "the worker listens on it"
+        );
+        worker.stop().await;
+        assert!(
+            rabbitmq_has_queue(&revoke).await,
+            "durable: it outlives its worker"
+        );
+        setup.cleanup().await;
+        assert!(!rabbitmq_has_queue(&revoke).await, "cleanup deletes it");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !rabbitmq_has_queue(&revoke).await,
+            "and nothing declares it again"
+        );
     });
 }
 
@@ -724,11 +768,6 @@ fn a_python_celery_client_revokes_and_terminates_tasks_on_wasmq_workers() {
         );
         assert_eq!(report["after"], json!({"ok": 4}), "{report:#}");
         worker.stop().await;
-        setup
-            .broker
-            .delete_queue(&revoke_queue(&node))
-            .await
-            .unwrap();
         setup.cleanup().await;
     });
 }

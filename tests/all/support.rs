@@ -157,6 +157,24 @@ pub(crate) const KOMBU_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672//";
 /// See [`AMQP_URL`].
 pub(crate) const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 
+/// Whether RabbitMQ has a queue named `queue`: a passive declare, on a connection of its own.
+pub(crate) async fn rabbitmq_has_queue(queue: &str) -> bool {
+    let connection = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to RabbitMQ");
+    let channel = connection.create_channel().await.expect("open a channel");
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..lapin::options::QueueDeclareOptions::default()
+    };
+    let exists = channel
+        .queue_declare(queue.into(), passive, lapin::types::FieldTable::default())
+        .await
+        .is_ok();
+    let _ = connection.close(200, "OK".into()).await;
+    exists
+}
+
 /// Tests that share RabbitMQ take this lock for reading; the one that closes every
 /// connection takes it for writing.
 pub(crate) static RABBITMQ: std::sync::RwLock<()> = std::sync::RwLock::new(());

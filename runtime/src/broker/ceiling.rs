@@ -16,7 +16,10 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use super::BrokerError;
 
 fn amqp(what: &str, error: &lapin::Error) -> BrokerError {
-    BrokerError::Amqp(format!("{what}: {error}"))
+    BrokerError::Amqp {
+        context: what.to_owned(),
+        source: error.clone(),
+    }
 }
 
 /// Publishes `count` copies of `body` with `properties` (made persistent) to a fresh queue,
@@ -214,7 +217,12 @@ pub async fn raw_round_trips(
             .map_err(|e| amqp("publish", &e))?;
         match tokio::time::timeout(Duration::from_secs(10), answers.next()).await {
             Ok(Some(Ok(_))) => {}
-            _ => return Err(BrokerError::Amqp("no answer in 10 s".into())),
+            _ => {
+                return Err(BrokerError::NoAnswer {
+                    what: "a round trip".into(),
+                    waited: Duration::from_secs(10),
+                });
+            }
         }
         if i > 0 {
             samples.push(started.elapsed().as_secs_f64() * 1000.0);

@@ -2,10 +2,12 @@
 //! delayed), consume with a prefetch limit, settle each delivery (ack, dead-letter,
 //! release) — and its implementations:
 //!
-//! * [`sqlite::SqliteBroker`], the embedded default: a SQLite file several processes on one
-//!   machine share (`sqlite://.wasmq/wasmq.db`);
+//! * [`embedded::SqliteBroker`], the embedded default: a SQLite file several processes on
+//!   one machine share (`sqlite://.wasmq/wasmq.db`);
 //! * [`amqp::AmqpBroker`], RabbitMQ (`amqp://user:pass@host:port/vhost`, `amqps://…`),
-//!   compatible with Celery's topology so Python and wasmq share queues.
+//!   compatible with Celery's topology so Python and wasmq share queues;
+//! * [`scheduled::ScheduledBroker`], a decorator over either that holds delayed messages in
+//!   Redis until they are due.
 //!
 //! Only this module knows the queue tables. Deliveries are acknowledged late, after the
 //! worker has stored the result; a delivery whose worker dies unacknowledged is delivered
@@ -13,7 +15,9 @@
 
 pub mod amqp;
 pub mod ceiling;
-pub mod sqlite;
+pub mod embedded;
+mod error;
+pub mod scheduled;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,29 +25,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub use self::error::BrokerError;
 use crate::protocol::Envelope;
-
-/// Errors from a broker.
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    /// The embedded database failed.
-    #[error(transparent)]
-    Db(#[from] crate::sqlite::DbError),
-    /// RabbitMQ failed or refused.
-    #[error("AMQP: {0}")]
-    Amqp(String),
-    /// The broker URL is not understood.
-    #[error(
-        "unsupported broker URL {0:?} (expected sqlite://PATH or amqp://user:pass@host:port/vhost)"
-    )]
-    UnsupportedUrl(String),
-    /// The consumer was closed.
-    #[error("the consumer is closed")]
-    Closed,
-    /// The scheduler holding delayed messages failed.
-    #[error(transparent)]
-    Scheduler(#[from] crate::scheduler::SchedulerError),
-}
 
 /// A message handed to a consumer, to be settled exactly once.
 pub struct Delivery {
@@ -147,6 +130,11 @@ pub struct DeadLetter {
     /// The message itself.
     pub envelope: Envelope,
 }
+
+/// How long a revocation is remembered (Celery keeps them 3 hours; tasks can wait longer in
+/// a queue, so wasmq keeps them as long as results: one day): by the broker for workers that
+/// start later, and by every worker.
+pub const REVOKE_EXPIRES: Duration = Duration::from_secs(24 * 3600);
 
 /// A task that must not run (Celery's `revoke`): broadcast to every worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -309,6 +297,17 @@ pub trait Broker: Send + Sync {
         node: &str,
     ) -> Result<tokio::sync::mpsc::Receiver<Revocation>, BrokerError>;
 
+    /// Drops what the broker holds for worker `node` (on RabbitMQ its revocation queue,
+    /// where revocations would otherwise wait for it for a week; nothing on the embedded
+    /// broker, whose revocations are one table every worker reads). For a node that is gone
+    /// for good, e.g. a test's worker; revocations made afterwards no longer wait for it.
+    /// Call it once the node's worker has stopped: a worker still listening keeps (or
+    /// declares again) what it needs.
+    ///
+    /// # Errors
+    /// When the broker cannot remove it.
+    async fn forget_node(&self, node: &str) -> Result<(), BrokerError>;
+
     /// A description for logs, e.g. `sqlite://.wasmq/wasmq.db`.
     fn describe(&self) -> String;
 }
@@ -330,10 +329,10 @@ pub fn connect_with(url: &str, amqp: amqp::AmqpOptions) -> Result<Arc<dyn Broker
     if url.starts_with("amqp://") || url.starts_with("amqps://") {
         return Ok(Arc::new(amqp::AmqpBroker::with_options(url, amqp)?));
     }
-    match crate::sqlite::parse_url(url) {
-        Some(path) => Ok(Arc::new(sqlite::SqliteBroker::open(
+    match crate::db::parse_url(url) {
+        Some(path) => Ok(Arc::new(embedded::SqliteBroker::open(
             &path,
-            sqlite::SqliteBrokerOptions::default(),
+            embedded::SqliteBrokerOptions::default(),
         )?)),
         None => Err(BrokerError::UnsupportedUrl(url.to_owned())),
     }

@@ -68,7 +68,7 @@ fn connect_broker(config: &WorkerConfig) -> Result<Arc<dyn crate::broker::Broker
     let options = crate::broker::amqp::AmqpOptions {
         queue_max_priority: config.queue_max_priority,
     };
-    crate::scheduler::connect(&config.broker, config.scheduler.as_deref(), options)
+    crate::broker::scheduled::connect(&config.broker, config.scheduler.as_deref(), options)
         .map_err(|e| Failure::bad_input(format!("{e:#}")))
 }
 

@@ -10,9 +10,9 @@ use ::redis::AsyncCommands;
 use ::redis::aio::ConnectionManager;
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use tokio::sync::OnceCell;
 
 use super::{ChordPart, ChordResults, ReplyTo, ResultBackend, ResultError, ResultMeta, TaskState};
+use crate::redis_client::RedisClient;
 
 /// One `.j` entry, `[1, tid, state, result]`.
 fn decode_part(
@@ -93,16 +93,18 @@ redis.call('DEL', jkey, tkey, skey, dkey)
 return {ready, parts}
 ";
 
-fn redis_error(what: &str, error: &::redis::RedisError) -> ResultError {
-    ResultError::Redis(format!("{what}: {error}"))
+/// `error`, met while doing `what`.
+fn redis_error(what: &str, error: ::redis::RedisError) -> ResultError {
+    ResultError::Redis {
+        context: what.to_owned(),
+        source: error,
+    }
 }
 
 /// The Redis result backend.
 pub struct RedisResultBackend {
-    client: ::redis::Client,
-    shown: String,
+    redis: RedisClient,
     expires: Duration,
-    connection: OnceCell<ConnectionManager>,
     script: ::redis::Script,
     chord_script: ::redis::Script,
 }
@@ -110,15 +112,9 @@ pub struct RedisResultBackend {
 impl std::fmt::Debug for RedisResultBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisResultBackend")
-            .field("url", &self.shown)
+            .field("url", &self.redis.describe())
             .finish()
     }
-}
-
-/// `redis://host:port/db` of `client`, without credentials, for logs.
-pub(crate) fn describe_client(client: &::redis::Client) -> String {
-    let info = client.get_connection_info();
-    format!("redis://{}/{}", info.addr(), info.redis_settings().db())
 }
 
 impl RedisResultBackend {
@@ -128,28 +124,21 @@ impl RedisResultBackend {
     /// # Errors
     /// [`ResultError::UnsupportedUrl`] when the URL does not parse.
     pub fn new(url: &str, expires: Duration) -> Result<Self, ResultError> {
-        let client = ::redis::Client::open(url)
+        let redis = RedisClient::open(url)
             .map_err(|e| ResultError::UnsupportedUrl(format!("{url} ({e})")))?;
-        let shown = describe_client(&client);
         Ok(Self {
-            client,
-            shown,
+            redis,
             expires,
-            connection: OnceCell::new(),
             script: ::redis::Script::new(STORE_SCRIPT),
             chord_script: ::redis::Script::new(CHORD_PART_SCRIPT),
         })
     }
 
     async fn connection(&self) -> Result<ConnectionManager, ResultError> {
-        self.connection
-            .get_or_try_init(|| async {
-                ConnectionManager::new(self.client.clone())
-                    .await
-                    .map_err(|e| redis_error(&format!("cannot connect to {}", self.shown), &e))
-            })
+        self.redis
+            .connection()
             .await
-            .cloned()
+            .map_err(|e| redis_error(&format!("cannot connect to {}", self.redis.describe()), e))
     }
 
     fn parse(task_id: &str, json: &str) -> Result<ResultMeta, ResultError> {
@@ -173,7 +162,7 @@ impl ResultBackend for RedisResultBackend {
             .arg(seconds)
             .invoke_async(&mut connection)
             .await
-            .map_err(|e| redis_error("cannot store a result", &e))?;
+            .map_err(|e| redis_error("cannot store a result", e))?;
         Ok(())
     }
 
@@ -182,21 +171,22 @@ impl ResultBackend for RedisResultBackend {
         let json: Option<String> = connection
             .get(meta_key(task_id))
             .await
-            .map_err(|e| redis_error("cannot read a result", &e))?;
+            .map_err(|e| redis_error("cannot read a result", e))?;
         json.map(|json| Self::parse(task_id, &json)).transpose()
     }
 
     async fn wait(&self, task_id: &str, timeout: Duration) -> Result<ResultMeta, ResultError> {
         let key = meta_key(task_id);
         let mut pubsub = self
-            .client
+            .redis
+            .client()
             .get_async_pubsub()
             .await
-            .map_err(|e| redis_error("cannot subscribe", &e))?;
+            .map_err(|e| redis_error("cannot subscribe", e))?;
         pubsub
             .subscribe(&key)
             .await
-            .map_err(|e| redis_error("cannot subscribe", &e))?;
+            .map_err(|e| redis_error("cannot subscribe", e))?;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = self.get(task_id).await?;
         if let Some(meta) = &last
@@ -247,7 +237,7 @@ impl ResultBackend for RedisResultBackend {
             )
             .query_async(&mut connection)
             .await
-            .map_err(|e| redis_error("cannot set a chord size", &e))?;
+            .map_err(|e| redis_error("cannot set a chord size", e))?;
         Ok(())
     }
 
@@ -274,7 +264,7 @@ impl ResultBackend for RedisResultBackend {
             .arg(self.expires.as_secs().max(1))
             .invoke_async(&mut connection)
             .await
-            .map_err(|e| redis_error("cannot count a chord part", &e))?;
+            .map_err(|e| redis_error("cannot count a chord part", e))?;
         if parts.is_empty() {
             return Ok(None);
         }
@@ -291,6 +281,6 @@ impl ResultBackend for RedisResultBackend {
     }
 
     fn describe(&self) -> String {
-        self.shown.clone()
+        self.redis.describe().to_owned()
     }
 }

@@ -52,6 +52,21 @@ impl RpcResultBackend {
         }
     }
 
+    /// An rpc backend (configured as `url`) over the AMQP broker at `broker_url`: rpc results
+    /// travel over the broker, as Celery's do.
+    ///
+    /// # Errors
+    /// [`ResultError::UnsupportedUrl`] when the broker is not RabbitMQ, or the broker's error
+    /// for a URL it cannot parse.
+    pub fn over_broker(url: &str, broker_url: &str) -> Result<Self, ResultError> {
+        if !(broker_url.starts_with("amqp://") || broker_url.starts_with("amqps://")) {
+            return Err(ResultError::UnsupportedUrl(format!(
+                "{url} (rpc results travel over an AMQP broker; the broker is {broker_url})"
+            )));
+        }
+        Ok(Self::new(AmqpBroker::new(broker_url)?))
+    }
+
     /// Celery 5.6's rpc body: exactly these five keys.
     fn body(meta: &ResultMeta) -> Vec<u8> {
         serde_json::to_vec(&json!({

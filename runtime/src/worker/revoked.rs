@@ -9,13 +9,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::Duration;
 
-use crate::broker::Revocation;
-
-/// How long a revocation is remembered (Celery keeps them 3 hours; tasks can wait longer in
-/// a queue, so wasmq keeps them as long as results: one day).
-pub const REVOKE_EXPIRES: Duration = Duration::from_secs(24 * 3600);
+use crate::broker::{REVOKE_EXPIRES, Revocation};
 
 /// Revoked task ids, with when they were revoked and whether running copies are terminated.
 #[derive(Debug, Default)]
@@ -131,6 +126,8 @@ pub(super) async fn listen(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn revocation(id: &str, age: Duration) -> Revocation {

@@ -90,6 +90,10 @@ impl Broker for FakeBroker {
         Ok(tokio::sync::mpsc::channel(1).1)
     }
 
+    async fn forget_node(&self, _node: &str) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         "fake://".into()
     }

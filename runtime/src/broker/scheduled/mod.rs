@@ -1,5 +1,5 @@
-//! Schedulers: delayed messages (countdown, eta, retry backoff) held outside the broker
-//! until they are due, then published to it.
+//! The scheduled broker: a decorator over any broker whose delayed messages (countdown, eta,
+//! retry backoff) are held outside it, in Redis, until they are due, then published to it.
 //!
 //! The brokers can delay messages themselves (RabbitMQ's delay levels, SQLite's visible-at
 //! rows); a scheduler is for deployments that already run Redis and want delays to be exact
@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 pub use self::redis::{RedisScheduler, RedisSchedulerOptions};
-use crate::broker::{Broker, BrokerError, Consumer, DeadLetter, Delivery};
+use super::{Broker, BrokerError, Consumer, DeadLetter, Delivery, Revocation};
 use crate::protocol::Envelope;
 
 /// Errors from a scheduler.
@@ -28,11 +28,28 @@ pub enum SchedulerError {
     #[error("unsupported scheduler URL {0:?} (expected redis://host:port/db)")]
     UnsupportedUrl(String),
     /// Redis failed or refused.
-    #[error("redis: {0}")]
-    Redis(String),
+    #[error("redis: {context}")]
+    Redis {
+        /// What was being done, e.g. `cannot schedule a message`.
+        context: String,
+        /// The Redis client's error.
+        #[source]
+        source: ::redis::RedisError,
+    },
     /// A message could not be encoded for storage.
     #[error("cannot encode a scheduled message")]
     Encode(#[source] serde_json::Error),
+}
+
+impl SchedulerError {
+    /// True when retrying later may succeed: Redis was unreachable, dropped the connection,
+    /// timed out, or is briefly unable to serve (loading its data set, a failover).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SchedulerError::Redis { source, .. } => crate::redis_client::is_transient(source),
+            SchedulerError::UnsupportedUrl(_) | SchedulerError::Encode(_) => false,
+        }
+    }
 }
 
 /// A broker whose delayed messages wait in a [`RedisScheduler`].
@@ -73,9 +90,9 @@ impl ScheduledBroker {
 pub fn connect(
     broker_url: &str,
     scheduler_url: Option<&str>,
-    amqp: crate::broker::amqp::AmqpOptions,
+    amqp: super::amqp::AmqpOptions,
 ) -> Result<Arc<dyn Broker>, BrokerError> {
-    let broker = crate::broker::connect_with(broker_url, amqp)?;
+    let broker = super::connect_with(broker_url, amqp)?;
     match scheduler_url {
         None => Ok(broker),
         Some(url) => {
@@ -141,15 +158,19 @@ impl Broker for ScheduledBroker {
         self.inner.delete_queue(queue).await
     }
 
-    async fn revoke(&self, revocation: &crate::broker::Revocation) -> Result<(), BrokerError> {
+    async fn revoke(&self, revocation: &Revocation) -> Result<(), BrokerError> {
         self.inner.revoke(revocation).await
     }
 
     async fn revocations(
         &self,
         node: &str,
-    ) -> Result<tokio::sync::mpsc::Receiver<crate::broker::Revocation>, BrokerError> {
+    ) -> Result<tokio::sync::mpsc::Receiver<Revocation>, BrokerError> {
         self.inner.revocations(node).await
+    }
+
+    async fn forget_node(&self, node: &str) -> Result<(), BrokerError> {
+        self.inner.forget_node(node).await
     }
 
     fn describe(&self) -> String {

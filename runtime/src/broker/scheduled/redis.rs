@@ -1,4 +1,6 @@
-//! The Redis sorted-set scheduler: delayed messages wait in Redis, not in the broker.
+//! The Redis sorted-set scheduler: delayed messages wait in Redis, not in the broker. One
+//! idea, the claim protocol below, with its Lua scripts and the record format it stores;
+//! hence the file's length.
 //!
 //! **Keys** (under a prefix, `wasmq.scheduler` by default): `<prefix>:due`, a sorted set
 //! whose members are the waiting messages — a JSON record of the target queue and the
@@ -25,11 +27,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ::redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tokio::sync::{Notify, OnceCell};
+use tokio::sync::Notify;
 
 use super::SchedulerError;
 use crate::broker::Broker;
 use crate::protocol::{Envelope, Properties};
+use crate::redis_client::RedisClient;
 
 /// Claims expired leases, then due members, up to a limit; returns them with the earliest
 /// due score still waiting.
@@ -177,12 +180,10 @@ pub struct Round {
 
 /// Holds delayed messages in a Redis sorted set until they are due; see the module docs.
 pub struct RedisScheduler {
-    client: ::redis::Client,
-    shown: String,
+    redis: RedisClient,
     options: RedisSchedulerOptions,
     due_key: String,
     claimed_key: String,
-    connection: OnceCell<ConnectionManager>,
     claim: ::redis::Script,
     release: ::redis::Script,
     for_queue: ::redis::Script,
@@ -193,7 +194,7 @@ pub struct RedisScheduler {
 impl std::fmt::Debug for RedisScheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisScheduler")
-            .field("url", &self.shown)
+            .field("url", &self.redis.describe())
             .field("prefix", &self.options.prefix)
             .finish_non_exhaustive()
     }
@@ -210,8 +211,12 @@ fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn redis_error(what: &str, error: &::redis::RedisError) -> SchedulerError {
-    SchedulerError::Redis(format!("{what}: {error}"))
+/// `error`, met while doing `what`.
+fn redis_error(what: &str, error: ::redis::RedisError) -> SchedulerError {
+    SchedulerError::Redis {
+        context: what.to_owned(),
+        source: error,
+    }
 }
 
 impl RedisScheduler {
@@ -221,16 +226,13 @@ impl RedisScheduler {
     /// # Errors
     /// [`SchedulerError::UnsupportedUrl`] when the URL does not parse.
     pub fn new(url: &str, options: RedisSchedulerOptions) -> Result<Self, SchedulerError> {
-        let client = ::redis::Client::open(url)
+        let redis = RedisClient::open(url)
             .map_err(|e| SchedulerError::UnsupportedUrl(format!("{url} ({e})")))?;
-        let shown = crate::results::redis::describe_client(&client);
         Ok(Self {
-            client,
-            shown,
+            redis,
             due_key: format!("{}:due", options.prefix),
             claimed_key: format!("{}:claimed", options.prefix),
             options,
-            connection: OnceCell::new(),
             claim: ::redis::Script::new(CLAIM_SCRIPT),
             release: ::redis::Script::new(RELEASE_SCRIPT),
             for_queue: ::redis::Script::new(FOR_QUEUE_SCRIPT),
@@ -245,18 +247,14 @@ impl RedisScheduler {
 
     /// A description for logs, e.g. `redis://127.0.0.1:6379/0 (wasmq.scheduler)`.
     pub fn describe(&self) -> String {
-        format!("{} ({})", self.shown, self.options.prefix)
+        format!("{} ({})", self.redis.describe(), self.options.prefix)
     }
 
     async fn connection(&self) -> Result<ConnectionManager, SchedulerError> {
-        self.connection
-            .get_or_try_init(|| async {
-                ConnectionManager::new(self.client.clone())
-                    .await
-                    .map_err(|e| redis_error(&format!("cannot connect to {}", self.shown), &e))
-            })
+        self.redis
+            .connection()
             .await
-            .cloned()
+            .map_err(|e| redis_error(&format!("cannot connect to {}", self.redis.describe()), e))
     }
 
     /// Holds `envelope` for `queue` until `delay` from now.
@@ -279,7 +277,7 @@ impl RedisScheduler {
             .arg(member)
             .query_async(&mut connection)
             .await
-            .map_err(|e| redis_error("cannot schedule a message", &e))?;
+            .map_err(|e| redis_error("cannot schedule a message", e))?;
         if delay < self.options.poll_interval {
             self.wake.notify_one();
         }
@@ -304,7 +302,7 @@ impl RedisScheduler {
             .arg(limit.max(1))
             .invoke_async(&mut connection)
             .await
-            .map_err(|e| redis_error("cannot claim due messages", &e))?;
+            .map_err(|e| redis_error("cannot claim due messages", e))?;
         Ok(Claimed {
             members,
             next_due_ms: next_due.parse::<f64>().ok().map(|ms| ms as i64),
@@ -358,7 +356,11 @@ impl RedisScheduler {
                 Ok(true)
             }
             Err(error) => {
-                tracing::warn!(%error, queue, "cannot publish a due message; retrying in a second");
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    queue,
+                    "cannot publish a due message; retrying in a second"
+                );
                 let _: i64 = self
                     .release
                     .key(&self.due_key)
@@ -367,7 +369,7 @@ impl RedisScheduler {
                     .arg(now_ms().saturating_add(1000))
                     .invoke_async(&mut connection)
                     .await
-                    .map_err(|e| redis_error("cannot release a claim", &e))?;
+                    .map_err(|e| redis_error("cannot release a claim", e))?;
                 Ok(false)
             }
         }
@@ -383,7 +385,7 @@ impl RedisScheduler {
             .arg(member)
             .query_async(connection)
             .await
-            .map_err(|e| redis_error("cannot remove a claim", &e))?;
+            .map_err(|e| redis_error("cannot remove a claim", e))?;
         Ok(())
     }
 
@@ -404,7 +406,10 @@ impl RedisScheduler {
                     until_due.min(self.options.poll_interval)
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "the scheduler cannot reach Redis; retrying in {backoff:?}");
+                    tracing::warn!(
+                        error = &error as &dyn std::error::Error,
+                        "the scheduler cannot reach Redis; retrying in {backoff:?}"
+                    );
                     let pause = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     pause
@@ -444,7 +449,7 @@ impl RedisScheduler {
             .arg(if remove { "1" } else { "0" })
             .invoke_async(&mut connection)
             .await
-            .map_err(|e| redis_error("cannot scan scheduled messages", &e))
+            .map_err(|e| redis_error("cannot scan scheduled messages", e))
     }
 
     /// Deletes both sets (tests clean up with it).
@@ -458,7 +463,7 @@ impl RedisScheduler {
             .arg(&self.claimed_key)
             .query_async(&mut connection)
             .await
-            .map_err(|e| redis_error("cannot delete the scheduler's keys", &e))?;
+            .map_err(|e| redis_error("cannot delete the scheduler's keys", e))?;
         Ok(())
     }
 }

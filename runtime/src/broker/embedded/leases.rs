@@ -1,14 +1,11 @@
-//! The embedded broker: queues in a SQLite file that several processes on one machine share.
-//!
-//! A message is a row of `messages` with a `visible_at` time (delayed messages are simply
-//! rows that become visible later) and a priority. Consuming *leases* rows: a single
-//! `UPDATE … RETURNING` marks up to the free prefetch slots as held by this process until
-//! `lease_expires`. A background task renews the leases of live processes every
-//! [`SqliteBrokerOptions::renew_every`]; a process that dies stops renewing, so its rows
-//! become visible again after at most [`SqliteBrokerOptions::lease`] — and at once when a
+//! Leases: how the embedded broker hands messages to consumers. Consuming *leases* rows: a
+//! single `UPDATE … RETURNING` marks up to the free prefetch slots as held by this process
+//! until `lease_expires`. A background task renews the leases of live processes every
+//! [`renew_every`](super::SqliteBrokerOptions::renew_every); a process that dies stops renewing, so its rows
+//! become visible again after at most the [`lease`](super::SqliteBrokerOptions::lease) — and at once when a
 //! consumer on the same host sees that the holder's process no longer exists (a restarted
 //! worker finding its predecessor's stale leases). Nothing is lost, and every delivery
-//! counts its attempts (`deliveries`), which later feeds poison-message protection.
+//! counts its attempts (`deliveries`), which feeds poison-message protection.
 //!
 //! Settling: ack deletes the row, dead-letter moves it to `dead_letters` with the reason,
 //! release clears the lease. Each checks that this process still holds the lease.
@@ -23,109 +20,22 @@ use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params, params_from_iter};
 use tokio::sync::Notify;
 
-use super::{Broker, BrokerError, Consumer, DeadLetter, Delivery, Revocation, Settle};
+use super::{LOCAL_PUBLISH, Owner, SqliteBroker};
+use crate::broker::{BrokerError, Consumer, Delivery, Settle};
+use crate::db::{Db, now_ms};
 use crate::protocol::{Envelope, Properties};
-use crate::sqlite::{Db, now_ms};
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS messages (
-    id            INTEGER PRIMARY KEY AUTOINCREMENT,
-    queue         TEXT    NOT NULL,
-    priority      INTEGER NOT NULL DEFAULT 0,
-    visible_at    INTEGER NOT NULL,
-    headers       TEXT    NOT NULL,
-    properties    TEXT    NOT NULL,
-    body          BLOB    NOT NULL,
-    deliveries    INTEGER NOT NULL DEFAULT 0,
-    leased_by     TEXT,
-    leased_host   TEXT,
-    leased_pid    INTEGER,
-    lease_expires INTEGER,
-    created_at    INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, priority DESC, visible_at, id);
-CREATE INDEX IF NOT EXISTS messages_leased ON messages (leased_by);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    queue      TEXT    NOT NULL,
-    task_id    TEXT,
-    reason     TEXT    NOT NULL,
-    deliveries INTEGER NOT NULL,
-    headers    TEXT    NOT NULL,
-    properties TEXT    NOT NULL,
-    body       BLOB    NOT NULL,
-    dead_at    INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS revocations (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    task_id    TEXT    NOT NULL,
-    terminate  INTEGER NOT NULL,
-    revoked_at INTEGER NOT NULL
-);
-";
-
-/// Tuning of the embedded broker.
-#[derive(Debug, Clone, Copy)]
-pub struct SqliteBrokerOptions {
-    /// How long a lease lasts without renewal; a dead worker's messages come back after at
-    /// most this long. Default: 10 s.
-    pub lease: Duration,
-    /// How often a live consumer renews its leases. Default: 2 s.
-    pub renew_every: Duration,
-    /// Longest sleep between polls of an idle queue (other processes' messages are found by
-    /// polling; this process's own publishes wake consumers at once). Default: 5 ms.
-    pub max_poll_interval: Duration,
-    /// Most rows fetched by one lease query. Default: 64.
-    pub max_batch: usize,
-}
-
-impl Default for SqliteBrokerOptions {
-    fn default() -> Self {
-        Self {
-            lease: Duration::from_secs(10),
-            renew_every: Duration::from_secs(2),
-            max_poll_interval: Duration::from_millis(5),
-            max_batch: 64,
-        }
+/// Whether a process with this pid exists on this (Linux) host. Elsewhere, leases simply
+/// expire.
+fn process_exists(pid: i64) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
     }
-}
-
-/// Wakes this process's idle consumers when this process publishes.
-static LOCAL_PUBLISH: Notify = Notify::const_new();
-
-/// Who holds a lease: this process.
-#[derive(Debug)]
-struct Owner {
-    id: String,
-    host: String,
-    pid: u32,
-}
-
-/// The embedded SQLite broker.
-#[derive(Debug, Clone)]
-pub struct SqliteBroker {
-    db: Db,
-    owner: Arc<Owner>,
-    options: SqliteBrokerOptions,
 }
 
 impl SqliteBroker {
-    /// Opens (creating if needed) the broker in the database file at `path`.
-    ///
-    /// # Errors
-    /// When the file cannot be opened or initialised.
-    pub fn open(path: &Path, options: SqliteBrokerOptions) -> Result<Self, BrokerError> {
-        let db = Db::open(path, SCHEMA)?;
-        let host = gethostname::gethostname().to_string_lossy().into_owned();
-        let pid = std::process::id();
-        let id = format!("{host}:{pid}:{}", uuid::Uuid::new_v4().simple());
-        Ok(Self {
-            db,
-            owner: Arc::new(Owner { id, host, pid }),
-            options,
-        })
-    }
-
     /// Releases leases held by processes on this host that no longer exist.
     async fn release_dead_leases(&self) -> Result<usize, BrokerError> {
         let owner = Arc::clone(&self.owner);
@@ -157,222 +67,7 @@ impl SqliteBroker {
             })
             .await?)
     }
-}
 
-/// Whether a process with this pid exists on this (Linux) host. Elsewhere, leases simply
-/// expire.
-fn process_exists(pid: i64) -> bool {
-    if cfg!(target_os = "linux") {
-        Path::new(&format!("/proc/{pid}")).exists()
-    } else {
-        true
-    }
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_string(value).expect("headers and properties serialize")
-}
-
-#[async_trait]
-impl Broker for SqliteBroker {
-    async fn publish(
-        &self,
-        queue: &str,
-        envelope: &Envelope,
-        delay: Option<Duration>,
-    ) -> Result<(), BrokerError> {
-        let now = now_ms();
-        let visible_at =
-            now + delay.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2));
-        let queue = queue.to_owned();
-        let headers = to_json(&envelope.headers);
-        let properties = to_json(&envelope.properties);
-        let priority = i64::from(envelope.properties.priority.unwrap_or(0));
-        let body = envelope.body.clone();
-        self.db
-            .run(move |conn| {
-                conn.prepare_cached(
-                    "INSERT INTO messages (queue, priority, visible_at, headers, properties, body, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )?
-                .execute(params![queue, priority, visible_at, headers, properties, body, now])
-            })
-            .await?;
-        LOCAL_PUBLISH.notify_waiters();
-        Ok(())
-    }
-
-    async fn consume(
-        &self,
-        queues: &[String],
-        prefetch: usize,
-    ) -> Result<Box<dyn Consumer>, BrokerError> {
-        let released = self.release_dead_leases().await?;
-        if released > 0 {
-            tracing::info!(
-                released,
-                "redelivering messages leased by dead processes on this host"
-            );
-        }
-        let settler = Arc::new(SqliteSettler {
-            db: self.db.clone(),
-            owner: Arc::clone(&self.owner),
-            outstanding: AtomicUsize::new(0),
-            settled: Notify::new(),
-        });
-        let renewer = {
-            let broker = self.clone();
-            tokio::spawn(async move { broker.renew_leases().await })
-        };
-        Ok(Box::new(SqliteConsumer {
-            broker: self.clone(),
-            queues: queues.to_vec(),
-            prefetch: prefetch.max(1),
-            buffer: VecDeque::new(),
-            settler,
-            renewer,
-            pending: None,
-        }))
-    }
-
-    async fn dead_letters(
-        &self,
-        queue: &str,
-        limit: usize,
-    ) -> Result<Vec<DeadLetter>, BrokerError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let queue = queue.to_owned();
-        Ok(self
-            .db
-            .run(move |conn| {
-                let mut stmt = conn.prepare_cached(
-                    "SELECT queue, task_id, reason, deliveries, dead_at, headers, properties, body
-                     FROM dead_letters WHERE queue = ?2 ORDER BY id DESC LIMIT ?1",
-                )?;
-                let rows = stmt.query_map(params![limit, queue], |r| {
-                    let headers: String = r.get(5)?;
-                    let properties: String = r.get(6)?;
-                    Ok(DeadLetter {
-                        queue: r.get(0)?,
-                        task_id: r.get(1)?,
-                        reason: r.get(2)?,
-                        delivery_count: r.get(3)?,
-                        dead_at_ms: r.get(4)?,
-                        envelope: Envelope {
-                            headers: serde_json::from_str(&headers).unwrap_or_default(),
-                            properties: serde_json::from_str(&properties).unwrap_or_default(),
-                            body: r.get(7)?,
-                        },
-                    })
-                })?;
-                rows.collect()
-            })
-            .await?)
-    }
-
-    async fn queue_length(&self, queue: &str) -> Result<u64, BrokerError> {
-        let queue = queue.to_owned();
-        Ok(self
-            .db
-            .run(move |conn| {
-                conn.prepare_cached(
-                    "SELECT COUNT(*) FROM messages
-                     WHERE queue = ?1 AND (leased_by IS NULL OR lease_expires < ?2)",
-                )?
-                .query_row(params![queue, now_ms()], |r| r.get::<_, i64>(0))
-            })
-            .await
-            .map(|n| u64::try_from(n).unwrap_or(0))?)
-    }
-
-    async fn delete_queue(&self, queue: &str) -> Result<(), BrokerError> {
-        let queue = queue.to_owned();
-        self.db
-            .run(move |conn| {
-                conn.execute("DELETE FROM messages WHERE queue = ?1", params![queue])?;
-                conn.execute("DELETE FROM dead_letters WHERE queue = ?1", params![queue])
-            })
-            .await?;
-        Ok(())
-    }
-
-    async fn revoke(&self, revocation: &Revocation) -> Result<(), BrokerError> {
-        let r = revocation.clone();
-        let oldest = r.revoked_at_ms
-            - i64::try_from(crate::worker::revoked::REVOKE_EXPIRES.as_millis()).unwrap_or(0);
-        self.db
-            .run(move |conn| {
-                conn.execute(
-                    "INSERT INTO revocations (task_id, terminate, revoked_at) VALUES (?1, ?2, ?3)",
-                    params![r.task_id, r.terminate, r.revoked_at_ms],
-                )?;
-                conn.execute(
-                    "DELETE FROM revocations WHERE revoked_at < ?1",
-                    params![oldest],
-                )
-            })
-            .await?;
-        Ok(())
-    }
-
-    async fn revocations(
-        &self,
-        _node: &str,
-    ) -> Result<tokio::sync::mpsc::Receiver<Revocation>, BrokerError> {
-        // Every worker on the file reads the same table: it is the broadcast and the memory.
-        let (sender, receiver) = tokio::sync::mpsc::channel(256);
-        let db = self.db.clone();
-        tokio::spawn(async move {
-            let mut after = 0_i64;
-            loop {
-                let rows = db
-                    .run(move |conn| {
-                        let mut stmt = conn.prepare_cached(
-                            "SELECT seq, task_id, terminate, revoked_at FROM revocations
-                             WHERE seq > ?1 ORDER BY seq",
-                        )?;
-                        let rows = stmt.query_map(params![after], |r| {
-                            Ok((
-                                r.get::<_, i64>(0)?,
-                                Revocation {
-                                    task_id: r.get(1)?,
-                                    terminate: r.get(2)?,
-                                    revoked_at_ms: r.get(3)?,
-                                },
-                            ))
-                        })?;
-                        rows.collect::<Result<Vec<_>, _>>()
-                    })
-                    .await;
-                match rows {
-                    Ok(rows) => {
-                        for (seq, revocation) in rows {
-                            after = seq;
-                            if sender.send(revocation).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(error) => tracing::warn!(%error, "cannot read revocations"),
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(REVOCATION_POLL) => {}
-                    () = sender.closed() => return,
-                }
-            }
-        });
-        Ok(receiver)
-    }
-
-    fn describe(&self) -> String {
-        format!("sqlite://{}", self.db.path().display())
-    }
-}
-
-/// How often workers look for new revocations in the database.
-const REVOCATION_POLL: Duration = Duration::from_millis(100);
-
-impl SqliteBroker {
     /// Keeps this process's leases alive and frees those of dead local processes.
     async fn renew_leases(&self) {
         let mut tick = tokio::time::interval(self.options.renew_every);
@@ -577,7 +272,7 @@ impl Settle for SqliteSettler {
     }
 }
 
-struct SqliteConsumer {
+pub(super) struct SqliteConsumer {
     broker: SqliteBroker,
     queues: Vec<String>,
     prefetch: usize,
@@ -590,6 +285,41 @@ struct SqliteConsumer {
 }
 
 impl SqliteConsumer {
+    /// Starts consuming `queues` of `broker` with at most `prefetch` unsettled deliveries,
+    /// first freeing the leases of dead processes on this host.
+    pub(super) async fn start(
+        broker: &SqliteBroker,
+        queues: &[String],
+        prefetch: usize,
+    ) -> Result<Self, BrokerError> {
+        let released = broker.release_dead_leases().await?;
+        if released > 0 {
+            tracing::info!(
+                released,
+                "redelivering messages leased by dead processes on this host"
+            );
+        }
+        let settler = Arc::new(SqliteSettler {
+            db: broker.db.clone(),
+            owner: Arc::clone(&broker.owner),
+            outstanding: AtomicUsize::new(0),
+            settled: Notify::new(),
+        });
+        let renewer = {
+            let broker = broker.clone();
+            tokio::spawn(async move { broker.renew_leases().await })
+        };
+        Ok(Self {
+            broker: broker.clone(),
+            queues: queues.to_vec(),
+            prefetch: prefetch.max(1),
+            buffer: VecDeque::new(),
+            settler,
+            renewer,
+            pending: None,
+        })
+    }
+
     /// Turns leased rows into deliveries waiting to be handed out (they count against the
     /// prefetch until settled).
     fn buffer_rows(&mut self, rows: Vec<LeasedRow>) {
@@ -650,8 +380,8 @@ impl Consumer for SqliteConsumer {
             });
             let leased = lease.await;
             self.pending = None;
-            let rows = leased
-                .map_err(|e| BrokerError::Db(crate::sqlite::DbError::Task(e.to_string())))??;
+            let rows =
+                leased.map_err(|e| BrokerError::Db(crate::db::DbError::Task(e.to_string())))??;
             if rows.is_empty() {
                 tokio::select! {
                     () = tokio::time::sleep(idle_sleep) => {}

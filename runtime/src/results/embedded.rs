@@ -15,7 +15,7 @@ use rusqlite::{OptionalExtension, params};
 use tokio::sync::Notify;
 
 use super::{ChordPart, ChordResults, ReplyTo, ResultBackend, ResultError, ResultMeta, TaskState};
-use crate::sqlite::{Db, now_ms};
+use crate::db::{Db, now_ms};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS results (

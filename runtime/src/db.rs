@@ -54,6 +54,21 @@ pub enum DbError {
     Stopped(String),
 }
 
+impl DbError {
+    /// True when retrying later may succeed: another process held SQLite's write lock past
+    /// the busy timeout. A missing folder, a stopped database thread or a failing statement
+    /// stay as they are.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Sqlite { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
+            DbError::Folder { .. } | DbError::Task(_) | DbError::Stopped(_) => false,
+        }
+    }
+}
+
 /// A job for the database thread: runs a statement, reports whether it succeeded, and
 /// returns what to do once the batch's commit is known.
 type Job = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;

@@ -1,0 +1,218 @@
+//! The AMQP broker (RabbitMQ), with lapin: the production, multi-machine broker.
+//! [`AmqpBroker`] is the [`Broker`] glue; each of its concerns lives in a file of its own:
+//!
+//! * `session` — one lazily opened connection with a confirm-mode publishing channel,
+//!   reconnected when an operation fails in a way a reconnect may fix (`transient` says
+//!   which failures those are);
+//! * `topology` — **work queues as Celery declares them** (`celery-reference.md` §2.1): a
+//!   durable queue bound to a durable direct exchange of the same name; a queue that already
+//!   exists (say declared by Python with `x-max-priority`) is used as it is;
+//! * `publish` — every publish confirmed by the broker (publisher confirms), to the default
+//!   exchange with the queue name as routing key, persistent;
+//! * [`delayed`] — **delays** (countdown, eta, retry backoff) never hold a message unacked:
+//!   Celery 5.5's *native delayed delivery* topology, 28 level queues that hold a message for
+//!   the binary digits of its delay in whole seconds; the worker waits out a fraction of a
+//!   second using the message's `eta`;
+//! * `consumer` and `acks` — [`AmqpConsumer`]: per-channel QoS = prefetch, a supervisor that
+//!   reconnects with backoff and reports whether it is consuming, acks batched per channel;
+//! * `dead_letters` — **dead letters** go to `<queue>.dead`, with the reason in a header;
+//! * `revoke` — revocations broadcast to one durable queue per worker node, which also hears
+//!   Celery's `celery.pidbox` remote control;
+//! * `reply` — the transport of the rpc result backend (`results::rpc`);
+//! * `codec` — envelopes ⇄ AMQP properties and field tables.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{Broker, BrokerError, Confirmation, Consumer, DeadLetter, Revocation};
+use crate::protocol::Envelope;
+
+mod acks;
+mod codec;
+mod consumer;
+mod dead_letters;
+pub mod delayed;
+mod publish;
+mod reply;
+mod revoke;
+mod session;
+mod topology;
+mod transient;
+
+pub use self::codec::headers_to_amqp_and_back;
+pub(crate) use self::codec::properties_of;
+pub use self::consumer::AmqpConsumer;
+pub use self::dead_letters::{DEAD_DELIVERIES_HEADER, DEAD_REASON_HEADER, dead_letter_queue};
+pub use self::revoke::{CELERY_PIDBOX_EXCHANGE, REVOKE_EXCHANGE, revoke_queue};
+use self::session::Session;
+pub(crate) use self::transient::is_transient;
+
+struct Inner {
+    options: AmqpOptions,
+    uri: String,
+    /// The URI without credentials, for logs.
+    shown: String,
+    name: String,
+    /// The type the delay levels are declared with (`?delayed_queue_type=` in the URI).
+    delayed_queue_type: delayed::QueueType,
+    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+}
+
+/// How wasmq declares queues on RabbitMQ.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AmqpOptions {
+    /// `x-max-priority` for the work queues wasmq declares (Celery's
+    /// `task_queue_max_priority`); none: plain queues, where message priority is ignored.
+    pub queue_max_priority: Option<u8>,
+}
+
+/// The RabbitMQ broker. Cheap to clone; connects lazily and reconnects on demand.
+#[derive(Clone)]
+pub struct AmqpBroker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AmqpBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpBroker")
+            .field("uri", &self.inner.shown)
+            .finish()
+    }
+}
+
+/// `error`, met while doing `what`.
+fn lapin_error(what: &str, error: &lapin::Error) -> BrokerError {
+    BrokerError::Amqp {
+        context: what.to_owned(),
+        source: error.clone(),
+    }
+}
+
+impl AmqpBroker {
+    /// A broker for `uri` (`amqp://user:pass@host:port/vhost` or `amqps://…`). Nothing is
+    /// connected until first use. The query parameter `delayed_queue_type=quorum` declares
+    /// the delay levels as quorum queues (default `classic`; see [`delayed`]).
+    ///
+    /// # Errors
+    /// [`BrokerError::UnsupportedUrl`] when the URI does not parse.
+    pub fn new(uri: &str) -> Result<Self, BrokerError> {
+        Self::with_options(uri, AmqpOptions::default())
+    }
+
+    /// A broker for `uri` declaring queues as `options` say.
+    ///
+    /// # Errors
+    /// [`BrokerError::UnsupportedUrl`] when the URI cannot be parsed.
+    pub fn with_options(uri: &str, options: AmqpOptions) -> Result<Self, BrokerError> {
+        let parsed: lapin::uri::AMQPUri = uri
+            .parse()
+            .map_err(|e| BrokerError::UnsupportedUrl(format!("{uri} ({e})")))?;
+        let delayed_queue_type = match query_parameter(uri, "delayed_queue_type") {
+            Some(value) => value
+                .parse()
+                .map_err(|e| BrokerError::UnsupportedUrl(format!("{uri} ({e})")))?,
+            None => delayed::QueueType::default(),
+        };
+        let shown = format!(
+            "{}://{}:{}/{}",
+            if uri.starts_with("amqps") {
+                "amqps"
+            } else {
+                "amqp"
+            },
+            parsed.authority.host,
+            parsed.authority.port,
+            parsed.vhost
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                options,
+                uri: uri.to_owned(),
+                shown,
+                name: format!(
+                    "wasmq {}@{}",
+                    std::process::id(),
+                    gethostname::gethostname().to_string_lossy()
+                ),
+                delayed_queue_type,
+                session: tokio::sync::Mutex::new(None),
+            }),
+        })
+    }
+}
+
+/// The value of query parameter `name` in `uri`, if given.
+fn query_parameter<'a>(uri: &'a str, name: &str) -> Option<&'a str> {
+    let (_, query) = uri.split_once('?')?;
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find_map(|(key, value)| (key == name).then_some(value))
+}
+
+#[async_trait]
+impl Broker for AmqpBroker {
+    async fn publish(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+        delay: Option<Duration>,
+    ) -> Result<(), BrokerError> {
+        self.publish_to_queue(queue, envelope, delay).await
+    }
+
+    async fn publish_unconfirmed(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+        delay: Option<Duration>,
+    ) -> Result<Confirmation, BrokerError> {
+        self.publish_to_queue_unconfirmed(queue, envelope, delay)
+            .await
+    }
+
+    async fn consume(
+        &self,
+        queues: &[String],
+        prefetch: usize,
+    ) -> Result<Box<dyn Consumer>, BrokerError> {
+        Ok(Box::new(AmqpConsumer::start(self, queues, prefetch)))
+    }
+
+    async fn dead_letters(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BrokerError> {
+        self.read_dead_letters(queue, limit).await
+    }
+
+    async fn queue_length(&self, queue: &str) -> Result<u64, BrokerError> {
+        self.count_messages(queue).await
+    }
+
+    async fn delete_queue(&self, queue: &str) -> Result<(), BrokerError> {
+        self.remove_queue(queue).await
+    }
+
+    async fn revoke(&self, revocation: &Revocation) -> Result<(), BrokerError> {
+        self.broadcast_revocation(revocation).await
+    }
+
+    async fn revocations(
+        &self,
+        node: &str,
+    ) -> Result<tokio::sync::mpsc::Receiver<Revocation>, BrokerError> {
+        self.listen_for_node(node).await
+    }
+
+    async fn forget_node(&self, node: &str) -> Result<(), BrokerError> {
+        self.delete_revoke_queue(node).await
+    }
+
+    fn describe(&self) -> String {
+        self.inner.shown.clone()
+    }
+}

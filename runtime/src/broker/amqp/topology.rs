@@ -1,0 +1,177 @@
+//! Work-queue topology, as Celery declares it (`celery-reference.md` §2.1): each work queue
+//! is a durable classic queue bound to a durable direct exchange of the same name with the
+//! queue name as routing key (`celery` → exchange `celery`), with its dead-letter queue
+//! `<queue>.dead` beside it and a binding to the delayed-delivery exchange. A queue that
+//! already exists — say declared by Python with `x-max-priority` — is used as it is
+//! (declared on a throwaway channel first), so a mixed Python/wasmq fleet never trips over a
+//! 406. Declarations are remembered per connection, so publishing declares nothing twice.
+
+use lapin::ExchangeKind;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+
+use super::dead_letters::dead_letter_queue;
+use super::session::Session;
+use super::{AmqpBroker, delayed, lapin_error};
+use crate::broker::BrokerError;
+
+impl AmqpBroker {
+    /// Declares `queue` the way Celery does (durable queue, durable direct exchange of the
+    /// same name, bound by the queue name), and its dead-letter queue, and binds it to the
+    /// delayed-delivery exchange (declaring the delay levels first, once per connection). A
+    /// queue that already exists with other arguments (a 406 from RabbitMQ, on a throwaway
+    /// channel) is used as it is.
+    pub(super) async fn ensure_queue(
+        &self,
+        session: &Session,
+        queue: &str,
+    ) -> Result<(), BrokerError> {
+        if session
+            .declared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(queue)
+        {
+            return Ok(());
+        }
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let probe = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| lapin_error("cannot open a channel", &e))?;
+        let mut arguments = FieldTable::default();
+        if let Some(max) = self.inner.options.queue_max_priority {
+            arguments.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(max));
+        }
+        match probe.queue_declare(queue.into(), durable, arguments).await {
+            Ok(_) => {
+                let exchange = probe
+                    .exchange_declare(
+                        queue.into(),
+                        ExchangeKind::Direct,
+                        ExchangeDeclareOptions {
+                            durable: true,
+                            ..ExchangeDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await;
+                match exchange {
+                    Ok(()) => {
+                        probe
+                            .queue_bind(
+                                queue.into(),
+                                queue.into(),
+                                queue.into(),
+                                QueueBindOptions::default(),
+                                FieldTable::default(),
+                            )
+                            .await
+                            .map_err(|e| lapin_error(&format!("cannot bind queue {queue}"), &e))?;
+                        let _ = probe.close(200, "OK".into()).await;
+                    }
+                    // Declared by Python with another exchange type (say topic, for native
+                    // delayed delivery): wasmq publishes to the default exchange anyway.
+                    Err(error) => {
+                        tracing::info!(queue, %error, "the exchange exists with another type; using it as it is");
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::info!(queue, %error, "the queue exists with other arguments; using it as it is");
+            }
+        }
+        let dead = dead_letter_queue(queue);
+        session
+            .publisher
+            .queue_declare(dead.as_str().into(), durable, FieldTable::default())
+            .await
+            .map_err(|e| lapin_error(&format!("cannot declare queue {dead}"), &e))?;
+        session
+            .delay_levels
+            .get_or_try_init(|| {
+                delayed::declare_topology(&session.connection, self.inner.delayed_queue_type)
+            })
+            .await?;
+        delayed::bind_queue(&session.publisher, queue).await?;
+        session
+            .declared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(queue.to_owned());
+        Ok(())
+    }
+
+    /// Messages ready in `queue`; 0 when it does not exist (see
+    /// [`crate::broker::Broker::queue_length`]).
+    pub(super) async fn count_messages(&self, queue: &str) -> Result<u64, BrokerError> {
+        self.with_session(|session| async move {
+            let probe = session
+                .connection
+                .create_channel()
+                .await
+                .map_err(|e| lapin_error("cannot open a channel", &e))?;
+            let declared = probe
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            let count = declared.map(|q| u64::from(q.message_count())).unwrap_or(0);
+            let _ = probe.close(200, "OK".into()).await;
+            Ok(count)
+        })
+        .await
+    }
+
+    /// Deletes `queue`, its exchange and its dead letters, and unbinds it from the delay
+    /// levels (see [`crate::broker::Broker::delete_queue`]).
+    pub(super) async fn remove_queue(&self, queue: &str) -> Result<(), BrokerError> {
+        self.with_session(|session| async move {
+            // The shared delay levels stay; only this queue's way out of them goes.
+            let channel = session
+                .connection
+                .create_channel()
+                .await
+                .map_err(|e| lapin_error("cannot open a channel", &e))?;
+            if delayed::unbind_queue(&channel, queue).await.is_ok() {
+                let _ = channel.close(200, "OK".into()).await;
+            }
+            for name in [queue.to_owned(), dead_letter_queue(queue)] {
+                let channel = session
+                    .connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| lapin_error("cannot open a channel", &e))?;
+                let _ = channel
+                    .queue_delete(
+                        name.as_str().into(),
+                        lapin::options::QueueDeleteOptions::default(),
+                    )
+                    .await;
+                let _ = channel
+                    .exchange_delete(
+                        name.as_str().into(),
+                        lapin::options::ExchangeDeleteOptions::default(),
+                    )
+                    .await;
+                let _ = channel.close(200, "OK".into()).await;
+            }
+            session
+                .declared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .retain(|name| name != queue);
+            Ok(())
+        })
+        .await
+    }
+}
