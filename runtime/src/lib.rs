@@ -23,6 +23,7 @@
 //! Only [`engine`] knows wasmtime; only [`broker`] and [`results`] know their storage.
 //! [`cli`] is the command-line edge and [`config`] merges configuration sources.
 
+pub(crate) mod bench;
 pub mod broker;
 pub mod bundled;
 pub mod canvas;

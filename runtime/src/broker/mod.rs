@@ -12,7 +12,6 @@
 //! again.
 
 pub mod amqp;
-pub mod ceiling;
 pub mod sqlite;
 
 use std::sync::Arc;
