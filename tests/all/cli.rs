@@ -8,9 +8,14 @@ use crate::support::{HOSTILE, MATH, TEXT};
 /// A file that exists but is not WebAssembly.
 const NOT_WASM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
 
+/// Runs `wasmq` in a fresh temporary folder: a command's relative defaults (the embedded
+/// broker `.wasmq/wasmq.db`, `.wasmq/plugins`) land there, not in the crate directory cargo
+/// runs the tests in.
 fn wasmq(args: &[&str]) -> Output {
     let cache = std::env::temp_dir().join(format!("wasmq-cli-test-cache-{}", std::process::id()));
+    let cwd = tempfile::tempdir().expect("a temporary working directory");
     Command::new(env!("CARGO_BIN_EXE_wasmq"))
+        .current_dir(cwd.path())
         .args(args)
         .env("WASMQ_CACHE_DIR", &cache)
         .env("WASMQ_LOG", "off")
