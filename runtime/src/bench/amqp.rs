@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
-use super::amqp_table::{CeleryDrain, CeleryRows, FibRows, WasmqRows};
+use super::amqp_table::{self, CeleryDrain, CeleryRows, FibRows, Run, WasmqRows};
 use super::harness::Harness;
 use super::stats::p50_p95_p99;
 use super::{ceiling, celery, only_local, queue_name, scale, soak};
@@ -43,13 +43,13 @@ pub(crate) struct AmqpOptions {
 }
 
 /// Sizes of one run.
-pub(super) struct Plan {
+struct Plan {
     /// Trivial `math.add` tasks per drain.
-    pub(super) tasks: usize,
+    tasks: usize,
     /// Sequential round trips per latency row.
-    pub(super) round_trips: usize,
+    round_trips: usize,
     /// `math.fib(25)` tasks per CPU-bound drain.
-    pub(super) fib_tasks: usize,
+    fib_tasks: usize,
 }
 
 impl Plan {
@@ -114,7 +114,17 @@ pub(crate) async fn run(options: AmqpOptions) -> anyhow::Result<()> {
     let fib = measure_fib(&h, &python, &plan, &progress).await?;
     progress.step("done");
 
-    super::amqp_table::print(&options, &plan, &version, &h, &wasmq, &celery, &fib);
+    let run = Run {
+        quick: options.quick,
+        broker: &options.broker,
+        celery_version: &version,
+        tasks: plan.tasks,
+        round_trips: plan.round_trips,
+        fib_tasks: plan.fib_tasks,
+        stall_limit: h.stall_limit,
+        cpu_per_task: h.cpu_per_task(),
+    };
+    amqp_table::print(&run, &wasmq, &celery, &fib);
     if !options.quick {
         // The full mode also runs the memory soak and the scaling rows.
         println!();

@@ -2,10 +2,31 @@
 //! then the ratios against the raw ceiling and Celery with the project's goals beside them.
 //! The wording and order of each row are what BENCHMARKS.md compares across runs; keep them.
 
-use super::amqp::{AmqpOptions, Plan};
-use super::harness::{CONFIRM_WINDOW, Harness};
+use std::time::Duration;
+
+use super::harness::CONFIRM_WINDOW;
 use super::stats::format_percentiles as ms;
 use crate::worker::WorkerOptions;
+
+/// What the heading and the notes of the table say about the run.
+pub(super) struct Run<'a> {
+    /// Whether it was `--quick`.
+    pub(super) quick: bool,
+    /// The broker, as lapin spells it.
+    pub(super) broker: &'a str,
+    /// The version of Python Celery.
+    pub(super) celery_version: &'a str,
+    /// Trivial tasks per drain.
+    pub(super) tasks: usize,
+    /// Sequential round trips per latency row.
+    pub(super) round_trips: usize,
+    /// `fib(25)` tasks per CPU-bound drain.
+    pub(super) fib_tasks: usize,
+    /// When a Celery drain was cut off.
+    pub(super) stall_limit: Duration,
+    /// The CPU time per task of each wasmq drain (µs), in order: off, Redis, rpc, fib.
+    pub(super) cpu_per_task: Vec<f64>,
+}
 
 /// The raw ceiling and wasmq's own rows (rates per second, round trips p50/p95/p99 in ms).
 pub(super) struct WasmqRows {
@@ -90,16 +111,8 @@ impl WasmqRows {
 }
 
 /// Prints the whole table of a run.
-pub(super) fn print(
-    options: &AmqpOptions,
-    plan: &Plan,
-    version: &str,
-    h: &Harness,
-    wasmq: &WasmqRows,
-    celery: &CeleryRows,
-    fib: &FibRows,
-) {
-    let n = plan.tasks;
+pub(super) fn print(run: &Run<'_>, wasmq: &WasmqRows, celery: &CeleryRows, fib: &FibRows) {
+    let n = run.tasks;
     let best_celery = celery
         .drains
         .iter()
@@ -107,12 +120,12 @@ pub(super) fn print(
         .fold(0.0_f64, f64::max);
     println!(
         "wasmq bench amqp{}: {} trivial tasks, {} round trips, {} fib(25) tasks; RabbitMQ {}, Python Celery {}, wasmq worker concurrency {} (in-process), {} cores\n",
-        if options.quick { " --quick" } else { "" },
+        if run.quick { " --quick" } else { "" },
         n,
-        plan.round_trips,
-        plan.fib_tasks,
-        options.broker.split('@').next_back().unwrap_or(""),
-        version,
+        run.round_trips,
+        run.fib_tasks,
+        run.broker.split('@').next_back().unwrap_or(""),
+        run.celery_version,
         WorkerOptions::default().concurrency,
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
@@ -142,7 +155,7 @@ pub(super) fn print(
         "| wasmq drain `math.add`, rpc results | {:.0} tasks/s |",
         wasmq.rpc
     );
-    if let [off, redis, rpc, ..] = h.cpu_per_task()[..] {
+    if let [off, redis, rpc, ..] = run.cpu_per_task[..] {
         println!(
             "| wasmq process CPU per task in those drains (off / Redis / rpc) | {off:.0} / {redis:.0} / {rpc:.0} µs |"
         );
@@ -158,7 +171,7 @@ pub(super) fn print(
             .map(|done| {
                 format!(
                     " (stalled: {done} of {n} done in {} s, cut off)",
-                    h.stall_limit.as_secs()
+                    run.stall_limit.as_secs()
                 )
             })
             .unwrap_or_default();
