@@ -40,6 +40,7 @@
 //! results    the client's AsyncResult::get reads the stored meta      results/, client/result.rs
 //! ```
 
+pub(crate) mod bench;
 pub mod broker;
 pub mod bundled;
 pub mod canvas;

@@ -1,5 +1,6 @@
 //! The `wasmq` binary: results on stdout, one readable line on stderr, documented exit codes.
 
+use std::path::Path;
 use std::process::{Command, Output};
 
 use crate::support::{HOSTILE, MATH, TEXT};
@@ -7,9 +8,14 @@ use crate::support::{HOSTILE, MATH, TEXT};
 /// A file that exists but is not WebAssembly.
 const NOT_WASM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
 
+/// Runs `wasmq` in a fresh temporary folder: a command's relative defaults (the embedded
+/// broker `.wasmq/wasmq.db`, `.wasmq/plugins`) land there, not in the crate directory cargo
+/// runs the tests in.
 fn wasmq(args: &[&str]) -> Output {
     let cache = std::env::temp_dir().join(format!("wasmq-cli-test-cache-{}", std::process::id()));
+    let cwd = tempfile::tempdir().expect("a temporary working directory");
     Command::new(env!("CARGO_BIN_EXE_wasmq"))
+        .current_dir(cwd.path())
         .args(args)
         .env("WASMQ_CACHE_DIR", &cache)
         .env("WASMQ_LOG", "off")
@@ -195,5 +201,23 @@ fn send_follows_the_config_routes_and_revoke_broadcasts() {
             2,
             "error: routes: route \"math.*\" needs a task pattern and a queue\n"
         )
+    );
+}
+
+/// Bug 2 of issue 11: cargo runs the tests with the crate directory (`runtime/`) as the
+/// working directory, and a spawned `wasmq` whose defaults are relative
+/// (`sqlite://.wasmq/wasmq.db`, `.wasmq/state/`, `.wasmq/plugins`) wrote `runtime/.wasmq`.
+/// Every `wasmq` a test spawns must run in a temporary folder.
+#[test]
+fn regression_spawned_commands_write_nothing_into_the_crate_directory() {
+    let crate_state = Path::new(env!("CARGO_MANIFEST_DIR")).join(".wasmq");
+    // Without --broker, `dead-letters` opens the default embedded broker: it creates
+    // .wasmq/wasmq.db in its working directory.
+    let (code, stdout, stderr) = run(&["dead-letters"]);
+    assert_eq!((code, stdout.as_str(), stderr.as_str()), (0, "", ""));
+    assert!(
+        !crate_state.exists(),
+        "a test wrote {} (or an older run left it: remove it)",
+        crate_state.display()
     );
 }

@@ -385,6 +385,7 @@ fn wasmq_status_reports_whether_the_worker_is_actually_consuming() {
     let plugins = dir.path().join("plugins");
     let status = |file: &std::path::Path| {
         let output = Command::new(env!("CARGO_BIN_EXE_wasmq"))
+            .current_dir(dir.path())
             .args(["status", "--status-file"])
             .arg(file)
             .output()
@@ -395,7 +396,10 @@ fn wasmq_status_reports_whether_the_worker_is_actually_consuming() {
         )
     };
     let start = |broker: &str, file: &std::path::Path, queue: &str| {
+        // In the test's folder: the worker keeps its revocations in .wasmq/state/ there,
+        // not in the crate directory (bug 2 of issue 11).
         Command::new(env!("CARGO_BIN_EXE_wasmq"))
+            .current_dir(dir.path())
             .args([
                 "worker",
                 "--broker",

@@ -18,9 +18,13 @@ fn cache_dir() -> PathBuf {
     std::env::temp_dir().join("wasmq-test-artifact-cache")
 }
 
-fn wasmq() -> Command {
+/// `wasmq`, run in `cwd`: a test's temporary folder, where the relative defaults
+/// (`.wasmq/state/` of a worker, the `.wasmq/wasmq.db` of a command given no broker) land
+/// instead of the crate directory cargo runs the tests in (bug 2 of issue 11).
+fn wasmq(cwd: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_wasmq"));
     command
+        .current_dir(cwd)
         .env("WASMQ_CACHE_DIR", cache_dir())
         .env_remove("WASMQ_LOG");
     command
@@ -34,7 +38,7 @@ fn start_worker(
     concurrency: usize,
     log: &Path,
 ) -> Child {
-    wasmq()
+    wasmq(queue.dir.path())
         .args([
             "worker",
             "--broker",
@@ -113,7 +117,7 @@ fn send_and_result_from_other_processes_reach_a_worker_process() {
     wait_for_log(&log, "worker ready");
 
     let send = |args: &[&str]| {
-        let output = wasmq()
+        let output = wasmq(queue.dir.path())
             .arg("send")
             .args(args)
             .args(["--broker", &queue.url, "--result-backend", &queue.url])
@@ -139,7 +143,7 @@ fn send_and_result_from_other_processes_reach_a_worker_process() {
     // Without --wait: the id, then `wasmq result --wait` in yet another process.
     let (code, id, _) = send(&["text.slugify", "[\"Two Shells\"]", "--id", "my-task-1"]);
     assert_eq!((code, id.as_str()), (0, "my-task-1\n"));
-    let output = wasmq()
+    let output = wasmq(queue.dir.path())
         .args([
             "result",
             "my-task-1",
@@ -154,7 +158,7 @@ fn send_and_result_from_other_processes_reach_a_worker_process() {
         "\"two-shells\"\n"
     );
     // Environment variables select the same endpoints as the flags.
-    let output = wasmq()
+    let output = wasmq(queue.dir.path())
         .args(["send", "math.mul", "[6, 7]", "--wait"])
         .env("WASMQ_BROKER", &queue.url)
         .env("WASMQ_RESULT_BACKEND", &queue.url)

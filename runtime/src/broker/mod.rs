@@ -14,7 +14,6 @@
 //! again.
 
 pub mod amqp;
-pub mod ceiling;
 pub mod embedded;
 mod error;
 pub mod scheduled;

@@ -1,34 +1,28 @@
-//! `wasmq bench`: throughput and latency of the whole loop, measured in one run and printed
-//! as a markdown table (recorded in BENCHMARKS.md).
-//!
-//! `wasmq bench embedded` uses a fresh embedded broker in a temporary folder, an in-process
-//! worker and the bundled `math` plugin:
-//! 1. publish rate: `Client::send_task` of N trivial tasks (`math.add`), one at a time;
-//! 2. drain: the worker starts with the N tasks queued; time until the last result is
-//!    stored (results on: every task's meta is written, then its message acked);
-//! 3. round trip: M sequential `send_task` → `get`, reporting p50/p95/p99.
+//! `wasmq bench`: the flags of each benchmark and how its errors end the command. The
+//! measurements themselves are the library's harness, `crate::bench`.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use super::args::EngineArgs;
+use super::exit::{ExitStatus, Failure};
+use crate::bench::{NotLocal, amqp, embedded, scale, soak};
+use crate::engine::PluginError;
+use crate::worker::WorkerOptions;
 
-use serde_json::{Map, json};
+/// The default broker of the RabbitMQ benchmarks, as lapin spells it.
+const LOCAL_RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-use super::{EngineArgs, Failure};
-use crate::client::{Client, SendOptions};
-use crate::engine::Sandbox;
-use crate::registry::Registry;
-use crate::worker::{Worker, WorkerOptions};
+/// Instance slots of the sandbox of the RabbitMQ benchmarks' in-process workers.
+const AMQP_POOL_SIZE: u32 = 32;
 
 #[derive(Debug, clap::Subcommand)]
 pub(super) enum BenchCommand {
     /// The embedded (SQLite) broker and result backend, worker in-process.
     Embedded(EmbeddedArgs),
     /// RabbitMQ: wasmq side by side with the raw AMQP ceiling and Python Celery.
-    Amqp(super::bench_amqp::AmqpArgs),
+    Amqp(AmqpArgs),
     /// RabbitMQ: the worker's resident memory idle, under load and across many tasks.
-    Soak(super::bench_amqp::SoakArgs),
+    Soak(SoakArgs),
     /// RabbitMQ: drain throughput with 1, 2 and 4 worker processes.
-    Scale(super::bench_amqp::ScaleArgs),
+    Scale(ScaleArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -46,150 +40,103 @@ pub(super) struct EmbeddedArgs {
     engine: EngineArgs,
 }
 
+#[derive(Debug, clap::Args)]
+pub(super) struct AmqpArgs {
+    /// A short run (2,000 tasks, 200 round trips, no soak or scaling rows) for
+    /// development: under 3 minutes. The full run adds the 100,000-task memory soak and the
+    /// 1/2/4-process scaling rows (`bench soak`, `bench scale`).
+    #[arg(long)]
+    quick: bool,
+    /// The broker (must be on this machine).
+    #[arg(long, default_value = LOCAL_RABBITMQ)]
+    broker: String,
+    /// Redis for the Redis-backend rows (must be on this machine).
+    #[arg(long, default_value = "redis://127.0.0.1:6379/0")]
+    redis: String,
+    /// Only the raw ceiling and wasmq's own rows (no Celery): for profiling during
+    /// development.
+    #[arg(long, hide = true)]
+    wasmq_only: bool,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct SoakArgs {
+    /// Tasks to run in all.
+    #[arg(long, default_value_t = 100_000)]
+    tasks: usize,
+    /// The broker (must be on this machine).
+    #[arg(long, default_value = LOCAL_RABBITMQ)]
+    broker: String,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct ScaleArgs {
+    /// Tasks per measurement.
+    #[arg(long, default_value_t = 20_000)]
+    tasks: usize,
+    /// The broker (must be on this machine).
+    #[arg(long, default_value = LOCAL_RABBITMQ)]
+    broker: String,
+}
+
+/// Runs the benchmark with the options its flags ask for.
 pub(super) async fn run(command: BenchCommand) -> Result<(), Failure> {
-    match command {
-        BenchCommand::Embedded(args) => embedded(args).await,
-        BenchCommand::Amqp(args) => super::bench_amqp::run(args).await,
-        BenchCommand::Soak(args) => super::bench_amqp::soak(args).await,
-        BenchCommand::Scale(args) => super::bench_amqp::scale(args).await,
-    }
-}
-
-/// The `p`-th percentile (nearest rank) of sorted values.
-pub(super) fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
-    if sorted.is_empty() {
-        return T::default();
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
-}
-
-async fn embedded(args: EmbeddedArgs) -> Result<(), Failure> {
-    let folder = tempfile::tempdir().map_err(Failure::internal)?;
-    let url = format!("sqlite://{}", folder.path().join("bench.db").display());
-    let broker = crate::broker::connect(&url).map_err(Failure::internal)?;
-    let backend = crate::results::connect(&url, crate::results::DEFAULT_RESULT_EXPIRES, &url)
-        .map_err(Failure::internal)?;
-    let options = WorkerOptions {
-        concurrency: args
-            .concurrency
-            .unwrap_or_else(|| WorkerOptions::default().concurrency),
-        node_name: "wasmq-bench@localhost".into(),
-        ..WorkerOptions::default()
+    let outcome = match command {
+        BenchCommand::Embedded(args) => {
+            let concurrency = args
+                .concurrency
+                .unwrap_or_else(|| WorkerOptions::default().concurrency);
+            embedded::run(embedded::EmbeddedOptions {
+                tasks: args.tasks,
+                round_trips: args.round_trips,
+                concurrency,
+                sandbox: args
+                    .engine
+                    .sandbox_config(u32::try_from(concurrency + 4).unwrap_or(64)),
+            })
+            .await
+        }
+        BenchCommand::Amqp(args) => {
+            amqp::run(amqp::AmqpOptions {
+                quick: args.quick,
+                broker: args.broker,
+                redis: args.redis,
+                wasmq_only: args.wasmq_only,
+                sandbox: args.engine.sandbox_config(AMQP_POOL_SIZE),
+            })
+            .await
+        }
+        BenchCommand::Soak(args) => {
+            soak::run(soak::SoakOptions {
+                tasks: args.tasks,
+                broker: args.broker,
+                sandbox: args.engine.sandbox_config(AMQP_POOL_SIZE),
+            })
+            .await
+        }
+        BenchCommand::Scale(args) => {
+            scale::run(scale::ScaleOptions {
+                tasks: args.tasks,
+                broker: args.broker,
+            })
+            .await
+        }
     };
-    let sandbox = Arc::new(
-        Sandbox::new(
-            args.engine
-                .sandbox_config(u32::try_from(options.concurrency + 4).unwrap_or(64)),
-        )
-        .map_err(Failure::internal)?,
-    );
-    let math = sandbox
-        .load_plugin_bytes("math", crate::bundled::MATH)
-        .await?;
-    let registry = Arc::new(
-        Registry::from_plugins(Arc::clone(&sandbox), vec![("math".into(), math)])
-            .map_err(Failure::internal)?,
-    );
-    let client = Client::new(Arc::clone(&broker), Arc::clone(&backend));
-    let send_error = |e: crate::client::SendError| Failure::internal(anyhow::anyhow!("{e:#}"));
+    outcome.map_err(failure)
+}
 
-    // 1. Publish rate.
-    let started = Instant::now();
-    let mut last = None;
-    for i in 0..args.tasks {
-        let n = json!(i);
-        last = Some(
-            client
-                .send_task(
-                    "math.add",
-                    vec![n.clone(), n],
-                    Map::new(),
-                    SendOptions::default(),
-                )
-                .await
-                .map_err(send_error)?,
-        );
+/// A benchmark pointed at another machine is bad input (2), as is an unreadable plugin; a
+/// plugin that is not one is exit 4; anything else is internal (70).
+fn failure(error: anyhow::Error) -> Failure {
+    if error.is::<NotLocal>() {
+        return Failure::new(ExitStatus::BadInput, error);
     }
-    let publish = started.elapsed();
-
-    // 2. Drain with the worker starting on a full queue.
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = Worker::new(
-        Arc::clone(&broker),
-        Arc::clone(&backend),
-        registry,
-        options.clone(),
-    );
-    let started = Instant::now();
-    let worker = tokio::spawn(worker.run(async {
-        let _ = stopped.await;
-    }));
-    if let Some(last) = &last {
-        last.get(Duration::from_secs(600))
-            .await
-            .map_err(|e| Failure::internal(anyhow::anyhow!("{e:#}")))?;
+    match error.downcast::<PluginError>() {
+        Ok(plugin) => plugin.into(),
+        Err(error) => Failure::internal(error),
     }
-    while broker
-        .queue_length("celery")
-        .await
-        .map_err(Failure::internal)?
-        > 0
-    {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let drain = started.elapsed();
-
-    // 3. Sequential round trips on the idle worker.
-    let mut latencies = Vec::with_capacity(args.round_trips);
-    for i in 0..args.round_trips {
-        let started = Instant::now();
-        let result = client
-            .send_task(
-                "math.add",
-                vec![json!(i), json!(1)],
-                Map::new(),
-                SendOptions::default(),
-            )
-            .await
-            .map_err(send_error)?;
-        result
-            .get(Duration::from_secs(60))
-            .await
-            .map_err(|e| Failure::internal(anyhow::anyhow!("{e:#}")))?;
-        latencies.push(started.elapsed());
-    }
-    latencies.sort();
-    let _ = stop.send(());
-    let _ = worker.await;
-
-    let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64().max(f64::EPSILON);
-    println!(
-        "wasmq bench embedded: {} tasks, {} round trips, worker concurrency {}, broker {url}\n",
-        args.tasks, args.round_trips, options.concurrency
-    );
-    println!("| measurement | result |");
-    println!("|---|---|");
-    println!(
-        "| publish `math.add` (`Client::send_task`, one at a time) | {:.0} msgs/s |",
-        rate(args.tasks, publish)
-    );
-    println!(
-        "| drain {} queued `math.add`, results stored | {:.0} tasks/s ({:.2} s) |",
-        args.tasks,
-        rate(args.tasks, drain),
-        drain.as_secs_f64()
-    );
-    println!(
-        "| round trip send → result, sequential ({}) | p50 {} · p95 {} · p99 {} |",
-        args.round_trips,
-        ms(percentile(&latencies, 50.0)),
-        ms(percentile(&latencies, 95.0)),
-        ms(percentile(&latencies, 99.0))
-    );
-    Ok(())
 }

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{EngineArgs, ExitStatus, Failure, sandbox};
+use super::args::{EngineArgs, sandbox};
+use super::exit::{ExitStatus, Failure};
 use crate::engine::{CallError, CallRequest, LimitOverrides, Outcome};
 use crate::units::{format_duration, parse_bytes, parse_duration};
 

@@ -3,13 +3,17 @@
 //! sends real tasks, bad input, and every hostile task; a table shows how each ended. The
 //! demo checks every outcome against what wasmq promises and exits non-zero if one differs
 //! (say, a hostile task that managed to read a file).
+//!
+//! Longer than most files because it owns one whole idea, the demo: the tasks with the
+//! outcome each must have, the run, the check and the table.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
-use super::{EngineArgs, Failure};
+use super::args::EngineArgs;
+use super::exit::{ExitStatus, Failure};
 use crate::broker::Broker;
 use crate::client::{Client, SendOptions};
 use crate::engine::Sandbox;
@@ -219,7 +223,7 @@ pub(super) async fn run(args: DemoArgs) -> Result<(), Failure> {
     let registry = Arc::new(
         Registry::bundled(Arc::clone(&sandbox))
             .await
-            .map_err(|e| Failure::new(super::ExitStatus::BadPlugin, e))?,
+            .map_err(|e| Failure::new(ExitStatus::BadPlugin, e))?,
     );
     let loaded = started.elapsed();
 

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use clap::Subcommand;
 
-use super::{EngineArgs, ExitStatus, Failure, sandbox};
+use super::args::{EngineArgs, sandbox};
+use super::exit::{ExitStatus, Failure};
 use crate::engine::{CacheStatus, Plugin};
 use crate::registry::Registry;
 use crate::units::{format_bytes, format_duration};

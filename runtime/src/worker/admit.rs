@@ -29,8 +29,8 @@ pub(super) const HOLD_AT_MOST: Duration = Duration::from_secs(1);
 pub(super) enum Admission {
     /// Run it after waiting this long (zero: at once) without holding a task slot.
     RunAfter(Duration),
-    /// Do not run it: settle it as decided.
-    Refuse(Decision),
+    /// Do not run it: settle it as decided (boxed: refusals are rare, runs are not).
+    Refuse(Box<Decision>),
 }
 
 /// Admission on arrival: poison, revoked, expired, and the eta.
@@ -44,26 +44,26 @@ pub(super) fn on_arrival(
     if delivery.delivery_count > max_deliveries {
         tracing::error!(task = %message.task, id = %message.id, deliveries = delivery.delivery_count,
             "poison message: delivered too many times without finishing; dead-lettering it");
-        return Admission::Refuse(decision::poison(
+        return Admission::Refuse(Box::new(decision::poison(
             message,
             delivery.delivery_count,
             max_deliveries,
-        ));
+        )));
     }
     if revoked.get(&message.id).is_some() {
         tracing::info!(task = %message.task, id = %message.id, "revoked; not run");
-        return Admission::Refuse(decision::revoked(message, "revoked"));
+        return Admission::Refuse(Box::new(decision::revoked(message, "revoked")));
     }
     if message.expires.is_some_and(|expires| expires <= now) {
         tracing::info!(task = %message.task, id = %message.id, "expired; not run");
-        return Admission::Refuse(decision::expired(message));
+        return Admission::Refuse(Box::new(decision::expired(message)));
     }
     match message.eta.and_then(|eta| (eta - now).to_std().ok()) {
         // Not due for a while: hand it back to the broker as a delayed message instead of
         // holding it unacknowledged (Celery's ETA problem with RabbitMQ's
         // consumer_timeout). The broker may deliver it up to a second early; the remainder
         // is held here.
-        Some(wait) if wait > HOLD_AT_MOST => Admission::Refuse(decision::deferred(wait)),
+        Some(wait) if wait > HOLD_AT_MOST => Admission::Refuse(Box::new(decision::deferred(wait))),
         Some(wait) => Admission::RunAfter(wait),
         None => Admission::RunAfter(Duration::ZERO),
     }
@@ -108,7 +108,7 @@ impl RateTurns {
             turns.insert(task.to_owned(), next + rate.interval);
             Admission::RunAfter(wait)
         } else {
-            Admission::Refuse(decision::deferred(wait.max(HOLD_AT_MOST)))
+            Admission::Refuse(Box::new(decision::deferred(wait.max(HOLD_AT_MOST))))
         }
     }
 

@@ -329,7 +329,7 @@ async fn process(
     );
     match arrival {
         Admission::Refuse(decision) => {
-            settle::finish(shared, delivery, Some(&message), decision).await;
+            settle::finish(shared, delivery, Some(&message), *decision).await;
             return slot;
         }
         Admission::RunAfter(wait) if !wait.is_zero() => slot = hold(shared, slot, wait).await,
@@ -350,7 +350,7 @@ async fn process(
             }
             Admission::Refuse(decision) => {
                 tracing::debug!(task = %message.task, id = %message.id, "rate limited; deferring");
-                settle::finish(shared, delivery, Some(&message), decision).await;
+                settle::finish(shared, delivery, Some(&message), *decision).await;
                 return slot;
             }
         }

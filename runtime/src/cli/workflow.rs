@@ -1,4 +1,5 @@
-//! `wasmq chain`, `wasmq group` and `wasmq chord`: start a Celery canvas from the shell.
+//! `wasmq chain`, `wasmq group` and `wasmq chord`: start a Celery canvas (a workflow of
+//! tasks) from the shell.
 //!
 //! Each task is written `NAME[ARGS]`, where `ARGS` is the inside of a JSON array:
 //! `math.add[2,2]`, `math.mul[10]`, `math.sum` (no arguments). A `!` after the name makes
@@ -8,8 +9,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::queue::{Endpoints, print_ready, seconds};
-use super::{ExitStatus, Failure};
+use super::args::seconds;
+use super::endpoints::Endpoints;
+use super::exit::{ExitStatus, Failure, print_ready};
 use crate::canvas::{CanvasError, Signature, chain, chord, group};
 use crate::client::Client;
 

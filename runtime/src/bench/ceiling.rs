@@ -1,7 +1,10 @@
 //! The raw AMQP ceiling for `wasmq bench amqp`: the fastest a minimal lapin consumer can
 //! drain a queue of small persistent messages on this broker, acking each message or every
-//! `ack_every`-th with `multiple`. No decoding, no work, no results: the physical limit that
-//! wasmq's throughput is compared with.
+//! `ack_every`-th with `multiple`, and the fastest round trip through it. No decoding, no
+//! work, no results: the physical limit that wasmq's throughput is compared with.
+//!
+//! This is the one place outside `broker/` that uses lapin, on purpose: it measures lapin
+//! and RabbitMQ without wasmq, so it must not go through wasmq's broker.
 
 use std::time::{Duration, Instant};
 
@@ -13,14 +16,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
-use super::BrokerError;
-
-fn amqp(what: &str, error: &lapin::Error) -> BrokerError {
-    BrokerError::Amqp {
-        context: what.to_owned(),
-        source: error.clone(),
-    }
-}
+use anyhow::Context as _;
 
 /// Publishes `count` copies of `body` with `properties` (made persistent) to a fresh queue,
 /// then drains it with one consumer (QoS `prefetch`), acking every `ack_every`-th delivery
@@ -28,22 +24,19 @@ fn amqp(what: &str, error: &lapin::Error) -> BrokerError {
 ///
 /// # Errors
 /// When RabbitMQ cannot be reached or refuses an operation.
-pub async fn raw_drain(
+pub(super) async fn raw_drain(
     uri: &str,
     count: usize,
     body: &[u8],
     properties: &BasicProperties,
     prefetch: u16,
     ack_every: u64,
-) -> Result<Duration, BrokerError> {
+) -> anyhow::Result<Duration> {
     let connection = Connection::connect(uri, ConnectionProperties::default())
         .await
-        .map_err(|e| amqp("connect", &e))?;
+        .context("AMQP connect")?;
     let queue = format!("wasmq-bench-raw-{}", uuid::Uuid::new_v4().simple());
-    let publisher = connection
-        .create_channel()
-        .await
-        .map_err(|e| amqp("channel", &e))?;
+    let publisher = connection.create_channel().await.context("AMQP channel")?;
     publisher
         .queue_declare(
             queue.as_str().into(),
@@ -54,11 +47,11 @@ pub async fn raw_drain(
             FieldTable::default(),
         )
         .await
-        .map_err(|e| amqp("declare", &e))?;
+        .context("AMQP declare")?;
     publisher
         .confirm_select(ConfirmSelectOptions::default())
         .await
-        .map_err(|e| amqp("confirms", &e))?;
+        .context("AMQP confirms")?;
     for _ in 0..count {
         publisher
             .basic_publish(
@@ -69,21 +62,18 @@ pub async fn raw_drain(
                 properties.clone().with_delivery_mode(2),
             )
             .await
-            .map_err(|e| amqp("publish", &e))?;
+            .context("AMQP publish")?;
     }
     publisher
         .wait_for_confirms()
         .await
-        .map_err(|e| amqp("confirms", &e))?;
+        .context("AMQP confirms")?;
 
-    let consumer_channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| amqp("channel", &e))?;
+    let consumer_channel = connection.create_channel().await.context("AMQP channel")?;
     consumer_channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await
-        .map_err(|e| amqp("qos", &e))?;
+        .context("AMQP qos")?;
     let mut consumer = consumer_channel
         .basic_consume(
             queue.as_str().into(),
@@ -92,7 +82,7 @@ pub async fn raw_drain(
             FieldTable::default(),
         )
         .await
-        .map_err(|e| amqp("consume", &e))?;
+        .context("AMQP consume")?;
     let mut started = None;
     let mut received: u64 = 0;
     let total = count as u64;
@@ -100,7 +90,7 @@ pub async fn raw_drain(
         let Some(delivery) = consumer.next().await else {
             break;
         };
-        let delivery = delivery.map_err(|e| amqp("delivery", &e))?;
+        let delivery = delivery.context("AMQP delivery")?;
         started.get_or_insert_with(Instant::now);
         received += 1;
         if received.is_multiple_of(ack_every) || received == total {
@@ -110,7 +100,7 @@ pub async fn raw_drain(
                     multiple: ack_every > 1,
                 })
                 .await
-                .map_err(|e| amqp("ack", &e))?;
+                .context("AMQP ack")?;
         }
     }
     let elapsed = started.map(|s| s.elapsed()).unwrap_or_default();
@@ -130,24 +120,21 @@ pub async fn raw_drain(
 ///
 /// # Errors
 /// When RabbitMQ cannot be reached or refuses an operation.
-pub async fn raw_round_trips(
+pub(super) async fn raw_round_trips(
     uri: &str,
     n: usize,
     body: &[u8],
     properties: &BasicProperties,
-) -> Result<Vec<f64>, BrokerError> {
+) -> anyhow::Result<Vec<f64>> {
     let connection = Connection::connect(uri, ConnectionProperties::default())
         .await
-        .map_err(|e| amqp("connect", &e))?;
+        .context("AMQP connect")?;
     let id = uuid::Uuid::new_v4().simple();
     let (requests, replies) = (
         format!("wasmq-bench-raw-rtt-{id}"),
         format!("wasmq-bench-raw-rtt-{id}.reply"),
     );
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| amqp("channel", &e))?;
+    let channel = connection.create_channel().await.context("AMQP channel")?;
     for (queue, durable) in [(&requests, true), (&replies, false)] {
         channel
             .queue_declare(
@@ -160,16 +147,13 @@ pub async fn raw_round_trips(
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| amqp("declare", &e))?;
+            .context("AMQP declare")?;
     }
     let no_ack = BasicConsumeOptions {
         no_ack: true,
         ..BasicConsumeOptions::default()
     };
-    let answerer = connection
-        .create_channel()
-        .await
-        .map_err(|e| amqp("channel", &e))?;
+    let answerer = connection.create_channel().await.context("AMQP channel")?;
     let mut incoming = answerer
         .basic_consume(
             requests.as_str().into(),
@@ -178,7 +162,7 @@ pub async fn raw_round_trips(
             FieldTable::default(),
         )
         .await
-        .map_err(|e| amqp("consume", &e))?;
+        .context("AMQP consume")?;
     let reply_to = replies.clone();
     let answering = tokio::spawn(async move {
         while let Some(Ok(delivery)) = incoming.next().await {
@@ -201,7 +185,7 @@ pub async fn raw_round_trips(
             FieldTable::default(),
         )
         .await
-        .map_err(|e| amqp("consume", &e))?;
+        .context("AMQP consume")?;
     let mut samples = Vec::with_capacity(n);
     for i in 0..=n {
         let started = Instant::now();
@@ -214,15 +198,10 @@ pub async fn raw_round_trips(
                 properties.clone().with_delivery_mode(2),
             )
             .await
-            .map_err(|e| amqp("publish", &e))?;
+            .context("AMQP publish")?;
         match tokio::time::timeout(Duration::from_secs(10), answers.next()).await {
             Ok(Some(Ok(_))) => {}
-            _ => {
-                return Err(BrokerError::NoAnswer {
-                    what: "a round trip".into(),
-                    waited: Duration::from_secs(10),
-                });
-            }
+            _ => anyhow::bail!("AMQP round trip: no answer in 10 s"),
         }
         if i > 0 {
             samples.push(started.elapsed().as_secs_f64() * 1000.0);

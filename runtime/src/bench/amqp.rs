@@ -1,0 +1,335 @@
+//! `wasmq bench amqp`: wasmq side by side with the raw AMQP ceiling and Python Celery, in one
+//! run, on the RabbitMQ (and Redis) of this machine, printed as a markdown table.
+//!
+//! Every measurement uses a queue of its own, deleted afterwards. Python Celery (the newest
+//! 5.x) is installed into a virtualenv by the harness (`$WASMQ_CELERY_VENV`, default
+//! `.wasmq/bench-venv`). The harness only ever talks to 127.0.0.1 and stops by itself.
+//!
+//! Rows: raw lapin drain (ack each / ack every 100 with `multiple`); wasmq worker drain of N
+//! trivial `math.add` tasks with results off, with Redis results, with rpc results; Celery
+//! drains with the prefork (-c 2), threads (-c 8) and solo pools, results off; sequential
+//! round trips (p50/p95/p99) for wasmq and Celery with rpc and Redis; a CPU-bound task
+//! (fib(25)) in wasmq, in Celery and as native Rust; the publish rate of each client; and
+//! the ratios. The full run (not `--quick`) ends with the memory soak and the scaling rows.
+//!
+//! This file runs the measurements in order; the table they print is `amqp_table.rs`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value, json};
+
+use super::amqp_table::{self, CeleryDrain, CeleryRows, FibRows, Run, WasmqRows};
+use super::harness::Harness;
+use super::stats::p50_p95_p99;
+use super::{ceiling, celery, only_local, queue_name, scale, soak};
+use crate::broker::Broker;
+use crate::client::{Client, SendOptions};
+use crate::engine::SandboxConfig;
+
+/// What `wasmq bench amqp` is asked to do.
+#[derive(Debug, Clone)]
+pub(crate) struct AmqpOptions {
+    /// A short run (2,000 tasks, 200 round trips, no soak or scaling rows).
+    pub(crate) quick: bool,
+    /// The broker, as lapin spells it (must be on this machine).
+    pub(crate) broker: String,
+    /// Redis for the Redis-backend rows (must be on this machine).
+    pub(crate) redis: String,
+    /// Only the raw ceiling and wasmq's own rows (no Celery), in a terse table.
+    pub(crate) wasmq_only: bool,
+    /// The sandbox of the in-process workers (and of the soak of a full run).
+    pub(crate) sandbox: SandboxConfig,
+}
+
+/// Sizes of one run.
+struct Plan {
+    /// Trivial `math.add` tasks per drain.
+    tasks: usize,
+    /// Sequential round trips per latency row.
+    round_trips: usize,
+    /// `math.fib(25)` tasks per CPU-bound drain.
+    fib_tasks: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                tasks: 2_000,
+                round_trips: 200,
+                fib_tasks: 200,
+            }
+        } else {
+            Self {
+                tasks: 20_000,
+                round_trips: 1_000,
+                fib_tasks: 2_000,
+            }
+        }
+    }
+}
+
+/// Progress on stderr: seconds since the run started and what it measures now.
+struct Progress(Instant);
+
+impl Progress {
+    fn step(&self, what: &str) {
+        eprintln!("[{:>5.1}s] {what}", self.0.elapsed().as_secs_f64());
+    }
+}
+
+fn add_args(i: usize) -> Vec<Value> {
+    vec![json!(i), json!(i)]
+}
+
+/// Runs every row and prints the table; the full run then runs `bench soak` and
+/// `bench scale`.
+///
+/// # Errors
+/// When a server is not on this machine ([`super::NotLocal`]), cannot be reached, or a
+/// measurement does not finish.
+pub(crate) async fn run(options: AmqpOptions) -> anyhow::Result<()> {
+    only_local(&options.broker)?;
+    only_local(&options.redis)?;
+    let plan = Plan::new(options.quick);
+    let python = celery::python()?;
+    let version = celery::version(&python);
+    let stall_limit = Duration::from_secs(if options.quick { 20 } else { 120 });
+    let h = Harness::connect(
+        &options.broker,
+        &options.redis,
+        stall_limit,
+        options.sandbox.clone(),
+    )
+    .await?;
+    let progress = Progress(Instant::now());
+
+    let wasmq = measure_wasmq(&h, &plan, &progress).await?;
+    if options.wasmq_only {
+        wasmq.print_terse(&h.cpu_per_task());
+        return Ok(());
+    }
+    let celery = measure_celery(&h, &python, &plan, &progress).await?;
+    let fib = measure_fib(&h, &python, &plan, &progress).await?;
+    progress.step("done");
+
+    let run = Run {
+        quick: options.quick,
+        broker: &options.broker,
+        celery_version: &version,
+        tasks: plan.tasks,
+        round_trips: plan.round_trips,
+        fib_tasks: plan.fib_tasks,
+        stall_limit: h.stall_limit,
+        cpu_per_task: h.cpu_per_task(),
+    };
+    amqp_table::print(&run, &wasmq, &celery, &fib);
+    if !options.quick {
+        // The full mode also runs the memory soak and the scaling rows.
+        println!();
+        progress.step("memory soak (100,000 tasks)");
+        soak::run(soak::SoakOptions {
+            tasks: 100_000,
+            broker: options.broker.clone(),
+            sandbox: options.sandbox.clone(),
+        })
+        .await?;
+        println!();
+        progress.step("scaling: 1, 2 and 4 worker processes");
+        scale::run(scale::ScaleOptions {
+            tasks: plan.tasks,
+            broker: options.broker.clone(),
+        })
+        .await?;
+    }
+    eprintln!("total {:.0?}", progress.0.elapsed());
+    Ok(())
+}
+
+/// The raw ceiling and wasmq's own rows.
+async fn measure_wasmq(h: &Harness, plan: &Plan, progress: &Progress) -> anyhow::Result<WasmqRows> {
+    let n = plan.tasks;
+    // The raw ceiling drains the very message wasmq's client sends for `math.add` (Celery's
+    // protocol 2: ~20 headers and the JSON body), and for reference the body alone.
+    let message = Client::new(
+        Arc::clone(&h.broker) as Arc<dyn Broker>,
+        h.backend(&h.redis_url)?,
+    )
+    .build_message(
+        "math.add",
+        add_args(1),
+        Map::new(),
+        &SendOptions {
+            ignore_result: true,
+            ..SendOptions::default()
+        },
+    )
+    .encode();
+    let (body, properties) = (
+        message.body.as_slice(),
+        crate::broker::amqp::properties_of(&message),
+    );
+    let raw = |properties, prefetch, ack_every| async move {
+        let elapsed =
+            ceiling::raw_drain(&h.broker_url, n, body, &properties, prefetch, ack_every).await?;
+        anyhow::Ok(n as f64 / elapsed.as_secs_f64())
+    };
+    progress.step("raw lapin drain, ack each");
+    let raw_each = raw(properties.clone(), 100, 1).await?;
+    progress.step("raw lapin drain, ack every 100 (multiple)");
+    let raw_batched = raw(properties.clone(), 1000, 100).await?;
+    progress.step("raw lapin drain, body only, ack every 100 (multiple)");
+    let raw_bare = raw(lapin::BasicProperties::default(), 1000, 100).await?;
+
+    progress.step("wasmq drain, results off");
+    let publish_queue = queue_name("publish");
+    let publish_client = h.client(h.backend(&h.redis_url)?, &publish_queue);
+    let publish = h
+        .publish(&publish_client, "math.add", n.min(5_000), add_args, true)
+        .await?;
+    h.broker.delete_queue(&publish_queue).await?;
+    let publish_pipelined = h
+        .publish_pipelined(&publish_client, "math.add", n, add_args, true)
+        .await?;
+    h.broker.delete_queue(&publish_queue).await?;
+    let off = h.wasmq_drain("math.add", n, add_args, None).await?;
+    progress.step("wasmq drain, Redis results");
+    let redis = h
+        .wasmq_drain("math.add", n, add_args, Some(&h.redis_url))
+        .await?;
+    progress.step("wasmq drain, rpc results");
+    let rpc = h
+        .wasmq_drain("math.add", n, add_args, Some("rpc://"))
+        .await?;
+    progress.step("raw AMQP round trips");
+    let raw_rtt = p50_p95_p99(
+        &ceiling::raw_round_trips(&h.broker_url, plan.round_trips, body, &properties).await?,
+    );
+    progress.step("wasmq round trips");
+    Ok(WasmqRows {
+        raw_each,
+        raw_batched,
+        raw_bare,
+        publish,
+        publish_pipelined,
+        off,
+        redis,
+        rpc,
+        raw_rtt,
+        rtt_rpc: h
+            .wasmq_round_trips("rpc://", plan.round_trips, true)
+            .await?,
+        rtt_redis: h
+            .wasmq_round_trips(&h.redis_url, plan.round_trips, true)
+            .await?,
+        rtt_rpc_confirmed: h
+            .wasmq_round_trips("rpc://", plan.round_trips, false)
+            .await?,
+        rtt_redis_confirmed: h
+            .wasmq_round_trips(&h.redis_url, plan.round_trips, false)
+            .await?,
+    })
+}
+
+/// Celery's drains with each pool, its round trips and its publish rate.
+async fn measure_celery(
+    h: &Harness,
+    python: &std::path::Path,
+    plan: &Plan,
+    progress: &Progress,
+) -> anyhow::Result<CeleryRows> {
+    let n = plan.tasks;
+    let mut drains = Vec::new();
+    for (pool, concurrency) in [("prefork", 2), ("threads", 8), ("solo", 1)] {
+        progress.step(&format!(
+            "Celery {pool} -c {concurrency} drain, results off"
+        ));
+        let (rate, stalled) =
+            celery::drain(h, python, pool, concurrency, "tasks.add", n, add_args).await?;
+        drains.push(CeleryDrain {
+            pool,
+            concurrency,
+            rate,
+            stalled,
+        });
+    }
+
+    progress.step("Celery round trips");
+    let mut round_trips = Vec::new();
+    for backend in ["rpc://", h.redis_url.as_str()] {
+        let queue = queue_name("celery-rtt");
+        let worker = celery::worker(python, &h.broker_url, backend, &queue, "solo", 1)?;
+        let result = celery::script(
+            python,
+            &h.broker_url,
+            backend,
+            &queue,
+            "roundtrip",
+            plan.round_trips,
+        )?;
+        drop(worker);
+        h.broker.delete_queue(&queue).await?;
+        round_trips.push([
+            result["p50"].as_f64().unwrap_or(0.0),
+            result["p95"].as_f64().unwrap_or(0.0),
+            result["p99"].as_f64().unwrap_or(0.0),
+        ]);
+    }
+
+    progress.step("publish rate of Celery's apply_async");
+    let queue = queue_name("celery-publish");
+    let publish =
+        celery::script(python, &h.broker_url, "", &queue, "publish", n.min(5_000))?["rate"]
+            .as_f64()
+            .unwrap_or(0.0);
+    h.broker.delete_queue(&queue).await?;
+    Ok(CeleryRows {
+        drains,
+        rtt_rpc: round_trips[0],
+        rtt_redis: round_trips[1],
+        publish,
+    })
+}
+
+/// The CPU-bound rows: `math.fib(25)` in wasmq, `tasks.fib(25)` in Celery's prefork pool,
+/// and `fib(25)` as native Rust on 2 threads with no queue.
+async fn measure_fib(
+    h: &Harness,
+    python: &std::path::Path,
+    plan: &Plan,
+    progress: &Progress,
+) -> anyhow::Result<FibRows> {
+    progress.step("CPU-bound fib(25)");
+    let m = plan.fib_tasks;
+    let fib_args = |_: usize| vec![json!(25)];
+    let wasmq = h.wasmq_drain("math.fib", m, fib_args, None).await?;
+    let celery = celery::drain(h, python, "prefork", 2, "tasks.fib", m, fib_args)
+        .await?
+        .0;
+    let native_started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| {
+                for _ in 0..m / 2 {
+                    std::hint::black_box(fib(std::hint::black_box(25)));
+                }
+            });
+        }
+    });
+    let native = m as f64 / native_started.elapsed().as_secs_f64();
+    Ok(FibRows {
+        wasmq,
+        celery,
+        native,
+    })
+}
+
+/// The native baseline of the CPU-bound rows: the same naive recursion as `math.fib`.
+fn fib(n: u32) -> u64 {
+    if n < 2 {
+        u64::from(n)
+    } else {
+        fib(n - 1) + fib(n - 2)
+    }
+}

@@ -1,0 +1,116 @@
+//! The benchmark harness behind `wasmq bench` (the clap flags live in `cli/bench.rs`): each
+//! run measures the whole loop on this machine and prints a markdown table, recorded in
+//! BENCHMARKS.md.
+//!
+//! ```text
+//! embedded   the embedded broker, an in-process worker                    (embedded.rs)
+//! amqp       wasmq side by side with the raw AMQP ceiling and Celery      (amqp.rs)
+//!   table      the rows it prints, the ratios and their goals             (amqp_table.rs)
+//!   ceiling    raw lapin drains and round trips, no wasmq                 (ceiling.rs)
+//!   harness    wasmq's publish rates, drains and round trips              (harness.rs)
+//!   celery     Python Celery: its virtualenv, workers, drains, script     (celery.rs)
+//! soak       a worker's resident memory across 100,000 tasks             (soak.rs)
+//! scale      drains with 1, 2 and 4 `wasmq worker` processes              (scale.rs)
+//! ```
+//!
+//! What the runs share sits here (the only-this-machine guard, queue names, the concurrent
+//! publisher), in [`workers`] (child processes stopped on drop, an in-process worker with a
+//! stop handle) and in [`stats`] (percentiles, CPU time, memory).
+//!
+//! Errors are `anyhow`: the harness is an edge like the CLI, each error ends the run with a
+//! message for the person who started it, and no caller branches on its kind; a typed enum
+//! would only list the libraries it drives (broker, results, client, sandbox, processes,
+//! JSON). The one error the CLI maps to its own exit status (bad input, 2) is typed,
+//! [`NotLocal`], and the CLI finds it again by downcasting; plugin errors keep their type
+//! the same way.
+
+pub(crate) mod amqp;
+mod amqp_table;
+mod ceiling;
+mod celery;
+pub(crate) mod embedded;
+mod harness;
+pub(crate) mod scale;
+pub(crate) mod soak;
+mod stats;
+mod workers;
+
+use serde_json::{Map, json};
+
+use crate::client::{Client, SendOptions};
+
+/// A benchmark was pointed at a server that is not on this machine. The harness floods the
+/// broker it is given, so it refuses anything but 127.0.0.1.
+#[derive(Debug, thiserror::Error)]
+#[error("the benchmark only targets this machine; {url} is not 127.0.0.1")]
+pub(crate) struct NotLocal {
+    /// The URL that was refused.
+    pub(crate) url: String,
+}
+
+/// Refuses `url` unless it names this machine.
+fn only_local(url: &str) -> Result<(), NotLocal> {
+    if url.contains("127.0.0.1") || url.contains("localhost") || url.contains("[::1]") {
+        Ok(())
+    } else {
+        Err(NotLocal {
+            url: url.to_owned(),
+        })
+    }
+}
+
+/// A queue name of its own for one measurement (`what`), deleted when it is done.
+fn queue_name(what: &str) -> String {
+    format!("wasmq-bench-{what}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Publishes `n` `math.add` tasks (results off) with 8 concurrent publishers, so publisher
+/// confirms are pipelined; calls `each_publisher_done` as each publisher finishes.
+async fn publish_adds(
+    client: &Client,
+    n: usize,
+    mut each_publisher_done: impl FnMut(),
+) -> anyhow::Result<()> {
+    let mut publishers = Vec::new();
+    for p in 0..8 {
+        let client = client.clone();
+        publishers.push(tokio::spawn(async move {
+            for i in (p..n).step_by(8) {
+                let value = json!(i);
+                client
+                    .send_task(
+                        "math.add",
+                        vec![value.clone(), value],
+                        Map::new(),
+                        SendOptions {
+                            ignore_result: true,
+                            ..SendOptions::default()
+                        },
+                    )
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for publisher in publishers {
+        publisher.await??;
+        each_publisher_done();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_machine_is_benchmarked() {
+        assert!(only_local("amqp://guest:guest@127.0.0.1:5672/%2f").is_ok());
+        assert!(only_local("redis://localhost:6379/0").is_ok());
+        let refused = only_local("amqp://guest:guest@rabbit.example:5672/%2f").unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "the benchmark only targets this machine; amqp://guest:guest@rabbit.example:5672/%2f is not 127.0.0.1"
+        );
+    }
+}

@@ -1,0 +1,80 @@
+//! The workers a benchmark measures: child processes (a Celery worker, `wasmq worker`) that
+//! are stopped when dropped, so an early error never leaves one running, and wasmq workers
+//! in this process with a stop handle and their counters.
+
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::broker::Broker;
+use crate::registry::Registry;
+use crate::results::ResultBackend;
+use crate::worker::{Worker, WorkerOptions, WorkerStats};
+
+/// A benchmark child process (a Celery or wasmq worker), stopped with SIGTERM when dropped.
+pub(super) struct BenchProcess(Child);
+
+impl BenchProcess {
+    /// Starts `command`.
+    pub(super) fn spawn(command: &mut Command) -> std::io::Result<Self> {
+        command.spawn().map(Self)
+    }
+}
+
+impl Drop for BenchProcess {
+    /// SIGTERM (a graceful stop, as an operator would), then SIGKILL after 10 s.
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A wasmq worker running in this process until [`InProcessWorker::stop`].
+pub(super) struct InProcessWorker {
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<()>,
+    /// Its counters, read while it runs to time drains.
+    pub(super) stats: Arc<WorkerStats>,
+}
+
+impl InProcessWorker {
+    /// Starts a worker on a task of its own.
+    pub(super) fn spawn(
+        broker: Arc<dyn Broker>,
+        backend: Arc<dyn ResultBackend>,
+        registry: Arc<Registry>,
+        options: WorkerOptions,
+    ) -> Self {
+        let worker = Worker::new(broker, backend, registry, options);
+        let stats = worker.stats();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            let _ = worker
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Self {
+            stop,
+            handle,
+            stats,
+        }
+    }
+
+    /// Asks the worker to shut down and waits until it has.
+    pub(super) async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.handle.await;
+    }
+}

@@ -1,0 +1,209 @@
+//! `wasmq worker`: run a worker from the shell. Merges the flags over the configuration
+//! file, connects the broker and result backend, creates the plugin folder with the bundled
+//! plugins on first start and watches it, then runs until SIGINT/SIGTERM (a second signal
+//! exits at once).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::args::EngineArgs;
+use super::endpoints::{Endpoints, connect_broker};
+use super::exit::{ExitStatus, Failure};
+use crate::config::{RawConfig, RawLimits};
+use crate::engine::Sandbox;
+use crate::registry::Registry;
+use crate::worker::Worker;
+
+#[derive(Debug, clap::Args)]
+pub(super) struct WorkerArgs {
+    #[command(flatten)]
+    endpoints: Endpoints,
+    /// Folder of plugin files (.wasm), watched for hot deploys. Created with the bundled
+    /// plugins if it does not exist. Default: .wasmq/plugins.
+    #[arg(long, env = "WASMQ_PLUGINS")]
+    plugins: Option<PathBuf>,
+    /// Queues to consume, comma-separated. Default: celery.
+    #[arg(long, short = 'Q', env = "WASMQ_QUEUES", value_delimiter = ',')]
+    queues: Option<Vec<String>>,
+    /// Tasks run at once. Default: the number of CPUs.
+    #[arg(long, short = 'c', env = "WASMQ_CONCURRENCY")]
+    concurrency: Option<usize>,
+    /// Unacknowledged messages held per concurrency slot. Default: 64 (short wasm tasks);
+    /// lower it for long tasks so one worker does not hold back messages others could run.
+    #[arg(long, env = "WASMQ_PREFETCH_MULTIPLIER")]
+    prefetch_multiplier: Option<usize>,
+    /// This worker's node name. Default: wasmq@<hostname>.
+    #[arg(long = "name", short = 'n', env = "WASMQ_NODE_NAME")]
+    node_name: Option<String>,
+    /// How long running tasks may finish after SIGINT/SIGTERM, e.g. 30s. Default: 30s.
+    #[arg(long, env = "WASMQ_SHUTDOWN_TIMEOUT")]
+    shutdown_timeout: Option<String>,
+    /// How long results are kept, e.g. 1day. Default: 1day.
+    #[arg(long, env = "WASMQ_RESULT_EXPIRES")]
+    result_expires: Option<String>,
+    /// Store a STARTED state before each task runs. Default: off.
+    #[arg(long, env = "WASMQ_TRACK_STARTED")]
+    track_started: Option<bool>,
+    /// Retries a task may ask for before failing with MaxRetriesExceededError. Default: 3.
+    #[arg(long, env = "WASMQ_MAX_RETRIES")]
+    max_retries: Option<u32>,
+    /// Retry delay when a task asks for a retry without one, e.g. 3m. Default: 3m.
+    #[arg(long, env = "WASMQ_DEFAULT_RETRY_DELAY")]
+    default_retry_delay: Option<String>,
+    /// Default fuel budget of a task. Default: 10000000000 (about 1 s of guest CPU).
+    #[arg(long, env = "WASMQ_FUEL")]
+    fuel: Option<u64>,
+    /// Default memory cap of a task, e.g. 128MiB. Default: 128MiB.
+    #[arg(long, env = "WASMQ_MEMORY")]
+    memory: Option<String>,
+    /// Default hard time limit of a task, e.g. 30s. Default: 30s.
+    #[arg(long, env = "WASMQ_TIMEOUT")]
+    timeout: Option<String>,
+    /// Deliveries of one message before it is dead-lettered as poison (its worker keeps
+    /// dying). Default: 10.
+    #[arg(long, env = "WASMQ_MAX_DELIVERIES")]
+    max_deliveries: Option<u32>,
+    /// Declare RabbitMQ queues with this x-max-priority (1-255), so message priorities are
+    /// honoured. Default: plain queues.
+    #[arg(long, env = "WASMQ_QUEUE_MAX_PRIORITY")]
+    queue_max_priority: Option<u8>,
+    /// Write the worker's status (JSON) to this file every second, for `wasmq status`.
+    #[arg(long, env = "WASMQ_STATUS_FILE")]
+    status_file: Option<PathBuf>,
+    /// Where revoked task ids are remembered across restarts. Default:
+    /// .wasmq/state/<node name>.revoked.json.
+    #[arg(long, env = "WASMQ_STATE_FILE")]
+    state_file: Option<PathBuf>,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+impl WorkerArgs {
+    fn raw(&self) -> RawConfig {
+        let limits =
+            (self.fuel.is_some() || self.memory.is_some() || self.timeout.is_some()).then(|| {
+                RawLimits {
+                    fuel: self.fuel,
+                    memory: self.memory.clone(),
+                    timeout: self.timeout.clone(),
+                }
+            });
+        RawConfig {
+            // The endpoints (broker, result backend, scheduler) are added by
+            // `Endpoints::resolve`.
+            broker: None,
+            result_backend: None,
+            scheduler: None,
+            plugins: self.plugins.clone(),
+            queues: self.queues.clone(),
+            concurrency: self.concurrency,
+            prefetch_multiplier: self.prefetch_multiplier,
+            node_name: self.node_name.clone(),
+            shutdown_timeout: self.shutdown_timeout.clone(),
+            result_expires: self.result_expires.clone(),
+            track_started: self.track_started,
+            max_retries: self.max_retries,
+            default_retry_delay: self.default_retry_delay.clone(),
+            cache_dir: self.engine.cache_dir.clone(),
+            limits,
+            ceiling: None,
+            max_deliveries: self.max_deliveries,
+            queue_max_priority: self.queue_max_priority,
+            tasks: None,
+            routes: None,
+        }
+    }
+}
+
+/// Completes at the first SIGINT or SIGTERM; a second one exits the process at once.
+async fn shutdown_signal() {
+    let first = wait_for_signal().await;
+    tracing::warn!("{first}: finishing running tasks (send it again to exit at once)");
+    tokio::spawn(async {
+        let second = wait_for_signal().await;
+        eprintln!("{second} again: exiting now; unfinished messages will be redelivered");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
+    }
+}
+
+/// Runs a worker until the first SIGINT or SIGTERM, once its running tasks have finished.
+pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
+    let config = args.endpoints.resolve(args.raw())?;
+    let broker = connect_broker(&config)?;
+    let backend = crate::results::connect(
+        &config.result_backend,
+        config.result_expires,
+        &config.broker,
+    )
+    .map_err(|e| Failure::bad_input(format!("{e:#}")))?;
+    let mut sandbox_config = args
+        .engine
+        .sandbox_config(pool_size(config.worker.concurrency));
+    sandbox_config.defaults = config.limits;
+    sandbox_config.ceiling = config.ceiling;
+    if let Some(dir) = &config.cache_dir
+        && !args.engine.no_cache
+    {
+        sandbox_config.cache_dir = Some(dir.clone());
+    }
+    let sandbox = Arc::new(Sandbox::new(sandbox_config).map_err(Failure::internal)?);
+
+    if !config.plugins.exists() {
+        let written = super::plugins::export_bundled(&config.plugins).map_err(Failure::internal)?;
+        tracing::info!(folder = %config.plugins.display(), plugins = written.len(),
+            "created the plugin folder with the bundled plugins (math, text, hostile)");
+    }
+    let registry = Arc::new(
+        Registry::load_folder(sandbox, &config.plugins)
+            .await
+            .map_err(|e| Failure::new(ExitStatus::BadPlugin, e))?,
+    );
+    for (task, file) in registry.snapshot().tasks() {
+        tracing::info!(task, plugin = %file.display(), "registered");
+    }
+    let watcher = registry.watch(Duration::from_millis(500));
+    let mut options = config.worker;
+    options.status_file.clone_from(&args.status_file);
+    options.state_file = Some(args.state_file.clone().unwrap_or_else(|| {
+        PathBuf::from(".wasmq/state").join(format!(
+            "{}.revoked.json",
+            options.node_name.replace(['/', '\\'], "_")
+        ))
+    }));
+    let worker = Worker::new(broker, backend, registry, options);
+    let stats = worker
+        .run(shutdown_signal())
+        .await
+        .map_err(Failure::internal)?;
+    watcher.abort();
+    tracing::info!(?stats, "bye");
+    Ok(())
+}
+
+/// Pool slots: the running tasks plus headroom for describe calls during hot deploys.
+fn pool_size(concurrency: usize) -> u32 {
+    u32::try_from(concurrency.saturating_add(4)).unwrap_or(u32::MAX)
+}
