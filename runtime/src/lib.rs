@@ -6,20 +6,22 @@
 //! repository's `ARCHITECTURE.md` says why, and what must never import what):
 //!
 //! ```text
-//! edge       cli/ (one file per command)   bench/ (the comparison harness)
+//! edge       cli/ (one file per command)   bench/ (the side-by-side harness)
 //! config     config.rs          raw flags/env/TOML → a validated WorkerConfig
 //! client     client/            send, call, submit; AsyncResult; starting workflows
 //! worker     worker/            admit → run → decide → settle → continue the workflow
 //!            registry.rs        task name → plugin, hot-deployed from a folder
 //! canvas     canvas/            signatures, chain/group/chord, publishing a workflow
-//! storage    results/           result backends (embedded, Redis, rpc)
-//!            broker/            brokers (embedded, RabbitMQ) and the Redis delay scheduler
+//! storage    results/           result backends: embedded, Redis, rpc (over broker::amqp)
+//!            broker/            brokers: embedded/, amqp/ (RabbitMQ), scheduled/ (delays
+//!                               held in Redis), and the traits the worker sees
 //! sandbox    engine/            the only module that knows wasmtime
 //! vocabulary protocol/          Celery protocol v2 messages and send options
 //!            policy.rs          retry and rate-limit policy
 //!            routes.rs          task name → queue
 //!            units.rs           sizes and durations
-//!            db.rs              the embedded database file
+//!            db.rs              the embedded database file (broker and results share it)
+//!            redis_client.rs    one Redis connection per URL (results and scheduler)
 //! ```
 //!
 //! # The path of one task

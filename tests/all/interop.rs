@@ -113,6 +113,21 @@ fn check_python_client_results(results: &Value) {
     assert_eq!(unknown["error"], "NotRegistered", "{results:#}");
     assert_eq!(unknown["is_not_registered"], true);
     assert!(unknown["message"].as_str().unwrap().contains("math.nope"));
+    // Issue 20: a task's own exception class and arguments reach Python as raised.
+    let custom = &results["custom"];
+    assert_eq!(custom["error"], "OutOfRange", "{results:#}");
+    assert_eq!(
+        custom["is_out_of_range"], true,
+        "Python can `except wasmq_errors.OutOfRange`"
+    );
+    assert_eq!(custom["args"], json!([7.0, 0.0, 5.0]), "{results:#}");
+    let gave_up = &results["gave_up"];
+    assert_eq!(gave_up["is_gave_up"], true, "retry(exc=…): {results:#}");
+    assert_eq!(
+        gave_up["args"],
+        json!(["the service never answers", 1]),
+        "{results:#}"
+    );
 }
 
 #[test]

@@ -196,6 +196,43 @@ async fn autoretry(setup: &Setup) {
     worker.stop().await;
 }
 
+/// Regression (issue 20, causes 2 and 7): a task's own exception class keeps its module and
+/// its arguments (Celery stores `exc_module: "wasmq_errors"`, `exc_type: "OutOfRange"`,
+/// `exc_message: [7.0, 0.0, 5.0]`), and `retry(exc=…)` ends with that exception once the
+/// retries are spent, not `MaxRetriesExceededError`.
+#[test]
+fn exceptions_keep_their_class_and_arguments_and_retry_exc_is_raised() {
+    runtime().block_on(async {
+        let setup = Setup::embedded();
+        let worker = setup.start(setup.options("exceptions")).await;
+        let result = setup
+            .send("math.bounded", json!([7, 0, 5]), SendOptions::default())
+            .await;
+        let Err(GetError::Failed { exception, .. }) = result.get(WAIT).await else {
+            panic!("math.bounded(7, 0, 5) fails")
+        };
+        assert_eq!(
+            (exception.exc_module.as_str(), exception.exc_type.as_str()),
+            ("wasmq_errors", "OutOfRange")
+        );
+        assert_eq!(exception.exc_message, [json!(7.0), json!(0.0), json!(5.0)]);
+
+        let result = setup
+            .send("math.give_up", json!([]), SendOptions::default())
+            .await;
+        let Err(GetError::Failed { exception, .. }) = result.get(WAIT).await else {
+            panic!("math.give_up fails once its retry is spent")
+        };
+        assert_eq!(exception.exc_type, "GaveUp", "{exception}");
+        assert_eq!(
+            exception.exc_message,
+            [json!("the service never answers"), json!(1)]
+        );
+        worker.stop().await;
+        setup.cleanup().await;
+    });
+}
+
 #[test]
 fn automatic_retries_back_off_exponentially_on_the_embedded_broker() {
     runtime().block_on(autoretry(&Setup::embedded()));

@@ -12,6 +12,10 @@ import billiard.exceptions
 from celery import Celery
 from celery.exceptions import NotRegistered
 
+# Celery rebuilds a task's exception as the class named by exc_module/exc_type when that
+# module is imported: these are the classes the math plugin raises by name.
+import wasmq_errors
+
 app = Celery("client", broker=os.environ["BROKER"], backend=os.environ["BACKEND"])
 queue = os.environ["QUEUE"]
 
@@ -29,6 +33,8 @@ def call(name, args=(), kwargs=None, **options):
             "is_memory_error": isinstance(error, MemoryError),
             "is_zero_division": isinstance(error, ZeroDivisionError),
             "is_not_registered": isinstance(error, NotRegistered),
+            "is_out_of_range": isinstance(error, wasmq_errors.OutOfRange),
+            "is_gave_up": isinstance(error, wasmq_errors.GaveUp),
         }
 
 
@@ -41,5 +47,7 @@ calls = {
     "unknown": call("math.nope", (1,)),
     "countdown": call("math.add", (20, 22), countdown=1),
     "text": call("text.slugify", ("Hello from Python",)),
+    "custom": call("math.bounded", (7, 0, 5)),
+    "gave_up": call("math.give_up"),
 }
 json.dump(calls, sys.stdout)

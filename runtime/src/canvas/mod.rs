@@ -40,11 +40,12 @@ pub enum CanvasError {
 
 impl CanvasError {
     /// True when trying again later may succeed (the broker or backend was unavailable);
-    /// false for a canvas that can never run.
+    /// false for a canvas that can never run, or a step the broker or backend refuses for
+    /// good (the rpc backend cannot count chords, RabbitMQ refuses the message).
     pub fn is_transient(&self) -> bool {
         match self {
-            CanvasError::Broker(_) => true,
-            CanvasError::Backend(error) => !matches!(error, ResultError::ChordsUnsupported(_)),
+            CanvasError::Broker(error) => error.is_transient(),
+            CanvasError::Backend(error) => error.is_transient(),
             CanvasError::Malformed(_) | CanvasError::Unsupported(_) => false,
         }
     }

@@ -49,11 +49,11 @@ pub(super) async fn before_store(
             true
         }
         Err(error) if error.is_transient() => {
-            tracing::warn!(task_id = %message.id, %error, "cannot continue the workflow; releasing the message");
+            tracing::warn!(task_id = %message.id, error = &error as &dyn std::error::Error, "cannot continue the workflow; releasing the message");
             false
         }
         Err(error) => {
-            tracing::error!(task_id = %message.id, %error, "the workflow cannot continue");
+            tracing::error!(task_id = %message.id, error = &error as &dyn std::error::Error, "the workflow cannot continue");
             let exception = unrunnable(&error);
             let mut failed = ResultMeta::failure(&message.id, &exception);
             failed.parent_id = meta.parent_id.take();
@@ -157,7 +157,7 @@ pub(super) async fn after_store(
     match outcome {
         Ok(()) => true,
         Err(error) => {
-            tracing::warn!(task_id = %message.id, %error, "cannot continue the workflow; releasing the message");
+            tracing::warn!(task_id = %message.id, error = &error as &dyn std::error::Error, "cannot continue the workflow; releasing the message");
             false
         }
     }
@@ -245,11 +245,13 @@ async fn publish_errbacks(
         match sig {
             Ok(sig) => match dispatch.apply(&sig, Some(&id), Vec::new()).await {
                 Err(error) if !error.is_transient() => {
-                    tracing::error!(task_id = %failed_id, %error, "an errback cannot run");
+                    tracing::error!(task_id = %failed_id, error = &error as &dyn std::error::Error, "an errback cannot run");
                 }
                 other => other?,
             },
-            Err(error) => tracing::error!(task_id = %failed_id, %error, "an errback cannot run"),
+            Err(error) => {
+                tracing::error!(task_id = %failed_id, error = &error as &dyn std::error::Error, "an errback cannot run")
+            }
         }
     }
     Ok(())
@@ -311,7 +313,10 @@ async fn chord_part(
     // The chord is consumed: if the body cannot be published now it never will be, so
     // its waiter gets the error instead.
     if let Err(error) = dispatch.apply(&body, Some(&values), Vec::new()).await {
-        tracing::error!(%error, "cannot publish a chord body");
+        tracing::error!(
+            error = &error as &dyn std::error::Error,
+            "cannot publish a chord body"
+        );
         let exception = ExceptionInfo::new(
             "ChordError",
             "celery.exceptions",

@@ -223,7 +223,10 @@ async fn purge_expired(shared: &Shared) {
     match shared.backend.purge_expired().await {
         Ok(0) => {}
         Ok(n) => tracing::info!(purged = n, "removed expired results"),
-        Err(error) => tracing::warn!(%error, "cannot purge expired results"),
+        Err(error) => tracing::warn!(
+            error = &error as &dyn std::error::Error,
+            "cannot purge expired results"
+        ),
     }
 }
 
@@ -266,7 +269,10 @@ async fn run_slot(
                 dispatch(&shared, delivery, slot).await;
             }
             Err(error) => {
-                tracing::error!(%error, "cannot receive from the broker; retrying in 1s");
+                tracing::error!(
+                    error = &error as &dyn std::error::Error,
+                    "cannot receive from the broker; retrying in 1s"
+                );
                 tokio::select! {
                     _ = stopped.changed() => return,
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -51,7 +51,7 @@ pub(super) async fn run(
     match &call {
         Ok(report) => log_outcome(message, &report.outcome, started.elapsed()),
         Err(error) => {
-            tracing::warn!(task = %message.task, id = %message.id, %error, "the task could not run");
+            tracing::warn!(task = %message.task, id = %message.id, error = error as &dyn std::error::Error, "the task could not run");
         }
     }
     Ran {
@@ -121,7 +121,7 @@ fn state_listener(shared: &Arc<Shared>, reply: Option<ReplyTo>) -> StateListener
         let meta = ResultMeta::custom(&update.task_id, &update.state, update.meta);
         tokio::spawn(async move {
             if let Err(error) = backend.store(&meta, reply.as_ref()).await {
-                tracing::warn!(%error, task_id = %meta.task_id, "cannot store a custom state");
+                tracing::warn!(error = &error as &dyn std::error::Error, task_id = %meta.task_id, "cannot store a custom state");
             }
         });
     })

@@ -53,7 +53,10 @@ pub(super) async fn finish(
             .publish(&delivery.queue, &envelope, Some(delay))
             .await
     {
-        tracing::warn!(%error, "cannot publish the {what}; releasing the message");
+        tracing::warn!(
+            error = &error as &dyn std::error::Error,
+            "cannot publish the {what}; releasing the message"
+        );
         release(shared, delivery).await;
         return;
     }
@@ -150,7 +153,7 @@ pub(super) async fn store(shared: &Shared, meta: &ResultMeta, reply: Option<&Rep
     match shared.backend.store(meta, reply).await {
         Ok(()) => true,
         Err(error) => {
-            tracing::error!(%error, task_id = %meta.task_id, "cannot store the result; the message will be redelivered");
+            tracing::error!(error = &error as &dyn std::error::Error, task_id = %meta.task_id, "cannot store the result; the message will be redelivered");
             false
         }
     }
@@ -171,7 +174,10 @@ async fn settle(shared: &Shared, delivery: Delivery, settlement: &Settlement) {
         }
     };
     if let Err(error) = result {
-        tracing::error!(%error, "cannot settle a message; it will be redelivered");
+        tracing::error!(
+            error = &error as &dyn std::error::Error,
+            "cannot settle a message; it will be redelivered"
+        );
     }
 }
 
@@ -179,6 +185,9 @@ async fn settle(shared: &Shared, delivery: Delivery, settlement: &Settlement) {
 pub(super) async fn release(shared: &Shared, delivery: Delivery) {
     shared.stats.released.fetch_add(1, Ordering::Relaxed);
     if let Err(error) = delivery.release().await {
-        tracing::warn!(%error, "cannot release a message; it returns when its lease expires");
+        tracing::warn!(
+            error = &error as &dyn std::error::Error,
+            "cannot release a message; it returns when its lease expires"
+        );
     }
 }

@@ -45,7 +45,7 @@ impl Broker for FakeBroker {
         delay: Option<Duration>,
     ) -> Result<(), BrokerError> {
         if self.down.load(Ordering::SeqCst) {
-            return Err(BrokerError::Closed);
+            return Err(BrokerError::Refused(format!("a message to {queue}")));
         }
         self.published.lock().unwrap().push(Published {
             queue: queue.to_owned(),
@@ -114,7 +114,7 @@ impl ResultBackend for FakeBackend {
         _reply: Option<&crate::results::ReplyTo>,
     ) -> Result<(), ResultError> {
         if self.down.load(Ordering::SeqCst) {
-            return Err(ResultError::Broker(BrokerError::Closed));
+            return Err(ResultError::Broker(BrokerError::Refused("a result".into())));
         }
         let mut stored = self.stored.lock().unwrap();
         stored
@@ -609,4 +609,37 @@ async fn a_workflow_step_follows_the_workers_routes() {
         ("math.mul", vec![json!(4), json!(10)])
     );
     assert_eq!(next.embed.chain.as_ref().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn a_workflow_step_that_cannot_be_published_now_releases_the_message() {
+    let harness = Harness::new().await;
+    harness.broker.down.store(true, Ordering::SeqCst);
+    let mut first = message("math.add", json!([2, 2]));
+    let mut next = crate::canvas::Signature::new("math.mul", vec![json!(10)]);
+    next.freeze().unwrap();
+    first.embed.chain = Some(vec![next.to_value()]);
+    let ending = harness.deliver(&first).await;
+    assert_eq!(
+        ending.settled,
+        Settled::Release,
+        "runs again once the broker is back"
+    );
+    assert!(
+        ending.stored.is_empty(),
+        "the result waits for its next step"
+    );
+}
+
+#[tokio::test]
+async fn a_workflow_step_that_can_never_run_fails_the_task_instead_of_looping() {
+    let harness = Harness::new().await;
+    let mut first = message("math.add", json!([2, 2]));
+    first.embed.chain = Some(vec![
+        json!({"task": "celery.chunks", "args": [], "kwargs": {},
+        "options": {}, "subtask_type": "chunks"}),
+    ]);
+    let ending = harness.deliver(&first).await;
+    assert_eq!(ending.settled, Settled::Ack);
+    assert_eq!(ending.exception().0, "NotImplementedError");
 }
