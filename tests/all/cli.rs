@@ -126,7 +126,10 @@ fn failures_are_one_line_with_distinct_exit_codes() {
 fn inspect_lists_tasks_with_parameters_limits_and_docs() {
     let (code, stdout, stderr) = run(&["plugins", "inspect", TEXT]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("plugin text"), "{stdout}");
+    assert!(
+        stdout.contains("plugin text (wasmq:task@0.3.0, "),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("  text.word_count(text)\n      Counts the words"),
         "{stdout}"

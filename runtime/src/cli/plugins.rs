@@ -115,9 +115,10 @@ pub(super) fn describe_plugin(plugin: &Plugin, path: &Path, size: u64) -> String
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{}: plugin {} ({}, sha256 {}, {})",
+        "{}: plugin {} (wasmq:task@{}, {}, sha256 {}, {})",
         path.display(),
         plugin.name(),
+        plugin.contract_version(),
         format_bytes(size),
         &plugin.content_hash()[..16],
         match plugin.cache_status() {
