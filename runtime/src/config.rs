@@ -45,6 +45,9 @@
 //! memory = "1GiB"
 //! timeout = "1h"
 //! ```
+//!
+//! Longer than 400 lines for one idea, the worker's configuration: the raw layer, the merge
+//! of sources and the validation stay together, with the golden tests of bad configs.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

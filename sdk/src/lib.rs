@@ -56,6 +56,9 @@
 //! A task returns `T`, or `Result<T, E>` where `E: Into<TaskError>`.
 //! [`TaskError::retry`] asks the worker to run the task again later; [`TaskError::reject`]
 //! dead-letters the message.
+//!
+//! Longer than 400 lines for one idea, the guest's API: the types a task author sees and
+//! the support code `#[task]` expands to, which must agree with each other.
 
 use std::fmt;
 use std::time::Duration;

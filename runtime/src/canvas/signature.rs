@@ -6,6 +6,9 @@
 //! have `{"tasks": [...]}`, `celery.chord` has `{"header", "body"}`. Keys wasmq does not
 //! interpret are kept as they are, so a signature round-trips unchanged between Python and
 //! wasmq processes.
+//!
+//! Slightly over 400 lines for one idea, the signature dict: its parsing, kinds, ids and
+//! validation, with their tests.
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};

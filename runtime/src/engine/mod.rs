@@ -11,6 +11,10 @@
 //! rights, captured and bounded output. Guests run on async fibers that yield back to the
 //! executor at every epoch tick, so a CPU-bound guest never pins an executor thread; the
 //! same tick enforces the deadline. The call ends as exactly one [`Outcome`].
+//!
+//! Longer than 400 lines because it owns one idea, the sandbox's life cycle: building the
+//! engine and linker, and running one call from a fresh `Store` to its [`CallReport`];
+//! loading plugins, limits, outcomes and the contract versions live beside it.
 
 mod bindings;
 mod cache;

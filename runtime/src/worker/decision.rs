@@ -11,6 +11,9 @@
 //! fuel or wall-time limits are `billiard.exceptions.TimeLimitExceeded`, the memory limit is
 //! `MemoryError`, an unknown task is `celery.exceptions.NotRegistered`, bad arguments are
 //! `TypeError`, and a task's own failure keeps the kind the task gave.
+//!
+//! Longer than 400 lines for one idea, the table of endings: about half of it is the unit
+//! tests that pin every ending to its Celery state and settlement.
 
 use std::time::Duration;
 

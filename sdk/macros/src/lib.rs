@@ -5,6 +5,9 @@
 //! tests can call natively, and adds beside it a hidden braced struct of the same name (it
 //! lives in the type namespace, the function in the value namespace) implementing
 //! `wasmq_sdk::__private::Task`. `export_tasks!(add, mul)` then names those structs.
+//!
+//! Longer than 400 lines for one idea, the `#[task]` macro: parsing the attribute and the
+//! signature, rejecting what cannot work with spanned errors, and generating the glue.
 
 use proc_macro::TokenStream;
 use proc_macro2::Span;
