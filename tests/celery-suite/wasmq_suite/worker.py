@@ -2,10 +2,10 @@
 
 Celery's suite runs its tasks on ``celery_session_worker``, a worker started inside the
 pytest process (``celery.contrib.testing.worker.start_worker``: one prefork child,
-``concurrency=1``). Here a ``wasmq worker`` process takes its place, configured the way that
-worker is: the ``celery`` queue, one task at a time, Celery's default prefetch multiplier (4)
-and retry defaults (3 retries, 3 minutes). It serves the plugin in ``--plugins`` (the port
-of the suite's pure tasks) on the run's private vhost and Redis database.
+``concurrency=1``). Here a ``wasmq worker`` process takes its place: the ``celery`` queue,
+one task at a time as there, and wasmq's defaults otherwise (its retry defaults are
+Celery's: 3 retries, 3 minutes). It serves the plugin in ``--plugins`` (the port of the
+suite's pure tasks) on the run's private vhost and Redis database.
 
 Its stdout and stderr go to a log file; :meth:`WasmqWorker.log_since` gives the lines a
 test caused, which the plugin attaches to that test's failure report.
@@ -64,9 +64,11 @@ class WasmqWorker:
             "--plugins", str(plugins),
             "--queues", "celery",
             "--name", node_name,
-            # As Celery's test worker: one task at a time, prefetch multiplier 4.
+            # As Celery's test worker (start_worker(concurrency=1)): one task at a time. The
+            # prefetch multiplier stays wasmq's: Celery acknowledges a message when its task
+            # starts, wasmq when it ends, so Celery's 4 would hold back messages Celery's
+            # worker has already taken (test_expired's message then expires in the broker).
             "--concurrency", "1",
-            "--prefetch-multiplier", "4",
             "--state-file", str(log_dir / "revoked.json"),
             "--shutdown-timeout", "5s",
         ]
