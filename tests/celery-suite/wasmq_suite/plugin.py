@@ -26,16 +26,16 @@ from pathlib import Path
 import pytest
 
 from .deselection import Deselection
-from .environment import SuiteEnvironment
+from .environment import SetupError, SuiteEnvironment
 
 SUITE_DIR = Path(__file__).resolve().parent.parent
 DESELECTED_FILE = SUITE_DIR / "deselected.txt"
 
 ENVIRONMENT = pytest.StashKey()
 WORKER = pytest.StashKey()
-WORKER_ERROR = pytest.StashKey()
 DESELECTION = pytest.StashKey()
 LOG_OFFSET = pytest.StashKey()
+SELECTED = pytest.StashKey()
 
 #: Tests that take longer than the default limit on Celery's own worker (the reference run
 #: on 2 cores), because they wait on countdowns, sleeping tasks, 1000-task groups or a reply
@@ -118,7 +118,10 @@ def pytest_load_initial_conftests(early_config, parser, args):
     """Runs before Celery's conftest is imported: it reads the broker and backend URLs at
     import time, and imports ``celery_session_worker`` from ``celery.contrib.pytest``."""
     options = early_config.known_args_namespace
-    environment = SuiteEnvironment.create(options.suite_amqp, options.suite_redis)
+    try:
+        environment = SuiteEnvironment.create(options.suite_amqp, options.suite_redis)
+    except SetupError as e:
+        raise pytest.UsageError(f"cannot set up a private vhost and Redis database: {e}") from e
     early_config.add_cleanup(environment.destroy)
     environment.export()
     early_config.stash[ENVIRONMENT] = environment
@@ -157,6 +160,8 @@ def pytest_collection_finish(session):
     """Starts the wasmq worker once the selection is known (not inside a test, so its start,
     which may compile the plugin, does not count against the first test's time limit)."""
     config = session.config
+    # After -k/-m as well: the tests that will run.
+    config.stash[SELECTED] = len(session.items)
     if config.getoption("suite_worker") != "wasmq" or config.option.collectonly:
         return
     if not session.items:
@@ -221,6 +226,10 @@ class SuiteSummary:
         self.outcomes = {}
 
     def pytest_runtest_logreport(self, report):
+        if report.passed and report.when != "call":
+            # A passing setup or teardown says nothing yet: a test interrupted before its
+            # call has no outcome.
+            return
         if report.failed:
             outcome = "failed" if report.when == "call" else "error"
         elif hasattr(report, "wasxfail"):
@@ -242,7 +251,8 @@ def summarize(config, terminalreporter, outcomes):
     counts = {name: 0 for name in OUTCOME_ORDER}
     for outcome in outcomes.values():
         counts[outcome] += 1
-    total = len(outcomes)
+    total = config.stash.get(SELECTED, len(outcomes))
+    not_run = total - len(outcomes)
     good = counts["passed"] + counts["xfailed"]
     worker = config.getoption("suite_worker")
     write = terminalreporter.write_line
@@ -252,6 +262,7 @@ def summarize(config, terminalreporter, outcomes):
         f"({counts['passed']} passed, {counts['xfailed']} failed as Celery's xfail marks "
         f"expect); {counts['failed']} failed, {counts['error']} errors, "
         f"{counts['xpassed']} unexpectedly passed, {counts['skipped']} skipped"
+        + (f", {not_run} not run (interrupted)" if not_run > 0 else "")
     )
     deselection = config.stash[DESELECTION]
     deselected = terminalreporter.stats.get("deselected", [])
