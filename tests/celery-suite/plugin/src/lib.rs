@@ -11,9 +11,10 @@
 //!   omitted argument;
 //! * an explicit `None` for a parameter whose Python default is not `None` (`countdown=None`)
 //!   counts as omitted: the SDK passes both as JSON `null`;
-//! * `retry(exc=…)`, `retry(expires=…, max_retries=…)` per call and `ignore_result` as a task
-//!   attribute have no SDK counterpart: the retry request carries the exception's `repr()` as
-//!   its reason, the per-call limits fall back to the task's declared ones.
+//! * `retry(expires=…, max_retries=…)` per call and `ignore_result` as a task attribute have
+//!   no SDK counterpart: the per-call limits fall back to the task's declared ones.
+//!   (`retry(exc=…)` is `TaskError::retry(…).or_fail_with(…)`; an exception's arguments are
+//!   `TaskError::raised(kind, args)`.)
 //!
 //! Not ported (the suite's tests that use them are deselected or fail, see the README):
 //! tasks that replace themselves, call Redis, call or build other tasks, or write files, and
@@ -28,10 +29,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use wasmq_sdk::{TaskContext, TaskError, task};
 
-use crate::python::{exception_repr, exception_str, is_iterable, iterate, truthy};
+use crate::python::{exception_repr, is_iterable, iterate, truthy};
 
 /// The exception kind of `t.integration.tasks.ExpectedException`.
 const EXPECTED_EXCEPTION: &str = "t.integration.tasks.ExpectedException";
+
+/// The exception kind of `t.integration.tasks.UnpickleableException`.
+const UNPICKLEABLE_EXCEPTION: &str = "t.integration.tasks.UnpickleableException";
 
 /// `identity(x)`: returns the argument.
 #[task(name = "t.integration.tasks.identity")]
@@ -200,7 +204,9 @@ fn retry(ctx: &TaskContext, return_value: Option<Value>) -> Result<Value, TaskEr
     {
         return Ok(value);
     }
-    Err(TaskError::retry(exception_repr("ExpectedException", &[])).after(Duration::from_secs(5)))
+    Err(TaskError::retry(exception_repr("ExpectedException", &[]))
+        .after(Duration::from_secs(5))
+        .or_fail_with(TaskError::raised(EXPECTED_EXCEPTION, ())))
 }
 
 /// `retry_unpickleable(foo, bar, *, retry_kwargs)`: retries with
@@ -214,7 +220,11 @@ fn retry(ctx: &TaskContext, return_value: Option<Value>) -> Result<Value, TaskEr
 #[allow(clippy::disallowed_names)]
 fn retry_unpickleable(foo: Value, bar: Value, retry_kwargs: Value) -> Result<(), TaskError> {
     let _ = bar; // UnpickleableException(foo, bar).args == (foo,)
-    let request = TaskError::retry(exception_repr("UnpickleableException", &[foo]));
+    let request = TaskError::retry(exception_repr(
+        "UnpickleableException",
+        std::slice::from_ref(&foo),
+    ))
+    .or_fail_with(TaskError::raised(UNPICKLEABLE_EXCEPTION, [foo]));
     Err(
         match retry_kwargs.get("countdown").and_then(Value::as_f64) {
             Some(countdown) => request.after(seconds(countdown)),
@@ -279,7 +289,7 @@ fn fail(
     args.extend(variadic([
         args0, args1, args2, args3, args4, args5, args6, args7,
     ]));
-    Err(TaskError::failed(EXPECTED_EXCEPTION, exception_str(&args)))
+    Err(TaskError::raised(EXPECTED_EXCEPTION, args))
 }
 
 /// `fail_unpickleable(foo, bar)`: raises `UnpickleableException(foo, bar)`, whose `args`
@@ -288,10 +298,7 @@ fn fail(
 #[allow(clippy::disallowed_names)]
 fn fail_unpickleable(foo: Value, bar: Value) -> Result<(), TaskError> {
     let _ = bar;
-    Err(TaskError::failed(
-        "t.integration.tasks.UnpickleableException",
-        exception_str(&[foo]),
-    ))
+    Err(TaskError::raised(UNPICKLEABLE_EXCEPTION, [foo]))
 }
 
 /// `reject_without_requeue()`: `Reject('rejected', requeue=False)`.

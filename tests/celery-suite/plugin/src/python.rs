@@ -242,17 +242,6 @@ fn repr_str(s: &str) -> String {
     out
 }
 
-/// `str(exc)` of an exception raised with `args`: empty, the one argument's `str()`, or the
-/// `repr()` of the arguments' tuple.
-pub(crate) fn exception_str(args: &[Value]) -> String {
-    match args {
-        [] => String::new(),
-        [Value::String(s)] => s.clone(),
-        [one] => repr(one),
-        many => format!("({})", join(many.iter())),
-    }
-}
-
 /// `repr(exc)` of an exception `name(*args)`, e.g. `ExpectedException('x', 1)`.
 pub(crate) fn exception_repr(name: &str, args: &[Value]) -> String {
     format!("{name}({})", join(args.iter()))
@@ -308,19 +297,11 @@ mod tests {
     }
 
     #[test]
-    fn repr_and_exception_text_follow_python() {
+    fn repr_follows_python() {
         assert_eq!(repr(&json!(null)), "None");
         assert_eq!(repr(&json!(2.0)), "2.0");
         assert_eq!(repr(&json!("it's")), "\"it's\"");
         assert_eq!(repr(&json!({"a": [1, true]})), "{'a': [1, True]}");
-        assert_eq!(
-            exception_str(&[json!("Task expected to fail")]),
-            "Task expected to fail"
-        );
-        assert_eq!(
-            exception_str(&[json!("Task expected to fail"), json!(2), json!(2)]),
-            "('Task expected to fail', 2, 2)"
-        );
         assert_eq!(
             exception_repr("ExpectedException", &[]),
             "ExpectedException()"
