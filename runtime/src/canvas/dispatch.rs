@@ -90,11 +90,24 @@ impl<'a> Dispatch<'a> {
                     self.apply(&upgraded.0, parent, Vec::new()).await
                 }
                 Kind::Group(members) => {
+                    // A group's members share its id as their `group`. A group that is the
+                    // last step of a chord header member carries that chord (its `chord`
+                    // option), which its members report to.
                     let gid = sig
                         .task_id()
+                        .or_else(|| string_option(&sig.options, "group_id"))
                         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-                    for (index, member) in members.iter().enumerate() {
-                        let member = in_group(member.clone(), &gid, index, None)?;
+                    let chord = sig.options.get("chord").filter(|c| !c.is_null());
+                    let members = unroll(members)?;
+                    if chord.is_some() {
+                        // As Celery's `group._apply_tasks`: a group reporting to a chord
+                        // counts under its own id; members that joined the chord's group
+                        // when it was frozen report there instead (`group_id` is immutable).
+                        let size = members.iter().map(chord_size).sum();
+                        self.backend.set_chord_size(&gid, size).await?;
+                    }
+                    for (index, member) in members.into_iter().enumerate() {
+                        let member = in_group(member, &gid, index, chord)?;
                         self.apply(&member, parent, Vec::new()).await?;
                     }
                     Ok(())
@@ -104,18 +117,53 @@ impl<'a> Dispatch<'a> {
                         .chord_header()?
                         .task_id()
                         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-                    body.options.insert("group_id".into(), gid.clone().into());
+                    // `group_id` is immutable, as in Celery: a chord nested in another
+                    // chord's header keeps reporting its body to the outer chord.
+                    body.options
+                        .entry("group_id")
+                        .or_insert_with(|| gid.clone().into());
+                    // What follows the chord runs after its body: Celery carries it in the
+                    // body's `chain` option — the rest of the chain being applied, else the
+                    // chord's own (a chord that is itself a chord's body).
+                    let rest = if rest.is_empty() {
+                        option_list(&sig.options, "chain")
+                    } else {
+                        rest
+                    };
+                    if !rest.is_empty() {
+                        body.options.insert("chain".into(), Value::Array(rest));
+                    }
                     body.freeze()?;
+                    let header = unroll(header)?;
                     if header.is_empty() {
                         return self
-                            .apply(&body, Some(&Value::Array(Vec::new())), rest)
+                            .apply(&body, Some(&Value::Array(Vec::new())), Vec::new())
                             .await;
                     }
-                    self.backend.set_chord_size(&gid, header.len()).await?;
+                    let size = header.iter().map(chord_size).sum();
                     let body = body.to_value();
-                    for (index, member) in header.iter().enumerate() {
-                        let member = in_group(member.clone(), &gid, index, Some(&body))?;
-                        self.apply(&member, parent, Vec::new()).await?;
+                    let members = header
+                        .into_iter()
+                        .enumerate()
+                        .map(|(index, member)| {
+                            let mut member = in_group(member, &gid, index, Some(&body))?;
+                            member.freeze()?;
+                            Ok(member)
+                        })
+                        .collect::<Result<Vec<_>, CanvasError>>()?;
+                    self.backend.set_chord_size(&gid, size).await?;
+                    // A header holding groups gives the body nested lists: save its shape,
+                    // as Celery's `apply_chord` does.
+                    let shapes: Vec<Value> = members.iter().map(result_shape).collect();
+                    if shapes
+                        .iter()
+                        .any(|shape| shape.get(1).is_some_and(Value::is_array))
+                    {
+                        let shape = serde_json::json!([[gid, null], shapes]);
+                        self.backend.save_chord_shape(&gid, &shape).await?;
+                    }
+                    for member in &members {
+                        self.apply(member, parent, Vec::new()).await?;
                     }
                     Ok(())
                 }
@@ -134,6 +182,16 @@ impl<'a> Dispatch<'a> {
         let delay = message
             .eta
             .and_then(|eta| (eta - chrono::Utc::now()).to_std().ok());
+        tracing::debug!(
+            task = %message.task,
+            id = %message.id,
+            %queue,
+            group = ?message.group,
+            group_index = ?message.group_index,
+            chord = message.embed.chord.is_some(),
+            chain = message.embed.chain.as_ref().map_or(0, Vec::len),
+            "publishing a workflow step"
+        );
         self.broker
             .publish(&queue, &message.encode(), delay)
             .await?;
@@ -162,10 +220,17 @@ impl<'a> Dispatch<'a> {
         message.shadow = string("shadow");
         message.origin.clone_from(&self.origin);
         let list = |key: &str| Some(option_list(options, key)).filter(|l| !l.is_empty());
+        // The steps after this task: those of the chain being applied, else the ones the
+        // signature carries itself (a chord body's `chain` option).
+        let chain = if rest.is_empty() {
+            list("chain")
+        } else {
+            Some(rest)
+        };
         message.embed = Embed {
             callbacks: list("link"),
             errbacks: list("link_error"),
-            chain: Some(rest).filter(|r| !r.is_empty()),
+            chain,
             chord: options.get("chord").filter(|c| !c.is_null()).cloned(),
         };
         if let Some(Value::Object(headers)) = options.get("headers") {
@@ -181,21 +246,29 @@ impl<'a> Dispatch<'a> {
     }
 }
 
-/// `member` as the `index`th of group `gid` (and, for a chord header, reporting to `chord`).
-/// For a chain member, the options go on its last step, whose result is the member's.
+/// `member` as the `index`th of group `gid` (and, for a chord header, reporting to `chord`),
+/// as Celery's `freeze(group_id=…, chord=…, group_index=…)` makes it:
+/// * a task joins the group — unless it already belongs to one (`group_id` is immutable);
+/// * a chain joins through its last step, whose result is the member's;
+/// * a group gets `gid` as its own id and group, and its members join it (so they report to
+///   the same chord);
+/// * a chord's body joins (the body's result is the chord's).
 fn in_group(
     mut member: Signature,
     gid: &str,
     index: usize,
     chord: Option<&Value>,
 ) -> Result<Signature, CanvasError> {
+    let join = |options: &mut serde_json::Map<String, Value>| {
+        options.entry("group_id").or_insert_with(|| gid.into());
+        options.insert("group_index".into(), index.into());
+        if let Some(body) = chord {
+            options.insert("chord".into(), body.clone());
+        }
+    };
     match member.kind()? {
         Kind::Task => {
-            member.options.insert("group_id".into(), gid.into());
-            member.options.insert("group_index".into(), index.into());
-            if let Some(body) = chord {
-                member.options.insert("chord".into(), body.clone());
-            }
+            join(&mut member.options);
             Ok(member)
         }
         Kind::Chain(mut steps) => {
@@ -206,8 +279,85 @@ fn in_group(
             member.set_children("tasks", &steps);
             Ok(member)
         }
-        Kind::Group(_) | Kind::Chord { .. } => Err(CanvasError::Unsupported(
-            "a group or chord nested directly inside a group or chord header".into(),
-        )),
+        Kind::Group(members) => {
+            let own = member
+                .options
+                .entry("task_id")
+                .or_insert_with(|| gid.into())
+                .as_str()
+                .unwrap_or(gid)
+                .to_owned();
+            member.options.insert("group_id".into(), gid.into());
+            member.options.insert("group_index".into(), index.into());
+            if let Some(body) = chord {
+                member.options.insert("chord".into(), body.clone());
+            }
+            let members = unroll(members)?
+                .into_iter()
+                .enumerate()
+                .map(|(i, m)| in_group(m, &own, i, chord))
+                .collect::<Result<Vec<_>, _>>()?;
+            member.set_children("tasks", &members);
+            Ok(member)
+        }
+        Kind::Chord { body, .. } => {
+            let body = in_group(*body, gid, index, chord)?;
+            member.kwargs.insert("body".into(), body.to_value());
+            Ok(member)
+        }
     }
+}
+
+/// A group's members with nested groups flattened into it, as Celery's `_freeze_unroll`
+/// does (`group(group(a, b), c)` is `group(a, b, c)`).
+fn unroll(members: Vec<Signature>) -> Result<Vec<Signature>, CanvasError> {
+    let mut flat = Vec::with_capacity(members.len());
+    let mut pending: std::collections::VecDeque<Signature> = members.into();
+    while let Some(member) = pending.pop_front() {
+        match member.kind()? {
+            Kind::Group(inner) => {
+                for sig in inner.into_iter().rev() {
+                    pending.push_front(sig);
+                }
+            }
+            _ => flat.push(member),
+        }
+    }
+    Ok(flat)
+}
+
+/// How many parts a chord header member reports (Celery's `_chord._descend`): a task one, a
+/// group each of its members', a chain its last non-empty step's, a chord its body's.
+fn chord_size(member: &Signature) -> usize {
+    match member.kind() {
+        Ok(Kind::Task) | Err(_) => 1,
+        Ok(Kind::Group(members)) => members.iter().map(chord_size).sum(),
+        Ok(Kind::Chain(steps)) => steps
+            .iter()
+            .rev()
+            .map(chord_size)
+            .find(|size| *size > 0)
+            .unwrap_or(0),
+        Ok(Kind::Chord { body, .. }) => chord_size(&body),
+    }
+}
+
+/// A signature's result as Celery's `as_tuple()` writes it: `[[id, null], null]` for a
+/// task, `[[gid, null], [members…]]` for a group; a chain's is its last step's, a chord's
+/// its body's.
+fn result_shape(sig: &Signature) -> Value {
+    match sig.kind() {
+        Ok(Kind::Group(members)) => serde_json::json!([
+            [sig.task_id(), null],
+            members.iter().map(result_shape).collect::<Vec<_>>()
+        ]),
+        Ok(Kind::Chain(steps)) => steps.last().map_or(Value::Null, result_shape),
+        Ok(Kind::Chord { body, .. }) => result_shape(&body),
+        Ok(Kind::Task) | Err(_) => serde_json::json!([[sig.task_id(), null], null]),
+    }
+}
+
+/// A string option.
+fn string_option<'s>(options: &'s serde_json::Map<String, Value>, key: &str) -> Option<&'s str> {
+    options.get(key).and_then(Value::as_str)
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params};
+use serde_json::Value;
 use tokio::sync::Notify;
 
 use super::{ChordPart, ChordResults, ReplyTo, ResultBackend, ResultError, ResultMeta, TaskState};
@@ -29,6 +30,11 @@ CREATE INDEX IF NOT EXISTS results_expiry ON results (expires_at);
 CREATE TABLE IF NOT EXISTS chord_sizes (
     group_id   TEXT PRIMARY KEY,
     size       INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chord_shapes (
+    group_id   TEXT PRIMARY KEY,
+    shape      TEXT    NOT NULL,
     expires_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS chord_parts (
@@ -147,6 +153,22 @@ impl ResultBackend for SqliteResultBackend {
         Ok(())
     }
 
+    async fn save_chord_shape(&self, group_id: &str, shape: &Value) -> Result<(), ResultError> {
+        let gid = group_id.to_owned();
+        let shape = shape.to_string();
+        let ttl = self.ttl_ms();
+        self.db
+            .run(move |conn| {
+                conn.execute(
+                    "INSERT OR REPLACE INTO chord_shapes (group_id, shape, expires_at)
+                     VALUES (?1, ?2, ?3)",
+                    params![gid, shape, now_ms().saturating_add(ttl)],
+                )
+            })
+            .await?;
+        Ok(())
+    }
+
     async fn chord_part_return(
         &self,
         part: &ChordPart,
@@ -197,12 +219,20 @@ impl ResultBackend for SqliteResultBackend {
                         ))
                     })?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
+                let shape: Option<String> = conn
+                    .query_row(
+                        "SELECT shape FROM chord_shapes WHERE group_id = ?1",
+                        params![gid],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
                 conn.execute("DELETE FROM chord_parts WHERE group_id = ?1", params![gid])?;
                 conn.execute("DELETE FROM chord_sizes WHERE group_id = ?1", params![gid])?;
-                Ok(Some(rows))
+                conn.execute("DELETE FROM chord_shapes WHERE group_id = ?1", params![gid])?;
+                Ok(Some((rows, shape)))
             })
             .await?;
-        let Some(rows) = rows else {
+        let Some((rows, shape)) = rows else {
             return Ok(None);
         };
         let members = rows
@@ -215,7 +245,10 @@ impl ResultBackend for SqliteResultBackend {
                 Ok((tid, TaskState::parse(&state), value))
             })
             .collect::<Result<Vec<_>, ResultError>>()?;
-        Ok(Some(ChordResults { members }))
+        Ok(Some(ChordResults {
+            members,
+            saved_group: shape.and_then(|shape| serde_json::from_str(&shape).ok()),
+        }))
     }
 
     async fn purge_expired(&self) -> Result<u64, ResultError> {
@@ -229,6 +262,10 @@ impl ResultBackend for SqliteResultBackend {
                 )?;
                 conn.execute(
                     "DELETE FROM chord_parts WHERE expires_at < ?1",
+                    params![now],
+                )?;
+                conn.execute(
+                    "DELETE FROM chord_shapes WHERE expires_at < ?1",
                     params![now],
                 )?;
                 conn.execute("DELETE FROM results WHERE expires_at < ?1", params![now])

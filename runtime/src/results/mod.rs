@@ -56,6 +56,11 @@ pub struct ChordPart {
 pub struct ChordResults {
     /// Each member's `(task_id, state, result)`.
     pub members: Vec<(String, TaskState, Value)>,
+    /// The header's shape as its sender saved it when it is not a flat list (Celery's
+    /// `GroupResult.save()` of a header holding groups): the group's `as_tuple()`,
+    /// `[[gid, parent], [member, …]]`, where a member is `[[id, parent], null]` or a nested
+    /// group. The body then gets nested lists, as Celery's `join` builds them.
+    pub saved_group: Option<Value>,
 }
 
 /// Where results are stored.
@@ -110,6 +115,18 @@ pub trait ResultBackend: Send + Sync {
     async fn set_chord_size(&self, group_id: &str, size: usize) -> Result<(), ResultError> {
         let _ = (group_id, size);
         Err(ResultError::ChordsUnsupported(self.describe()))
+    }
+
+    /// Saves the shape of a chord header that holds groups (what Celery's `apply_chord`
+    /// saves with `GroupResult.save()`: `{"result": group.as_tuple()}` under the group's
+    /// key), so that the part completing the chord can give the body nested results.
+    /// Default: nothing to save where there is no chord counter.
+    ///
+    /// # Errors
+    /// When the backend cannot be written.
+    async fn save_chord_shape(&self, group_id: &str, shape: &Value) -> Result<(), ResultError> {
+        let _ = (group_id, shape);
+        Ok(())
     }
 
     /// Records a header member's outcome, atomically; returns every member's result when

@@ -58,13 +58,15 @@ pub fn group_key(group_id: &str, suffix: &str) -> String {
 /// `.j` ZSET scored by `group_index`; when the count reaches the size `.s` (+ `.t`), claim
 /// completion with `SET .c done NX` — a Python worker seeing `done` stands aside — and
 /// return every part in order, deleting the chord's keys.
-/// KEYS: j t s d c; ARGV: tid, encoded part, score, expiry seconds.
-/// Returns {ready, parts}: `parts` is empty unless this call completed the chord.
+/// KEYS: j t s d c, and the group's own key (where a client saves a nested header's shape);
+/// ARGV: tid, encoded part, score, expiry seconds.
+/// Returns {ready, parts, saved}: `parts` is empty unless this call completed the chord, and
+/// `saved` is then the group's saved result, or an empty string.
 const CHORD_PART_SCRIPT: &str = r"
-local jkey, tkey, skey, dkey, ckey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local jkey, tkey, skey, dkey, ckey, gkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local tid, value, score, expires = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 if redis.call('GET', ckey) == 'done' then
-  return {-1, {}}
+  return {-1, {}, ''}
 end
 local member = tid .. ':' .. score
 if redis.call('SISMEMBER', dkey, member) == 0 then
@@ -79,18 +81,18 @@ if expires > 0 then
 end
 local size = redis.call('GET', skey)
 if not size then
-  return {ready, {}}
+  return {ready, {}, ''}
 end
 local total = tonumber(size) + tonumber(redis.call('GET', tkey) or 0)
 if ready < total then
-  return {ready, {}}
+  return {ready, {}, ''}
 end
 if not redis.call('SET', ckey, 'done', 'NX', 'EX', math.max(expires, 300)) then
-  return {ready, {}}
+  return {ready, {}, ''}
 end
 local parts = redis.call('ZRANGE', jkey, 0, -1)
 redis.call('DEL', jkey, tkey, skey, dkey)
-return {ready, parts}
+return {ready, parts, redis.call('GET', gkey) or ''}
 ";
 
 /// `error`, met while doing `what`.
@@ -241,6 +243,25 @@ impl ResultBackend for RedisResultBackend {
         Ok(())
     }
 
+    async fn save_chord_shape(
+        &self,
+        group_id: &str,
+        shape: &serde_json::Value,
+    ) -> Result<(), ResultError> {
+        let mut connection = self.connection().await?;
+        // Celery's `GroupResult.save()` of a complex header: a Python worker completing the
+        // chord reads it too.
+        let _: () = connection
+            .set_ex(
+                group_key(group_id, ""),
+                serde_json::json!({ "result": shape }).to_string(),
+                self.expires.as_secs().max(1),
+            )
+            .await
+            .map_err(|e| redis_error("cannot save a chord's header", e))?;
+        Ok(())
+    }
+
     async fn chord_part_return(
         &self,
         part: &ChordPart,
@@ -251,13 +272,14 @@ impl ResultBackend for RedisResultBackend {
         let score = part
             .index
             .map_or_else(|| "+inf".to_owned(), |i| i.to_string());
-        let (_ready, parts): (i64, Vec<String>) = self
+        let (_ready, parts, saved): (i64, Vec<String>, String) = self
             .chord_script
             .key(group_key(gid, ".j"))
             .key(group_key(gid, ".t"))
             .key(group_key(gid, ".s"))
             .key(group_key(gid, ".d"))
             .key(group_key(gid, ".c"))
+            .key(group_key(gid, ""))
             .arg(&part.task_id)
             .arg(encoded)
             .arg(score)
@@ -272,7 +294,15 @@ impl ResultBackend for RedisResultBackend {
             .iter()
             .map(|json| decode_part(gid, json))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Some(ChordResults { members }))
+        // Celery saves `{"result": group.as_tuple()}` (JSON) for a header holding groups.
+        let saved_group = serde_json::from_str::<serde_json::Value>(&saved)
+            .ok()
+            .and_then(|mut saved| saved.get_mut("result").map(serde_json::Value::take))
+            .filter(|shape| shape.get(1).is_some_and(serde_json::Value::is_array));
+        Ok(Some(ChordResults {
+            members,
+            saved_group,
+        }))
     }
 
     async fn purge_expired(&self) -> Result<u64, ResultError> {

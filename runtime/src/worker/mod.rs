@@ -27,6 +27,7 @@
 //! [`Consumer`](crate::broker::Consumer), [`ResultBackend`]); its unit tests use fakes.
 
 mod admit;
+mod builtins;
 mod continuation;
 pub mod decision;
 mod options;
@@ -341,9 +342,40 @@ async fn process(
         Admission::RunAfter(wait) if !wait.is_zero() => slot = hold(shared, slot, wait).await,
         Admission::RunAfter(_) => {}
     }
-    let Some((plugin, policy)) = task else {
-        tracing::error!(task = %message.task, id = %message.id, "received an unregistered task");
-        let decision = decision::not_registered(&message);
+    // Celery's built-ins (`celery.starmap`, `celery.map`) run the task they name.
+    let builtin = if task.is_none() {
+        builtins::MapCall::parse(&message)
+    } else {
+        None
+    };
+    if let Some(Err(reason)) = &builtin {
+        tracing::error!(task = %message.task, id = %message.id, "{reason}");
+        let ran = builtins::MapCall::refused(shared, reason.clone());
+        let decision =
+            decision::after_run(&message, &ran.call, ran.interruption, &shared.options.retry);
+        settle::finish(shared, delivery, Some(&message), decision).await;
+        return slot;
+    }
+    let served = match &builtin {
+        Some(Ok(call)) => shared.registry.lookup(&call.task.task).map(|plugin| {
+            let policy =
+                shared
+                    .options
+                    .task_policies
+                    .resolve(&shared.options.retry, None, &message.task);
+            (plugin, policy)
+        }),
+        _ => task,
+    };
+    let Some((plugin, policy)) = served else {
+        let unknown = match &builtin {
+            Some(Ok(call)) => call.task.task.clone(),
+            _ => message.task.clone(),
+        };
+        tracing::error!(task = %unknown, id = %message.id, "received an unregistered task");
+        let mut named = message.clone();
+        named.task = unknown;
+        let decision = decision::not_registered(&named);
         settle::finish(shared, delivery, Some(&message), decision).await;
         return slot;
     };
@@ -371,7 +403,10 @@ async fn process(
         started.parent_id.clone_from(&message.parent_id);
         settle::store(shared, &started, reply.as_ref()).await;
     }
-    let ran = run::run(shared, &message, &plugin, reply).await;
+    let ran = match &builtin {
+        Some(Ok(call)) => call.run(shared, &message, &plugin, reply).await,
+        _ => run::run(shared, &message, &plugin, reply).await,
+    };
     let decision = decision::after_run(&message, &ran.call, ran.interruption, &policy.retry);
     if settle::settles_locally(&message, &decision) {
         settle::finish(shared, delivery, Some(&message), decision).await;

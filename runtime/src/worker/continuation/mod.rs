@@ -10,21 +10,24 @@
 //!   stored under every pre-assigned task id of the remaining chain, so whoever waits on the
 //!   chain's end is answered; then each errback is published with `[failed_task_id]`
 //!   (Celery's publish path; wasmq never calls errbacks in-process).
-//! * **Chord member** (`embed.chord` set), after the result is stored: the backend counts
-//!   the part; the part that completes the chord publishes the body with the list of header
-//!   results, or, if a member failed, stores the body's FAILURE as
-//!   `ChordError("Dependency <id> raised <exc>")`. A backend without chords (rpc) fails the
-//!   body with `NotImplementedError` instead of leaving its waiter hanging.
+//!   A step that is a chord fails through its body; a step that is a chord header member
+//!   reports its failure to that chord.
+//! * **Chord member** (`embed.chord` set), after the result is stored: see [`chord`].
 //!
 //! Broker or backend outages are transient: the message is released and the task runs
 //! again (pre-assigned ids and the chord counter's de-duplication keep that idempotent).
 
+mod chord;
+
+use std::future::Future;
+use std::pin::Pin;
+
 use serde_json::{Value, json};
 
 use super::Shared;
-use crate::canvas::{CanvasError, Dispatch, Signature, option_list};
+use crate::canvas::{CanvasError, Dispatch, Kind, Signature};
 use crate::protocol::TaskMessage;
-use crate::results::{ChordPart, ExceptionInfo, ReplyTo, ResultError, ResultMeta, TaskState};
+use crate::results::{ChordPart, ExceptionInfo, ReplyTo, ResultMeta, TaskState};
 
 /// On SUCCESS, publishes callbacks and the next chain step (before the result is stored).
 /// Returns false when the message must be released (a transient error, already logged).
@@ -74,7 +77,7 @@ fn unrunnable(error: &CanvasError) -> ExceptionInfo {
     ExceptionInfo::new(kind, "builtins", format!("{error}: {}", source_text(error)))
 }
 
-fn source_text(error: &CanvasError) -> String {
+pub(super) fn source_text(error: &CanvasError) -> String {
     match error {
         CanvasError::Backend(inner) => inner.to_string(),
         CanvasError::Broker(inner) => inner.to_string(),
@@ -175,34 +178,8 @@ async fn after_store_inner(
     }
     let dispatch = dispatch(shared, message, queue);
     if failed {
-        // In the order the steps would have run, so the chain's end is answered last.
-        for step in message.embed.chain.iter().flatten().rev() {
-            let Ok(step) = Signature::from_value(step) else {
-                continue;
-            };
-            for id in step.task_ids() {
-                let mut copy = meta.clone();
-                copy.task_id.clone_from(&id);
-                copy.children.clear();
-                copy.group_id = step
-                    .options
-                    .get("group_id")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned);
-                store(shared, message, &copy).await?;
-            }
-            // A chain that was a chord header member reports from its last step.
-            if let Some(body) = step.options.get("chord").filter(|c| !c.is_null()) {
-                let part = ChordPart {
-                    group_id: string_option(&step, "group_id").unwrap_or_default(),
-                    index: step.options.get("group_index").and_then(Value::as_u64),
-                    task_id: step.task_id().unwrap_or_default().to_owned(),
-                    state: meta.status.clone(),
-                    result: meta.result.clone(),
-                };
-                chord_part(shared, &dispatch, message, body, part).await?;
-            }
-        }
+        let steps = message.embed.chain.as_deref().unwrap_or_default();
+        fail_chain(shared, &dispatch, message, steps, meta).await?;
     }
     if let Some(body) = &message.embed.chord {
         let part = ChordPart {
@@ -212,13 +189,85 @@ async fn after_store_inner(
             state: meta.status.clone(),
             result: meta.result.clone(),
         };
-        chord_part(shared, &dispatch, message, body, part).await?;
+        chord::report_part(shared, &dispatch, message, body, part).await?;
     }
     if meta.status == TaskState::Failure {
         let errbacks = message.embed.errbacks.iter().flatten();
         publish_errbacks(&dispatch, errbacks, &message.id).await?;
     }
     Ok(())
+}
+
+type Continued<'a> = Pin<Box<dyn Future<Output = Result<(), CanvasError>> + Send + 'a>>;
+
+/// Celery's `_fail_chain`: a failure reaches every step that would have run after the
+/// failed task — `steps` as a message carries them, last first — so whoever waits on the
+/// chain's end (or any step) is answered. Each task of a step gets `failure` stored under
+/// its id; a chord step fails through its body (whose result is the step's); a task that is
+/// a chord header member reports the failure to its chord.
+pub(super) fn fail_chain<'a>(
+    shared: &'a Shared,
+    dispatch: &'a Dispatch<'a>,
+    message: &'a TaskMessage,
+    steps: &'a [Value],
+    failure: &'a ResultMeta,
+) -> Continued<'a> {
+    Box::pin(async move {
+        // In the order the steps would have run, so the chain's end is answered last.
+        for step in steps.iter().rev() {
+            let Ok(step) = Signature::from_value(step) else {
+                continue;
+            };
+            for task in failed_tasks(step) {
+                let mut copy = failure.clone();
+                copy.task_id.clone_from(&task.id);
+                copy.children.clear();
+                copy.group_id.clone_from(&task.group_id);
+                store(shared, message, &copy).await?;
+                if let Some(body) = &task.chord {
+                    let part = ChordPart {
+                        group_id: task.group_id.clone().unwrap_or_default(),
+                        index: task.group_index,
+                        task_id: task.id.clone(),
+                        state: failure.status.clone(),
+                        result: failure.result.clone(),
+                    };
+                    chord::report_part(shared, dispatch, message, body, part).await?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// A task a failure reaches: its id, group and chord.
+struct FailedTask {
+    id: String,
+    group_id: Option<String>,
+    group_index: Option<u64>,
+    chord: Option<Value>,
+}
+
+/// The tasks of `step` that a failure before it reaches: every task of a chain or group; a
+/// chord's body only (its header never runs).
+fn failed_tasks(step: Signature) -> Vec<FailedTask> {
+    match step.kind() {
+        Ok(Kind::Task) => step
+            .task_id()
+            .map(|id| FailedTask {
+                id: id.to_owned(),
+                group_id: string_option(&step, "group_id"),
+                group_index: step.options.get("group_index").and_then(Value::as_u64),
+                chord: step.options.get("chord").filter(|c| !c.is_null()).cloned(),
+            })
+            .into_iter()
+            .collect(),
+        Ok(Kind::Chain(items) | Kind::Group(items)) => {
+            items.into_iter().flat_map(failed_tasks).collect()
+        }
+        Ok(Kind::Chord { body, .. }) => failed_tasks(*body),
+        Err(_) => Vec::new(),
+    }
 }
 
 fn string_option(sig: &Signature, key: &str) -> Option<String> {
@@ -230,7 +279,7 @@ fn string_option(sig: &Signature, key: &str) -> Option<String> {
 
 /// Publishes errbacks with `[failed_id]` prepended (unless immutable). A malformed errback
 /// is logged and skipped: the failure it would report is already stored.
-async fn publish_errbacks(
+pub(super) async fn publish_errbacks(
     dispatch: &Dispatch<'_>,
     errbacks: impl Iterator<Item = &Value>,
     failed_id: &str,
@@ -257,106 +306,9 @@ async fn publish_errbacks(
     Ok(())
 }
 
-/// Reports a header member to the chord counter; the part that completes the chord
-/// publishes the body (or stores its failure).
-async fn chord_part(
-    shared: &Shared,
-    dispatch: &Dispatch<'_>,
-    message: &TaskMessage,
-    body: &Value,
-    part: ChordPart,
-) -> Result<(), CanvasError> {
-    let body_id = body
-        .get("options")
-        .and_then(|o| o.get("task_id"))
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let body = match Signature::from_value(body) {
-        Ok(body) => body,
-        Err(error) => {
-            let exception =
-                ExceptionInfo::new("ChordError", "celery.exceptions", error.to_string());
-            return fail_body(shared, dispatch, message, body_id, None, &exception).await;
-        }
-    };
-    if part.group_id.is_empty() {
-        let exception = ExceptionInfo::new(
-            "ChordError",
-            "celery.exceptions",
-            format!("chord header member {} has no group id", part.task_id),
-        );
-        return fail_body(shared, dispatch, message, body_id, Some(&body), &exception).await;
-    }
-    let results = match shared.backend.chord_part_return(&part).await {
-        Ok(None) => return Ok(()),
-        Ok(Some(results)) => results,
-        Err(error @ ResultError::ChordsUnsupported(_)) => {
-            let exception =
-                ExceptionInfo::new("NotImplementedError", "builtins", error.to_string());
-            return fail_body(shared, dispatch, message, body_id, Some(&body), &exception).await;
-        }
-        Err(error) => return Err(error.into()),
-    };
-    if let Some((tid, _, result)) = results
-        .members
-        .iter()
-        .find(|(_, state, _)| matches!(state, TaskState::Failure | TaskState::Revoked))
-    {
-        let exception = ExceptionInfo::new(
-            "ChordError",
-            "celery.exceptions",
-            format!("Dependency {tid} raised {}", python_repr(result)),
-        );
-        return fail_body(shared, dispatch, message, body_id, Some(&body), &exception).await;
-    }
-    let values = Value::Array(results.members.into_iter().map(|(_, _, v)| v).collect());
-    // The chord is consumed: if the body cannot be published now it never will be, so
-    // its waiter gets the error instead.
-    if let Err(error) = dispatch.apply(&body, Some(&values), Vec::new()).await {
-        tracing::error!(
-            error = &error as &dyn std::error::Error,
-            "cannot publish a chord body"
-        );
-        let exception = ExceptionInfo::new(
-            "ChordError",
-            "celery.exceptions",
-            format!("Callback error: {error}: {}", source_text(&error)),
-        );
-        return fail_body(shared, dispatch, message, body_id, Some(&body), &exception).await;
-    }
-    Ok(())
-}
-
-/// Stores the chord body's FAILURE (under every id the body pre-assigned) and publishes
-/// the body's errbacks.
-async fn fail_body(
-    shared: &Shared,
-    dispatch: &Dispatch<'_>,
-    message: &TaskMessage,
-    body_id: Option<String>,
-    body: Option<&Signature>,
-    exception: &ExceptionInfo,
-) -> Result<(), CanvasError> {
-    tracing::warn!(group = ?message.group, body = ?body_id, "chord failed: {exception}");
-    let ids = body.map_or_else(
-        || body_id.clone().into_iter().collect(),
-        Signature::task_ids,
-    );
-    for id in &ids {
-        let mut meta = ResultMeta::failure(id, exception);
-        meta.group_id.clone_from(&message.group);
-        store(shared, message, &meta).await?;
-    }
-    if let (Some(body), Some(id)) = (body, body_id.or_else(|| ids.last().cloned())) {
-        let errbacks = option_list(&body.options, "link_error");
-        publish_errbacks(dispatch, errbacks.iter(), &id).await?;
-    }
-    Ok(())
-}
-
 /// Stores a meta for another task of the workflow; rpc results go to this message's
 /// sender under that task's id.
-async fn store(
+pub(super) async fn store(
     shared: &Shared,
     message: &TaskMessage,
     meta: &ResultMeta,
@@ -371,34 +323,4 @@ async fn store(
         });
     shared.backend.store(meta, reply.as_ref()).await?;
     Ok(())
-}
-
-/// Python's `repr()` of an encoded exception, e.g. `ZeroDivisionError('division by zero')`
-/// (what Celery's `ChordError` message quotes); a non-exception value as JSON.
-fn python_repr(result: &Value) -> String {
-    let Ok(exception) = serde_json::from_value::<ExceptionInfo>(result.clone()) else {
-        return result.to_string();
-    };
-    let args: Vec<String> = exception
-        .exc_message
-        .iter()
-        .map(|arg| match arg {
-            Value::String(s) => format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'")),
-            other => other.to_string(),
-        })
-        .collect();
-    format!("{}({})", exception.exc_type, args.join(", "))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chord_errors_quote_the_exception_as_python_does() {
-        let exc = json!({"exc_type": "ZeroDivisionError", "exc_message": ["division by zero"], "exc_module": "builtins"});
-        assert_eq!(python_repr(&exc), "ZeroDivisionError('division by zero')");
-        let two = json!({"exc_type": "ValueError", "exc_message": ["it's bad", 42], "exc_module": "builtins"});
-        assert_eq!(python_repr(&two), r"ValueError('it\'s bad', 42)");
-    }
 }
