@@ -92,7 +92,8 @@ fn math_tasks() {
         assert_eq!(
             report.outcome,
             Outcome::Rejected {
-                reason: "cannot take the square root of -1".into()
+                reason: "cannot take the square root of -1".into(),
+                requeue: false,
             }
         );
     });
@@ -178,6 +179,10 @@ fn retry_requests_carry_their_countdown_and_see_the_retry_count() {
                 countdown: Some(Duration::from_millis(100)),
                 reason: "attempt 1 of 3: not yet".into(),
                 exc: None,
+                args: None,
+                kwargs: None,
+                max_retries: None,
+                expires: None,
             }
         );
         let mut request = CallRequest::new("math.flaky", "[2]");

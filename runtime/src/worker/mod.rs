@@ -322,7 +322,7 @@ async fn dispatch(shared: &Arc<Shared>, delivery: Delivery, slot: OwnedSemaphore
 async fn process(
     shared: &Arc<Shared>,
     delivery: Delivery,
-    message: TaskMessage,
+    mut message: TaskMessage,
     task: Option<(Plugin, TaskPolicy)>,
     mut slot: OwnedSemaphorePermit,
 ) -> OwnedSemaphorePermit {
@@ -347,6 +347,7 @@ async fn process(
         settle::finish(shared, delivery, Some(&message), decision).await;
         return slot;
     };
+    run::apply_declarations(&mut message, &plugin);
     if let Some(rate) = policy.rate_limit {
         match shared.rate_turns.take(&message.task, rate) {
             Admission::RunAfter(wait) if wait.is_zero() => {}
@@ -371,7 +372,7 @@ async fn process(
         started.parent_id.clone_from(&message.parent_id);
         settle::store(shared, &started, reply.as_ref()).await;
     }
-    let ran = run::run(shared, &message, &plugin, reply).await;
+    let ran = run::run(shared, &delivery, &message, &plugin, reply).await;
     let decision = decision::after_run(&message, &ran.call, ran.interruption, &policy.retry);
     if settle::settles_locally(&message, &decision) {
         settle::finish(shared, delivery, Some(&message), decision).await;
