@@ -13,8 +13,8 @@
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use crate::TaskError;
 use crate::__private::TaskDef;
+use crate::TaskError;
 use crate::error::Retry;
 
 /// Celery-style arguments being bound to a task's parameters.
@@ -101,7 +101,12 @@ impl Args {
         }
     }
 
-    fn decode<T: DeserializeOwned>(&self, value: Value, name: &str, ty: &str) -> Result<T, TaskError> {
+    fn decode<T: DeserializeOwned>(
+        &self,
+        value: Value,
+        name: &str,
+        ty: &str,
+    ) -> Result<T, TaskError> {
         serde_json::from_value(value).map_err(|e| {
             TaskError::invalid_arguments(format!(
                 "{}: argument `{name}` must be {ty}: {e}",
@@ -216,8 +221,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::TaskContext;
     use crate::__private::PolicyDef;
+    use crate::TaskContext;
 
     fn never(_: &TaskContext, _: Args) -> Result<String, TaskError> {
         unreachable!("binding tests never call the task")
@@ -354,10 +359,7 @@ mod tests {
             bind_variadic("[]", "{}").unwrap_err().to_string(),
             "TypeError: t.greet missing required argument `first` (i64); parameters: first, *rest, flag, **extra"
         );
-        assert_eq!(
-            signature(&VARIADIC),
-            ["first", "*rest", "flag", "**extra"]
-        );
+        assert_eq!(signature(&VARIADIC), ["first", "*rest", "flag", "**extra"]);
     }
 
     #[test]
@@ -433,7 +435,12 @@ mod tests {
             "both given: as given"
         );
         assert_eq!(
-            completed(&VARIADIC, ("[1, 2, 3]", "{}"), None, Some(json!({"first": 0}))),
+            completed(
+                &VARIADIC,
+                ("[1, 2, 3]", "{}"),
+                None,
+                Some(json!({"first": 0}))
+            ),
             (Some(json!([0, 2, 3])), Some(json!({}))),
             "*args keep their places"
         );

@@ -173,7 +173,9 @@ impl TaskContext {
     /// `None` when it set none. [`TaskContext::soft_time_left`] counts down the soft limit
     /// in force, which may be the task's declared one.
     pub fn soft_time_limit(&self) -> Option<Duration> {
-        self.invocation.soft_time_limit_ms.map(Duration::from_millis)
+        self.invocation
+            .soft_time_limit_ms
+            .map(Duration::from_millis)
     }
 
     /// The message priority (Celery's `request.delivery_info['priority']`), 0–255.

@@ -293,6 +293,8 @@ pub mod __private {
 
     /// `run` for a plugin's task list: finds the task, binds arguments, calls it, and
     /// completes a retry request's new arguments from this call's.
+    // The return type is the generated `plugin.run` binding's; it is returned once per call.
+    #[allow(clippy::result_large_err)]
     pub fn run(
         tasks: &'static [TaskDef],
         invocation: wit::Invocation,

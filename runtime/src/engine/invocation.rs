@@ -132,7 +132,10 @@ mod tests {
             ..MessageInfo::default()
         };
         let told = invocation(&mut request);
-        assert_eq!(told.eta.as_deref(), Some("2026-11-28T18:56:05.710508+00:00"));
+        assert_eq!(
+            told.eta.as_deref(),
+            Some("2026-11-28T18:56:05.710508+00:00")
+        );
         assert_eq!(told.time_limit_ms, Some(30_000));
         assert_eq!(told.soft_time_limit_ms, Some(1500));
         assert!(told.redelivered);

@@ -167,7 +167,11 @@ pub(crate) fn task_error_outcome(error: wit::TaskError) -> Outcome {
 /// A retry request. New arguments that are not a JSON array (keywords: an object) would
 /// make a message no worker can run, so the task fails now with an `EncodeError` instead.
 fn retry_outcome(retry: wit::RetryRequest) -> Outcome {
-    let args = match retry.args_json.as_deref().map(serde_json::from_str::<Value>) {
+    let args = match retry
+        .args_json
+        .as_deref()
+        .map(serde_json::from_str::<Value>)
+    {
         None => None,
         Some(Ok(Value::Array(args))) => Some(args),
         Some(_) => {
@@ -177,7 +181,11 @@ fn retry_outcome(retry: wit::RetryRequest) -> Outcome {
             ));
         }
     };
-    let kwargs = match retry.kwargs_json.as_deref().map(serde_json::from_str::<Value>) {
+    let kwargs = match retry
+        .kwargs_json
+        .as_deref()
+        .map(serde_json::from_str::<Value>)
+    {
         None => None,
         Some(Ok(Value::Object(kwargs))) => Some(kwargs),
         Some(_) => {

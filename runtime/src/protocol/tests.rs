@@ -88,9 +88,16 @@ fn custom_headers_are_the_senders_own() {
         ..SendOptions::default()
     };
     let built = TaskMessage::build("math.add", vec![], Map::new(), &options);
-    assert_eq!(Value::Object(built.custom_headers()), json!({"x-test-header": "v"}));
+    assert_eq!(
+        Value::Object(built.custom_headers()),
+        json!({"x-test-header": "v"})
+    );
     let envelope = built.encode();
-    assert_eq!(envelope.headers["task"], json!("math.add"), "Celery's own header wins");
+    assert_eq!(
+        envelope.headers["task"],
+        json!("math.add"),
+        "Celery's own header wins"
+    );
     assert_eq!(
         envelope.headers["ignore_result"],
         Value::Null,

@@ -276,10 +276,7 @@ pub fn decide(
         }
         // Celery's `Reject(requeue=True)`: nothing is stored, the message goes back to its
         // queue (poison protection counts its deliveries).
-        Outcome::Rejected {
-            requeue: true,
-            ..
-        } => Decision::settle_only(Settlement::Release),
+        Outcome::Rejected { requeue: true, .. } => Decision::settle_only(Settlement::Release),
         Outcome::Rejected {
             reason,
             requeue: false,

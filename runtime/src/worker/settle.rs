@@ -32,9 +32,11 @@ pub(super) async fn finish(
         return;
     }
     let republished = match (&decision.settlement, message) {
-        (Settlement::RetryLater { delay, next }, Some(message)) => {
-            Some((retry_message(message, *delay, next).encode(), *delay, "retry"))
-        }
+        (Settlement::RetryLater { delay, next }, Some(message)) => Some((
+            retry_message(message, *delay, next).encode(),
+            *delay,
+            "retry",
+        )),
         (Settlement::Defer { delay }, _) => {
             shared.stats.deferred.fetch_add(1, Ordering::Relaxed);
             Some((delivery.envelope.clone(), *delay, "deferred message"))
@@ -60,7 +62,11 @@ pub(super) async fn finish(
 /// The next attempt of `message`, `delay` from now: the same message (custom headers,
 /// priority and `ignore_result` included, as Celery's retry keeps them) with `retries + 1`,
 /// and the new arguments and expiry the task asked for.
-fn retry_message(message: &TaskMessage, delay: std::time::Duration, next: &NextAttempt) -> TaskMessage {
+fn retry_message(
+    message: &TaskMessage,
+    delay: std::time::Duration,
+    next: &NextAttempt,
+) -> TaskMessage {
     let mut retry = message.clone();
     retry.retries += 1;
     let now = Utc::now();

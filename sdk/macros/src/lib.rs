@@ -708,10 +708,7 @@ mod tests {
             "`timeout` is the same option"
         );
         let refused = [
-            (
-                quote!(timeout = "2s", time_limit = "3s"),
-                "one option",
-            ),
+            (quote!(timeout = "2s", time_limit = "3s"), "one option"),
             (
                 quote!(time_limit = "1s", soft_time_limit = "2s"),
                 "must not exceed time_limit",
