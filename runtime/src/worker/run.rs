@@ -17,7 +17,7 @@ use crate::engine::{
     CallError, CallReport, CallRequest, CancelToken, LimitOverrides, MessageInfo,
     MessageProperties, Outcome, Plugin, StateListener,
 };
-use crate::protocol::{Properties, TaskMessage, format_time, unwrap_kombu_values};
+use crate::protocol::{TaskMessage, format_time, unwrap_kombu_values};
 use crate::results::{ReplyTo, ResultMeta};
 
 /// A finished sandbox call and whether something interrupted it.
@@ -86,7 +86,7 @@ fn seconds(value: Option<f64>) -> Option<Duration> {
 
 /// What the task can read about `message` (Celery's `self.request`).
 fn message_info(delivery: &Delivery, message: &TaskMessage) -> MessageInfo {
-    let p: &Properties = &delivery.envelope.properties;
+    let p = &delivery.envelope.properties;
     MessageInfo {
         eta: message.eta.as_ref().map(format_time),
         expires: message.expires.as_ref().map(format_time),
