@@ -188,7 +188,7 @@ fn collatz(n: u64, steps: Option<u32>) -> Result<u32, TaskError> {
     if n <= 1 {
         return Ok(steps);
     }
-    let next = if n % 2 == 0 {
+    let next = if n.is_multiple_of(2) {
         n / 2
     } else {
         n.checked_mul(3)
