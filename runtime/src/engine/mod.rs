@@ -14,7 +14,8 @@
 //!
 //! Longer than 400 lines because it owns one idea, the sandbox's life cycle: building the
 //! engine and linker, and running one call from a fresh `Store` to its [`CallReport`];
-//! loading plugins, limits, outcomes and the contract versions live beside it.
+//! loading plugins, limits, outcomes, what a task is told about its call (`invocation.rs`)
+//! and the contract versions live beside it.
 
 mod bindings;
 mod cache;
