@@ -5,6 +5,10 @@
 //! [`classify_error`] for calls that did not return normally. The rest of wasmq (CLI exit
 //! codes, later result states and acks) matches on `Outcome` and never looks at wasmtime
 //! errors again.
+//!
+//! Longer than 400 lines for one idea, classifying a call's end: the errors the task
+//! returned (`task-error`, decoded here) and the ones the sandbox raised, with the tests
+//! that pin both.
 
 use std::fmt;
 use std::time::Duration;
