@@ -128,6 +128,25 @@ fn check_python_client_results(results: &Value) {
         json!(["the service never answers", 1]),
         "{results:#}"
     );
+    // Issue 20, cause 8: what a task can know and ask, from a Python client.
+    let request = &results["request"]["ok"];
+    assert_eq!(request["priority"], 7, "{results:#}");
+    assert_eq!(request["headers"], json!({"x-demo": "yes"}), "{results:#}");
+    assert_eq!(
+        request["properties"]["app_id"], "python-client",
+        "{results:#}"
+    );
+    assert_eq!(
+        (&request["time_limit"], &request["soft_time_limit"]),
+        (&json!(20.0), &json!(10.0)),
+        "{results:#}"
+    );
+    assert!(request["eta"].is_string(), "{results:#}");
+    assert_eq!(request["redelivered"], false);
+    assert_eq!(results["collatz"], json!({"ok": 8}), "{results:#}");
+    assert_eq!(results["second_chance"], json!({"ok": 5}), "{results:#}");
+    assert_eq!(results["total"], json!({"ok": 6.5}), "{results:#}");
+    assert_eq!(results["kept"], json!({"ok": 42}), "{results:#}");
 }
 
 #[test]

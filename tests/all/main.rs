@@ -12,5 +12,6 @@ mod limits;
 mod plugins;
 mod processes;
 mod queue;
+mod request;
 mod semantics;
 mod support;

@@ -31,6 +31,12 @@ fn math_tasks() {
                 "math.sleep",
                 "math.bounded",
                 "math.give_up",
+                "math.total",
+                "math.add_quietly",
+                "math.budgeted",
+                "math.collatz",
+                "math.second_chance",
+                "math.debug_task",
             ]
         );
         // The SDK's policy options reach the host through describe.
@@ -92,7 +98,8 @@ fn math_tasks() {
         assert_eq!(
             report.outcome,
             Outcome::Rejected {
-                reason: "cannot take the square root of -1".into()
+                reason: "cannot take the square root of -1".into(),
+                requeue: false,
             }
         );
     });
@@ -178,6 +185,10 @@ fn retry_requests_carry_their_countdown_and_see_the_retry_count() {
                 countdown: Some(Duration::from_millis(100)),
                 reason: "attempt 1 of 3: not yet".into(),
                 exc: None,
+                args: None,
+                kwargs: None,
+                max_retries: None,
+                expires: None,
             }
         );
         let mut request = CallRequest::new("math.flaky", "[2]");
@@ -267,7 +278,7 @@ fn unknown_task_is_a_call_error_listing_the_available_tasks() {
             .unwrap_err();
         assert_eq!(
             error.to_string(),
-            "plugin math has no task named math.pow (it has: math.add, math.mul, math.fib, math.sum, math.div, math.sqrt, math.flaky, math.unstable, math.throttled, math.cooperative, math.sleep, math.bounded, math.give_up)"
+            "plugin math has no task named math.pow (it has: math.add, math.mul, math.fib, math.sum, math.div, math.sqrt, math.flaky, math.unstable, math.throttled, math.cooperative, math.sleep, math.bounded, math.give_up, math.total, math.add_quietly, math.budgeted, math.collatz, math.second_chance, math.debug_task)"
         );
     });
 }

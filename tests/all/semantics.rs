@@ -22,19 +22,19 @@ use crate::support::{
 const WAIT: Duration = Duration::from_secs(30);
 
 /// A broker, a result backend and a client on them: the embedded pair, or RabbitMQ with
-/// Redis results on a queue of its own.
-struct Setup {
-    broker: Arc<dyn Broker>,
-    backend: Arc<dyn ResultBackend>,
-    client: Client,
-    queue: String,
+/// Redis results on a queue of its own. (Also used by `request.rs`.)
+pub(crate) struct Setup {
+    pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) backend: Arc<dyn ResultBackend>,
+    pub(crate) client: Client,
+    pub(crate) queue: String,
     /// The nodes of the workers started, forgotten at cleanup.
     nodes: std::sync::Mutex<Vec<String>>,
     _embedded: Option<Queue>,
 }
 
 impl Setup {
-    fn embedded() -> Self {
+    pub(crate) fn embedded() -> Self {
         let embedded = Queue::new();
         Self {
             broker: embedded.broker.clone(),
@@ -46,7 +46,7 @@ impl Setup {
         }
     }
 
-    fn rabbitmq(prefix: &str, amqp: AmqpOptions) -> Self {
+    pub(crate) fn rabbitmq(prefix: &str, amqp: AmqpOptions) -> Self {
         let broker: Arc<dyn Broker> = Arc::new(AmqpBroker::with_options(AMQP_URL, amqp).unwrap());
         let backend =
             wasmq::results::connect(REDIS_URL, Duration::from_secs(600), AMQP_URL).unwrap();
@@ -62,7 +62,7 @@ impl Setup {
         }
     }
 
-    fn options(&self, node: &str) -> WorkerOptions {
+    pub(crate) fn options(&self, node: &str) -> WorkerOptions {
         WorkerOptions {
             queues: vec![self.queue.clone()],
             concurrency: 2,
@@ -73,7 +73,7 @@ impl Setup {
     }
 
     /// Starts a worker in this process; stop it with [`Running::stop`].
-    async fn start(&self, options: WorkerOptions) -> Running {
+    pub(crate) async fn start(&self, options: WorkerOptions) -> Running {
         self.nodes.lock().unwrap().push(options.node_name.clone());
         let worker = Worker::new(
             self.broker.clone(),
@@ -93,7 +93,7 @@ impl Setup {
         Running { stop, handle }
     }
 
-    async fn send(
+    pub(crate) async fn send(
         &self,
         task: &str,
         args: Value,
@@ -107,7 +107,7 @@ impl Setup {
 
     /// Deletes the queue (RabbitMQ) and what the broker holds for every worker node started
     /// (call it once they have stopped).
-    async fn cleanup(self) {
+    pub(crate) async fn cleanup(self) {
         if self._embedded.is_none() {
             self.broker.delete_queue(&self.queue).await.unwrap();
         }
@@ -118,13 +118,13 @@ impl Setup {
     }
 }
 
-struct Running {
+pub(crate) struct Running {
     stop: tokio::sync::oneshot::Sender<()>,
     handle: tokio::task::JoinHandle<Arc<WorkerStats>>,
 }
 
 impl Running {
-    async fn stop(self) -> Arc<WorkerStats> {
+    pub(crate) async fn stop(self) -> Arc<WorkerStats> {
         let _ = self.stop.send(());
         self.handle.await.unwrap()
     }

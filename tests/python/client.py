@@ -49,5 +49,21 @@ calls = {
     "text": call("text.slugify", ("Hello from Python",)),
     "custom": call("math.bounded", (7, 0, 5)),
     "gave_up": call("math.give_up"),
+    # What a task can know and ask (issue 20, cause 8): Celery's request fields as this
+    # client sets them, a retry with new arguments, Reject(requeue=True), *args, and a
+    # message that asks for the result its task declares it ignores.
+    "request": call(
+        "math.debug_task",
+        priority=7,
+        headers={"x-demo": "yes"},
+        app_id="python-client",
+        time_limit=20,
+        soft_time_limit=10,
+        countdown=0.2,
+    ),
+    "collatz": call("math.collatz", (6,)),
+    "second_chance": call("math.second_chance", (5,)),
+    "total": call("math.total", (1, 2, 3.5)),
+    "kept": call("math.add_quietly", (20, 22), ignore_result=False),
 }
 json.dump(calls, sys.stdout)

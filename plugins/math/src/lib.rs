@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use wasmq_sdk::serde_json::{Value, json};
 use wasmq_sdk::{TaskContext, TaskError, task};
 
 /// Adds two integers.
@@ -147,11 +148,90 @@ fn bounded(x: f64, low: f64, high: f64) -> Result<f64, TaskError> {
 /// `MaxRetriesExceededError`.
 #[task(max_retries = 1, default_retry_delay = "10ms")]
 fn give_up(ctx: &TaskContext) -> Result<(), TaskError> {
-    Err(TaskError::retry("the service never answers")
-        .or_fail_with(TaskError::raised(
+    Err(
+        TaskError::retry("the service never answers").or_fail_with(TaskError::raised(
             "wasmq_errors.GaveUp",
             ("the service never answers", ctx.retries()),
-        )))
+        )),
+    )
+}
+
+/// Adds any number of numbers, as Python's `def total(*numbers)`: `total(1, 2, 3)` is 6.
+#[task]
+fn total(#[args] numbers: Vec<f64>) -> f64 {
+    numbers.iter().sum()
+}
+
+/// Adds like `add`, but declares `ignore_result` (Celery's task attribute): a
+/// fire-and-forget call stores nothing, unless its message asks for the result
+/// (`ignore_result=False`).
+#[task(ignore_result = true)]
+fn add_quietly(a: i64, b: i64) -> Result<i64, TaskError> {
+    add(a, b)
+}
+
+/// `cooperative` with declared limits (Celery's `time_limit` and `soft_time_limit` task
+/// attributes): it works in 10 ms steps until its soft limit passes — 300 ms, unless the
+/// message sets another — and no message can give it more than 5 s.
+#[task(time_limit = "5s", soft_time_limit = "300ms")]
+fn budgeted(ctx: &TaskContext, steps: u32) -> u32 {
+    cooperative(ctx, steps)
+}
+
+/// Counts the steps of the Collatz sequence from `n` down to 1 by retrying itself: each
+/// retry runs with the next number and the steps so far as its new arguments (Celery's
+/// `self.retry(args=…, kwargs=…)`) and allows as many retries as the sequence needs
+/// (`max_retries`).
+#[task]
+fn collatz(n: u64, steps: Option<u32>) -> Result<u32, TaskError> {
+    let steps = steps.unwrap_or(0);
+    if n <= 1 {
+        return Ok(steps);
+    }
+    let next = if n.is_multiple_of(2) {
+        n / 2
+    } else {
+        n.checked_mul(3)
+            .and_then(|n| n.checked_add(1))
+            .ok_or_else(|| TaskError::failed("OverflowError", format!("3 × {n} + 1 overflows")))?
+    };
+    Err(TaskError::retry(format!("{n} → {next}"))
+        .after(Duration::ZERO)
+        .args((next,))
+        .kwargs(json!({"steps": steps + 1}))
+        .max_retries(1000))
+}
+
+/// Returns `x`, but only when its message is delivered a second time: the first time it
+/// puts the message back in its queue (Celery's `Reject(requeue=True)`) — a stand-in for
+/// a task that finds this worker not ready and lets the message come round again.
+#[task]
+fn second_chance(ctx: &TaskContext, x: i64) -> Result<i64, TaskError> {
+    if !ctx.redelivered() {
+        return Err(TaskError::requeue("not on the first delivery"));
+    }
+    Ok(x)
+}
+
+/// What the task knows about the call it serves, like Celery's `debug_task` printing
+/// `self.request`: its id and retries, the eta and expiry, the time limits its message
+/// asked for (seconds), the priority, whether it was delivered before, the custom headers
+/// and the message properties.
+#[task]
+fn debug_task(ctx: &TaskContext) -> Value {
+    let seconds = |limit: Option<Duration>| limit.map(|t| t.as_secs_f64());
+    json!({
+        "id": ctx.id(),
+        "retries": ctx.retries(),
+        "eta": ctx.eta(),
+        "expires": ctx.expires(),
+        "time_limit": seconds(ctx.time_limit()),
+        "soft_time_limit": seconds(ctx.soft_time_limit()),
+        "priority": ctx.priority(),
+        "redelivered": ctx.redelivered(),
+        "headers": ctx.headers(),
+        "properties": ctx.properties(),
+    })
 }
 
 wasmq_sdk::export_tasks!(
@@ -167,5 +247,11 @@ wasmq_sdk::export_tasks!(
     cooperative,
     sleep,
     bounded,
-    give_up
+    give_up,
+    total,
+    add_quietly,
+    budgeted,
+    collatz,
+    second_chance,
+    debug_task,
 );

@@ -161,7 +161,7 @@ async fn measure_wasmq(h: &Harness, plan: &Plan, progress: &Progress) -> anyhow:
         add_args(1),
         Map::new(),
         &SendOptions {
-            ignore_result: true,
+            ignore_result: Some(true),
             ..SendOptions::default()
         },
     )

@@ -93,7 +93,7 @@ impl Harness {
                     args(i),
                     Map::new(),
                     SendOptions {
-                        ignore_result,
+                        ignore_result: Some(ignore_result),
                         ..SendOptions::default()
                     },
                 )
@@ -126,7 +126,7 @@ impl Harness {
                     args(i),
                     Map::new(),
                     SendOptions {
-                        ignore_result,
+                        ignore_result: Some(ignore_result),
                         ..SendOptions::default()
                     },
                 )

@@ -83,7 +83,7 @@ async fn publish_adds(
                         vec![value.clone(), value],
                         Map::new(),
                         SendOptions {
-                            ignore_result: true,
+                            ignore_result: Some(true),
                             ..SendOptions::default()
                         },
                     )

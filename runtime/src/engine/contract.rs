@@ -3,9 +3,10 @@
 //! through one interface, its values converted to the current types. A plugin built for
 //! any other version is refused when it is loaded, naming the versions served.
 //!
-//! The previous version differs only in what a task error carries (0.3.0 added the
-//! exception's arguments and a retry's final exception), so a 0.2.0 failure becomes a
-//! 0.3.0 failure without arguments.
+//! The previous version lacks what 0.3.0 added, and its values convert by leaving those
+//! out: a 0.2.0 plugin is told only the ids and the retry count of its call, declares no
+//! soft limit and stores its results, fails without the exception's arguments, retries
+//! with the same arguments, and never requeues a message it rejects.
 
 use wasmtime::Store;
 use wasmtime::component::{InstancePre, Linker};
@@ -107,6 +108,7 @@ impl PluginInstance {
                     .await
             }
             Self::V0_2(plugin) => {
+                // The request fields 0.3.0 added have no place in 0.2.0's record.
                 let invocation = v0_2::types::Invocation {
                     id: invocation.id.clone(),
                     task: invocation.task.clone(),
@@ -135,6 +137,7 @@ fn task_info(info: v0_2::types::TaskInfo) -> wit::TaskInfo {
             fuel: limits.fuel,
             memory_bytes: limits.memory_bytes,
             timeout_ms: limits.timeout_ms,
+            soft_timeout_ms: None,
         },
         policy: wit::TaskPolicy {
             autoretry_for: policy.autoretry_for,
@@ -145,6 +148,7 @@ fn task_info(info: v0_2::types::TaskInfo) -> wit::TaskInfo {
             retry_jitter: policy.retry_jitter,
             rate_limit: policy.rate_limit,
         },
+        ignore_result: false,
     }
 }
 
@@ -160,8 +164,15 @@ fn task_error(error: v0_2::types::TaskError) -> wit::TaskError {
             countdown_ms: retry.countdown_ms,
             reason: retry.reason,
             exc: None,
+            args_json: None,
+            kwargs_json: None,
+            max_retries: None,
+            expires_ms: None,
         }),
-        Old::Reject(reason) => wit::TaskError::Reject(reason),
+        Old::Reject(reason) => wit::TaskError::Reject(wit::Rejection {
+            reason,
+            requeue: false,
+        }),
         Old::InvalidArguments(message) => wit::TaskError::InvalidArguments(message),
     }
 }

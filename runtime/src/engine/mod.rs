@@ -14,12 +14,14 @@
 //!
 //! Longer than 400 lines because it owns one idea, the sandbox's life cycle: building the
 //! engine and linker, and running one call from a fresh `Store` to its [`CallReport`];
-//! loading plugins, limits, outcomes and the contract versions live beside it.
+//! loading plugins, limits, outcomes, what a task is told about its call (`invocation.rs`)
+//! and the contract versions live beside it.
 
 mod bindings;
 mod cache;
 mod call;
 mod contract;
+mod invocation;
 mod limits;
 mod outcome;
 mod plugin;
@@ -37,14 +39,14 @@ use wasmtime_wasi::WasiCtxBuilder;
 
 pub use cache::CacheStatus;
 pub use call::{CancelToken, StateListener, StateUpdate};
+pub use invocation::{MessageInfo, MessageProperties};
 pub use limits::{LimitOverrides, Limits};
 pub use outcome::{LimitExceeded, LimitKind, Outcome, TaskFailure};
 pub use plugin::{Plugin, PluginError, TaskInfo};
 
 use crate::units::format_bytes;
-use bindings::types as wit;
 use call::{CallState, Captured, SandboxLimiter};
-use outcome::{Cancelled, DeadlineExceeded, Observations, classify_error};
+use outcome::{Cancelled, DeadlineExceeded, Observations, classify_error, task_error_outcome};
 
 /// How instances get their memories, tables and stacks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +167,9 @@ pub struct CallRequest {
     pub limits: LimitOverrides,
     /// Soft time limit: the task can see the time left through the SDK.
     pub soft_timeout: Option<Duration>,
+    /// What the task can read about the message the call serves (Celery's
+    /// `self.request`); empty by default.
+    pub message: MessageInfo,
     /// Interrupts the call from outside.
     pub cancel: Option<CancelToken>,
 }
@@ -186,6 +191,7 @@ impl CallRequest {
             group_id: None,
             limits: LimitOverrides::default(),
             soft_timeout: None,
+            message: MessageInfo::default(),
             cancel: None,
         }
     }
@@ -422,7 +428,7 @@ impl Sandbox {
     pub async fn call_with_listener(
         &self,
         plugin: &Plugin,
-        request: CallRequest,
+        mut request: CallRequest,
         on_state: Option<StateListener>,
     ) -> Result<CallReport, CallError> {
         let Some(info) = plugin.task(&request.task) else {
@@ -452,14 +458,7 @@ impl Sandbox {
             request.cancel.clone(),
             on_state,
         )?;
-        let invocation = wit::Invocation {
-            id: request.id.clone(),
-            task: request.task.clone(),
-            retries: request.retries,
-            root_id: request.root_id.clone(),
-            parent_id: request.parent_id.clone(),
-            group_id: request.group_id.clone(),
-        };
+        let invocation = invocation::invocation(&mut request);
 
         let instance = match plugin.instance_pre().instantiate(&mut store).await {
             Ok(instance) => instance,
@@ -564,36 +563,6 @@ impl Sandbox {
             fuel_used,
             elapsed: started.elapsed(),
         }
-    }
-}
-
-fn task_error_outcome(error: wit::TaskError) -> Outcome {
-    match error {
-        wit::TaskError::Failed(failure) => Outcome::Failed(task_failure(failure)),
-        wit::TaskError::Retry(retry) => Outcome::Retry {
-            countdown: retry.countdown_ms.map(Duration::from_millis),
-            reason: retry.reason,
-            exc: retry.exc.map(task_failure),
-        },
-        wit::TaskError::Reject(reason) => Outcome::Rejected { reason },
-        wit::TaskError::InvalidArguments(message) => Outcome::InvalidArguments { message },
-    }
-}
-
-/// A guest's failure record. Arguments that are not a JSON array are kept as the one
-/// argument they are, so nothing the guest said is lost.
-fn task_failure(failure: wit::Failure) -> TaskFailure {
-    let args = failure
-        .args_json
-        .map(|json| match serde_json::from_str(&json) {
-            Ok(serde_json::Value::Array(args)) => args,
-            Ok(other) => vec![other],
-            Err(_) => vec![serde_json::Value::String(json)],
-        });
-    TaskFailure {
-        kind: failure.kind,
-        message: failure.message,
-        args,
     }
 }
 

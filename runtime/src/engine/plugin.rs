@@ -28,6 +28,12 @@ pub struct TaskInfo {
     pub params: Vec<String>,
     /// Default limits the plugin asks for.
     pub limits: LimitOverrides,
+    /// The soft time limit the plugin declares (Celery's `soft_time_limit` task
+    /// attribute), used when a message sets none.
+    pub soft_timeout: Option<std::time::Duration>,
+    /// Celery's `ignore_result` task attribute: a message that does not say whether to
+    /// store its result follows this.
+    pub ignore_result: bool,
     /// Default retry and rate-limit policy the plugin declares.
     pub policy: crate::policy::PolicyOverrides,
 }
@@ -339,8 +345,10 @@ impl Sandbox {
                 limits: LimitOverrides {
                     fuel: task.limits.fuel,
                     memory_bytes: task.limits.memory_bytes,
-                    timeout: task.limits.timeout_ms.map(std::time::Duration::from_millis),
+                    timeout: ms(task.limits.timeout_ms),
                 },
+                soft_timeout: ms(task.limits.soft_timeout_ms),
+                ignore_result: task.ignore_result,
             });
         }
         Ok(tasks)

@@ -55,6 +55,15 @@ pub struct Properties {
     pub delivery_mode: Option<u8>,
     /// Per-message TTL in milliseconds, as a string.
     pub expiration: Option<String>,
+    /// The sender's message id.
+    pub message_id: Option<String>,
+    /// When the sender sent it (Unix seconds).
+    pub timestamp: Option<u64>,
+    /// The AMQP `type` property.
+    #[serde(rename = "type")]
+    pub message_type: Option<String>,
+    /// The sending application (Celery: `apply_async(app_id=…)`).
+    pub app_id: Option<String>,
 }
 
 /// The `embed` element of the body: what to do after the task (canvas).
@@ -101,8 +110,9 @@ pub struct TaskMessage {
     pub time_limit: Option<f64>,
     /// Soft time limit in seconds (`timelimit[1]`).
     pub soft_time_limit: Option<f64>,
-    /// Don't store the result.
-    pub ignore_result: bool,
+    /// Whether to store the result: `Some(true)` not, `Some(false)` yes, `None` as the task
+    /// declares (Celery's precedence: the message's explicit value wins).
+    pub ignore_result: Option<bool>,
     /// Display name.
     pub shadow: Option<String>,
     /// The sender's node name.
@@ -177,7 +187,7 @@ impl TaskMessage {
             group_index: None,
             time_limit: None,
             soft_time_limit: None,
-            ignore_result: false,
+            ignore_result: None,
             shadow: None,
             origin: None,
             extra_headers: Map::new(),
@@ -220,7 +230,10 @@ impl TaskMessage {
         headers.insert("argsrepr".into(), args_repr(&self.args).into());
         headers.insert("kwargsrepr".into(), kwargs_repr(&self.kwargs).into());
         headers.insert("origin".into(), opt(&self.origin));
-        headers.insert("ignore_result".into(), self.ignore_result.into());
+        headers.insert(
+            "ignore_result".into(),
+            self.ignore_result.map_or(Value::Null, Value::Bool),
+        );
         headers
             .entry("replaced_task_nesting")
             .or_insert_with(|| 0.into());
@@ -243,7 +256,7 @@ impl TaskMessage {
                 reply_to: self.reply_to.clone(),
                 priority: Some(self.priority.unwrap_or(0)),
                 delivery_mode: Some(2),
-                expiration: None,
+                ..Properties::default()
             },
             body,
         }
@@ -364,10 +377,7 @@ impl TaskMessage {
             group_index: header.uint("group_index").map_err(&fail)?,
             time_limit,
             soft_time_limit,
-            ignore_result: header
-                .boolean("ignore_result")
-                .map_err(&fail)?
-                .unwrap_or(false),
+            ignore_result: header.boolean("ignore_result").map_err(&fail)?,
             shadow: header.string("shadow").map_err(&fail)?,
             origin: header.string("origin").map_err(&fail)?,
             extra_headers,
@@ -377,6 +387,56 @@ impl TaskMessage {
         })
     }
 }
+
+impl TaskMessage {
+    /// True when the result of a successful run is not stored (the message's
+    /// `ignore_result`, once the task's declaration filled it in).
+    pub fn ignores_result(&self) -> bool {
+        self.ignore_result == Some(true)
+    }
+
+    /// The headers that are not Celery's own (Celery's `request.headers`): the ones a
+    /// sender added, e.g. with `apply_async(headers=…)`, without Celery's protocol headers
+    /// and wasmq's own bookkeeping (`x-wasmq-*`).
+    pub fn custom_headers(&self) -> Map<String, Value> {
+        self.extra_headers
+            .iter()
+            .filter(|(name, _)| {
+                !CELERY_REQUEST_FIELDS.contains(&name.as_str()) && !name.starts_with("x-wasmq-")
+            })
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect()
+    }
+}
+
+/// The names Celery's `Context` leaves out of `request.headers` besides [`KNOWN_HEADERS`]:
+/// the request's own fields and the protocol's other headers.
+const CELERY_REQUEST_FIELDS: &[&str] = &[
+    "args",
+    "callbacks",
+    "called_directly",
+    "chain",
+    "chord",
+    "compression",
+    "correlation_id",
+    "delivery_info",
+    "errbacks",
+    "headers",
+    "hostname",
+    "is_eager",
+    "kwargs",
+    "logfile",
+    "loglevel",
+    "properties",
+    "replaced_task_nesting",
+    "reply_to",
+    "soft_time_limit",
+    "stamped_headers",
+    "stamps",
+    "taskset",
+    "time_limit",
+    "utc",
+];
 
 /// Headers `decode` interprets; everything else is kept in `extra_headers`.
 const KNOWN_HEADERS: &[&str] = &[

@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use super::{TaskMessage, parse_time};
+use super::{KNOWN_HEADERS, TaskMessage, parse_time};
 
 /// Options of one send, as Celery's `apply_async` keywords.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -35,8 +35,13 @@ pub struct SendOptions {
     pub time_limit: Option<Duration>,
     /// Soft time limit.
     pub soft_time_limit: Option<Duration>,
-    /// Don't store the result.
-    pub ignore_result: bool,
+    /// `Some(true)`: don't store the result; `Some(false)`: store it even if the task
+    /// declares `ignore_result`; `None`: as the task declares (Celery's `send_task`).
+    pub ignore_result: Option<bool>,
+    /// Custom headers (Celery's `apply_async(headers=…)`), which the task reads as its
+    /// request's headers and which its retries keep. Celery's own header names are
+    /// ignored here.
+    pub headers: Map<String, Value>,
 }
 
 impl SendOptions {
@@ -74,10 +79,8 @@ impl SendOptions {
                 .and_then(|p| u8::try_from(p).ok()),
             time_limit: seconds("time_limit"),
             soft_time_limit: seconds("soft_time_limit"),
-            ignore_result: options
-                .get("ignore_result")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            ignore_result: options.get("ignore_result").and_then(Value::as_bool),
+            headers: Map::new(),
         }
     }
 }
@@ -112,6 +115,13 @@ impl TaskMessage {
         message.time_limit = options.time_limit.map(|t| t.as_secs_f64());
         message.soft_time_limit = options.soft_time_limit.map(|t| t.as_secs_f64());
         message.ignore_result = options.ignore_result;
+        message.extra_headers.extend(
+            options
+                .headers
+                .iter()
+                .filter(|(name, _)| !KNOWN_HEADERS.contains(&name.as_str()))
+                .map(|(name, value)| (name.clone(), value.clone())),
+        );
         message
     }
 }
@@ -137,7 +147,12 @@ mod tests {
         assert_eq!(parsed.queue.as_deref(), Some("reports"));
         assert_eq!(parsed.priority, Some(7));
         assert_eq!(parsed.time_limit, Some(Duration::from_millis(1500)));
-        assert!(parsed.ignore_result);
+        assert_eq!(parsed.ignore_result, Some(true));
+        assert_eq!(
+            SendOptions::from_signature(&Map::new()).ignore_result,
+            None,
+            "not said: the task's declaration decides"
+        );
         let relative = SendOptions::from_signature(json!({"expires": 60}).as_object().unwrap());
         assert_eq!(relative.expires, Some(Duration::from_secs(60)));
     }

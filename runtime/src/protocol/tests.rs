@@ -18,7 +18,7 @@ fn captured() -> Envelope {
             reply_to: Some("c64b5191-3499-38c3-8569-53dbe3895d9b".into()),
             priority: Some(3),
             delivery_mode: Some(2),
-            expiration: None,
+            ..Properties::default()
         },
         body:
             br#"[[2, 2], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#
@@ -49,6 +49,61 @@ fn decodes_the_captured_celery_message() {
         message.extra_headers.keys().collect::<Vec<_>>(),
         ["replaced_task_nesting", "stamped_headers", "stamps"]
     );
+    assert!(
+        message.custom_headers().is_empty(),
+        "Celery's own headers are no custom headers"
+    );
+    assert_eq!(
+        message.ignore_result,
+        Some(false),
+        "an explicit false is kept"
+    );
+}
+
+/// Celery's `request.headers`: what a sender added with `apply_async(headers=…)`, without
+/// Celery's protocol headers and wasmq's bookkeeping; kept through encoding (a retry).
+#[test]
+fn custom_headers_are_the_senders_own() {
+    let mut envelope = captured();
+    for (name, value) in [
+        ("x-test-header", json!("test-value")),
+        ("x-wasmq-deliveries", json!(2)),
+        ("x-delivery-count", json!(1)),
+    ] {
+        envelope.headers.insert(name.into(), value);
+    }
+    let message = TaskMessage::decode(&envelope).unwrap();
+    assert_eq!(
+        Value::Object(message.custom_headers()),
+        json!({"x-test-header": "test-value", "x-delivery-count": 1})
+    );
+    let again = TaskMessage::decode(&message.encode()).unwrap();
+    assert_eq!(again.custom_headers(), message.custom_headers());
+
+    let options = SendOptions {
+        headers: json!({"x-test-header": "v", "task": "not.this"})
+            .as_object()
+            .unwrap()
+            .clone(),
+        ..SendOptions::default()
+    };
+    let built = TaskMessage::build("math.add", vec![], Map::new(), &options);
+    assert_eq!(
+        Value::Object(built.custom_headers()),
+        json!({"x-test-header": "v"})
+    );
+    let envelope = built.encode();
+    assert_eq!(
+        envelope.headers["task"],
+        json!("math.add"),
+        "Celery's own header wins"
+    );
+    assert_eq!(
+        envelope.headers["ignore_result"],
+        Value::Null,
+        "not said: the worker follows the task's declaration"
+    );
+    assert_eq!(TaskMessage::decode(&envelope).unwrap().ignore_result, None);
 }
 
 #[test]

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use super::Shared;
 use super::run::{self, Ran};
+use crate::broker::Delivery;
 use crate::canvas::Signature;
 use crate::engine::{CallReport, Outcome, Plugin};
 use crate::protocol::TaskMessage;
@@ -81,6 +82,7 @@ impl MapCall {
     pub(super) async fn run(
         &self,
         shared: &Arc<Shared>,
+        delivery: &Delivery,
         message: &TaskMessage,
         plugin: &Plugin,
         reply: Option<ReplyTo>,
@@ -97,7 +99,7 @@ impl MapCall {
             call.task.clone_from(&self.task.task);
             call.args = args;
             call.kwargs = self.task.kwargs.clone();
-            let ran = run::run(shared, &call, plugin, reply.clone()).await;
+            let ran = run::run(shared, delivery, &call, plugin, reply.clone()).await;
             match &ran.call {
                 Ok(report) => match &report.outcome {
                     Outcome::Success(json) => {

@@ -5,7 +5,8 @@
 //! * before running: [`undecodable`], [`poison`], [`revoked`], [`expired`], [`deferred`],
 //!   [`not_registered`];
 //! * after running: [`after_run`] — the sandbox's outcome, or why there is none (no sandbox
-//!   free, shutdown interrupted it, a revoke terminated it), through [`decide`].
+//!   free, shutdown interrupted it, a revoke terminated it), through [`decide`]; a retry
+//!   says what the next attempt changes ([`NextAttempt`]), a requeue releases the message.
 //!
 //! Exceptions are encoded the way Celery encodes them so Python clients can `except` them:
 //! fuel or wall-time limits are `billiard.exceptions.TimeLimitExceeded`, the memory limit is
@@ -16,6 +17,8 @@
 //! tests that pin every ending to its Celery state and settlement.
 
 use std::time::Duration;
+
+use serde_json::{Map, Value};
 
 use crate::engine::{CallError, CallReport, LimitKind, Limits, Outcome, TaskFailure};
 use crate::protocol::{DecodeError, TaskMessage};
@@ -30,6 +33,8 @@ pub enum Settlement {
     RetryLater {
         /// When the next attempt may start.
         delay: Duration,
+        /// What the next attempt changes.
+        next: NextAttempt,
     },
     /// Not yet: publish the same message again to be delivered after `delay`, then ack
     /// this copy (nothing is held unacknowledged meanwhile).
@@ -42,8 +47,21 @@ pub enum Settlement {
         /// Why.
         reason: String,
     },
-    /// Give it back unprocessed, to be delivered again (to this or another worker).
+    /// Give it back unprocessed, to be delivered again (to this or another worker): at
+    /// shutdown, when no sandbox is free, or when the task requeues its message.
     Release,
+}
+
+/// What a retry changes about the next attempt (Celery's `self.retry(args=…, kwargs=…,
+/// expires=…)`); the default changes nothing but the retry count and the eta.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NextAttempt {
+    /// New positional arguments.
+    pub args: Option<Vec<Value>>,
+    /// New keyword arguments.
+    pub kwargs: Option<Map<String, Value>>,
+    /// The next attempt expires this long after it is published.
+    pub expires: Option<Duration>,
 }
 
 /// The decision for one delivery.
@@ -190,7 +208,10 @@ pub fn decide(
                 let delay = policy.automatic_delay(message.retries);
                 Decision {
                     meta: Some(ResultMeta::retry(id, &exception)),
-                    settlement: Settlement::RetryLater { delay },
+                    settlement: Settlement::RetryLater {
+                        delay,
+                        next: NextAttempt::default(),
+                    },
                 }
             } else {
                 failed(exception)
@@ -209,8 +230,14 @@ pub fn decide(
             countdown,
             reason,
             exc,
+            args,
+            kwargs,
+            max_retries,
+            expires,
         } => {
-            if message.retries >= policy.max_retries {
+            // Celery's `retry(max_retries=…)` overrides the task's limit for this call.
+            let max_retries = max_retries.unwrap_or(policy.max_retries);
+            if message.retries >= max_retries {
                 // Celery's `retry(exc=…)` raises the given exception once retries are spent.
                 if let Some(exc) = exc {
                     return failed(exception_of(exc));
@@ -219,8 +246,10 @@ pub fn decide(
                     "MaxRetriesExceededError",
                     "celery.exceptions",
                     format!(
-                        "Can't retry {}[{id}] args:{:?} kwargs:{:?}: {reason} (max retries {})",
-                        message.task, message.args, message.kwargs, policy.max_retries
+                        "Can't retry {}[{id}] args:{:?} kwargs:{:?}: {reason} (max retries {max_retries})",
+                        message.task,
+                        args.as_ref().unwrap_or(&message.args),
+                        kwargs.as_ref().unwrap_or(&message.kwargs),
                     ),
                 ))
             } else {
@@ -234,11 +263,24 @@ pub fn decide(
                             format!("Retry in {delay:?}: {reason}"),
                         ),
                     )),
-                    settlement: Settlement::RetryLater { delay },
+                    settlement: Settlement::RetryLater {
+                        delay,
+                        next: NextAttempt {
+                            args: args.clone(),
+                            kwargs: kwargs.clone(),
+                            expires: *expires,
+                        },
+                    },
                 }
             }
         }
-        Outcome::Rejected { reason } => Decision {
+        // Celery's `Reject(requeue=True)`: nothing is stored, the message goes back to its
+        // queue (poison protection counts its deliveries).
+        Outcome::Rejected { requeue: true, .. } => Decision::settle_only(Settlement::Release),
+        Outcome::Rejected {
+            reason,
+            requeue: false,
+        } => Decision {
             meta: Some(ResultMeta::failure(
                 id,
                 &ExceptionInfo::new("Reject", "celery.exceptions", reason.clone()),
@@ -439,13 +481,18 @@ mod tests {
             countdown: Some(Duration::from_secs(1)),
             reason: "later".into(),
             exc: None,
+            args: None,
+            kwargs: None,
+            max_retries: None,
+            expires: None,
         };
         let d = decide(&m, &retry, &limits, &policy);
         assert_eq!(d.meta.as_ref().unwrap().status, TaskState::Retry);
         assert_eq!(
             d.settlement,
             Settlement::RetryLater {
-                delay: Duration::from_secs(1)
+                delay: Duration::from_secs(1),
+                next: NextAttempt::default(),
             }
         );
         let d = decide(&message(3), &retry, &limits, &policy);
@@ -466,7 +513,8 @@ mod tests {
         assert_eq!(
             d.settlement,
             Settlement::RetryLater {
-                delay: Duration::from_millis(200)
+                delay: Duration::from_millis(200),
+                next: NextAttempt::default(),
             },
             "backoff factor × 2^retries"
         );
@@ -488,6 +536,7 @@ mod tests {
             &m,
             &Outcome::Rejected {
                 reason: "never".into(),
+                requeue: false,
             },
             &limits,
             &policy,
@@ -609,6 +658,10 @@ mod tests {
             countdown: None,
             reason: "down".into(),
             exc: Some(expected),
+            args: None,
+            kwargs: None,
+            max_retries: None,
+            expires: None,
         };
         let spent = decide(&message(3), &retry, &limits, &policy);
         assert_eq!(spent.settlement, Settlement::Ack);
@@ -632,6 +685,69 @@ mod tests {
                 .status,
             TaskState::Retry,
             "autoretry_for matches the class name as well as the dotted path"
+        );
+    }
+
+    /// Celery's `retry(args=…, kwargs=…, max_retries=…, expires=…)` and
+    /// `Reject(requeue=True)`.
+    #[test]
+    fn a_retry_says_what_the_next_attempt_changes_and_a_requeue_releases() {
+        let limits = Limits {
+            fuel: 100,
+            memory_bytes: 1 << 20,
+            timeout: Duration::from_secs(2),
+        };
+        let policy = RetryPolicy::default();
+        let retry = |max_retries| Outcome::Retry {
+            countdown: Some(Duration::ZERO),
+            reason: "again".into(),
+            exc: None,
+            args: Some(vec![json!(2), json!(3)]),
+            kwargs: Some(json!({"label": "kept"}).as_object().unwrap().clone()),
+            max_retries,
+            expires: Some(Duration::from_secs(60)),
+        };
+        let d = decide(&message(0), &retry(None), &limits, &policy);
+        assert_eq!(
+            d.settlement,
+            Settlement::RetryLater {
+                delay: Duration::ZERO,
+                next: NextAttempt {
+                    args: Some(vec![json!(2), json!(3)]),
+                    kwargs: Some(json!({"label": "kept"}).as_object().unwrap().clone()),
+                    expires: Some(Duration::from_secs(60)),
+                },
+            }
+        );
+        let d = decide(&message(1), &retry(Some(1)), &limits, &policy);
+        let exception = d.meta.as_ref().unwrap().exception().unwrap();
+        assert_eq!(
+            exception.exc_type, "MaxRetriesExceededError",
+            "this call allows one retry, the policy three"
+        );
+        assert!(
+            exception.exc_message[0]
+                .as_str()
+                .unwrap()
+                .contains(r#"args:[Number(2), Number(3)]"#),
+            "names the arguments it would have run with: {exception}"
+        );
+        assert!(
+            matches!(
+                decide(&message(5), &retry(Some(10)), &limits, &policy).settlement,
+                Settlement::RetryLater { .. }
+            ),
+            "this call allows more retries than the policy"
+        );
+
+        let requeue = Outcome::Rejected {
+            reason: "not yet".into(),
+            requeue: true,
+        };
+        assert_eq!(
+            decide(&message(0), &requeue, &limits, &policy),
+            Decision::settle_only(Settlement::Release),
+            "nothing stored, back to the queue"
         );
     }
 }

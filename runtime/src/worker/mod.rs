@@ -323,7 +323,7 @@ async fn dispatch(shared: &Arc<Shared>, delivery: Delivery, slot: OwnedSemaphore
 async fn process(
     shared: &Arc<Shared>,
     delivery: Delivery,
-    message: TaskMessage,
+    mut message: TaskMessage,
     task: Option<(Plugin, TaskPolicy)>,
     mut slot: OwnedSemaphorePermit,
 ) -> OwnedSemaphorePermit {
@@ -379,6 +379,7 @@ async fn process(
         settle::finish(shared, delivery, Some(&message), decision).await;
         return slot;
     };
+    run::apply_declarations(&mut message, &plugin);
     if let Some(rate) = policy.rate_limit {
         match shared.rate_turns.take(&message.task, rate) {
             Admission::RunAfter(wait) if wait.is_zero() => {}
@@ -404,8 +405,8 @@ async fn process(
         settle::store(shared, &started, reply.as_ref()).await;
     }
     let ran = match &builtin {
-        Some(Ok(call)) => call.run(shared, &message, &plugin, reply).await,
-        _ => run::run(shared, &message, &plugin, reply).await,
+        Some(Ok(call)) => call.run(shared, &delivery, &message, &plugin, reply).await,
+        _ => run::run(shared, &delivery, &message, &plugin, reply).await,
     };
     let decision = decision::after_run(&message, &ran.call, ran.interruption, &policy.retry);
     if settle::settles_locally(&message, &decision) {

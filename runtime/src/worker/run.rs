@@ -1,7 +1,7 @@
 //! Running one admitted task: the sandbox call built from the message (arguments, the
-//! workflow ids, the time limits the message may lower), registered among the running tasks
-//! so shutdown and `revoke --terminate` can interrupt it, with `update_state` reports stored
-//! as they come.
+//! workflow ids, the time limits the message may lower, what the task can read about its
+//! message), registered among the running tasks so shutdown and `revoke --terminate` can
+//! interrupt it, with `update_state` reports stored as they come.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,10 +12,12 @@ use serde_json::Value;
 
 use super::Shared;
 use super::decision::Interruption;
+use crate::broker::Delivery;
 use crate::engine::{
-    CallError, CallReport, CallRequest, CancelToken, LimitOverrides, Outcome, Plugin, StateListener,
+    CallError, CallReport, CallRequest, CancelToken, LimitOverrides, MessageInfo,
+    MessageProperties, Outcome, Plugin, StateListener,
 };
-use crate::protocol::{TaskMessage, unwrap_kombu_values};
+use crate::protocol::{TaskMessage, format_time, unwrap_kombu_values};
 use crate::results::{ReplyTo, ResultMeta};
 
 /// A finished sandbox call and whether something interrupted it.
@@ -26,9 +28,23 @@ pub(super) struct Ran {
     pub(super) interruption: Interruption,
 }
 
-/// Runs `message` on `plugin` in a fresh sandbox, answering rpc state updates to `reply`.
+/// Fills in what `message` leaves to the task's declarations: whether its result is
+/// stored (Celery: the message's explicit `ignore_result`, else the task's attribute). A
+/// retry of the message then carries the value in force, as Celery's does.
+pub(super) fn apply_declarations(message: &mut TaskMessage, plugin: &Plugin) {
+    if message.ignore_result.is_none() {
+        message.ignore_result = plugin
+            .task(&message.task)
+            .map(|info| info.ignore_result)
+            .filter(|ignore| *ignore);
+    }
+}
+
+/// Runs `message` (delivered as `delivery`) on `plugin` in a fresh sandbox, answering rpc
+/// state updates to `reply`.
 pub(super) async fn run(
     shared: &Arc<Shared>,
+    delivery: &Delivery,
     message: &TaskMessage,
     plugin: &Plugin,
     reply: Option<ReplyTo>,
@@ -39,7 +55,7 @@ pub(super) async fn run(
         // Revoked with terminate while it waited: the listener may have missed it.
         cancel.cancel();
     }
-    let request = call_request(shared, message, plugin, cancel.clone());
+    let request = call_request(shared, delivery, message, plugin, cancel.clone());
     let started = Instant::now();
     let listener = state_listener(shared, reply);
     let call = shared
@@ -63,13 +79,46 @@ pub(super) async fn run(
     }
 }
 
+/// Seconds as a message carries them (`timelimit`), as a duration.
+fn seconds(value: Option<f64>) -> Option<Duration> {
+    value.and_then(|t| Duration::try_from_secs_f64(t).ok())
+}
+
+/// What the task can read about `message` (Celery's `self.request`).
+fn message_info(delivery: &Delivery, message: &TaskMessage) -> MessageInfo {
+    let p = &delivery.envelope.properties;
+    MessageInfo {
+        eta: message.eta.as_ref().map(format_time),
+        expires: message.expires.as_ref().map(format_time),
+        time_limit: seconds(message.time_limit),
+        soft_time_limit: seconds(message.soft_time_limit),
+        redelivered: delivery.redelivered(),
+        headers: message.custom_headers(),
+        properties: MessageProperties {
+            content_type: p.content_type.clone(),
+            content_encoding: p.content_encoding.clone(),
+            correlation_id: p.correlation_id.clone(),
+            reply_to: p.reply_to.clone(),
+            delivery_mode: p.delivery_mode,
+            priority: p.priority,
+            expiration: p.expiration.clone(),
+            message_id: p.message_id.clone(),
+            timestamp: p.timestamp,
+            message_type: p.message_type.clone(),
+            app_id: p.app_id.clone(),
+        },
+    }
+}
+
 /// The sandbox call for `message`.
 fn call_request(
     shared: &Shared,
+    delivery: &Delivery,
     message: &TaskMessage,
     plugin: &Plugin,
     cancel: CancelToken,
 ) -> CallRequest {
+    let declared = plugin.task(&message.task);
     CallRequest {
         task: message.task.clone(),
         id: message.id.clone(),
@@ -96,18 +145,21 @@ fn call_request(
                 .filter(|t| *t > 0.0)
                 .and_then(|t| Duration::try_from_secs_f64(t).ok())
                 .map(|t| {
-                    let task_default = plugin
-                        .task(&message.task)
+                    let task_default = declared
                         .and_then(|info| info.limits.timeout)
                         .unwrap_or(shared.registry.sandbox().config().defaults.timeout);
                     t.min(task_default)
                 }),
             ..LimitOverrides::default()
         },
+        // The message's soft limit, else the task's declared one (Celery:
+        // `soft_time_limit or task.soft_time_limit`).
         soft_timeout: message
             .soft_time_limit
             .filter(|t| *t > 0.0)
-            .and_then(|t| Duration::try_from_secs_f64(t).ok()),
+            .and_then(|t| Duration::try_from_secs_f64(t).ok())
+            .or_else(|| declared.and_then(|info| info.soft_timeout)),
+        message: message_info(delivery, message),
         cancel: Some(cancel),
     }
 }

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::Shared;
 use super::continuation;
-use super::decision::{Decision, Settlement};
+use super::decision::{Decision, NextAttempt, Settlement};
 use crate::broker::Delivery;
 use crate::protocol::{Envelope, TaskMessage};
 use crate::results::{ReplyTo, ResultMeta, TaskState};
@@ -32,15 +32,11 @@ pub(super) async fn finish(
         return;
     }
     let republished = match (&decision.settlement, message) {
-        (Settlement::RetryLater { delay }, Some(message)) => {
-            let mut next = message.clone();
-            next.retries += 1;
-            next.eta = chrono::Duration::from_std(*delay)
-                .ok()
-                .map(|d| Utc::now() + d);
-            next.parent_id = Some(message.id.clone());
-            Some((next.encode(), *delay, "retry"))
-        }
+        (Settlement::RetryLater { delay, next }, Some(message)) => Some((
+            retry_message(message, *delay, next).encode(),
+            *delay,
+            "retry",
+        )),
         (Settlement::Defer { delay }, _) => {
             shared.stats.deferred.fetch_add(1, Ordering::Relaxed);
             Some((delivery.envelope.clone(), *delay, "deferred message"))
@@ -63,6 +59,32 @@ pub(super) async fn finish(
     settle(shared, delivery, &decision.settlement).await;
 }
 
+/// The next attempt of `message`, `delay` from now: the same message (custom headers,
+/// priority and `ignore_result` included, as Celery's retry keeps them) with `retries + 1`,
+/// and the new arguments and expiry the task asked for.
+fn retry_message(
+    message: &TaskMessage,
+    delay: std::time::Duration,
+    next: &NextAttempt,
+) -> TaskMessage {
+    let mut retry = message.clone();
+    retry.retries += 1;
+    let now = Utc::now();
+    let after = |wait| chrono::Duration::from_std(wait).ok().map(|d| now + d);
+    retry.eta = after(delay);
+    retry.parent_id = Some(message.id.clone());
+    if let Some(args) = &next.args {
+        retry.args.clone_from(args);
+    }
+    if let Some(kwargs) = &next.kwargs {
+        retry.kwargs.clone_from(kwargs);
+    }
+    if let Some(expires) = next.expires {
+        retry.expires = after(expires);
+    }
+    retry
+}
+
 /// Stores `meta` with what the message says about it, publishing the workflow's next steps
 /// before (on success) or after (chord counting, failure propagation) storing it. False
 /// when the message must be released.
@@ -83,7 +105,7 @@ async fn store_and_continue(
     {
         return false;
     }
-    let ignore_result = message.is_some_and(|m| m.ignore_result);
+    let ignore_result = message.is_some_and(TaskMessage::ignores_result);
     let keep = !ignore_result || !matches!(settlement, Settlement::Ack);
     // An undecodable message still says where its sender listens.
     let reply = message.map_or_else(|| reply_of_envelope(&delivery.envelope), reply_of);
@@ -110,7 +132,7 @@ async fn store_and_continue(
 /// to store, nothing to publish, only an ack (which the broker batches).
 pub(super) fn settles_locally(message: &TaskMessage, decision: &Decision) -> bool {
     let embed = &message.embed;
-    message.ignore_result
+    message.ignores_result()
         && matches!(decision.settlement, Settlement::Ack)
         && embed.callbacks.as_ref().is_none_or(Vec::is_empty)
         && embed.errbacks.as_ref().is_none_or(Vec::is_empty)
@@ -189,5 +211,43 @@ pub(super) async fn release(shared: &Shared, delivery: Delivery) {
             error = &error as &dyn std::error::Error,
             "cannot release a message; it returns when its lease expires"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::{Map, json};
+
+    use super::*;
+
+    #[test]
+    fn a_retry_keeps_the_message_and_changes_what_the_task_asked() {
+        let mut message = TaskMessage::new("t.add", vec![json!(1)], Map::new());
+        message.priority = Some(7);
+        message.ignore_result = Some(false);
+        message
+            .extra_headers
+            .insert("x-test-header".into(), "test-value".into());
+        let same = retry_message(&message, Duration::from_secs(1), &NextAttempt::default());
+        assert_eq!(same.retries, 1);
+        assert_eq!(same.args, message.args);
+        assert_eq!(same.priority, Some(7));
+        assert_eq!(same.ignore_result, Some(false));
+        assert_eq!(same.custom_headers(), message.custom_headers());
+        assert!(same.eta.is_some_and(|eta| eta > Utc::now()));
+
+        let next = NextAttempt {
+            args: Some(vec![json!(2), json!(3)]),
+            kwargs: Some(json!({"label": "kept"}).as_object().unwrap().clone()),
+            expires: Some(Duration::from_secs(60)),
+        };
+        let changed = retry_message(&message, Duration::ZERO, &next);
+        assert_eq!(changed.args, [json!(2), json!(3)]);
+        assert_eq!(Value::Object(changed.kwargs), json!({"label": "kept"}));
+        let expires = changed.expires.unwrap();
+        assert!(expires > Utc::now() + chrono::Duration::seconds(55));
+        assert!(expires <= Utc::now() + chrono::Duration::seconds(60));
     }
 }

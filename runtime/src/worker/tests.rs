@@ -424,7 +424,7 @@ async fn a_result_that_cannot_be_stored_releases_the_message() {
 async fn an_ignored_result_is_not_stored_but_the_message_is_acked() {
     let harness = Harness::new().await;
     let mut quiet = message("math.add", json!([2, 3]));
-    quiet.ignore_result = true;
+    quiet.ignore_result = Some(true);
     let ending = harness.deliver(&quiet).await;
     assert_eq!(ending.settled, Settled::Ack);
     assert!(ending.stored.is_empty());

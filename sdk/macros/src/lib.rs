@@ -26,9 +26,81 @@ pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
         Err(err) => {
             // Keep the function so the only errors the author sees are ours.
             let err = err.to_compile_error();
+            let item_fn = without_helper_attributes(&item_fn);
             quote!(#item_fn #err).into()
         }
     }
+}
+
+/// The parameter attributes `#[task]` reads: they mark the catch-all parameters.
+const ARGS_ATTRIBUTE: &str = "args";
+const KWARGS_ATTRIBUTE: &str = "kwargs";
+
+fn is_helper_attribute(attr: &syn::Attribute) -> bool {
+    attr.path().is_ident(ARGS_ATTRIBUTE) || attr.path().is_ident(KWARGS_ATTRIBUTE)
+}
+
+/// The function as the author wrote it, minus `#[args]` and `#[kwargs]` (which only
+/// `#[task]` understands), so it compiles and unit tests call it natively.
+fn without_helper_attributes(item_fn: &ItemFn) -> ItemFn {
+    let mut item_fn = item_fn.clone();
+    for input in &mut item_fn.sig.inputs {
+        if let FnArg::Typed(pat_type) = input {
+            pat_type.attrs.retain(|attr| !is_helper_attribute(attr));
+        }
+    }
+    item_fn
+}
+
+/// Which of the two catch-alls a parameter is, from its attribute.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CatchAll {
+    Args,
+    Kwargs,
+}
+
+fn catch_all(pat_type: &syn::PatType) -> syn::Result<Option<CatchAll>> {
+    let mut found = None;
+    for attr in pat_type.attrs.iter().filter(|a| is_helper_attribute(a)) {
+        if !matches!(attr.meta, Meta::Path(_)) {
+            return Err(syn::Error::new(
+                attr.span(),
+                "`#[args]` and `#[kwargs]` take no arguments",
+            ));
+        }
+        if found.is_some() {
+            return Err(syn::Error::new(
+                attr.span(),
+                "a parameter is `#[args]` or `#[kwargs]`, not both",
+            ));
+        }
+        found = Some(if attr.path().is_ident(ARGS_ATTRIBUTE) {
+            CatchAll::Args
+        } else {
+            CatchAll::Kwargs
+        });
+    }
+    Ok(found)
+}
+
+/// True when `ty` is spelled `Option<Option<..>>`: a parameter that tells a left-out
+/// argument from an explicit null.
+fn is_nested_option(ty: &Type) -> bool {
+    fn option_inner(ty: &Type) -> Option<&Type> {
+        let Type::Path(p) = ty else { return None };
+        let last = p.path.segments.last()?;
+        if last.ident != "Option" {
+            return None;
+        }
+        let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+            return None;
+        };
+        match args.args.first()? {
+            syn::GenericArgument::Type(inner) if args.args.len() == 1 => Some(inner),
+            _ => None,
+        }
+    }
+    option_inner(ty).and_then(option_inner).is_some()
 }
 
 /// Options given in `#[task(...)]`.
@@ -38,6 +110,8 @@ struct TaskOptions {
     fuel: Option<u64>,
     memory_bytes: Option<u64>,
     timeout_ms: Option<u64>,
+    soft_timeout_ms: Option<u64>,
+    ignore_result: bool,
     autoretry_for: Vec<String>,
     max_retries: Option<u32>,
     default_retry_delay_ms: Option<u64>,
@@ -48,8 +122,9 @@ struct TaskOptions {
 }
 
 /// Every option `#[task(...)]` accepts, for error messages.
-const OPTION_NAMES: &str = "name, fuel, memory, timeout, autoretry_for, max_retries, \
-     default_retry_delay, retry_backoff, retry_backoff_max, retry_jitter or rate_limit";
+const OPTION_NAMES: &str = "name, fuel, memory, time_limit (or timeout), soft_time_limit, \
+     ignore_result, autoretry_for, max_retries, default_retry_delay, retry_backoff, \
+     retry_backoff_max, retry_jitter or rate_limit";
 
 /// Checks a Celery rate limit: `N/s`, `N/m`, `N/h` or `N` (per second), N > 0.
 fn valid_rate_limit(text: &str) -> bool {
@@ -119,11 +194,27 @@ fn parse_options(attr: proc_macro2::TokenStream) -> syn::Result<TaskOptions> {
                         syn::Error::new(s.span(), "expected a size like \"64MiB\"")
                     })?);
             }
-            ("timeout", Lit::Str(s)) => {
+            (key @ ("timeout" | "time_limit"), Lit::Str(s)) => {
+                // Celery's `time_limit` is the hard limit wasmq has always called `timeout`:
+                // one limit, two names.
+                if options.timeout_ms.is_some() {
+                    return Err(syn::Error::new(
+                        nv.path.span(),
+                        format!(
+                            "`{key}`: the hard time limit is already set (`timeout` and `time_limit` are one option)"
+                        ),
+                    ));
+                }
                 options.timeout_ms = Some(parse_duration_ms(&s.value()).ok_or_else(|| {
                     syn::Error::new(s.span(), "expected a duration like \"2s\" or \"500ms\"")
                 })?);
             }
+            ("soft_time_limit", Lit::Str(s)) => {
+                options.soft_timeout_ms = Some(parse_duration_ms(&s.value()).ok_or_else(|| {
+                    syn::Error::new(s.span(), "expected a duration like \"2s\" or \"500ms\"")
+                })?);
+            }
+            ("ignore_result", Lit::Bool(b)) => options.ignore_result = b.value,
             ("max_retries", Lit::Int(n)) => options.max_retries = Some(n.base10_parse()?),
             ("retry_jitter", Lit::Bool(b)) => options.retry_jitter = Some(b.value),
             (
@@ -152,6 +243,8 @@ fn parse_options(attr: proc_macro2::TokenStream) -> syn::Result<TaskOptions> {
                 "name"
                 | "memory"
                 | "timeout"
+                | "time_limit"
+                | "soft_time_limit"
                 | "default_retry_delay"
                 | "retry_backoff"
                 | "retry_backoff_max"
@@ -160,7 +253,7 @@ fn parse_options(attr: proc_macro2::TokenStream) -> syn::Result<TaskOptions> {
             ) => {
                 return Err(syn::Error::new(other.span(), "expected a string literal"));
             }
-            ("retry_jitter", other) => {
+            ("retry_jitter" | "ignore_result", other) => {
                 return Err(syn::Error::new(other.span(), "expected true or false"));
             }
             ("fuel" | "max_retries", other) => {
@@ -173,6 +266,16 @@ fn parse_options(attr: proc_macro2::TokenStream) -> syn::Result<TaskOptions> {
                 ));
             }
         }
+    }
+    if let (Some(hard), Some(soft)) = (options.timeout_ms, options.soft_timeout_ms)
+        && soft > hard
+    {
+        // Celery refuses the same declaration (`soft_time_limit must be less than or equal
+        // to time_limit`): the soft limit would never be seen.
+        return Err(syn::Error::new(
+            Span::call_site(),
+            format!("soft_time_limit ({soft} ms) must not exceed time_limit ({hard} ms)"),
+        ));
     }
     Ok(options)
 }
@@ -304,7 +407,11 @@ fn expand(
     let fn_name = &sig.ident;
     let mut takes_context = false;
     let mut bindings = Vec::new();
+    let mut call_args = Vec::new();
     let mut param_names = Vec::new();
+    let mut var_args: Option<String> = None;
+    let mut var_kwargs: Option<String> = None;
+    let mut positional: Option<usize> = None;
     for (position, input) in sig.inputs.iter().enumerate() {
         let FnArg::Typed(pat_type) = input else {
             return Err(syn::Error::new(
@@ -312,7 +419,8 @@ fn expand(
                 "tasks are free functions: `self` is not supported",
             ));
         };
-        if position == 0 && is_context_type(&pat_type.ty) {
+        let catch_all = catch_all(pat_type)?;
+        if position == 0 && catch_all.is_none() && is_context_type(&pat_type.ty) {
             takes_context = true;
             continue;
         }
@@ -329,20 +437,55 @@ fn expand(
                 "task parameters must be plain names (they double as keyword-argument names)",
             ));
         };
+        if var_kwargs.is_some() {
+            return Err(syn::Error::new(
+                pat_type.span(),
+                "the `#[kwargs]` parameter must be the last one (as `**kwargs` in Python)",
+            ));
+        }
         let name = pat_ident.ident.to_string();
         let name = name.strip_prefix("r#").unwrap_or(&name).to_owned();
-        let index = param_names.len();
         let ty = &pat_type.ty;
-        let var = format_ident!("__wasmq_arg_{}", index);
+        let var = format_ident!("__wasmq_arg_{}", call_args.len());
         let ty_text = quote!(#ty).to_string().replace(' ', "");
+        let take = match catch_all {
+            Some(CatchAll::Args) => {
+                if var_args.is_some() {
+                    return Err(syn::Error::new(
+                        pat_type.span(),
+                        "a task has at most one `#[args]` parameter",
+                    ));
+                }
+                // Parameters after `#[args]` are keyword-only, as in Python.
+                positional = Some(param_names.len());
+                let take = quote!(take_var_args(#name, #ty_text));
+                var_args = Some(name);
+                take
+            }
+            Some(CatchAll::Kwargs) => {
+                let take = quote!(take_var_kwargs(#name, #ty_text));
+                var_kwargs = Some(name);
+                take
+            }
+            None => {
+                let index = param_names.len();
+                param_names.push(name.clone());
+                if is_nested_option(ty) {
+                    // `Option<Option<T>>`: `take_given` decodes `Option<T>` and leaves the
+                    // outer `None` for a left-out argument.
+                    quote!(take_given(#index, #name, #ty_text))
+                } else {
+                    quote!(take(#index, #name, #ty_text))
+                }
+            }
+        };
         bindings.push(quote_spanned! {ty.span()=>
-            let #var: #ty = __args.take(#index, #name, #ty_text)?;
+            let #var: #ty = __args.#take?;
         });
-        param_names.push(name);
+        call_args.push(var);
     }
-    let args: Vec<_> = (0..param_names.len())
-        .map(|i| format_ident!("__wasmq_arg_{}", i))
-        .collect();
+    let positional = positional.unwrap_or(param_names.len());
+    let args = &call_args;
     let call = if takes_context {
         quote!(#fn_name(__ctx, #(#args),*))
     } else {
@@ -392,6 +535,14 @@ fn expand(
     let fuel = option_tokens(options.fuel);
     let memory = option_tokens(options.memory_bytes);
     let timeout = option_tokens(options.timeout_ms);
+    let soft_timeout = option_tokens(options.soft_timeout_ms);
+    let ignore_result = options.ignore_result;
+    let name_tokens = |value: Option<String>| match value {
+        Some(v) => quote!(::core::option::Option::Some(#v)),
+        None => quote!(::core::option::Option::None),
+    };
+    let var_args = name_tokens(var_args);
+    let var_kwargs = name_tokens(var_kwargs);
     let default_retry_delay = option_tokens(options.default_retry_delay_ms);
     let retry_backoff = option_tokens(options.retry_backoff_ms);
     let retry_backoff_max = option_tokens(options.retry_backoff_max_ms);
@@ -416,6 +567,7 @@ fn expand(
     };
     let struct_doc = format!("wasmq task descriptor for [`{fn_name}`](fn@{fn_name}).");
     let span = Span::call_site();
+    let item_fn = without_helper_attributes(item_fn);
     Ok(quote_spanned! {span=>
         #item_fn
 
@@ -428,9 +580,14 @@ fn expand(
                 name: #name_expr,
                 doc: #doc,
                 params: &[#(#param_names),*],
+                positional: #positional,
+                var_args: #var_args,
+                var_kwargs: #var_kwargs,
                 fuel: #fuel,
                 memory_bytes: #memory,
                 timeout_ms: #timeout,
+                soft_timeout_ms: #soft_timeout,
+                ignore_result: #ignore_result,
                 policy: ::wasmq_sdk::__private::PolicyDef {
                     autoretry_for: &[#(#autoretry_for),*],
                     max_retries: #max_retries,
@@ -532,5 +689,83 @@ mod tests {
         assert_eq!(options.retry_jitter, Some(false));
         assert_eq!(options.default_retry_delay_ms, Some(30_000));
         assert_eq!(options.rate_limit.as_deref(), Some("10/m"));
+    }
+
+    #[test]
+    fn celery_declarations_parse_and_contradictions_are_refused() {
+        let options = parse_options(quote!(
+            time_limit = "60s",
+            soft_time_limit = "45s",
+            ignore_result = true
+        ))
+        .unwrap();
+        assert_eq!(options.timeout_ms, Some(60_000));
+        assert_eq!(options.soft_timeout_ms, Some(45_000));
+        assert!(options.ignore_result);
+        assert_eq!(
+            parse_options(quote!(timeout = "2s")).unwrap().timeout_ms,
+            Some(2000),
+            "`timeout` is the same option"
+        );
+        let refused = [
+            (quote!(timeout = "2s", time_limit = "3s"), "one option"),
+            (
+                quote!(time_limit = "1s", soft_time_limit = "2s"),
+                "must not exceed time_limit",
+            ),
+            (quote!(ignore_result = "yes"), "expected true or false"),
+            (quote!(soft_time_limit = 5), "expected a string literal"),
+        ];
+        for (attr, expected) in refused {
+            let err = parse_options(attr.clone())
+                .err()
+                .unwrap_or_else(|| panic!("{attr} accepted"));
+            assert!(err.to_string().contains(expected), "{attr}: {err}");
+        }
+    }
+
+    #[test]
+    fn catch_alls_and_nested_options_expand_to_their_bindings() {
+        let item: ItemFn = syn::parse_str(
+            "fn f(ctx: &TaskContext, a: i64, #[args] rest: Vec<Value>, flag: Option<Option<bool>>, #[kwargs] extra: Map<String, Value>) -> i64 { a }",
+        )
+        .unwrap();
+        let expanded = expand(quote!(), &item).unwrap().to_string();
+        for expected in [
+            "positional : 1usize",
+            "var_args : :: core :: option :: Option :: Some (\"rest\")",
+            "var_kwargs : :: core :: option :: Option :: Some (\"extra\")",
+            "take_var_args (\"rest\"",
+            "take_given (1usize , \"flag\"",
+            "take_var_kwargs (\"extra\"",
+            "params : & [\"a\" , \"flag\"]",
+        ] {
+            assert!(expanded.contains(expected), "{expected} in {expanded}");
+        }
+        assert!(
+            !expanded.contains("# [args]") && !expanded.contains("# [kwargs]"),
+            "the helper attributes are removed from the function: {expanded}"
+        );
+        let misplaced = [
+            (
+                "fn f(#[kwargs] extra: Map<String, Value>, a: i64) -> i64 { a }",
+                "must be the last one",
+            ),
+            (
+                "fn f(#[args] a: Vec<i64>, #[args] b: Vec<i64>) -> i64 { 0 }",
+                "at most one `#[args]`",
+            ),
+            (
+                "fn f(#[args(x)] a: Vec<i64>) -> i64 { 0 }",
+                "take no arguments",
+            ),
+        ];
+        for (source, expected) in misplaced {
+            let item: ItemFn = syn::parse_str(source).unwrap();
+            let err = expand(quote!(), &item)
+                .err()
+                .unwrap_or_else(|| panic!("{source} accepted"));
+            assert!(err.to_string().contains(expected), "{source}: {err}");
+        }
     }
 }

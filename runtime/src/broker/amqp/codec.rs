@@ -105,6 +105,18 @@ pub(crate) fn properties_of(envelope: &Envelope) -> BasicProperties {
     if let Some(expiration) = &p.expiration {
         properties = properties.with_expiration(expiration.as_str().into());
     }
+    if let Some(id) = &p.message_id {
+        properties = properties.with_message_id(id.as_str().into());
+    }
+    if let Some(timestamp) = p.timestamp {
+        properties = properties.with_timestamp(timestamp);
+    }
+    if let Some(kind) = &p.message_type {
+        properties = properties.with_type(kind.as_str().into());
+    }
+    if let Some(app_id) = &p.app_id {
+        properties = properties.with_app_id(app_id.as_str().into());
+    }
     properties
 }
 
@@ -125,6 +137,10 @@ pub(super) fn envelope_of(properties: &BasicProperties, body: Vec<u8>) -> Envelo
             priority: *properties.priority(),
             delivery_mode: *properties.delivery_mode(),
             expiration: text(properties.expiration()),
+            message_id: text(properties.message_id()),
+            timestamp: *properties.timestamp(),
+            message_type: text(properties.kind()),
+            app_id: text(properties.app_id()),
         },
         body,
     }
@@ -173,6 +189,32 @@ mod tests {
         assert_eq!(
             headers_to_amqp_and_back(map),
             map.clone().into_iter().collect()
+        );
+    }
+
+    #[test]
+    fn the_properties_celery_exposes_survive_a_round_trip() {
+        let envelope = Envelope {
+            properties: Properties {
+                correlation_id: Some("T1".into()),
+                priority: Some(7),
+                message_id: Some("m-1".into()),
+                timestamp: Some(1_700_000_000),
+                message_type: Some("task".into()),
+                app_id: Some("1234".into()),
+                ..Properties::default()
+            },
+            ..Envelope::default()
+        };
+        let received = envelope_of(&properties_of(&envelope), Vec::new());
+        assert_eq!(
+            received.properties,
+            Properties {
+                content_type: Some("application/json".into()),
+                content_encoding: Some("utf-8".into()),
+                delivery_mode: Some(2),
+                ..envelope.properties
+            }
         );
     }
 }

@@ -2,32 +2,25 @@
 //! Celery names (`t.integration.tasks.<name>`), so Celery's own integration suite can run
 //! against a wasmq worker with the unmodified Python client.
 //!
-//! Each task keeps the Python task's parameter names, defaults, results and exception kinds
-//! (the `python` module supplies Python's `+`, `sum()`, `repr()`…). Where the SDK cannot
-//! express the Python signature the port says so on the task; in short:
+//! Each task keeps the Python task's parameter names, defaults, results, exception kinds
+//! and task attributes (the `python` module supplies Python's `+`, `sum()`, `repr()`…):
+//! `*args` is an `#[args]` parameter, `**kwargs` a `#[kwargs]` one, a parameter whose
+//! Python default is not `None` but which a caller may set to `None` is an
+//! `Option<Option<T>>`, `self.request` is the `TaskContext`, `self.retry(…)` is
+//! `TaskError::retry(…)` with its builders and `Reject(requeue=True)` is
+//! `TaskError::requeue`. What the port cannot say the same way, the task's doc comment
+//! says.
 //!
-//! * `*args` becomes eight optional positional parameters `args0`…`args7` (the SDK has no
-//!   variadic parameters), and a trailing explicit `None` is indistinguishable from an
-//!   omitted argument;
-//! * an explicit `None` for a parameter whose Python default is not `None` (`countdown=None`)
-//!   counts as omitted: the SDK passes both as JSON `null`;
-//! * `retry(expires=…, max_retries=…)` per call and `ignore_result` as a task attribute have
-//!   no SDK counterpart: the per-call limits fall back to the task's declared ones.
-//!   (`retry(exc=…)` is `TaskError::retry(…).or_fail_with(…)`; an exception's arguments are
-//!   `TaskError::raised(kind, args)`.)
-//!
-//! Not ported (the suite's tests that use them are deselected or fail, see the README):
-//! tasks that replace themselves, call Redis, call or build other tasks, or write files, and
-//! tasks that read request fields the SDK does not expose (`delivery_info`, `headers`,
-//! `properties`, `eta`, time limits, `is_eager`).
+//! Not ported (the suite's tests that use them are deselected, see the README): tasks that
+//! replace themselves, call Redis, call or build other tasks, or write files.
 
 mod python;
 
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
-use wasmq_sdk::{TaskContext, TaskError, task};
+use serde_json::{Map, Value, json};
+use wasmq_sdk::{MessageProperties, TaskContext, TaskError, task};
 
 use crate::python::{exception_repr, is_iterable, iterate, truthy};
 
@@ -65,10 +58,8 @@ fn add_not_typed(x: Value, y: Value) -> Result<Value, TaskError> {
     python::add(&x, &y)
 }
 
-/// `add_ignore_result(x, y)`: `x + y`. The Python task declares `ignore_result=True`; the
-/// SDK has no such attribute, so the result is ignored only when the message says so (as
-/// `add_ignore_result.delay()` does).
-#[task(name = "t.integration.tasks.add_ignore_result")]
+/// `add_ignore_result(x, y)`: `x + y`, declared `ignore_result=True`.
+#[task(name = "t.integration.tasks.add_ignore_result", ignore_result = true)]
 fn add_ignore_result(x: Value, y: Value) -> Result<Value, TaskError> {
     python::add(&x, &y)
 }
@@ -81,18 +72,8 @@ fn add_with_result(x: Value, y: Value) -> Result<Value, TaskError> {
 
 /// `raise_error(*args)`: raises `ValueError("deliberate error")`.
 #[task(name = "t.integration.tasks.raise_error")]
-#[allow(clippy::too_many_arguments)]
-fn raise_error(
-    args0: Option<Value>,
-    args1: Option<Value>,
-    args2: Option<Value>,
-    args3: Option<Value>,
-    args4: Option<Value>,
-    args5: Option<Value>,
-    args6: Option<Value>,
-    args7: Option<Value>,
-) -> Result<(), TaskError> {
-    let _ = [args0, args1, args2, args3, args4, args5, args6, args7];
+fn raise_error(#[args] args: Vec<Value>) -> Result<(), TaskError> {
+    let _ = args;
     Err(TaskError::failed("ValueError", "deliberate error"))
 }
 
@@ -156,10 +137,13 @@ fn return_exception(e: Value) -> (Value, bool) {
     (e, true)
 }
 
-/// `sleeping(i, **_)`: sleeps `i` seconds and returns nothing. (The SDK refuses unknown
-/// keyword arguments, which the Python task swallows; no test passes any.)
+/// `sleeping(i, **_)`: sleeps `i` seconds and returns nothing, whatever keywords it gets.
 #[task(name = "t.integration.tasks.sleeping")]
-fn sleeping(ctx: &TaskContext, i: f64) -> Result<(), TaskError> {
+fn sleeping(
+    ctx: &TaskContext,
+    i: f64,
+    #[kwargs] _kwargs: Map<String, Value>,
+) -> Result<(), TaskError> {
     pause(ctx, i)
 }
 
@@ -210,8 +194,8 @@ fn retry(ctx: &TaskContext, return_value: Option<Value>) -> Result<Value, TaskEr
 }
 
 /// `retry_unpickleable(foo, bar, *, retry_kwargs)`: retries with
-/// `exc=UnpickleableException(foo, bar)` and `retry_kwargs` (`countdown`; the per-call
-/// `max_retries` has no SDK counterpart, the task's default applies).
+/// `exc=UnpickleableException(foo, bar)` and `retry_kwargs` (`countdown`, `max_retries`,
+/// `expires`).
 #[task(
     name = "t.integration.tasks.retry_unpickleable",
     default_retry_delay = "1s"
@@ -225,42 +209,174 @@ fn retry_unpickleable(foo: Value, bar: Value, retry_kwargs: Value) -> Result<(),
         std::slice::from_ref(&foo),
     ))
     .or_fail_with(TaskError::raised(UNPICKLEABLE_EXCEPTION, [foo]));
-    Err(
-        match retry_kwargs.get("countdown").and_then(Value::as_f64) {
-            Some(countdown) => request.after(seconds(countdown)),
-            None => request,
-        },
-    )
+    Err(retry_options(request, &retry_kwargs))
+}
+
+/// `self.retry(**retry_kwargs)`: the keywords a test passes through to `retry`.
+fn retry_options(mut request: TaskError, retry_kwargs: &Value) -> TaskError {
+    let number = |key| retry_kwargs.get(key).and_then(Value::as_f64);
+    if let Some(countdown) = number("countdown") {
+        request = request.after(seconds(countdown));
+    }
+    if let Some(expires) = number("expires") {
+        request = request.expires(seconds(expires));
+    }
+    if let Some(max_retries) = retry_kwargs
+        .get("max_retries")
+        .and_then(Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok())
+    {
+        request = request.max_retries(max_retries);
+    }
+    request
+}
+
+/// `self.retry(countdown=countdown, expires=expires, max_retries=max_retries)` as the
+/// `retry_once*` tasks call it: a `countdown` of `None` is the task's default retry delay,
+/// a `max_retries` of `None` the task's limit, an `expires` of `None` no new expiry.
+fn retry_with(
+    reason: &str,
+    countdown: Option<f64>,
+    expires: Option<f64>,
+    max_retries: Option<u32>,
+) -> TaskError {
+    let mut request = TaskError::retry(reason);
+    if let Some(countdown) = countdown {
+        request = request.after(seconds(countdown));
+    }
+    if let Some(expires) = expires {
+        request = request.expires(seconds(expires));
+    }
+    if let Some(max_retries) = max_retries {
+        request = request.max_retries(max_retries);
+    }
+    request
 }
 
 /// `retry_once(*args, expires=None, max_retries=1, countdown=0.1)`: retries once, then
-/// returns the number of retries. `expires` and `max_retries` per call have no SDK
-/// counterpart (the task declares `max_retries=1`, the default of both).
+/// returns the number of retries. (The Python task also declares `expires=120.0`, which a
+/// Python client puts in the message itself.)
 #[task(name = "t.integration.tasks.retry_once", max_retries = 1)]
-#[allow(clippy::too_many_arguments)]
 fn retry_once(
     ctx: &TaskContext,
-    args0: Option<Value>,
-    args1: Option<Value>,
-    args2: Option<Value>,
-    args3: Option<Value>,
-    args4: Option<Value>,
-    args5: Option<Value>,
-    args6: Option<Value>,
-    args7: Option<Value>,
+    #[args] args: Vec<Value>,
     expires: Option<f64>,
-    max_retries: Option<u32>,
-    countdown: Option<f64>,
+    max_retries: Option<Option<u32>>,
+    countdown: Option<Option<f64>>,
 ) -> Result<u32, TaskError> {
-    let _ = (
-        [args0, args1, args2, args3, args4, args5, args6, args7],
-        expires,
-        max_retries,
-    );
+    let _ = args;
     if ctx.retries() > 0 {
         return Ok(ctx.retries());
     }
-    Err(TaskError::retry("retry_once").after(seconds(countdown.unwrap_or(0.1))))
+    Err(retry_with(
+        "retry_once",
+        countdown.unwrap_or(Some(0.1)),
+        expires,
+        max_retries.unwrap_or(Some(1)),
+    ))
+}
+
+/// `retry_once_priority(*args, expires=60.0, max_retries=1, countdown=0.1)`: retries once
+/// (without `expires`, as the Python task), then returns its message's priority.
+#[task(name = "t.integration.tasks.retry_once_priority", max_retries = 1)]
+fn retry_once_priority(
+    ctx: &TaskContext,
+    #[args] args: Vec<Value>,
+    expires: Option<Option<f64>>,
+    max_retries: Option<Option<u32>>,
+    countdown: Option<Option<f64>>,
+) -> Result<Option<u8>, TaskError> {
+    let _ = (args, expires);
+    if ctx.retries() > 0 {
+        return Ok(ctx.priority());
+    }
+    Err(retry_with(
+        "retry_once_priority",
+        countdown.unwrap_or(Some(0.1)),
+        None,
+        max_retries.unwrap_or(Some(1)),
+    ))
+}
+
+/// `retry_once_headers(*args, max_retries=1, countdown=0.1)`: retries once, then returns
+/// its custom headers (which the retry kept).
+#[task(name = "t.integration.tasks.retry_once_headers", max_retries = 1)]
+fn retry_once_headers(
+    ctx: &TaskContext,
+    #[args] args: Vec<Value>,
+    max_retries: Option<Option<u32>>,
+    countdown: Option<Option<f64>>,
+) -> Result<Option<Map<String, Value>>, TaskError> {
+    let _ = args;
+    if ctx.retries() > 0 {
+        return Ok(ctx.headers().cloned());
+    }
+    Err(retry_with(
+        "retry_once_headers",
+        countdown.unwrap_or(Some(0.1)),
+        None,
+        max_retries.unwrap_or(Some(1)),
+    ))
+}
+
+/// `retry_once_ignore_result()`, declared `ignore_result=True`: retries once at once, then
+/// returns the number of retries.
+#[task(
+    name = "t.integration.tasks.retry_once_ignore_result",
+    ignore_result = true
+)]
+fn retry_once_ignore_result(ctx: &TaskContext) -> Result<u32, TaskError> {
+    if ctx.retries() == 0 {
+        return Err(TaskError::retry("retry_once_ignore_result").after(Duration::ZERO));
+    }
+    Ok(ctx.retries())
+}
+
+/// `retry_with_args_after_kwargs(foo, bar, label=None)` (`max_retries=1`): called with
+/// keywords, retries with the positional arguments `(foo + 1, bar + 1)`; Celery keeps the
+/// keywords they do not replace (`label`).
+#[task(
+    name = "t.integration.tasks.retry_with_args_after_kwargs",
+    max_retries = 1
+)]
+#[allow(clippy::disallowed_names)]
+fn retry_with_args_after_kwargs(
+    ctx: &TaskContext,
+    foo: Value,
+    bar: Value,
+    label: Option<Value>,
+) -> Result<Value, TaskError> {
+    if ctx.retries() == 0 {
+        let one = Value::from(1);
+        return Err(TaskError::retry("retry_with_args_after_kwargs")
+            .after(Duration::ZERO)
+            .args((python::add(&foo, &one)?, python::add(&bar, &one)?)));
+    }
+    Ok(json!({
+        "foo": foo, "bar": bar, "label": label,
+        "retries": ctx.retries(), "is_eager": false,
+    }))
+}
+
+/// `retry_with_kwargs_after_args(foo, bar)` (`max_retries=1`): called positionally, retries
+/// with the keyword `foo=foo + 1`, which replaces the positional `foo`.
+#[task(
+    name = "t.integration.tasks.retry_with_kwargs_after_args",
+    max_retries = 1
+)]
+#[allow(clippy::disallowed_names)]
+fn retry_with_kwargs_after_args(
+    ctx: &TaskContext,
+    foo: Value,
+    bar: Value,
+) -> Result<Value, TaskError> {
+    if ctx.retries() == 0 {
+        return Err(TaskError::retry("retry_with_kwargs_after_args")
+            .after(Duration::ZERO)
+            .kwargs(json!({"foo": python::add(&foo, &Value::from(1))?})));
+    }
+    // `is_eager` is always False on a worker.
+    Ok(json!({"foo": foo, "bar": bar, "retries": ctx.retries(), "is_eager": false}))
 }
 
 /// `retry_once_with_result()`: retries once at once, then returns the number of retries.
@@ -274,22 +390,10 @@ fn retry_once_with_result(ctx: &TaskContext) -> Result<u32, TaskError> {
 
 /// `fail(*args)`: raises `ExpectedException("Task expected to fail", *args)`.
 #[task(name = "t.integration.tasks.fail")]
-#[allow(clippy::too_many_arguments)]
-fn fail(
-    args0: Option<Value>,
-    args1: Option<Value>,
-    args2: Option<Value>,
-    args3: Option<Value>,
-    args4: Option<Value>,
-    args5: Option<Value>,
-    args6: Option<Value>,
-    args7: Option<Value>,
-) -> Result<(), TaskError> {
-    let mut args = vec![Value::from("Task expected to fail")];
-    args.extend(variadic([
-        args0, args1, args2, args3, args4, args5, args6, args7,
-    ]));
-    Err(TaskError::raised(EXPECTED_EXCEPTION, args))
+fn fail(#[args] args: Vec<Value>) -> Result<(), TaskError> {
+    let mut exception_args = vec![Value::from("Task expected to fail")];
+    exception_args.extend(args);
+    Err(TaskError::raised(EXPECTED_EXCEPTION, exception_args))
 }
 
 /// `fail_unpickleable(foo, bar)`: raises `UnpickleableException(foo, bar)`, whose `args`
@@ -305,6 +409,63 @@ fn fail_unpickleable(foo: Value, bar: Value) -> Result<(), TaskError> {
 #[task(name = "t.integration.tasks.reject_without_requeue")]
 fn reject_without_requeue() -> Result<(), TaskError> {
     Err(TaskError::reject("rejected"))
+}
+
+/// `reject_then_succeed()` (`acks_late=True`, wasmq's only way): `Reject(requeue=True)` on
+/// the first delivery, `'second-pass'` once redelivered.
+#[task(name = "t.integration.tasks.reject_then_succeed")]
+fn reject_then_succeed(ctx: &TaskContext) -> Result<&'static str, TaskError> {
+    if !ctx.redelivered() {
+        return Err(TaskError::requeue("first delivery"));
+    }
+    Ok("second-pass")
+}
+
+/// `return_priority(*_args)`: `"Priority: %s" % request.delivery_info['priority']`.
+#[task(name = "t.integration.tasks.return_priority")]
+fn return_priority(ctx: &TaskContext, #[args] _args: Vec<Value>) -> String {
+    match ctx.priority() {
+        Some(priority) => format!("Priority: {priority}"),
+        None => "Priority: None".to_owned(),
+    }
+}
+
+/// `return_request_eta()`: `request.eta`.
+#[task(name = "t.integration.tasks.return_request_eta")]
+fn return_request_eta(ctx: &TaskContext) -> Option<String> {
+    ctx.eta().map(str::to_owned)
+}
+
+/// `return_properties()`: `request.properties`.
+#[task(name = "t.integration.tasks.return_properties")]
+fn return_properties(ctx: &TaskContext) -> MessageProperties {
+    ctx.properties().clone()
+}
+
+/// `{'time_limit': request.time_limit, 'soft_time_limit': request.soft_time_limit}`.
+fn request_time_limits(ctx: &TaskContext) -> Value {
+    json!({
+        "time_limit": ctx.time_limit().map(python::seconds),
+        "soft_time_limit": ctx.soft_time_limit().map(python::seconds),
+    })
+}
+
+/// `return_request_time_limits()`: the time limits its message asked for.
+#[task(name = "t.integration.tasks.return_request_time_limits")]
+fn return_request_time_limits(ctx: &TaskContext) -> Value {
+    request_time_limits(ctx)
+}
+
+/// `task_with_declared_time_limits()`, declared `time_limit=60, soft_time_limit=45`: the
+/// time limits its message asked for (a Python client sends the declared ones unless the
+/// call overrides them).
+#[task(
+    name = "t.integration.tasks.task_with_declared_time_limits",
+    time_limit = "60s",
+    soft_time_limit = "45s"
+)]
+fn task_with_declared_time_limits(ctx: &TaskContext) -> Value {
+    request_time_limits(ctx)
 }
 
 /// `AddParameterModel`, the pydantic model `add_pydantic` takes.
@@ -359,19 +520,6 @@ fn auto_retry_class_task(ctx: &TaskContext) -> Result<u32, TaskError> {
     Err(TaskError::failed("ValueError", ""))
 }
 
-/// The positional arguments of a `*args` parameter: up to the last one given.
-fn variadic<const N: usize>(slots: [Option<Value>; N]) -> Vec<Value> {
-    let given = slots
-        .iter()
-        .rposition(Option::is_some)
-        .map_or(0, |last| last + 1);
-    slots
-        .into_iter()
-        .take(given)
-        .map(|slot| slot.unwrap_or(Value::Null))
-        .collect()
-}
-
 fn seconds(value: f64) -> Duration {
     Duration::try_from_secs_f64(value).unwrap_or(Duration::ZERO)
 }
@@ -416,31 +564,22 @@ wasmq_sdk::export_tasks!(
     retry,
     retry_unpickleable,
     retry_once,
+    retry_once_priority,
+    retry_once_headers,
+    retry_once_ignore_result,
     retry_once_with_result,
+    retry_with_args_after_kwargs,
+    retry_with_kwargs_after_args,
     fail,
     fail_unpickleable,
     reject_without_requeue,
+    reject_then_succeed,
+    return_priority,
+    return_request_eta,
+    return_properties,
+    return_request_time_limits,
+    task_with_declared_time_limits,
     add_pydantic,
     add_pydantic_string_annotations,
     auto_retry_class_task,
 );
-
-#[cfg(test)]
-mod tests {
-    use serde_json::json;
-
-    use super::variadic;
-
-    #[test]
-    fn variadic_keeps_arguments_up_to_the_last_given() {
-        assert_eq!(
-            variadic([None, None, None]),
-            Vec::<serde_json::Value>::new()
-        );
-        assert_eq!(variadic([Some(json!(1)), None, None]), vec![json!(1)]);
-        assert_eq!(
-            variadic([None, Some(json!(2)), None]),
-            vec![json!(null), json!(2)]
-        );
-    }
-}

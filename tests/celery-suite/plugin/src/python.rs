@@ -1,5 +1,5 @@
 //! Python's semantics for the JSON values the suite's tasks handle: `+`, `*`, `sum()`,
-//! truthiness, `repr()` and an exception's `str()`.
+//! truthiness, `repr()`, an exception's `str()`, and numbers of seconds.
 //!
 //! The Python tasks are one-liners over whatever arguments they get (`add` concatenates
 //! strings and lists as readily as it adds numbers), so a faithful port needs these
@@ -247,6 +247,16 @@ pub(crate) fn exception_repr(name: &str, args: &[Value]) -> String {
     format!("{name}({})", join(args.iter()))
 }
 
+/// A duration as a number of seconds, as a Python client writes one: `30` when whole (an
+/// `int`), `1.5` otherwise. (`request.time_limit` is whatever number the client sent.)
+pub(crate) fn seconds(duration: std::time::Duration) -> Value {
+    if duration.subsec_nanos() == 0 {
+        Value::from(duration.as_secs())
+    } else {
+        Num::Float(duration.as_secs_f64()).into_value()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -294,6 +304,13 @@ mod tests {
             failure(sum(&json!(5))),
             "TypeError: 'int' object is not iterable"
         );
+    }
+
+    #[test]
+    fn whole_seconds_are_ints() {
+        use std::time::Duration;
+        assert_eq!(seconds(Duration::from_secs(30)), json!(30));
+        assert_eq!(seconds(Duration::from_millis(1500)), json!(1.5));
     }
 
     #[test]
