@@ -58,7 +58,7 @@ fn bad_plugin_files_are_rejected_with_the_right_error() {
 
         // After all of that the sandbox still loads and runs a good plugin.
         let plugin = sandbox.load_plugin_bytes("math", &math).await.unwrap();
-        assert_eq!(plugin.tasks().len(), 19);
+        assert_eq!(plugin.tasks().len(), 20);
     });
 }
 

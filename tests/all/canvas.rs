@@ -232,6 +232,132 @@ async fn chords(client: &Client) {
     assert_failed(result.get(WAIT).await, "ChordError", &text);
 }
 
+/// Regressions of issue 20 (the workflows Celery's own suite found stopping silently), with
+/// the Rust client: steps after a chord (cause 1), a pre-set group id kept (cause 4), chains
+/// ending in groups or chords inside chord headers (cause 5), `celery.starmap` (cause 6).
+async fn workflows_beyond_one_chord(client: &Client) {
+    let si = |task: &str, args: Value| sig(task, args).immutable();
+
+    // Steps after a chord run: chord | div(2) → 6 / 2.
+    let result = chain([
+        chord(
+            [
+                sig("math.add", json!([1, 1])),
+                sig("math.add", json!([2, 2])),
+            ],
+            sig("math.sum", json!([])),
+        )
+        .into(),
+        sig("math.div", json!([2.0])),
+    ])
+    .apply(client)
+    .await
+    .unwrap();
+    assert_eq!(result.get(WAIT).await.unwrap(), json!(3.0));
+
+    // Two chords in a chain: the second's header gets the first's result, 6/2 + 6/3.
+    let result = chain([
+        chord(
+            [
+                sig("math.add", json!([1, 1])),
+                sig("math.add", json!([2, 2])),
+            ],
+            sig("math.sum", json!([])),
+        )
+        .into(),
+        chord(
+            [sig("math.div", json!([2.0])), sig("math.div", json!([3.0]))],
+            sig("math.sum", json!([])),
+        )
+        .into(),
+    ])
+    .apply(client)
+    .await
+    .unwrap();
+    assert_eq!(result.get(WAIT).await.unwrap(), json!(5.0));
+
+    // A failing first chord fails the chain's end (the second chord's body) instead of
+    // leaving it PENDING.
+    let result = chain([
+        chord(
+            [
+                sig("math.add", json!([1, 1])),
+                sig("math.div", json!([1, 0])),
+            ],
+            sig("math.sum", json!([])),
+        )
+        .into(),
+        chord(
+            [sig("math.div", json!([2.0])), sig("math.div", json!([3.0]))],
+            sig("math.sum", json!([])),
+        )
+        .into(),
+    ])
+    .apply(client)
+    .await
+    .unwrap();
+    assert_failed(result.get(WAIT).await, "ChordError", "ZeroDivisionError");
+
+    // A header member that is a chain ending in a group: the body gets nested results.
+    let result = chord(
+        [chain([
+            si("math.add", json!([40, 2])),
+            group([
+                sig("math.identity", json!([])),
+                sig("math.identity", json!([])),
+            ])
+            .into(),
+        ])
+        .into()],
+        sig("math.identity", json!([])),
+    )
+    .apply(client)
+    .await
+    .unwrap();
+    assert_eq!(result.get(WAIT).await.unwrap(), json!([[42, 42]]));
+
+    // A header member that is a chain ending in a chord reports through that chord's body.
+    let result = chain([
+        si("math.identity", json!([1])),
+        chord(
+            [
+                si("math.identity", json!([2])),
+                chain([
+                    si("math.identity", json!([3])),
+                    chord(
+                        [
+                            si("math.identity", json!([4])),
+                            si("math.identity", json!([5])),
+                        ],
+                        si("math.identity", json!([6])),
+                    )
+                    .into(),
+                ])
+                .into(),
+            ],
+            si("math.identity", json!([7])),
+        )
+        .into(),
+    ])
+    .apply(client)
+    .await
+    .unwrap();
+    assert_eq!(result.get(WAIT).await.unwrap(), json!(7));
+
+    // celery.starmap: the worker calls the named task once per argument list.
+    let starmap = Signature::new("celery.starmap", vec![]).with_kwargs(
+        json!({"task": sig("math.add", json!([])).to_value(), "it": [[1, 1], [2, 2]]})
+            .as_object()
+            .cloned()
+            .unwrap(),
+    );
+    let all = group([starmap, sig("math.add", json!([3, 3]))])
+        .apply(client)
+        .await
+        .unwrap();
+    assert_eq!(all.get(WAIT).await.unwrap(), [json!([2, 4]), json!(6)]);
+}
+
 #[test]
 fn canvas_on_the_embedded_broker_and_backend() {
     runtime().block_on(async {
@@ -240,6 +366,7 @@ fn canvas_on_the_embedded_broker_and_backend() {
             spawn_worker(&queue, bundled_registry(sandbox()).await, options("celery"));
         chains_links_and_groups(&queue.client).await;
         chords(&queue.client).await;
+        workflows_beyond_one_chord(&queue.client).await;
         let _ = stop.send(());
         worker.await.unwrap();
     });
@@ -404,6 +531,7 @@ fn canvas_on_rabbitmq_with_redis_results() {
         let client = amqp_client(&queue, REDIS_URL);
         chains_links_and_groups(&client).await;
         chords(&client).await;
+        workflows_beyond_one_chord(&client).await;
 
         // Exactly Celery's keys: the size is written first; completion deletes them.
         let gid = id();
@@ -546,6 +674,29 @@ fn python_celery_canvas_is_served_by_a_wasmq_worker() {
         );
         let chain_failure = &results["chain_failure"];
         assert_eq!(chain_failure["error"], "ZeroDivisionError", "{results:#}");
+        // Issue 20's workflows, from an unmodified Python client.
+        assert_eq!(
+            results["chain_after_chord"],
+            json!({"ok": [2.0, 1.0]}),
+            "{results:#}"
+        );
+        let failed = &results["chords_in_chain_failure"];
+        assert_eq!(failed["is_chord_error"], true, "{results:#}");
+        assert_eq!(
+            results["nested_header"],
+            json!({"ok": [[42, 42]]}),
+            "{results:#}"
+        );
+        assert_eq!(
+            results["chord_chain_chord"],
+            json!({"ok": 7}),
+            "{results:#}"
+        );
+        assert_eq!(
+            results["starmap"],
+            json!({"ok": [[2, 4], 6]}),
+            "{results:#}"
+        );
         let _ = stop.send(());
         worker.await.unwrap();
         delete(&queue).await;

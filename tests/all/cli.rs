@@ -88,7 +88,7 @@ fn failures_are_one_line_with_distinct_exit_codes() {
         (
             &["call", MATH, "math.pow", "[1, 2]"],
             2,
-            "error: plugin math has no task named math.pow (it has: math.add, math.mul, math.fib, math.sum, math.div, math.sqrt, math.flaky, math.unstable, math.throttled, math.cooperative, math.sleep, math.bounded, math.give_up, math.total, math.add_quietly, math.budgeted, math.collatz, math.second_chance, math.debug_task)\n",
+            "error: plugin math has no task named math.pow (it has: math.add, math.mul, math.fib, math.sum, math.div, math.sqrt, math.flaky, math.unstable, math.throttled, math.cooperative, math.sleep, math.bounded, math.give_up, math.total, math.add_quietly, math.budgeted, math.collatz, math.second_chance, math.debug_task, math.identity)\n",
         ),
         (
             &["call", NOT_WASM, "math.add", "[1, 2]"],

@@ -5,6 +5,7 @@ mod bad_plugins;
 mod cache;
 mod canvas;
 mod cli;
+mod control;
 mod delays;
 mod hostile;
 mod interop;

@@ -37,6 +37,7 @@ fn math_tasks() {
                 "math.collatz",
                 "math.second_chance",
                 "math.debug_task",
+                "math.identity",
             ]
         );
         // The SDK's policy options reach the host through describe.
@@ -278,7 +279,7 @@ fn unknown_task_is_a_call_error_listing_the_available_tasks() {
             .unwrap_err();
         assert_eq!(
             error.to_string(),
-            "plugin math has no task named math.pow (it has: math.add, math.mul, math.fib, math.sum, math.div, math.sqrt, math.flaky, math.unstable, math.throttled, math.cooperative, math.sleep, math.bounded, math.give_up, math.total, math.add_quietly, math.budgeted, math.collatz, math.second_chance, math.debug_task)"
+            "plugin math has no task named math.pow (it has: math.add, math.mul, math.fib, math.sum, math.div, math.sqrt, math.flaky, math.unstable, math.throttled, math.cooperative, math.sleep, math.bounded, math.give_up, math.total, math.add_quietly, math.budgeted, math.collatz, math.second_chance, math.debug_task, math.identity)"
         );
     });
 }

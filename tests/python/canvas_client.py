@@ -67,4 +67,47 @@ results = {
         lambda: chain(s("math.add", 1, 1), s("math.div", 0), s("math.add", 1)).apply_async().get(timeout=TIMEOUT)
     ),
 }
+# Issue 20: workflows Celery's own suite found stopping on wasmq workers.
+results["chain_after_chord"] = outcome(
+    lambda: (
+        group(s("math.add", 1, 1), s("math.add", 1, 1))
+        | s("math.sum")
+        | s("math.div", 2)
+        | group(s("math.div", 1), s("math.div", 2))
+    ).apply_async().get(timeout=TIMEOUT)
+)
+results["chords_in_chain_failure"] = outcome(
+    lambda: app.AsyncResult(
+        chain(
+            chord([s("math.add", 1, 1), s("math.div", 1, 0)], s("math.sum")),
+            chord([s("math.div", 2), s("math.div", 3)], s("math.sum")),
+        ).apply_async().id
+    ).get(timeout=TIMEOUT)
+)
+results["nested_header"] = outcome(
+    lambda: chord(
+        group(chain(si("math.add", 40, 2), group(s("math.identity"), s("math.identity")))),
+        s("math.identity"),
+    ).apply_async().get(timeout=TIMEOUT)
+)
+results["chord_chain_chord"] = outcome(
+    lambda: chain(
+        si("math.identity", 1),
+        chord(
+            [
+                si("math.identity", 2),
+                chain(
+                    si("math.identity", 3),
+                    chord([si("math.identity", 4), si("math.identity", 5)], si("math.identity", 6)),
+                ),
+            ],
+            si("math.identity", 7),
+        ),
+    ).apply_async().get(timeout=TIMEOUT)
+)
+results["starmap"] = outcome(
+    lambda: group(app.signature("math.add").starmap([(1, 1), (2, 2)]), s("math.add", 3, 3))
+    .apply_async()
+    .get(timeout=TIMEOUT)
+)
 json.dump(results, sys.stdout)

@@ -234,6 +234,14 @@ fn debug_task(ctx: &TaskContext) -> Value {
     })
 }
 
+/// Returns `x` unchanged: the identity function, and a probe of what a workflow hands a
+/// task (a chain step its parent's result, a chord body its header's results, nested when
+/// the header held groups).
+#[task]
+fn identity(x: Value) -> Value {
+    x
+}
+
 wasmq_sdk::export_tasks!(
     add,
     mul,
@@ -254,4 +262,5 @@ wasmq_sdk::export_tasks!(
     collatz,
     second_chance,
     debug_task,
+    identity,
 );

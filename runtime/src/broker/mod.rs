@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use self::error::BrokerError;
-use crate::protocol::Envelope;
+use crate::protocol::{ControlCommand, Envelope};
 
 /// A message handed to a consumer, to be settled exactly once.
 pub struct Delivery {
@@ -155,6 +155,17 @@ impl Revocation {
             revoked_at_ms: chrono::Utc::now().timestamp_millis(),
         }
     }
+}
+
+/// A remote-control command addressed to this worker (Celery's `inspect`/`control`), with
+/// the way back to its sender when it wants a reply.
+#[derive(Debug)]
+pub struct ControlRequest {
+    /// The command.
+    pub command: ControlCommand,
+    /// Send the reply here (the broker publishes it to the sender); none: a cast, which
+    /// wants no reply. Dropping it sends nothing.
+    pub reply: Option<tokio::sync::oneshot::Sender<serde_json::Value>>,
 }
 
 /// A stream of deliveries from one or more queues.
@@ -295,6 +306,21 @@ pub trait Broker: Send + Sync {
         &self,
         node: &str,
     ) -> Result<tokio::sync::mpsc::Receiver<Revocation>, BrokerError>;
+
+    /// The remote-control commands addressed to worker `node` from now on (RabbitMQ: its
+    /// `<node>.celery.pidbox` queue on `celery.pidbox`, where Python's `inspect()` and
+    /// `control` and the `celery` CLI send them), until the receiver is dropped; `None`
+    /// when this broker carries no remote control.
+    ///
+    /// # Errors
+    /// When the broker cannot start listening.
+    async fn control_requests(
+        &self,
+        node: &str,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<ControlRequest>>, BrokerError> {
+        let _ = node;
+        Ok(None)
+    }
 
     /// Drops what the broker holds for worker `node` (on RabbitMQ its revocation queue,
     /// where revocations would otherwise wait for it for a week; nothing on the embedded

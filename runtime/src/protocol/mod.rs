@@ -13,6 +13,7 @@
 //! Longer than 400 lines for one idea, the v2 message: encoding and decoding are two halves
 //! of one format and are kept side by side so they cannot drift apart.
 
+pub mod control;
 mod kombu;
 mod options;
 
@@ -20,6 +21,7 @@ use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use control::{ControlCommand, ControlReplyTo};
 pub use kombu::unwrap_kombu_values;
 pub use options::SendOptions;
 

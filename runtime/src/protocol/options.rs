@@ -47,8 +47,9 @@ pub struct SendOptions {
 impl SendOptions {
     /// Reads the options of a Celery signature dict (`options`): `task_id`, `countdown`
     /// (seconds), `eta` (ISO time), `expires` (seconds or ISO time), `queue`, `priority`,
-    /// `time_limit`, `soft_time_limit` (seconds), `ignore_result`. Other keys are the
-    /// canvas's own and are ignored here.
+    /// `time_limit`, `soft_time_limit` (seconds), `ignore_result`, and the stamps
+    /// (`stamped_headers` and the values they name) as headers. Other keys are the canvas's
+    /// own and are ignored here.
     pub fn from_signature(options: &Map<String, Value>) -> Self {
         let string = |key: &str| options.get(key).and_then(Value::as_str).map(str::to_owned);
         let seconds = |key: &str| {
@@ -80,9 +81,28 @@ impl SendOptions {
             time_limit: seconds("time_limit"),
             soft_time_limit: seconds("soft_time_limit"),
             ignore_result: options.get("ignore_result").and_then(Value::as_bool),
-            headers: Map::new(),
+            headers: stamp_headers(options),
         }
     }
+}
+
+/// The stamps of a signature (Celery's `Signature.stamp`): its options list the stamped
+/// header names in `stamped_headers` and hold each stamp under its name; a message carries
+/// them as the headers `stamped_headers` and `stamps` (`{name: value}`), as Celery's
+/// `as_task_v2` writes them. Empty when the signature is not stamped.
+fn stamp_headers(options: &Map<String, Value>) -> Map<String, Value> {
+    let mut headers = Map::new();
+    let Some(Value::Array(stamped)) = options.get("stamped_headers") else {
+        return headers;
+    };
+    let stamps: Map<String, Value> = stamped
+        .iter()
+        .filter_map(Value::as_str)
+        .filter_map(|name| options.get(name).map(|v| (name.to_owned(), v.clone())))
+        .collect();
+    headers.insert("stamped_headers".into(), Value::Array(stamped.clone()));
+    headers.insert("stamps".into(), Value::Object(stamps));
+    headers
 }
 
 impl TaskMessage {
@@ -155,6 +175,23 @@ mod tests {
         );
         let relative = SendOptions::from_signature(json!({"expires": 60}).as_object().unwrap());
         assert_eq!(relative.expires, Some(Duration::from_secs(60)));
+        assert!(parsed.headers.is_empty(), "not stamped");
+    }
+
+    #[test]
+    fn stamped_signatures_send_their_stamps_as_celery_does() {
+        let options = json!({"stamped_headers": ["monitoring_id"], "monitoring_id": "M1",
+            "queue": "q"});
+        let parsed = SendOptions::from_signature(options.as_object().unwrap());
+        let message = TaskMessage::build("math.add", vec![], Map::new(), &parsed);
+        assert_eq!(
+            message.extra_headers.get("stamped_headers"),
+            Some(&json!(["monitoring_id"]))
+        );
+        assert_eq!(
+            message.extra_headers.get("stamps"),
+            Some(&json!({"monitoring_id": "M1"}))
+        );
     }
 
     #[test]

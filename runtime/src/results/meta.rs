@@ -129,8 +129,10 @@ pub struct ResultMeta {
     pub result: Value,
     /// A traceback, when there is one.
     pub traceback: Option<String>,
-    /// Tasks this one started, as `AsyncResult.as_tuple()` values.
-    #[serde(default)]
+    /// Tasks this one started, as `AsyncResult.as_tuple()` values (Celery stores `null`
+    /// when a state is stored outside a task, e.g. `backend.store_result(id, meta,
+    /// "STARTED")`).
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub children: Vec<Value>,
     /// When it finished (null for unfinished states).
     pub date_done: Option<String>,
@@ -143,6 +145,13 @@ pub struct ResultMeta {
     /// The node that ran it (Celery's extended result field `worker`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
+}
+
+/// A list stored as `null` reads as empty.
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<Value>, D::Error> {
+    Ok(Option::<Vec<Value>>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 impl ResultMeta {
@@ -210,6 +219,16 @@ impl ResultMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_stored_outside_a_task_reads_as_celery_wrote_it() {
+        // Celery 5.7's backend.store_result(id, {"hostname": "other@host"}, "STARTED").
+        let stored = json!({"status": "STARTED", "result": {"hostname": "other@host"},
+            "traceback": null, "children": null, "date_done": null, "task_id": "t1"});
+        let meta: ResultMeta = serde_json::from_value(stored).unwrap();
+        assert_eq!(meta.status, TaskState::Started);
+        assert!(meta.children.is_empty());
+    }
 
     #[test]
     fn meta_json_matches_celery() {

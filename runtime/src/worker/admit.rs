@@ -54,6 +54,11 @@ pub(super) fn on_arrival(
         tracing::info!(task = %message.task, id = %message.id, "revoked; not run");
         return Admission::Refuse(Box::new(decision::revoked(message, "revoked")));
     }
+    if let Some((header, value)) = revoking_stamp(revoked, message) {
+        tracing::info!(task = %message.task, id = %message.id, %header, %value,
+            "revoked by a stamped header; not run");
+        return Admission::Refuse(Box::new(decision::revoked(message, "revoked")));
+    }
     if message.expires.is_some_and(|expires| expires <= now) {
         tracing::info!(task = %message.task, id = %message.id, "expired; not run");
         return Admission::Refuse(Box::new(decision::expired(message)));
@@ -67,6 +72,17 @@ pub(super) fn on_arrival(
         Some(wait) => Admission::RunAfter(wait),
         None => Admission::RunAfter(Duration::ZERO),
     }
+}
+
+/// The revoked stamp `message` carries, if any (its `stamped_headers` and `stamps`
+/// headers, as Celery's stamping writes them).
+pub(super) fn revoking_stamp(
+    revoked: &RevokedSet,
+    message: &TaskMessage,
+) -> Option<(String, serde_json::Value)> {
+    let stamped_headers = message.extra_headers.get("stamped_headers")?.as_array()?;
+    let stamps = message.extra_headers.get("stamps")?.as_object()?;
+    revoked.revoking_stamp(stamped_headers, stamps)
 }
 
 /// Per-task rate limits of one worker (Celery's token bucket of capacity 1): when each task

@@ -8,7 +8,8 @@
 //! * [`decision`] — every way a delivery ends: the result to store and the settlement;
 //! * [`settle`] — carrying a decision out: store, continue, publish, then ack;
 //! * [`continuation`] — the workflow after a task: callbacks, chain, chord, errbacks;
-//! * [`revoked`] — revoked task ids, and listening for revocations;
+//! * [`revoked`] — revoked task ids and stamps, and listening for revocations;
+//! * `control` — answers to remote control (Celery's `inspect` and `control`);
 //! * [`status`] — counters, consumption changes, the status file;
 //! * [`options`] — [`WorkerOptions`].
 //!
@@ -29,6 +30,7 @@
 mod admit;
 mod builtins;
 mod continuation;
+mod control;
 pub mod decision;
 mod options;
 pub mod revoked;
@@ -163,6 +165,11 @@ impl Worker {
         let status = tokio::spawn(status::report(Arc::clone(&shared), consuming));
         let revocations = shared.broker.revocations(&options.node_name).await?;
         let listener = tokio::spawn(revoked::listen(Arc::clone(&shared), revocations));
+        let control = shared
+            .broker
+            .control_requests(&options.node_name)
+            .await?
+            .map(|requests| tokio::spawn(control::serve(Arc::clone(&shared), requests)));
         // One runner per slot takes a delivery and processes it itself, so a short task
         // costs no spawn and no hand-off between tasks; a message that must wait (eta, rate
         // limit) is detached into its own task so its runner carries on.
@@ -212,6 +219,9 @@ impl Worker {
         drop(consumer);
         status.abort();
         listener.abort();
+        if let Some(control) = control {
+            control.abort();
+        }
         if let Some(path) = &shared.options.status_file {
             status::write(path, &shared, false, "stopped");
         }

@@ -8,14 +8,20 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
+
+use serde_json::{Map, Value};
 
 use crate::broker::{REVOKE_EXPIRES, Revocation};
 
-/// Revoked task ids, with when they were revoked and whether running copies are terminated.
+/// Revoked task ids, with when they were revoked and whether running copies are terminated;
+/// and revoked stamps (Celery's `revoke_by_stamped_headers`).
 #[derive(Debug, Default)]
 pub struct RevokedSet {
     ids: Mutex<HashMap<String, Revocation>>,
+    /// Per stamped header, the revoked values (in memory only, as Celery's
+    /// `revoked_stamps`).
+    stamps: Mutex<Map<String, Value>>,
     state_file: Option<PathBuf>,
 }
 
@@ -39,6 +45,7 @@ impl RevokedSet {
         }
         let set = Self {
             ids: Mutex::new(ids),
+            stamps: Mutex::default(),
             state_file,
         };
         set.forget_expired();
@@ -63,6 +70,63 @@ impl RevokedSet {
         self.lock().get(task_id).cloned()
     }
 
+    /// The revoked ids, oldest first.
+    pub fn ids(&self) -> Vec<String> {
+        let mut revocations: Vec<(i64, String)> = self
+            .lock()
+            .values()
+            .map(|r| (r.revoked_at_ms, r.task_id.clone()))
+            .collect();
+        revocations.sort();
+        revocations.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Revokes the tasks stamped with any of these values (Celery's
+    /// `revoke_by_stamped_headers`: per header, a value or a list of values, added to those
+    /// revoked before).
+    pub fn revoke_stamps(&self, headers: &Map<String, Value>) {
+        let mut stamps = self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
+        for (header, values) in headers {
+            let entry = stamps
+                .entry(header.clone())
+                .or_insert_with(|| Value::Array(Vec::new()));
+            if !entry.is_array() {
+                *entry = Value::Array(vec![entry.take()]);
+            }
+            if let Value::Array(revoked) = entry {
+                revoked.extend(as_list(values).iter().cloned());
+            }
+        }
+    }
+
+    /// The stamp that revokes a message stamped with `stamps` (its `stamps` header, for
+    /// the headers named in `stamped_headers`), as Celery's `Request.revoked` decides:
+    /// `{header: value}` when one of its values was revoked.
+    pub fn revoking_stamp(
+        &self,
+        stamped_headers: &[Value],
+        stamps: &Map<String, Value>,
+    ) -> Option<(String, Value)> {
+        let revoked = self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
+        if revoked.is_empty() {
+            return None;
+        }
+        for header in stamped_headers.iter().filter_map(Value::as_str) {
+            let (Some(revoked_values), Some(stamped)) = (revoked.get(header), stamps.get(header))
+            else {
+                continue;
+            };
+            let revoked_values = as_list(revoked_values);
+            if let Some(value) = as_list(stamped)
+                .iter()
+                .find(|value| revoked_values.contains(value))
+            {
+                return Some((header.to_owned(), value.clone()));
+            }
+        }
+        None
+    }
+
     /// How many ids are remembered.
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -74,9 +138,7 @@ impl RevokedSet {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Revocation>> {
-        self.ids
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.ids.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn forget_expired(&self) {
@@ -103,6 +165,14 @@ impl RevokedSet {
         if let Err(error) = written {
             tracing::warn!(%error, path = %path.display(), "cannot write the state file");
         }
+    }
+}
+
+/// `value` as a list: itself when it is one, else a list of it (Python's `maybe_list`).
+fn as_list(value: &Value) -> &[Value] {
+    match value {
+        Value::Array(items) => items,
+        other => std::slice::from_ref(other),
     }
 }
 
@@ -155,5 +225,52 @@ mod tests {
         assert!(reopened.get("a").is_some(), "remembered across a restart");
         assert_eq!(reopened.len(), 1);
         assert!(RevokedSet::open(None).is_empty());
+    }
+
+    #[test]
+    fn stamps_revoke_as_celery_matches_them() {
+        let set = RevokedSet::open(None);
+        let stamped = |value: Value| {
+            let mut stamps = Map::new();
+            stamps.insert("monitoring_id".into(), value);
+            stamps
+        };
+        let headers = [Value::from("monitoring_id")];
+        assert!(
+            set.revoking_stamp(&headers, &stamped("4242".into()))
+                .is_none()
+        );
+        let mut revoke = Map::new();
+        revoke.insert("monitoring_id".into(), "4242".into());
+        set.revoke_stamps(&revoke);
+        assert_eq!(
+            set.revoking_stamp(&headers, &stamped("4242".into())),
+            Some(("monitoring_id".into(), "4242".into()))
+        );
+        assert!(
+            set.revoking_stamp(&headers, &stamped(4242.into()))
+                .is_none(),
+            "a number is not the string"
+        );
+        assert!(
+            set.revoking_stamp(&[], &stamped("4242".into())).is_none(),
+            "only stamped headers count"
+        );
+        revoke.insert("monitoring_id".into(), serde_json::json!([1234, "abc"]));
+        set.revoke_stamps(&revoke);
+        assert!(
+            set.revoking_stamp(&headers, &stamped(1234.into()))
+                .is_some()
+        );
+        assert!(
+            set.revoking_stamp(&headers, &stamped(serde_json::json!(["x", "abc"])))
+                .is_some(),
+            "any of a list of stamps"
+        );
+        assert!(
+            set.revoking_stamp(&headers, &stamped("4242".into()))
+                .is_some(),
+            "added to"
+        );
     }
 }

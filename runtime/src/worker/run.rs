@@ -50,7 +50,7 @@ pub(super) async fn run(
     reply: Option<ReplyTo>,
 ) -> Ran {
     let cancel = CancelToken::new();
-    let run = shared.running.start(&message.id, cancel.clone());
+    let run = shared.running.start(message, delivery, cancel.clone());
     if shared.revoked.get(&message.id).is_some_and(|r| r.terminate) {
         // Revoked with terminate while it waited: the listener may have missed it.
         cancel.cancel();
@@ -190,25 +190,85 @@ fn log_outcome(message: &TaskMessage, outcome: &Outcome, elapsed: Duration) {
     }
 }
 
+/// A task running now, as remote control reports it (Celery's `Request.info()`).
+#[derive(Debug, Clone)]
+pub(super) struct ActiveTask {
+    /// The task id.
+    pub(super) id: String,
+    /// The task name.
+    pub(super) name: String,
+    /// Its positional arguments.
+    pub(super) args: Vec<Value>,
+    /// Its keyword arguments.
+    pub(super) kwargs: serde_json::Map<String, Value>,
+    /// When it started (Unix seconds).
+    pub(super) started_at: f64,
+    /// The queue it came from.
+    pub(super) queue: String,
+    /// Its message priority.
+    pub(super) priority: Option<u8>,
+    /// Whether its message was delivered before.
+    pub(super) redelivered: bool,
+}
+
+impl ActiveTask {
+    /// What `run` registers for `message`, delivered as `delivery`.
+    fn of(message: &TaskMessage, delivery: &Delivery) -> Self {
+        Self {
+            id: message.id.clone(),
+            name: message.task.clone(),
+            args: message.args.clone(),
+            kwargs: message.kwargs.clone(),
+            started_at: chrono::Utc::now().timestamp_micros() as f64 / 1e6,
+            queue: delivery.queue.clone(),
+            priority: message.priority,
+            redelivered: delivery.redelivered(),
+        }
+    }
+}
+
+/// One run: the task and the token that interrupts it, with the message's stamps (for
+/// `revoke_by_stamped_headers` with terminate).
+struct Run {
+    task: ActiveTask,
+    cancel: CancelToken,
+    stamped_headers: Vec<Value>,
+    stamps: serde_json::Map<String, Value>,
+}
+
 /// The tasks running now, each with its cancel token: shutdown interrupts them all when its
-/// timeout passes, `revoke --terminate` the ones with a revoked id.
+/// timeout passes, `revoke --terminate` the ones with a revoked id or stamp; remote control
+/// lists them (`inspect active`).
 #[derive(Default)]
 pub(super) struct RunningTasks {
     /// By run number (a task id may run twice at once when a message is redelivered).
-    runs: Mutex<HashMap<u64, (String, CancelToken)>>,
+    runs: Mutex<HashMap<u64, Run>>,
     /// The next run number.
     next: AtomicU64,
 }
 
 impl RunningTasks {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, (String, CancelToken)>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Run>> {
         self.runs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers a run of `task_id`; returns its run number.
-    fn start(&self, task_id: &str, cancel: CancelToken) -> u64 {
+    /// Registers a run of `message`; returns its run number.
+    fn start(&self, message: &TaskMessage, delivery: &Delivery, cancel: CancelToken) -> u64 {
         let run = self.next.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(run, (task_id.to_owned(), cancel));
+        let header = |name: &str| message.extra_headers.get(name);
+        let entry = Run {
+            task: ActiveTask::of(message, delivery),
+            cancel,
+            stamped_headers: header("stamped_headers")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
+            stamps: header("stamps")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default(),
+        };
+        self.lock().insert(run, entry);
         run
     }
 
@@ -222,23 +282,49 @@ impl RunningTasks {
         self.lock().len()
     }
 
+    /// The running tasks, in the order they started.
+    pub(super) fn snapshot(&self) -> Vec<ActiveTask> {
+        let runs = self.lock();
+        let mut numbered: Vec<(&u64, &Run)> = runs.iter().collect();
+        numbered.sort_by_key(|(number, _)| **number);
+        numbered
+            .into_iter()
+            .map(|(_, run)| run.task.clone())
+            .collect()
+    }
+
     /// Interrupts every run of `task_id`; true when one was running.
     pub(super) fn cancel(&self, task_id: &str) -> bool {
         let runs = self.lock();
         let mut found = false;
-        for (id, token) in runs.values() {
-            if id == task_id {
-                token.cancel();
-                found = true;
-            }
+        for run in runs.values().filter(|run| run.task.id == task_id) {
+            run.cancel.cancel();
+            found = true;
         }
         found
     }
 
+    /// Interrupts every run whose message carries a stamp `revoked` says is revoked;
+    /// returns the stamps that matched, as `(header, value)`.
+    pub(super) fn cancel_stamped(
+        &self,
+        revoked: &super::revoked::RevokedSet,
+    ) -> Vec<(String, Value)> {
+        let runs = self.lock();
+        let mut matched = Vec::new();
+        for run in runs.values() {
+            if let Some(stamp) = revoked.revoking_stamp(&run.stamped_headers, &run.stamps) {
+                run.cancel.cancel();
+                matched.push(stamp);
+            }
+        }
+        matched
+    }
+
     /// Interrupts every running task.
     pub(super) fn cancel_all(&self) {
-        for (_, token) in self.lock().values() {
-            token.cancel();
+        for run in self.lock().values() {
+            run.cancel.cancel();
         }
     }
 }

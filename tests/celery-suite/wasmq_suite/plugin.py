@@ -44,10 +44,13 @@ SELECTED = pytest.StashKey()
 #: test_revoked 10 s (the teardown waits for their sleeping tasks),
 #: test_revoke_keeps_state_of_task_started_elsewhere 11 s (a 10 s reply timeout),
 #: test_chain_error_handler_with_eta 11 s (a 10 s ETA), test_chain_to_a_chord_with_large_header
-#: 7-23 s, test_large_header 7-14 s, test_large_group 8-12 s.
+#: 7-23 s, test_large_header 7-14 s, test_large_group 8-12 s. On wasmq
+#: test_revoked_by_headers_complex_canvas takes about 65 s: its 22 canvases hold 30
+#: sleeping(2) tasks that are not revoked, and the worker (one slot, as Celery's test worker)
+#: runs them one after another; teardown then waits for the last.
 SLOW_TESTS = {
     "t/integration/test_tasks.py::test_tasks::test_retry": 60,
-    "t/integration/test_tasks.py::test_tasks::test_revoked_by_headers_complex_canvas": 60,
+    "t/integration/test_tasks.py::test_tasks::test_revoked_by_headers_complex_canvas": 120,
     "t/integration/test_tasks.py::test_tasks::test_expired": 40,
     "t/integration/test_tasks.py::test_tasks::test_revoked": 30,
     "t/integration/test_tasks.py::test_tasks::test_timeout": 30,
@@ -253,7 +256,9 @@ def summarize(config, terminalreporter, outcomes):
         counts[outcome] += 1
     total = config.stash.get(SELECTED, len(outcomes))
     not_run = total - len(outcomes)
-    good = counts["passed"] + counts["xfailed"]
+    # An xfail mark is a bug of Celery's own worker (the mark names the issue); a test that
+    # passes on wasmq anyway is a pass, not a failure (the run turns xfail_strict off).
+    good = counts["passed"] + counts["xfailed"] + counts["xpassed"]
     worker = config.getoption("suite_worker")
     write = terminalreporter.write_line
     terminalreporter.section(f"Celery's integration suite on the {worker} worker")
@@ -261,7 +266,8 @@ def summarize(config, terminalreporter, outcomes):
         f"{good}/{total} selected tests pass "
         f"({counts['passed']} passed, {counts['xfailed']} failed as Celery's xfail marks "
         f"expect); {counts['failed']} failed, {counts['error']} errors, "
-        f"{counts['xpassed']} unexpectedly passed, {counts['skipped']} skipped"
+        f"{counts['xpassed']} passed where Celery's own worker fails (its xfail marks), "
+        f"{counts['skipped']} skipped"
         + (f", {not_run} not run (interrupted)" if not_run > 0 else "")
     )
     deselection = config.stash[DESELECTION]

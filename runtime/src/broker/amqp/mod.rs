@@ -18,6 +18,9 @@
 //! * `dead_letters` — **dead letters** go to `<queue>.dead`, with the reason in a header;
 //! * `revoke` — revocations broadcast to one durable queue per worker node, which also hears
 //!   Celery's `celery.pidbox` remote control;
+//! * `control` — Celery's remote control: each worker's `<node>.celery.pidbox` queue on a
+//!   connection of its own (so replies never wait behind task traffic), replies on
+//!   `reply.celery.pidbox`;
 //! * `reply` — the transport of the rpc result backend (`results::rpc`);
 //! * `codec` — envelopes ⇄ AMQP properties and field tables.
 
@@ -32,6 +35,7 @@ use crate::protocol::Envelope;
 mod acks;
 mod codec;
 mod consumer;
+mod control;
 mod dead_letters;
 pub mod delayed;
 mod publish;
@@ -44,6 +48,7 @@ mod transient;
 pub use self::codec::headers_to_amqp_and_back;
 pub(crate) use self::codec::properties_of;
 pub use self::consumer::AmqpConsumer;
+pub use self::control::control_queue;
 pub use self::dead_letters::{DEAD_DELIVERIES_HEADER, DEAD_REASON_HEADER, dead_letter_queue};
 pub use self::revoke::{CELERY_PIDBOX_EXCHANGE, REVOKE_EXCHANGE, revoke_queue};
 use self::session::Session;
@@ -206,6 +211,13 @@ impl Broker for AmqpBroker {
         node: &str,
     ) -> Result<tokio::sync::mpsc::Receiver<Revocation>, BrokerError> {
         self.listen_for_node(node).await
+    }
+
+    async fn control_requests(
+        &self,
+        node: &str,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<super::ControlRequest>>, BrokerError> {
+        self.listen_for_control(node).await.map(Some)
     }
 
     async fn forget_node(&self, node: &str) -> Result<(), BrokerError> {

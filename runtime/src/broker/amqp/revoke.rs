@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 use super::{AmqpBroker, lapin_error};
 use crate::broker::{BrokerError, REVOKE_EXPIRES, Revocation};
+use crate::protocol::ControlCommand;
 
 /// The fanout exchange revocations are broadcast on.
 pub const REVOKE_EXCHANGE: &str = "wasmq.revoke";
@@ -279,19 +280,16 @@ fn revocations_in(body: &[u8], node: &str) -> Result<Vec<Revocation>, serde_json
     if value.get("method").is_none() {
         return Ok(vec![serde_json::from_value(value)?]);
     }
-    if value.get("method").and_then(Value::as_str) != Some("revoke") {
+    let command: ControlCommand = serde_json::from_value(value)?;
+    if command.method != "revoke" || !command.is_for(node) {
         return Ok(Vec::new());
     }
-    let addressed = match value.get("destination") {
-        Some(Value::Array(nodes)) => nodes.iter().any(|n| n.as_str() == Some(node)),
-        _ => true,
-    };
-    let arguments = value.get("arguments").cloned().unwrap_or(Value::Null);
-    let terminate = arguments
+    let terminate = command
+        .arguments
         .get("terminate")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let ids = match arguments.get("task_id") {
+    let ids = match command.arguments.get("task_id") {
         Some(Value::String(id)) => vec![id.clone()],
         Some(Value::Array(ids)) => ids
             .iter()
@@ -299,13 +297,10 @@ fn revocations_in(body: &[u8], node: &str) -> Result<Vec<Revocation>, serde_json
             .collect(),
         _ => Vec::new(),
     };
-    Ok(if addressed {
-        ids.into_iter()
-            .map(|id| Revocation::now(id, terminate))
-            .collect()
-    } else {
-        Vec::new()
-    })
+    Ok(ids
+        .into_iter()
+        .map(|id| Revocation::now(id, terminate))
+        .collect())
 }
 
 #[cfg(test)]

@@ -169,6 +169,14 @@ impl Broker for ScheduledBroker {
         self.inner.revocations(node).await
     }
 
+    async fn control_requests(
+        &self,
+        node: &str,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<crate::broker::ControlRequest>>, BrokerError>
+    {
+        self.inner.control_requests(node).await
+    }
+
     async fn forget_node(&self, node: &str) -> Result<(), BrokerError> {
         self.inner.forget_node(node).await
     }
