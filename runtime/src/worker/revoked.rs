@@ -23,6 +23,12 @@ pub struct RevokedSet {
     /// `revoked_stamps`).
     stamps: Mutex<Map<String, Value>>,
     state_file: Option<PathBuf>,
+    /// Held while the state file is written: revocations arrive on several tasks at once
+    /// (the revoke queue, remote control), and two writers would race on the same
+    /// temporary file.
+    saving: Mutex<()>,
+    /// How many times the state file could not be written.
+    failed_saves: std::sync::atomic::AtomicUsize,
 }
 
 impl RevokedSet {
@@ -47,6 +53,8 @@ impl RevokedSet {
             ids: Mutex::new(ids),
             stamps: Mutex::default(),
             state_file,
+            saving: Mutex::default(),
+            failed_saves: std::sync::atomic::AtomicUsize::new(0),
         };
         set.forget_expired();
         set
@@ -127,6 +135,11 @@ impl RevokedSet {
         None
     }
 
+    /// How many times writing the state file failed (each failure is also logged).
+    pub fn failed_saves(&self) -> usize {
+        self.failed_saves.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// How many ids are remembered.
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -151,6 +164,7 @@ impl RevokedSet {
         let Some(path) = &self.state_file else {
             return;
         };
+        let _saving = self.saving.lock().unwrap_or_else(PoisonError::into_inner);
         let list: Vec<Revocation> = self.lock().values().cloned().collect();
         let tmp = path.with_extension("tmp");
         let written = serde_json::to_vec(&list)
@@ -163,6 +177,8 @@ impl RevokedSet {
             })
             .and_then(|()| std::fs::rename(&tmp, path));
         if let Err(error) = written {
+            self.failed_saves
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(%error, path = %path.display(), "cannot write the state file");
         }
     }
@@ -225,6 +241,28 @@ mod tests {
         assert!(reopened.get("a").is_some(), "remembered across a restart");
         assert_eq!(reopened.len(), 1);
         assert!(RevokedSet::open(None).is_empty());
+    }
+
+    #[test]
+    fn revocations_arriving_at_once_are_all_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("revoked.json");
+        let set = std::sync::Arc::new(RevokedSet::open(Some(path.clone())));
+        let writers: Vec<_> = (0..4)
+            .map(|writer| {
+                let set = std::sync::Arc::clone(&set);
+                std::thread::spawn(move || {
+                    for n in 0..50 {
+                        set.insert(revocation(&format!("{writer}-{n}"), Duration::ZERO));
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        assert_eq!(set.failed_saves(), 0, "writers raced on the state file");
+        assert_eq!(RevokedSet::open(Some(path)).len(), 200);
     }
 
     #[test]
