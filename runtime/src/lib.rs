@@ -9,14 +9,17 @@
 //! edge       cli/ (one file per command)   bench/ (the side-by-side harness)
 //! config     config.rs          raw flags/env/TOML → a validated WorkerConfig
 //! client     client/            send, call, submit; AsyncResult; starting workflows
-//! worker     worker/            admit → run → decide → settle → continue the workflow
+//! worker     worker/            admit → run → decide → settle → continue the workflow;
+//!                               answers remote control (control.rs)
 //!            registry.rs        task name → plugin, hot-deployed from a folder
 //! canvas     canvas/            signatures, chain/group/chord, publishing a workflow
 //! storage    results/           result backends: embedded, Redis, rpc (over broker::amqp)
-//!            broker/            brokers: embedded/, amqp/ (RabbitMQ), scheduled/ (delays
-//!                               held in Redis), and the traits the worker sees
+//!            broker/            brokers: embedded/, amqp/ (RabbitMQ, incl. the remote-control
+//!                               mailbox), scheduled/ (delays held in Redis), and the traits
+//!                               the worker sees
 //! sandbox    engine/            the only module that knows wasmtime
-//! vocabulary protocol/          Celery protocol v2 messages and send options
+//! vocabulary protocol/          Celery protocol v2 messages, send options, and remote-control
+//!                               commands (control.rs)
 //!            policy.rs          retry and rate-limit policy
 //!            routes.rs          task name → queue
 //!            units.rs           sizes and durations

@@ -51,6 +51,13 @@ pub(crate) async fn success(
 
 /// A multi-threaded runtime like the worker's.
 pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    // `RUST_LOG=wasmq=debug cargo test …` shows the workers' logs of a test.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

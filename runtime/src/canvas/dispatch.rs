@@ -250,8 +250,8 @@ impl<'a> Dispatch<'a> {
 /// as Celery's `freeze(group_id=…, chord=…, group_index=…)` makes it:
 /// * a task joins the group — unless it already belongs to one (`group_id` is immutable);
 /// * a chain joins through its last step, whose result is the member's;
-/// * a group gets `gid` as its own id and group, and its members join it (so they report to
-///   the same chord);
+/// * a group keeps its own id (`gid` when it has none) and joins `gid`, and so do its
+///   members (so they report to the same chord, which counts the header's leaves);
 /// * a chord's body joins (the body's result is the chord's).
 fn in_group(
     mut member: Signature,
@@ -280,13 +280,13 @@ fn in_group(
             Ok(member)
         }
         Kind::Group(members) => {
-            let own = member
+            // The group keeps its own id (its result's), but its members report to the
+            // enclosing group, as Celery's `_freeze_group_tasks` passes `group_id` down:
+            // a chord counts the leaves of its header, and its saved shape nests them.
+            member
                 .options
                 .entry("task_id")
-                .or_insert_with(|| gid.into())
-                .as_str()
-                .unwrap_or(gid)
-                .to_owned();
+                .or_insert_with(|| gid.into());
             member.options.insert("group_id".into(), gid.into());
             member.options.insert("group_index".into(), index.into());
             if let Some(body) = chord {
@@ -295,7 +295,7 @@ fn in_group(
             let members = unroll(members)?
                 .into_iter()
                 .enumerate()
-                .map(|(i, m)| in_group(m, &own, i, chord))
+                .map(|(i, m)| in_group(m, gid, i, chord))
                 .collect::<Result<Vec<_>, _>>()?;
             member.set_children("tasks", &members);
             Ok(member)

@@ -75,14 +75,32 @@ impl CancelToken {
     }
 }
 
-/// Enforces a call's memory cap and remembers whether it refused a growth.
+/// Enforces a call's memory cap over **all** of its linear memories together (a component
+/// may define several: a cap per memory would let it use a multiple of its limit), caps the
+/// elements of all its tables together, and remembers whether it refused a growth.
 pub(crate) struct SandboxLimiter {
     pub(crate) memory_limit: usize,
     pub(crate) memory_denied: bool,
+    /// Bytes of every linear memory of the Store, as granted so far.
+    memory_total: usize,
+    /// Elements of every table of the Store, as granted so far.
+    table_elements: usize,
 }
 
-/// Table elements, instances, tables and memories a single call may create. Rust plugins
-/// use one memory, a handful of tables and a few core instances.
+impl SandboxLimiter {
+    /// A limiter allowing `memory_limit` bytes of linear memory in all.
+    pub(crate) fn new(memory_limit: usize) -> Self {
+        Self {
+            memory_limit,
+            memory_denied: false,
+            memory_total: 0,
+            table_elements: 0,
+        }
+    }
+}
+
+/// Table elements (all tables together), instances, tables and memories a single call may
+/// create. Rust plugins use one memory, a handful of tables and a few core instances.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 const MAX_INSTANCES: usize = 64;
 const MAX_TABLES: usize = 64;
@@ -91,24 +109,36 @@ const MAX_MEMORIES: usize = 4;
 impl ResourceLimiter for SandboxLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory_limit {
+        // `current` is this memory's size, already counted (0 when it is being created).
+        let total = (self.memory_total - current.min(self.memory_total)).saturating_add(desired);
+        if total > self.memory_limit {
             self.memory_denied = true;
             return Ok(false);
         }
-        Ok(maximum.is_none_or(|max| desired <= max))
+        if maximum.is_some_and(|max| desired > max) {
+            return Ok(false);
+        }
+        self.memory_total = total;
+        Ok(true)
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS && maximum.is_none_or(|max| desired <= max))
+        let total =
+            (self.table_elements - current.min(self.table_elements)).saturating_add(desired);
+        if total > MAX_TABLE_ELEMENTS || maximum.is_some_and(|max| desired > max) {
+            return Ok(false);
+        }
+        self.table_elements = total;
+        Ok(true)
     }
 
     fn instances(&self) -> usize {
@@ -279,5 +309,56 @@ impl bindings::v0_2::wasmq::task::host::Host for CallState {
 
     fn soft_time_left_ms(&mut self) -> wasmtime::Result<Option<u64>> {
         host::Host::soft_time_left_ms(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_cap_counts_every_memory_of_the_store_together() {
+        let mut limiter = SandboxLimiter::new(10 << 20);
+        // Two memories created at 4 MiB each: 8 MiB in all.
+        assert!(limiter.memory_growing(0, 4 << 20, None).unwrap());
+        assert!(limiter.memory_growing(0, 4 << 20, None).unwrap());
+        // The first grows to 6 MiB: 10 MiB in all, the cap.
+        assert!(limiter.memory_growing(4 << 20, 6 << 20, None).unwrap());
+        assert!(!limiter.memory_denied);
+        // The second grows to 5 MiB: 11 MiB in all, over the cap, though each memory alone
+        // is under it.
+        assert!(!limiter.memory_growing(4 << 20, 5 << 20, None).unwrap());
+        assert!(limiter.memory_denied);
+        // A third memory of 1 byte no longer fits either.
+        assert!(!limiter.memory_growing(0, 1, None).unwrap());
+        // A memory's own maximum still holds.
+        let mut limiter = SandboxLimiter::new(10 << 20);
+        assert!(!limiter.memory_growing(0, 2 << 20, Some(1 << 20)).unwrap());
+        assert!(
+            !limiter.memory_denied,
+            "refused by the module, not by the cap"
+        );
+    }
+
+    #[test]
+    fn table_elements_are_capped_across_tables() {
+        let mut limiter = SandboxLimiter::new(1 << 20);
+        assert!(
+            limiter
+                .table_growing(0, MAX_TABLE_ELEMENTS / 2, None)
+                .unwrap()
+        );
+        assert!(
+            limiter
+                .table_growing(0, MAX_TABLE_ELEMENTS / 2, None)
+                .unwrap()
+        );
+        assert!(!limiter.table_growing(0, 1, None).unwrap());
+        assert!(
+            limiter
+                .table_growing(MAX_TABLE_ELEMENTS / 2, MAX_TABLE_ELEMENTS / 2, None)
+                .unwrap(),
+            "no growth"
+        );
     }
 }

@@ -377,10 +377,9 @@ impl Sandbox {
         let state = CallState {
             wasi,
             table: ResourceTable::new(),
-            limiter: SandboxLimiter {
-                memory_limit: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
-                memory_denied: false,
-            },
+            limiter: SandboxLimiter::new(
+                usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
+            ),
             task_id: task_id.to_owned(),
             task: task.to_owned(),
             soft_deadline,
