@@ -2,10 +2,11 @@
 //! `control`, and the `celery inspect ping` CLI, against a wasmq worker on RabbitMQ.
 
 use serde_json::{Value, json};
-use wasmq::broker::amqp::AmqpOptions;
+use wasmq::broker::amqp::{AmqpOptions, CELERY_PIDBOX_EXCHANGE, revoke_queue};
+use wasmq::client::SendOptions;
 
 use crate::semantics::Setup;
-use crate::support::{KOMBU_AMQP_URL, RABBITMQ, REDIS_URL, rabbitmq_has_queue, runtime};
+use crate::support::{AMQP_URL, KOMBU_AMQP_URL, RABBITMQ, REDIS_URL, rabbitmq_has_queue, runtime};
 
 #[test]
 fn celery_inspect_and_control_reach_a_wasmq_worker() {
@@ -105,6 +106,129 @@ fn celery_inspect_and_control_reach_a_wasmq_worker() {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         assert!(gone, "{mailbox} left behind");
+        setup.cleanup().await;
+    });
+}
+
+/// Publishes `command` on Celery's `celery.pidbox` fanout, as kombu does.
+async fn broadcast_on_pidbox(command: &Value) {
+    let connection = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to RabbitMQ");
+    let channel = connection.create_channel().await.expect("open a channel");
+    channel
+        .exchange_declare(
+            CELERY_PIDBOX_EXCHANGE.into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .basic_publish(
+            CELERY_PIDBOX_EXCHANGE.into(),
+            "".into(),
+            lapin::options::BasicPublishOptions::default(),
+            &serde_json::to_vec(command).unwrap(),
+            lapin::BasicProperties::default().with_content_type("application/json".into()),
+        )
+        .await
+        .unwrap();
+    let _ = connection.close(200, "OK".into()).await;
+}
+
+/// The `method` of every remote-control command waiting in `queue` (wasmq's own
+/// revocations have none); the messages are put back.
+async fn commands_waiting_in(queue: &str) -> Vec<String> {
+    let connection = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to RabbitMQ");
+    let channel = connection.create_channel().await.expect("open a channel");
+    let mut methods = Vec::new();
+    let mut tags = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.into(), lapin::options::BasicGetOptions::default())
+        .await
+        .unwrap()
+    {
+        let body: Value = serde_json::from_slice(&message.delivery.data).unwrap_or(Value::Null);
+        if let Some(method) = body.get("method").and_then(Value::as_str) {
+            methods.push(method.to_owned());
+        }
+        tags.push(message.delivery.delivery_tag);
+    }
+    for tag in tags {
+        channel
+            .basic_nack(
+                tag,
+                lapin::options::BasicNackOptions {
+                    requeue: true,
+                    ..lapin::options::BasicNackOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let _ = connection.close(200, "OK".into()).await;
+    methods
+}
+
+/// Regression (issue 12): a stopped worker's durable `wasmq.revoke.<node>` queue was bound
+/// to `celery.pidbox` and collected every broadcast (Flower's `enable_events` every 5 s,
+/// each inspect poll) for a day. Now only revocations wait for it: a Celery revoke made
+/// while it is down reaches it through a live worker, which broadcasts it again durably.
+#[test]
+fn a_stopped_worker_is_kept_revocations_not_other_broadcasts() {
+    let _shared = RABBITMQ
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    runtime().block_on(async {
+        let setup = Setup::rabbitmq("pidbox-durable", AmqpOptions::default());
+        let sleeper = format!("wasmq-test-sleeper@{}", setup.queue);
+        let awake = format!("wasmq-test-awake@{}", setup.queue);
+        let stopped = setup.start(setup.options(&sleeper)).await;
+        stopped.stop().await;
+        let live = setup.start(setup.options(&awake)).await;
+        // Give the live worker time to declare its mailbox.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+        let revoked = uuid::Uuid::new_v4().to_string();
+        broadcast_on_pidbox(&json!({"method": "enable_events", "arguments": {},
+            "destination": null, "pattern": null, "matcher": null}))
+        .await;
+        broadcast_on_pidbox(&json!({"method": "revoke",
+            "arguments": {"task_id": [revoked], "terminate": false, "signal": "SIGTERM"},
+            "destination": null, "pattern": null, "matcher": null}))
+        .await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let waiting = commands_waiting_in(&revoke_queue(&sleeper)).await;
+        assert!(
+            !waiting.iter().any(|method| method == "enable_events"),
+            "the stopped worker's queue collects broadcasts: {waiting:?}"
+        );
+        live.stop().await;
+
+        // The stopped worker starts again and refuses the task revoked meanwhile.
+        let restarted = setup.start(setup.options(&sleeper)).await;
+        let result = setup
+            .send(
+                "math.add",
+                json!([1, 2]),
+                SendOptions {
+                    task_id: Some(revoked.clone()),
+                    ..SendOptions::default()
+                },
+            )
+            .await;
+        let meta = setup
+            .backend
+            .wait(&revoked, std::time::Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(meta.status, wasmq::results::TaskState::Revoked, "{meta:?}");
+        drop(result);
+        restarted.stop().await;
         setup.cleanup().await;
     });
 }

@@ -6,8 +6,9 @@
 //! with an error naming it (Celery answers unknown commands the same way), never dropped.
 //!
 //! Served: `ping`; `revoke` and `terminate` (the ids are remembered, running copies are
-//! interrupted with `terminate`, and an id no worker has started is stored REVOKED at once,
-//! as Celery 5.6+ does); `revoke_by_stamped_headers`; `active`; `revoked`; `registered`;
+//! interrupted with `terminate`, an id no worker has started is stored REVOKED at once, as
+//! Celery 5.6+ does, and the revocation is broadcast again on the broker's durable
+//! revocations for workers that are down); `revoke_by_stamped_headers`; `active`; `revoked`; `registered`;
 //! `active_queues`.
 
 use std::sync::Arc;
@@ -115,11 +116,15 @@ fn task_ids(arguments: &Map<String, Value>) -> Vec<String> {
 /// RETRY); a task another worker started keeps its state.
 async fn revoke(shared: &Shared, ids: Vec<String>, terminate: bool) -> Value {
     for id in &ids {
-        if shared
-            .revoked
-            .insert(Revocation::now(id.clone(), terminate))
-        {
+        let revocation = Revocation::now(id.clone(), terminate);
+        if shared.revoked.insert(revocation.clone()) {
             tracing::info!(task_id = %id, terminate, "task revoked (remote control)");
+        }
+        // Remote control is transient: broadcast it again on the broker's durable
+        // revocations, so workers that are down now still refuse the task when they start.
+        if let Err(error) = shared.broker.revoke(&revocation).await {
+            tracing::warn!(task_id = %id, error = &error as &dyn std::error::Error,
+                "cannot keep a remote-control revocation for workers that are down");
         }
     }
     let running: std::collections::HashSet<String> = shared

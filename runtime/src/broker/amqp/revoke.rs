@@ -1,10 +1,16 @@
-//! Revocations on RabbitMQ (Celery's `revoke`): a revocation is broadcast on the durable
-//! fanout exchange `wasmq.revoke` to one durable queue per worker node,
-//! `wasmq.revoke.<node>`, which also receives Celery's remote-control broadcasts from
-//! `celery.pidbox` (so Python's `app.control.revoke` reaches wasmq workers). A revocation
+//! Revocations on RabbitMQ: a revocation is broadcast on the durable fanout exchange
+//! `wasmq.revoke` to one durable queue per worker node, `wasmq.revoke.<node>`. A revocation
 //! made while a worker is down waits in its queue for the retention of revocations
 //! ([`REVOKE_EXPIRES`]); the queue itself expires a week after its worker was last seen, or
 //! goes at once when the node is forgotten ([`AmqpBroker::delete_revoke_queue`]).
+//!
+//! Celery's own revocations (Python's `app.control.revoke`, `AsyncResult.revoke`) travel on
+//! the transient `celery.pidbox` fanout with every other remote-control command; a live
+//! worker hears them in its mailbox (`control`) and broadcasts them again here, so they
+//! reach workers that are down too. The durable queue is not bound to `celery.pidbox`
+//! itself: a fanout cannot pick revocations out of the rest, and a stopped worker would
+//! collect every broadcast (Flower's `enable_events` every 5 s, each inspect poll) for a
+//! day. A queue an older wasmq bound there is unbound when declared.
 
 use std::time::Duration;
 
@@ -215,21 +221,11 @@ async fn declare_revoke_exchange(channel: &Channel) -> Result<(), BrokerError> {
         .map_err(|e| lapin_error("cannot declare the revoke exchange", &e))
 }
 
-/// Declares a worker's revocation queue and binds it to the revoke exchange. Its messages
-/// live as long as revocations are remembered; the queue itself goes away after a week
-/// without its worker.
+/// Declares a worker's revocation queue and binds it to the revoke exchange (only: see the
+/// module comment). Its messages live as long as revocations are remembered; the queue
+/// itself goes away after a week without its worker.
 async fn declare_revoke_queue(channel: &Channel, queue: &str) -> Result<(), BrokerError> {
     declare_revoke_exchange(channel).await?;
-    // As kombu declares it, so Python clients and wasmq agree on its arguments.
-    channel
-        .exchange_declare(
-            CELERY_PIDBOX_EXCHANGE.into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| lapin_error("cannot declare celery.pidbox", &e))?;
     let mut arguments = FieldTable::default();
     arguments.insert(
         "x-message-ttl".into(),
@@ -260,16 +256,26 @@ async fn declare_revoke_queue(channel: &Channel, queue: &str) -> Result<(), Brok
         )
         .await
         .map_err(|e| lapin_error(&format!("cannot bind queue {queue}"), &e))?;
+    // Queues declared by wasmq before remote control were also bound to celery.pidbox.
+    // Unbinding is idempotent, but needs the exchange to exist (declared as kombu does).
     channel
-        .queue_bind(
-            queue.into(),
+        .exchange_declare(
             CELERY_PIDBOX_EXCHANGE.into(),
-            "".into(),
-            QueueBindOptions::default(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
             FieldTable::default(),
         )
         .await
-        .map_err(|e| lapin_error(&format!("cannot bind queue {queue}"), &e))
+        .map_err(|e| lapin_error("cannot declare celery.pidbox", &e))?;
+    channel
+        .queue_unbind(
+            queue.into(),
+            CELERY_PIDBOX_EXCHANGE.into(),
+            "".into(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| lapin_error(&format!("cannot unbind queue {queue}"), &e))
 }
 
 /// The revocations in a message of the revoke queue: wasmq's own JSON, or a Celery
