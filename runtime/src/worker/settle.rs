@@ -69,6 +69,11 @@ fn retry_message(
 ) -> TaskMessage {
     let mut retry = message.clone();
     retry.retries += 1;
+    // A new message: wasmq's bookkeeping of the earlier one (its delivery count, which
+    // counts towards `max_deliveries`) does not carry over.
+    retry
+        .extra_headers
+        .retain(|name, _| !name.starts_with("x-wasmq-"));
     let now = Utc::now();
     let after = |wait| chrono::Duration::from_std(wait).ok().map(|d| now + d);
     retry.eta = after(delay);
@@ -230,7 +235,15 @@ mod tests {
         message
             .extra_headers
             .insert("x-test-header".into(), "test-value".into());
+        // Delivered three times before it asked for a retry (its workers died twice).
+        message
+            .extra_headers
+            .insert("x-wasmq-deliveries".into(), 3.into());
         let same = retry_message(&message, Duration::from_secs(1), &NextAttempt::default());
+        assert!(
+            !same.extra_headers.contains_key("x-wasmq-deliveries"),
+            "the retry's deliveries are counted afresh"
+        );
         assert_eq!(same.retries, 1);
         assert_eq!(same.args, message.args);
         assert_eq!(same.priority, Some(7));
