@@ -20,6 +20,10 @@ use crate::broker::Broker as _;
 pub(super) fn python() -> anyhow::Result<PathBuf> {
     let venv = std::env::var_os("WASMQ_CELERY_VENV")
         .map_or_else(|| PathBuf::from(".wasmq/bench-venv"), PathBuf::from);
+    // Absolute: the Celery worker is started from the folder of its app, where a relative
+    // path would name nothing.
+    let venv = std::path::absolute(&venv)
+        .with_context(|| format!("cannot resolve {}", venv.display()))?;
     let python = venv.join("bin").join("python");
     let ready = Command::new(&python)
         .args(["-c", "import celery, redis"])
