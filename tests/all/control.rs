@@ -67,6 +67,19 @@ fn celery_inspect_and_control_reach_a_wasmq_worker() {
             "{report:#}"
         );
         assert!(report["sleeping"]["ok"].is_number(), "{report:#}");
+        // inspect stats: what Flower and celery-exporter read; no credentials.
+        let stats = &report["stats"];
+        assert_eq!(stats["max_concurrency"], 1, "{report:#}");
+        assert_eq!(stats["processes"], 1, "{report:#}");
+        assert_eq!(stats["sleep_total"], 1, "{report:#}");
+        assert_eq!(stats["has_prefetch"], true, "{report:#}");
+        assert_eq!(stats["broker"]["hostname"], "127.0.0.1", "{report:#}");
+        assert_eq!(stats["broker"]["port"], 5672, "{report:#}");
+        assert_eq!(stats["broker"]["virtual_host"], "/", "{report:#}");
+        assert!(
+            !stats["broker"].to_string().contains("guest"),
+            "credentials in stats: {report:#}"
+        );
         assert_eq!(
             report["cli_ping"],
             json!({"code": 0, "pong": true}),

@@ -52,6 +52,15 @@ report["active"] = [{"id": t["id"], "name": t["name"], "args": t["args"]} for t 
 report["sleeping_id"] = sleeping.id
 report["sleeping"] = outcome(sleeping)
 
+stats = mine(inspect.stats()) or {}
+report["stats"] = {
+    "max_concurrency": stats.get("pool", {}).get("max-concurrency"),
+    "processes": len(stats.get("pool", {}).get("processes", [])),
+    "sleep_total": stats.get("total", {}).get("math.sleep"),
+    "broker": stats.get("broker"),
+    "has_prefetch": isinstance(stats.get("prefetch_count"), int),
+}
+
 # The CLI a liveness probe runs: exit 0 and "pong".
 cli = subprocess.run(
     [sys.executable, "-m", "celery", "-b", os.environ["BROKER"], "inspect", "ping",

@@ -22,8 +22,8 @@ pub(super) fn python() -> anyhow::Result<PathBuf> {
         .map_or_else(|| PathBuf::from(".wasmq/bench-venv"), PathBuf::from);
     // Absolute: the Celery worker is started from the folder of its app, where a relative
     // path would name nothing.
-    let venv = std::path::absolute(&venv)
-        .with_context(|| format!("cannot resolve {}", venv.display()))?;
+    let venv =
+        std::path::absolute(&venv).with_context(|| format!("cannot resolve {}", venv.display()))?;
     let python = venv.join("bin").join("python");
     let ready = Command::new(&python)
         .args(["-c", "import celery, redis"])

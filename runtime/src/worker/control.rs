@@ -72,6 +72,7 @@ async fn answer(shared: &Shared, command: &ControlCommand) -> Value {
             )
         }
         "revoked" => json!(shared.revoked.ids()),
+        "stats" => stats(shared),
         "registered" => {
             let mut names: Vec<String> = shared
                 .registry
@@ -95,6 +96,55 @@ async fn answer(shared: &Shared, command: &ControlCommand) -> Value {
             "wasmq does not answer the remote-control command {other:?} yet"
         )),
     }
+}
+
+/// Celery's `inspect stats` reply, with what Flower and celery-exporter read: `total`
+/// (tasks started per name), `pool` (`max-concurrency`, one `processes` entry per slot:
+/// every slot is this process), `broker` (never its credentials), `prefetch_count`,
+/// `uptime`, `pid`.
+fn stats(shared: &Shared) -> Value {
+    let options = &shared.options;
+    let slots = options.concurrency.max(1);
+    let pid = std::process::id();
+    let limits = shared.registry.sandbox().config().defaults;
+    json!({
+        "total": shared.stats.started_by_task(),
+        "pid": pid,
+        "clock": "0",
+        "uptime": shared.started_at.elapsed().as_secs(),
+        "pool": {
+            "implementation": "wasmq:SandboxPool",
+            "max-concurrency": slots,
+            "processes": vec![pid; slots],
+            "max-tasks-per-child": "N/A",
+            "put-guarded-by-semaphore": false,
+            "timeouts": [0, limits.timeout.as_secs_f64()],
+        },
+        "broker": broker_info(&shared.broker.describe()),
+        "prefetch_count": shared.prefetch(),
+    })
+}
+
+/// kombu's `Connection.info()` of the broker, from its description (which holds no
+/// credentials): `amqp://host:port/vhost` or `sqlite://path`.
+fn broker_info(described: &str) -> Value {
+    let (transport, rest) = described.split_once("://").unwrap_or(("", described));
+    let (authority, vhost) = rest.split_once('/').unwrap_or((rest, ""));
+    let (hostname, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (host, port.parse::<u16>().ok()),
+        None => (authority, None),
+    };
+    json!({
+        "transport": transport,
+        "hostname": hostname,
+        "port": port,
+        "virtual_host": vhost.replace("%2f", "/").replace("%2F", "/"),
+        "ssl": transport == "amqps",
+        "uri_prefix": null,
+        "insist": false,
+        "login_method": null,
+        "userid": null,
+    })
 }
 
 /// The ids of a `revoke`: one id or a list.

@@ -92,6 +92,8 @@ struct Shared {
     /// Work done outside the slot runners: deliveries that wait before running (eta, rate
     /// limit) and results being stored; shutdown waits for them too.
     detached: TaskTracker,
+    /// When the worker was made (its uptime, for remote control).
+    started_at: std::time::Instant,
 }
 
 impl Shared {
@@ -127,6 +129,7 @@ impl Worker {
                 running: RunningTasks::default(),
                 aborting: AtomicBool::new(false),
                 detached: TaskTracker::new(),
+                started_at: std::time::Instant::now(),
             }),
         }
     }

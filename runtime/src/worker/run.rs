@@ -51,6 +51,7 @@ pub(super) async fn run(
 ) -> Ran {
     let cancel = CancelToken::new();
     let run = shared.running.start(message, delivery, cancel.clone());
+    shared.stats.count_start(&message.task);
     if shared.revoked.get(&message.id).is_some_and(|r| r.terminate) {
         // Revoked with terminate while it waited: the listener may have missed it.
         cancel.cancel();

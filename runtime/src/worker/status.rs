@@ -30,6 +30,34 @@ pub struct WorkerStats {
     pub revoked: AtomicU64,
     /// Messages handed back to the broker to wait (eta not due, rate limit).
     pub deferred: AtomicU64,
+    /// Tasks started, per task name (Celery's `total` in `inspect stats`).
+    started_by_task: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl WorkerStats {
+    /// Counts a start of task `name`.
+    pub(super) fn count_start(&self, name: &str) {
+        let mut started = self
+            .started_by_task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match started.get_mut(name) {
+            Some(count) => *count += 1,
+            None => {
+                started.insert(name.to_owned(), 1);
+            }
+        }
+    }
+
+    /// Tasks started so far, per task name.
+    pub fn started_by_task(&self) -> std::collections::BTreeMap<String, u64> {
+        self.started_by_task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(name, count)| (name.clone(), *count))
+            .collect()
+    }
 }
 
 /// Logs when consumption starts and stops (a broker reconnect), and keeps the status file
