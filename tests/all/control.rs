@@ -107,7 +107,12 @@ fn celery_inspect_and_control_reach_a_wasmq_worker() {
         assert_eq!(report["stamped"]["error"], "TaskRevokedError", "{report:#}");
         assert_eq!(report["stamped"]["state"], "REVOKED", "{report:#}");
         assert_eq!(report["unstamped"], json!({"ok": 4}), "{report:#}");
-        worker.stop().await;
+        assert!(
+            worker
+                .exits_by_itself(std::time::Duration::from_secs(15))
+                .await,
+            "`control shutdown` did not stop the worker"
+        );
         // The mailbox goes with its worker (exclusive, auto-delete, as kombu declares it).
         let mailbox = wasmq::broker::amqp::control_queue(&node);
         let mut gone = false;

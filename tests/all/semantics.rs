@@ -128,6 +128,15 @@ impl Running {
         let _ = self.stop.send(());
         self.handle.await.unwrap()
     }
+
+    /// Whether the worker stops by itself (not told by the test) within `within`; it is
+    /// told to stop afterwards in any case.
+    pub(crate) async fn exits_by_itself(self, within: Duration) -> bool {
+        let Running { stop, handle } = self;
+        let exited = tokio::time::timeout(within, handle).await.is_ok();
+        drop(stop);
+        exited
+    }
 }
 
 fn done_at(meta: &wasmq::results::ResultMeta) -> DateTime<Utc> {

@@ -95,4 +95,7 @@ stamped = app.signature("math.add", (1, 1), queue=queue)
 stamped.stamp(visitor=Stamp())
 report["stamped"] = outcome(stamped.apply_async())
 report["unstamped"] = outcome(app.send_task("math.add", (2, 2), queue=queue))
+
+# Last: `celery control shutdown` stops the worker gracefully (Celery sends no reply).
+app.control.shutdown(destination=[node])
 json.dump(report, sys.stdout)

@@ -26,6 +26,12 @@ use crate::results::{ResultMeta, TaskState};
 /// Answers `requests` until the broker stops handing them over.
 pub(super) async fn serve(shared: Arc<Shared>, mut requests: mpsc::Receiver<ControlRequest>) {
     while let Some(ControlRequest { command, reply }) = requests.recv().await {
+        if command.method == "shutdown" {
+            // As Celery's worker: a graceful shutdown (as on SIGTERM), and no reply.
+            tracing::warn!("remote control: shutting down");
+            shared.shutdown_requested.notify_one();
+            continue;
+        }
         let answer = answer(&shared, &command).await;
         if let Some(reply) = reply {
             let _ = reply.send(answer);

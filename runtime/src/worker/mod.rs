@@ -94,6 +94,9 @@ struct Shared {
     detached: TaskTracker,
     /// When the worker was made (its uptime, for remote control).
     started_at: std::time::Instant,
+    /// Asked to shut down from inside (remote control's `shutdown`), as if the `shutdown`
+    /// future of [`Worker::run`] had completed.
+    shutdown_requested: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -130,6 +133,7 @@ impl Worker {
                 aborting: AtomicBool::new(false),
                 detached: TaskTracker::new(),
                 started_at: std::time::Instant::now(),
+                shutdown_requested: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -139,7 +143,8 @@ impl Worker {
         Arc::clone(&self.shared.stats)
     }
 
-    /// Runs until `shutdown` completes, then shuts down gracefully.
+    /// Runs until `shutdown` completes (or remote control asks it to stop), then shuts down
+    /// gracefully.
     ///
     /// # Errors
     /// [`WorkerError::Broker`] when consuming cannot start.
@@ -191,6 +196,10 @@ impl Worker {
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                () = shared.shutdown_requested.notified() => {
+                    tracing::info!("shutdown asked for by remote control");
+                    break;
+                }
                 _ = purge.tick() => purge_expired(&shared).await,
             }
         }
