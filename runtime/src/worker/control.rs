@@ -183,13 +183,7 @@ async fn revoke(shared: &Shared, ids: Vec<String>, terminate: bool) -> Value {
                 "cannot keep a remote-control revocation for workers that are down");
         }
     }
-    let running: std::collections::HashSet<String> = shared
-        .running
-        .snapshot()
-        .into_iter()
-        .map(|task| task.id)
-        .collect();
-    for id in ids.iter().filter(|id| !running.contains(*id)) {
+    for id in ids.iter().filter(|id| !shared.running.is_running(id)) {
         mark_revoked_unless_started(shared, id).await;
     }
     if terminate {

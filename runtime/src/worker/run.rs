@@ -294,6 +294,11 @@ impl RunningTasks {
             .collect()
     }
 
+    /// Whether `task_id` is running here.
+    pub(super) fn is_running(&self, task_id: &str) -> bool {
+        self.lock().values().any(|run| run.task.id == task_id)
+    }
+
     /// Interrupts every run of `task_id`; true when one was running.
     pub(super) fn cancel(&self, task_id: &str) -> bool {
         let runs = self.lock();

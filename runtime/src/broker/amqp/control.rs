@@ -11,7 +11,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -23,7 +22,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use tokio::sync::{mpsc, oneshot};
 
 use super::revoke::CELERY_PIDBOX_EXCHANGE;
-use super::{AmqpBroker, lapin_error};
+use super::{AmqpBroker, lapin_error, listen_with_backoff};
 use crate::broker::{BrokerError, ControlRequest};
 use crate::protocol::{CONTENT_TYPE_JSON, ControlCommand, ControlReplyTo};
 
@@ -57,33 +56,19 @@ impl AmqpBroker {
         let node = node.to_owned();
         tokio::spawn(async move {
             let clock = Arc::new(AtomicU64::new(0));
-            let mut mailbox = first;
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                let opened = match mailbox.take() {
-                    Some(mailbox) => Ok(mailbox),
-                    None => broker.open_mailbox(&node).await,
-                };
-                let outcome = match opened {
-                    Ok(mailbox) => {
-                        backoff = Duration::from_millis(100);
-                        serve_mailbox(mailbox, &node, &sender, &clock).await
-                    }
-                    Err(error) => Err(error),
-                };
-                match outcome {
-                    Ok(()) => return,
-                    Err(error) => tracing::warn!(
-                        error = &error as &dyn std::error::Error,
-                        "remote control: lost the broker; listening again soon"
-                    ),
+            let mut first = first;
+            let (broker, node, sender, clock) = (&broker, node.as_str(), &sender, &clock);
+            listen_with_backoff("remote control", sender, || {
+                let opened = first.take();
+                async move {
+                    let mailbox = match opened {
+                        Some(mailbox) => mailbox,
+                        None => broker.open_mailbox(node).await?,
+                    };
+                    serve_mailbox(mailbox, node, sender, clock).await
                 }
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = sender.closed() => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
+            })
+            .await;
         });
         Ok(receiver)
     }

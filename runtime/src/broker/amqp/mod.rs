@@ -148,6 +148,35 @@ impl AmqpBroker {
     }
 }
 
+/// Runs `listen` until it returns `Ok` (its receiver was dropped), starting it again after
+/// each failure (a lost broker) with a backoff from 100 ms doubling to 5 s, and giving up
+/// once `sender`'s receiver is dropped. The supervision of the long-lived listeners
+/// (revocations, remote control); `what` names them in the log.
+async fn listen_with_backoff<T, F, Fut>(
+    what: &str,
+    sender: &tokio::sync::mpsc::Sender<T>,
+    mut listen: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), BrokerError>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match listen().await {
+            Ok(()) => return,
+            Err(error) => tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "{what}: lost the broker; listening again soon"
+            ),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = sender.closed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// The value of query parameter `name` in `uri`, if given.
 fn query_parameter<'a>(uri: &'a str, name: &str) -> Option<&'a str> {
     let (_, query) = uri.split_once('?')?;

@@ -12,8 +12,6 @@
 //! collect every broadcast (Flower's `enable_events` every 5 s, each inspect poll) for a
 //! day. A queue an older wasmq bound there is unbound when declared.
 
-use std::time::Duration;
-
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions,
@@ -24,7 +22,7 @@ use lapin::{BasicProperties, Channel, Confirmation as AmqpConfirmation, Exchange
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::{AmqpBroker, lapin_error};
+use super::{AmqpBroker, lapin_error, listen_with_backoff};
 use crate::broker::{BrokerError, REVOKE_EXPIRES, Revocation};
 use crate::protocol::ControlCommand;
 
@@ -103,23 +101,10 @@ impl AmqpBroker {
         let broker = self.clone();
         let node = node.to_owned();
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                match broker.listen_for_revocations(&queue, &node, &sender).await {
-                    Ok(()) => return,
-                    Err(error) => {
-                        tracing::warn!(
-                            error = &error as &dyn std::error::Error,
-                            "revocations: lost the broker; listening again soon"
-                        );
-                    }
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = sender.closed() => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
+            listen_with_backoff("revocations", &sender, || {
+                broker.listen_for_revocations(&queue, &node, &sender)
+            })
+            .await;
         });
         Ok(receiver)
     }
