@@ -44,6 +44,10 @@
 //! fuel = 100000000000
 //! memory = "1GiB"
 //! timeout = "1h"
+//!
+//! [tenants.acme]  # tenants sharing the worker: see `crate::tenancy` for every key
+//! broker = "amqp://acme:secret@127.0.0.1:5672/acme"
+//! plugins = "/srv/wasmq/acme/plugins"
 //! ```
 //!
 //! Longer than 400 lines for one idea, the worker's configuration: the raw layer, the merge
@@ -59,6 +63,8 @@ use serde::Deserialize;
 use crate::engine::Limits;
 use crate::policy::{PolicyOverrides, RetryPolicy, TaskAnnotations};
 use crate::routes::TaskRoutes;
+use crate::tenancy::{RawTenant, TenantConfig};
+pub use crate::units::RawLimits;
 use crate::units::{parse_bytes, parse_duration};
 use crate::worker::WorkerOptions;
 
@@ -67,20 +73,9 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://.wasmq/wasmq.db";
 /// The default plugin folder.
 pub const DEFAULT_PLUGIN_FOLDER: &str = ".wasmq/plugins";
 
-/// Limits as written in the file or on the command line.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct RawLimits {
-    /// Fuel units.
-    pub fuel: Option<u64>,
-    /// A size, e.g. `128MiB`.
-    pub memory: Option<String>,
-    /// A duration, e.g. `30s`.
-    pub timeout: Option<String>,
-}
 
 /// Configuration as said by one source; `None` means "not said here".
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// Broker URL.
@@ -123,6 +118,8 @@ pub struct RawConfig {
     pub tasks: Option<BTreeMap<String, PolicyOverrides>>,
     /// Task routes: task name or glob → queue.
     pub routes: Option<BTreeMap<String, String>>,
+    /// Tenants by id (none: one implicit tenant, the top-level keys).
+    pub tenants: Option<BTreeMap<String, RawTenant>>,
 }
 
 /// Errors loading configuration.
@@ -145,6 +142,9 @@ pub enum ConfigError {
         /// toml's explanation, naming the key.
         message: String,
     },
+    /// A tenant's table is not valid.
+    #[error(transparent)]
+    Tenant(#[from] crate::tenancy::TenantError),
     /// A value is not valid.
     #[error("{key}: {message}")]
     Invalid {
@@ -203,6 +203,7 @@ impl RawConfig {
             queue_max_priority: self.queue_max_priority.or(lower.queue_max_priority),
             tasks: merge_maps(self.tasks, lower.tasks),
             routes: merge_maps(self.routes, lower.routes),
+            tenants: merge_maps(self.tenants, lower.tenants),
         }
     }
 }
@@ -258,6 +259,9 @@ pub struct WorkerConfig {
     pub routes: TaskRoutes,
     /// Worker behaviour.
     pub worker: WorkerOptions,
+    /// The tenants sharing this worker's slots (empty: one implicit tenant, the top-level
+    /// broker, backend, queues and plugins, as before tenants existed).
+    pub tenants: Vec<TenantConfig>,
 }
 
 fn duration(
@@ -338,6 +342,43 @@ impl WorkerConfig {
             });
         }
         let routes = TaskRoutes::new(raw.routes.unwrap_or_default());
+        let ceiling = limits("ceiling", raw.ceiling, sandbox.ceiling)?;
+        let tenants = raw
+            .tenants
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, tenant)| TenantConfig::resolve(&name, tenant, concurrency, ceiling))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !tenants.is_empty() {
+            let top_level = [
+                ("broker", raw.broker.is_some()),
+                ("result_backend", raw.result_backend.is_some()),
+                ("plugins", raw.plugins.is_some()),
+                ("queues", raw.queues.is_some()),
+            ];
+            if raw.scheduler.is_some() {
+                return Err(ConfigError::Invalid {
+                    key: "scheduler",
+                    message: "a Redis delay scheduler is not shared by tenants yet: their brokers hold their delayed messages".into(),
+                });
+            }
+            if let Some((key, _)) = top_level.iter().find(|(_, said)| *said) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "with [tenants] each tenant names its own; remove the worker-wide one"
+                        .into(),
+                });
+            }
+        }
+        let reserved: usize = tenants.iter().map(|t| t.reserved).sum();
+        if reserved > concurrency {
+            return Err(ConfigError::Invalid {
+                key: "tenants.reserved",
+                message: format!(
+                    "the tenants reserve {reserved} slots, more than the worker's concurrency {concurrency}"
+                ),
+            });
+        }
         Ok(Self {
             broker: raw.broker.unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
             result_backend: raw
@@ -352,7 +393,7 @@ impl WorkerConfig {
             )?,
             cache_dir: raw.cache_dir,
             limits: limits("limits", raw.limits, Limits::DEFAULT)?,
-            ceiling: limits("ceiling", raw.ceiling, sandbox.ceiling)?,
+            ceiling,
             queue_max_priority: raw.queue_max_priority,
             routes: routes.clone(),
             worker: WorkerOptions {
@@ -383,7 +424,10 @@ impl WorkerConfig {
                 routes,
                 status_file: None,
                 state_file: None,
+                prefetch: None,
+                tenant: None,
             },
+            tenants,
         })
     }
 }

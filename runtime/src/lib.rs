@@ -8,6 +8,7 @@
 //! ```text
 //! edge       cli/ (one file per command)   bench/ (the side-by-side harness)
 //! config     config.rs          raw flags/env/TOML → a validated WorkerConfig
+//!            tenancy.rs         [tenants.<id>]: a tenant's broker, plugins, share and grants
 //! client     client/            send, call, submit; AsyncResult; starting workflows
 //! worker     worker/            admit → run → decide → settle → continue the workflow;
 //!                               answers remote control (control.rs)
@@ -22,6 +23,7 @@
 //!                               commands (control.rs)
 //!            policy.rs          retry and rate-limit policy
 //!            routes.rs          task name → queue
+//!            fair.rs            task slots shared fairly among tenants
 //!            units.rs           sizes and durations
 //!            db.rs              the embedded database file (broker and results share it)
 //!            redis_client.rs    one Redis connection per URL (results and scheduler)
@@ -60,6 +62,7 @@ mod redis_client;
 pub mod registry;
 pub mod results;
 pub mod routes;
+pub mod tenancy;
 pub mod units;
 pub mod worker;
 

@@ -6,6 +6,19 @@
 
 use std::time::Duration;
 
+/// Limits as written in a configuration file or on the command line (`[limits]`,
+/// `[ceiling]`, a tenant's), each value optional.
+#[derive(Debug, Clone, Default, serde::Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Fuel units.
+    pub fuel: Option<u64>,
+    /// A size, e.g. `128MiB`.
+    pub memory: Option<String>,
+    /// A duration, e.g. `30s`.
+    pub timeout: Option<String>,
+}
+
 /// Text that is not a size or a duration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("`{text}` is not a {what} (try {examples})")]

@@ -16,3 +16,4 @@ mod queue;
 mod request;
 mod semantics;
 mod support;
+mod tenancy;

@@ -11,6 +11,7 @@
 //!   celery     Python Celery: its virtualenv, workers, drains, script     (celery.rs)
 //! soak       a worker's resident memory across 100,000 tasks             (soak.rs)
 //! scale      drains with 1, 2 and 4 `wasmq worker` processes              (scale.rs)
+//! tenants    the noisy neighbour: B's probe latency while A floods         (tenants.rs)
 //! ```
 //!
 //! What the runs share sits here (the only-this-machine guard, queue names, the concurrent
@@ -33,6 +34,7 @@ mod harness;
 pub(crate) mod scale;
 pub(crate) mod soak;
 mod stats;
+pub(crate) mod tenants;
 mod workers;
 
 use serde_json::{Map, json};

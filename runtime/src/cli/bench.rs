@@ -3,7 +3,8 @@
 
 use super::args::EngineArgs;
 use super::exit::{ExitStatus, Failure};
-use crate::bench::{NotLocal, amqp, embedded, scale, soak};
+use crate::bench::{NotLocal, amqp, embedded, scale, soak, tenants};
+use crate::engine::Limits;
 use crate::engine::PluginError;
 use crate::worker::WorkerOptions;
 
@@ -23,6 +24,34 @@ pub(super) enum BenchCommand {
     Soak(SoakArgs),
     /// RabbitMQ: drain throughput with 1, 2 and 4 worker processes.
     Scale(ScaleArgs),
+    /// The noisy neighbour: tenant B's latency while tenant A floods or attacks, FIFO
+    /// (no tenants) side by side with two tenants sharing the slots fairly.
+    Tenants(TenantsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct TenantsArgs {
+    /// RabbitMQ on this machine (a vhost per tenant, made with rabbitmqctl), e.g.
+    /// amqp://guest:guest@127.0.0.1:5672/%2f. Default: the embedded broker.
+    #[arg(long)]
+    amqp: Option<String>,
+    /// Tasks in tenant A's CPU-heavy flood (math.fib(27)).
+    #[arg(long, default_value_t = 20_000)]
+    flood: usize,
+    /// Tasks in A's hostile (spin, hog) and 1 MiB-argument backlogs.
+    #[arg(long, default_value_t = 2_000)]
+    hostile: usize,
+    /// How long B probes in each run, e.g. 10s.
+    #[arg(long, default_value = "10s")]
+    window: String,
+    /// B's probes per second.
+    #[arg(long, default_value_t = 5.0)]
+    probe_rate: f64,
+    /// The worker's slots.
+    #[arg(long, short = 'c', default_value_t = 2)]
+    concurrency: usize,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -115,6 +144,34 @@ pub(super) async fn run(command: BenchCommand) -> Result<(), Failure> {
                 tasks: args.tasks,
                 broker: args.broker,
                 sandbox: args.engine.sandbox_config(AMQP_POOL_SIZE),
+            })
+            .await
+        }
+        BenchCommand::Tenants(args) => {
+            let window = crate::units::parse_duration(&args.window)
+                .map_err(|e| Failure::bad_input(format!("--window: {e}")))?;
+            if args.concurrency < 2 || !(args.probe_rate > 0.0) {
+                return Err(Failure::bad_input(
+                    "bench tenants needs at least 2 slots and a positive probe rate",
+                ));
+            }
+            let mut sandbox = args
+                .engine
+                .sandbox_config(u32::try_from(args.concurrency + 4).unwrap_or(64));
+            // What A's hostile tasks run into: about 0.2 s of fuel, 64 MiB, 5 s.
+            sandbox.defaults = Limits {
+                fuel: 2_000_000_000,
+                memory_bytes: 64 << 20,
+                timeout: std::time::Duration::from_secs(5),
+            };
+            tenants::run(tenants::TenantsOptions {
+                amqp: args.amqp,
+                flood: args.flood,
+                hostile: args.hostile,
+                window,
+                probe_rate: args.probe_rate,
+                concurrency: args.concurrency,
+                sandbox,
             })
             .await
         }

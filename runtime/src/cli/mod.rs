@@ -23,6 +23,7 @@ mod result;
 mod revoke;
 mod send;
 mod status;
+mod tenants;
 mod worker;
 mod workflow;
 

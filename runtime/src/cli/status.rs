@@ -1,6 +1,7 @@
 //! `wasmq status`: whether a worker is running and consuming, read from the status file it
 //! rewrites every second (`wasmq worker --status-file`); exit 0 only when it is consuming and
-//! the file is fresh, 1 otherwise.
+//! the file is fresh, 1 otherwise. A worker serving tenants lists each one: its state and its
+//! running, queued (held, not yet running) and finished messages.
 
 use std::path::PathBuf;
 
@@ -29,6 +30,23 @@ pub(super) async fn run(args: StatusArgs) -> Result<(), Failure> {
     println!("{text}");
     let status: Value = serde_json::from_str(&text)
         .map_err(|e| Failure::internal(anyhow::anyhow!("unreadable status: {e}")))?;
+    if let Some(tenants) = status["tenants"].as_array() {
+        println!(
+            "{:<16} {:<12} {:>8} {:>8} {:>9} {:>9}",
+            "tenant", "state", "running", "queued", "finished", "failed"
+        );
+        for tenant in tenants {
+            println!(
+                "{:<16} {:<12} {:>8} {:>8} {:>9} {:>9}",
+                tenant["tenant"].as_str().unwrap_or("-"),
+                tenant["state"].as_str().unwrap_or("unknown"),
+                tenant["running"],
+                tenant["queued"],
+                tenant["finished"],
+                tenant["failed"],
+            );
+        }
+    }
     let age = std::fs::metadata(&args.status_file)
         .and_then(|m| m.modified())
         .ok()

@@ -112,12 +112,13 @@ impl WorkerArgs {
             queue_max_priority: self.queue_max_priority,
             tasks: None,
             routes: None,
+            tenants: None,
         }
     }
 }
 
 /// Completes at the first SIGINT or SIGTERM; a second one exits the process at once.
-async fn shutdown_signal() {
+pub(super) async fn shutdown_signal() {
     let first = wait_for_signal().await;
     tracing::warn!("{first}: finishing running tasks (send it again to exit at once)");
     tokio::spawn(async {
@@ -152,13 +153,6 @@ async fn wait_for_signal() -> &'static str {
 /// Runs a worker until the first SIGINT or SIGTERM, once its running tasks have finished.
 pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
     let config = args.endpoints.resolve(args.raw())?;
-    let broker = connect_broker(&config)?;
-    let backend = crate::results::connect(
-        &config.result_backend,
-        config.result_expires,
-        &config.broker,
-    )
-    .map_err(|e| Failure::bad_input(format!("{e:#}")))?;
     let mut sandbox_config = args
         .engine
         .sandbox_config(pool_size(config.worker.concurrency));
@@ -170,7 +164,17 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
         sandbox_config.cache_dir = Some(dir.clone());
     }
     let sandbox = Arc::new(Sandbox::new(sandbox_config).map_err(Failure::internal)?);
+    if !config.tenants.is_empty() {
+        return super::tenants::run(config, sandbox, &args.status_file, &args.state_file).await;
+    }
 
+    let broker = connect_broker(&config)?;
+    let backend = crate::results::connect(
+        &config.result_backend,
+        config.result_expires,
+        &config.broker,
+    )
+    .map_err(|e| Failure::bad_input(format!("{e:#}")))?;
     if !config.plugins.exists() {
         let written = super::plugins::export_bundled(&config.plugins).map_err(Failure::internal)?;
         tracing::info!(folder = %config.plugins.display(), plugins = written.len(),
@@ -187,12 +191,11 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
     let watcher = registry.watch(Duration::from_millis(500));
     let mut options = config.worker;
     options.status_file.clone_from(&args.status_file);
-    options.state_file = Some(args.state_file.clone().unwrap_or_else(|| {
-        PathBuf::from(".wasmq/state").join(format!(
-            "{}.revoked.json",
-            options.node_name.replace(['/', '\\'], "_")
-        ))
-    }));
+    options.state_file = Some(
+        args.state_file
+            .clone()
+            .unwrap_or_else(|| default_state_file(&options.node_name, None)),
+    );
     let worker = Worker::new(broker, backend, registry, options);
     let stats = worker
         .run(shutdown_signal())
@@ -203,7 +206,17 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Where a worker remembers revoked ids by default: `.wasmq/state/<node>.revoked.json`, or
+/// `<node>.<tenant>.revoked.json` for one tenant of several.
+pub(super) fn default_state_file(node_name: &str, tenant: Option<&str>) -> PathBuf {
+    let node = node_name.replace(['/', '\\'], "_");
+    PathBuf::from(".wasmq/state").join(match tenant {
+        Some(tenant) => format!("{node}.{tenant}.revoked.json"),
+        None => format!("{node}.revoked.json"),
+    })
+}
+
 /// Pool slots: the running tasks plus headroom for describe calls during hot deploys.
-fn pool_size(concurrency: usize) -> u32 {
+pub(super) fn pool_size(concurrency: usize) -> u32 {
     u32::try_from(concurrency.saturating_add(4)).unwrap_or(u32::MAX)
 }

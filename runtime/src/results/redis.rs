@@ -33,6 +33,18 @@ pub fn meta_key(task_id: &str) -> String {
     format!("celery-task-meta-{task_id}")
 }
 
+/// A key prefix as Celery applies `result_backend_transport_options["global_keyprefix"]`:
+/// written before every task, group and chord key (and so before the pub/sub channel of a
+/// task's meta), with `_` added when the prefix does not already end in `:`, `_`, `-` or `.`.
+/// A tenant's results live under its prefix, where a Redis ACL (`~acme:*`) can fence them.
+pub fn global_key_prefix(prefix: &str) -> String {
+    match prefix.chars().last() {
+        None => String::new(),
+        Some(':' | '_' | '-' | '.') => prefix.to_owned(),
+        Some(_) => format!("{prefix}_"),
+    }
+}
+
 /// Stores unless a SUCCESS is already there; then publishes. Returns 1 if stored.
 const STORE_SCRIPT: &str = r"
 local current = redis.call('GET', KEYS[1])
@@ -106,6 +118,8 @@ fn redis_error(what: &str, error: ::redis::RedisError) -> ResultError {
 /// The Redis result backend.
 pub struct RedisResultBackend {
     redis: RedisClient,
+    /// Written before every key (Celery's `global_keyprefix`); empty by default.
+    key_prefix: String,
     expires: Duration,
     script: ::redis::Script,
     chord_script: ::redis::Script,
@@ -130,10 +144,30 @@ impl RedisResultBackend {
             .map_err(|e| ResultError::UnsupportedUrl(format!("{url} ({e})")))?;
         Ok(Self {
             redis,
+            key_prefix: String::new(),
             expires,
             script: ::redis::Script::new(STORE_SCRIPT),
             chord_script: ::redis::Script::new(CHORD_PART_SCRIPT),
         })
+    }
+
+    /// The same backend with every key under `prefix`, as a Celery client configured with
+    /// `result_backend_transport_options={"global_keyprefix": prefix}` reads them (see
+    /// [`global_key_prefix`]).
+    #[must_use]
+    pub fn with_key_prefix(mut self, prefix: &str) -> Self {
+        self.key_prefix = global_key_prefix(prefix);
+        self
+    }
+
+    /// The key (and channel) of a task's meta, under the prefix.
+    fn meta_key(&self, task_id: &str) -> String {
+        format!("{}{}", self.key_prefix, meta_key(task_id))
+    }
+
+    /// A group's key, under the prefix.
+    fn group_key(&self, group_id: &str, suffix: &str) -> String {
+        format!("{}{}", self.key_prefix, group_key(group_id, suffix))
     }
 
     async fn connection(&self) -> Result<ConnectionManager, ResultError> {
@@ -159,7 +193,7 @@ impl ResultBackend for RedisResultBackend {
         let seconds = self.expires.as_secs().max(1);
         let _: i64 = self
             .script
-            .key(meta_key(&meta.task_id))
+            .key(self.meta_key(&meta.task_id))
             .arg(json)
             .arg(seconds)
             .invoke_async(&mut connection)
@@ -171,14 +205,14 @@ impl ResultBackend for RedisResultBackend {
     async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, ResultError> {
         let mut connection = self.connection().await?;
         let json: Option<String> = connection
-            .get(meta_key(task_id))
+            .get(self.meta_key(task_id))
             .await
             .map_err(|e| redis_error("cannot read a result", e))?;
         json.map(|json| Self::parse(task_id, &json)).transpose()
     }
 
     async fn wait(&self, task_id: &str, timeout: Duration) -> Result<ResultMeta, ResultError> {
-        let key = meta_key(task_id);
+        let key = self.meta_key(task_id);
         let mut pubsub = self
             .redis
             .client()
@@ -231,9 +265,9 @@ impl ResultBackend for RedisResultBackend {
         // As Celery's `set_chord_size`: a re-applied chord starts a new run.
         let _: () = ::redis::pipe()
             .atomic()
-            .del(group_key(group_id, ".c"))
+            .del(self.group_key(group_id, ".c"))
             .set_ex(
-                group_key(group_id, ".s"),
+                self.group_key(group_id, ".s"),
                 size,
                 self.expires.as_secs().max(1),
             )
@@ -253,7 +287,7 @@ impl ResultBackend for RedisResultBackend {
         // chord reads it too.
         let _: () = connection
             .set_ex(
-                group_key(group_id, ""),
+                self.group_key(group_id, ""),
                 serde_json::json!({ "result": shape }).to_string(),
                 self.expires.as_secs().max(1),
             )
@@ -274,12 +308,12 @@ impl ResultBackend for RedisResultBackend {
             .map_or_else(|| "+inf".to_owned(), |i| i.to_string());
         let (_ready, parts, saved): (i64, Vec<String>, String) = self
             .chord_script
-            .key(group_key(gid, ".j"))
-            .key(group_key(gid, ".t"))
-            .key(group_key(gid, ".s"))
-            .key(group_key(gid, ".d"))
-            .key(group_key(gid, ".c"))
-            .key(group_key(gid, ""))
+            .key(self.group_key(gid, ".j"))
+            .key(self.group_key(gid, ".t"))
+            .key(self.group_key(gid, ".s"))
+            .key(self.group_key(gid, ".d"))
+            .key(self.group_key(gid, ".c"))
+            .key(self.group_key(gid, ""))
             .arg(&part.task_id)
             .arg(encoded)
             .arg(score)
@@ -311,6 +345,23 @@ impl ResultBackend for RedisResultBackend {
     }
 
     fn describe(&self) -> String {
-        self.redis.describe().to_owned()
+        if self.key_prefix.is_empty() {
+            self.redis.describe().to_owned()
+        } else {
+            format!("{} (keys under {})", self.redis.describe(), self.key_prefix)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::global_key_prefix;
+
+    #[test]
+    fn a_global_key_prefix_ends_in_a_separator_as_celery_writes_it() {
+        assert_eq!(global_key_prefix("acme:"), "acme:");
+        assert_eq!(global_key_prefix("acme-"), "acme-");
+        assert_eq!(global_key_prefix("acme"), "acme_");
+        assert_eq!(global_key_prefix(""), "");
     }
 }

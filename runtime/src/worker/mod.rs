@@ -46,18 +46,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, BrokerError, Consumer, Delivery};
 use crate::engine::Plugin;
+use crate::fair::{Slot, SlotArbiter};
 use crate::policy::TaskPolicy;
 use crate::protocol::TaskMessage;
 use crate::registry::Registry;
 use crate::results::{ResultBackend, ResultMeta};
 use admit::{Admission, RateTurns};
-pub use options::{WorkerOptions, default_node_name};
+pub use options::{GrantsFor, TenantOptions, WorkerOptions, default_node_name};
 use revoked::RevokedSet;
 use run::RunningTasks;
 pub use status::WorkerStats;
@@ -82,9 +82,12 @@ struct Shared {
     running: RunningTasks,
     /// Set when running tasks were interrupted by shutdown: their messages are released.
     aborting: AtomicBool,
-    /// Task slots (`concurrency` permits); a task waiting for its eta or its rate-limit
-    /// turn gives its slot back meanwhile.
-    slots: Arc<Semaphore>,
+    /// Task slots, shared fairly with the other tenants of this process when there are
+    /// some; a task waiting for its eta or its rate-limit turn gives its slot back
+    /// meanwhile.
+    slots: SlotArbiter,
+    /// This worker's tenant among the arbiter's (0 when it serves the only one).
+    seat: usize,
     /// Revoked task ids.
     revoked: RevokedSet,
     /// Rate-limit turns per task name.
@@ -97,11 +100,28 @@ struct Shared {
     /// Asked to shut down from inside (remote control's `shutdown`), as if the `shutdown`
     /// future of [`Worker::run`] had completed.
     shutdown_requested: tokio::sync::Notify,
+    /// Whether it consumes now (the broker connection is up), for its status.
+    consuming: AtomicBool,
+    /// Set once it has stopped, for its status.
+    stopped: AtomicBool,
 }
 
 impl Shared {
     fn prefetch(&self) -> usize {
-        self.options.concurrency.max(1) * self.options.prefetch_multiplier.max(1)
+        self.options.prefetch.unwrap_or_else(|| {
+            self.options.concurrency.max(1) * self.options.prefetch_multiplier.max(1)
+        })
+    }
+
+    /// Waits for a task slot for a task limited to `memory` bytes (charged to the tenant's
+    /// memory budget while it runs).
+    async fn slot(&self, memory: u64) -> Slot {
+        self.slots.acquire(self.seat, memory).await
+    }
+
+    /// Tasks of this worker running now.
+    fn running_tasks(&self) -> usize {
+        self.slots.running(self.seat)
     }
 }
 
@@ -111,17 +131,36 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A worker consuming from `broker`, storing into `backend`, running `registry`'s tasks.
+    /// A worker consuming from `broker`, storing into `backend`, running `registry`'s tasks
+    /// in `options.concurrency` slots of its own.
     pub fn new(
         broker: Arc<dyn Broker>,
         backend: Arc<dyn ResultBackend>,
         registry: Arc<Registry>,
         options: WorkerOptions,
     ) -> Self {
-        let prefetch = options.concurrency.max(1) * options.prefetch_multiplier.max(1);
+        let slots = SlotArbiter::single(options.concurrency.max(1));
+        Self::sharing(broker, backend, registry, options, slots, 0)
+    }
+
+    /// A worker for tenant `seat` of `slots`, which it shares with the workers of the other
+    /// tenants of this process: it runs at most `options.concurrency` tasks at once (the
+    /// tenant's cap), when the arbiter gives it slots.
+    pub fn sharing(
+        broker: Arc<dyn Broker>,
+        backend: Arc<dyn ResultBackend>,
+        registry: Arc<Registry>,
+        options: WorkerOptions,
+        slots: SlotArbiter,
+        seat: usize,
+    ) -> Self {
+        let prefetch = options.prefetch.unwrap_or_else(|| {
+            options.concurrency.max(1) * options.prefetch_multiplier.max(1)
+        });
         Self {
             shared: Arc::new(Shared {
-                slots: Arc::new(Semaphore::new(options.concurrency.max(1))),
+                slots,
+                seat,
                 revoked: RevokedSet::open(options.state_file.clone()),
                 rate_turns: RateTurns::new(prefetch),
                 broker,
@@ -134,6 +173,8 @@ impl Worker {
                 detached: TaskTracker::new(),
                 started_at: std::time::Instant::now(),
                 shutdown_requested: tokio::sync::Notify::new(),
+                consuming: AtomicBool::new(false),
+                stopped: AtomicBool::new(false),
             }),
         }
     }
@@ -141,6 +182,12 @@ impl Worker {
     /// The worker's counters (live while it runs).
     pub fn stats(&self) -> Arc<WorkerStats> {
         Arc::clone(&self.shared.stats)
+    }
+
+    /// A live view of the worker's status, for a process that reports several workers (one
+    /// per tenant) in one status file.
+    pub fn status_view(&self) -> StatusView {
+        StatusView(Arc::clone(&self.shared))
     }
 
     /// Runs until `shutdown` completes (or remote control asks it to stop), then shuts down
@@ -160,6 +207,7 @@ impl Worker {
             .await?;
         tracing::info!(
             node = %options.node_name,
+            tenant = options.tenant_name(),
             broker = %shared.broker.describe(),
             results = %shared.backend.describe(),
             queues = %options.queues.join(","),
@@ -206,7 +254,8 @@ impl Worker {
 
         let _ = stop.send(true);
         tracing::info!(
-            running = shared.options.concurrency.max(1) - shared.slots.available_permits(),
+            tenant = options.tenant_name(),
+            running = shared.running_tasks(),
             "shutting down: no new tasks; waiting for running ones"
         );
         let mut consumer = consumer.lock().await;
@@ -234,12 +283,40 @@ impl Worker {
         if let Some(control) = control {
             control.abort();
         }
+        shared.stopped.store(true, Ordering::SeqCst);
+        shared.consuming.store(false, Ordering::SeqCst);
         if let Some(path) = &shared.options.status_file {
             status::write(path, &shared, false, "stopped");
         }
-        tracing::info!("worker stopped");
+        tracing::info!(tenant = options.tenant_name(), "worker stopped");
         Ok(Arc::clone(&shared.stats))
     }
+}
+
+/// A live view of a worker's status (see [`Worker::status_view`]).
+#[derive(Clone)]
+pub struct StatusView(Arc<Shared>);
+
+impl StatusView {
+    /// The status as the worker's status file writes it: node, tenant, state, consuming,
+    /// queues, broker, and the counts of running, queued (held, not running) and finished
+    /// messages with the outcome counters.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let consuming = self.0.consuming.load(Ordering::Relaxed);
+        let state = if self.0.stopped.load(Ordering::Relaxed) {
+            "stopped"
+        } else if consuming {
+            "consuming"
+        } else {
+            "reconnecting"
+        };
+        status::snapshot(&self.0, consuming, state)
+    }
+}
+
+/// Writes `status` (JSON) to `path` atomically, as a worker writes its status file.
+pub fn write_status_file(path: &std::path::Path, status: &serde_json::Value) {
+    status::write_json(path, status);
 }
 
 async fn purge_expired(shared: &Shared) {
@@ -280,16 +357,7 @@ async fn run_slot(
         match delivery {
             Ok(delivery) => {
                 shared.stats.received.fetch_add(1, Ordering::Relaxed);
-                let slot = tokio::select! {
-                    biased;
-                    slot = Arc::clone(&shared.slots).acquire_owned() => slot.expect("the semaphore is never closed"),
-                    () = async { drop(stopped.wait_for(|stop| *stop).await) } => {
-                        // Shutting down before a slot freed: give the message back.
-                        settle::release(&shared, delivery).await;
-                        return;
-                    }
-                };
-                dispatch(&shared, delivery, slot).await;
+                dispatch(&shared, delivery, &mut stopped).await;
             }
             Err(error) => {
                 tracing::error!(
@@ -305,9 +373,16 @@ async fn run_slot(
     }
 }
 
-/// Decodes a delivery and processes it on this runner, or in a detached task when it will
-/// wait before running (a near eta, a rate limit), so the runner is not blocked meanwhile.
-async fn dispatch(shared: &Arc<Shared>, delivery: Delivery, slot: OwnedSemaphorePermit) {
+/// Decodes a delivery, looks its task up, takes a task slot for it (its tenant's turn, and
+/// its memory limit charged to the tenant's budget), and processes it on this runner — or in
+/// a detached task when it will wait before running (a near eta, a rate limit), so the
+/// runner is not blocked meanwhile. A delivery still waiting for a slot when the worker
+/// stops is given back.
+async fn dispatch(
+    shared: &Arc<Shared>,
+    delivery: Delivery,
+    stopped: &mut tokio::sync::watch::Receiver<bool>,
+) {
     let message = match TaskMessage::decode(&delivery.envelope) {
         Ok(message) => message,
         Err(error) => {
@@ -325,6 +400,18 @@ async fn dispatch(shared: &Arc<Shared>, delivery: Delivery, slot: OwnedSemaphore
         );
         (plugin, policy)
     });
+    let memory = task
+        .as_ref()
+        .map_or(0, |(plugin, _)| run::memory_limit(shared, plugin, &message.task));
+    let slot = tokio::select! {
+        biased;
+        slot = shared.slot(memory) => slot,
+        () = async { drop(stopped.wait_for(|stop| *stop).await) } => {
+            // Shutting down before a slot freed: give the message back.
+            settle::release(shared, delivery).await;
+            return;
+        }
+    };
     let waits = message.eta.is_some_and(|eta| eta > Utc::now())
         || task
             .as_ref()
@@ -332,23 +419,25 @@ async fn dispatch(shared: &Arc<Shared>, delivery: Delivery, slot: OwnedSemaphore
     if waits {
         let shared_ = Arc::clone(shared);
         shared.detached.spawn(async move {
-            drop(process(&shared_, delivery, message, task, slot).await);
+            drop(process(&shared_, delivery, message, task, slot, memory).await);
         });
     } else {
-        drop(process(shared, delivery, message, task, slot).await);
+        drop(process(shared, delivery, message, task, slot, memory).await);
     }
 }
 
 /// Takes one decoded delivery through admission, the sandbox and its decision, up to its
 /// settlement; gives back the task slot it ran in. `task` is the plugin serving it and its
-/// policy, none when the task is not registered.
+/// policy, none when the task is not registered; `memory` its memory limit, which its slot
+/// charges to the tenant's budget.
 async fn process(
     shared: &Arc<Shared>,
     delivery: Delivery,
     mut message: TaskMessage,
     task: Option<(Plugin, TaskPolicy)>,
-    mut slot: OwnedSemaphorePermit,
-) -> OwnedSemaphorePermit {
+    mut slot: Slot,
+    memory: u64,
+) -> Slot {
     let arrival = admit::on_arrival(
         &delivery,
         &message,
@@ -361,7 +450,7 @@ async fn process(
             settle::finish(shared, delivery, Some(&message), *decision).await;
             return slot;
         }
-        Admission::RunAfter(wait) if !wait.is_zero() => slot = hold(shared, slot, wait).await,
+        Admission::RunAfter(wait) if !wait.is_zero() => slot = hold(shared, slot, wait, memory).await,
         Admission::RunAfter(_) => {}
     }
     // Celery's built-ins (`celery.starmap`, `celery.map`) run the task they name.
@@ -407,7 +496,7 @@ async fn process(
             Admission::RunAfter(wait) if wait.is_zero() => {}
             Admission::RunAfter(wait) => {
                 let _waiting = shared.rate_turns.waiting();
-                slot = hold(shared, slot, wait).await;
+                slot = hold(shared, slot, wait, memory).await;
             }
             Admission::Refuse(decision) => {
                 tracing::debug!(task = %message.task, id = %message.id, "rate limited; deferring");
@@ -447,11 +536,8 @@ async fn process(
 }
 
 /// Waits `wait` without holding a task slot, then takes a slot again.
-async fn hold(shared: &Shared, slot: OwnedSemaphorePermit, wait: Duration) -> OwnedSemaphorePermit {
+async fn hold(shared: &Shared, slot: Slot, wait: Duration, memory: u64) -> Slot {
     drop(slot);
     tokio::time::sleep(wait).await;
-    Arc::clone(&shared.slots)
-        .acquire_owned()
-        .await
-        .expect("the semaphore is never closed")
+    shared.slot(memory).await
 }

@@ -2,6 +2,9 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use crate::engine::{Grants, TenantLimits};
 use crate::policy::{RetryPolicy, TaskAnnotations};
 use crate::routes::TaskRoutes;
 
@@ -43,6 +46,53 @@ pub struct WorkerOptions {
     /// Where to write the worker's status (JSON, rewritten every second and whenever
     /// consumption starts or stops), read by `wasmq status`. Default: none.
     pub status_file: Option<std::path::PathBuf>,
+    /// Messages held unsettled, when not `concurrency × prefetch_multiplier` (a tenant's
+    /// own small window). Default: none.
+    pub prefetch: Option<usize>,
+    /// The tenant this worker serves, when the process serves several. Default: none (the
+    /// one implicit tenant).
+    pub tenant: Option<TenantOptions>,
+}
+
+impl WorkerOptions {
+    /// The tenant's name, or `-` for the implicit one (for logs).
+    pub fn tenant_name(&self) -> &str {
+        self.tenant.as_ref().map_or("-", |t| t.name.as_str())
+    }
+}
+
+/// What a worker serving one tenant of several needs to know of it.
+#[derive(Debug, Clone)]
+pub struct TenantOptions {
+    /// The tenant's id.
+    pub name: String,
+    /// Its layer of limits and its ceiling.
+    pub limits: Option<TenantLimits>,
+    /// What each of its tasks may reach.
+    pub grants: GrantsFor,
+}
+
+/// What a task may reach, by task name (the tenant's grants).
+#[derive(Clone)]
+pub struct GrantsFor(Arc<dyn Fn(&str) -> Grants + Send + Sync>);
+
+impl GrantsFor {
+    /// Grants given by `grants` for each task name.
+    pub fn new(grants: impl Fn(&str) -> Grants + Send + Sync + 'static) -> Self {
+        Self(Arc::new(grants))
+    }
+
+    /// What `task` may reach.
+    pub fn of(&self, task: &str) -> Grants {
+        (self.0)(task)
+    }
+}
+
+impl std::fmt::Debug for GrantsFor {
+    // Grants carry secrets: never shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GrantsFor(…)")
+    }
 }
 
 impl Default for WorkerOptions {
@@ -60,6 +110,8 @@ impl Default for WorkerOptions {
             node_name: default_node_name(),
             routes: TaskRoutes::default(),
             status_file: None,
+            prefetch: None,
+            tenant: None,
         }
     }
 }

@@ -162,7 +162,27 @@ fn call_request(
             .or_else(|| declared.and_then(|info| info.soft_timeout)),
         message: message_info(delivery, message),
         cancel: Some(cancel),
+        grants: shared
+            .options
+            .tenant
+            .as_ref()
+            .map(|tenant| tenant.grants.of(&message.task))
+            .unwrap_or_default(),
+        tenant_limits: shared.options.tenant.as_ref().and_then(|t| t.limits),
     }
+}
+
+/// The memory limit a task of `plugin` named `task` will run under (the plugin's
+/// declaration, the tenant's and the worker's defaults, clamped by the ceilings): what its
+/// slot charges to the tenant's memory budget. 0 when the task cannot run.
+pub(super) fn memory_limit(shared: &Shared, plugin: &Plugin, task: &str) -> u64 {
+    let mut request = CallRequest::new(task, "[]");
+    request.tenant_limits = shared.options.tenant.as_ref().and_then(|t| t.limits);
+    shared
+        .registry
+        .sandbox()
+        .limits_for(plugin, &request)
+        .map_or(0, |limits| limits.memory_bytes)
 }
 
 /// Stores `update_state` reports as custom states.

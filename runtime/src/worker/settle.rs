@@ -187,6 +187,9 @@ pub(super) async fn store(shared: &Shared, meta: &ResultMeta, reply: Option<&Rep
 }
 
 async fn settle(shared: &Shared, delivery: Delivery, settlement: &Settlement) {
+    if !matches!(settlement, Settlement::Release) {
+        shared.stats.settled.fetch_add(1, Ordering::Relaxed);
+    }
     let result = match settlement {
         Settlement::Ack | Settlement::RetryLater { .. } | Settlement::Defer { .. } => {
             delivery.ack().await
@@ -211,6 +214,7 @@ async fn settle(shared: &Shared, delivery: Delivery, settlement: &Settlement) {
 /// Gives the message back for redelivery.
 pub(super) async fn release(shared: &Shared, delivery: Delivery) {
     shared.stats.released.fetch_add(1, Ordering::Relaxed);
+    shared.stats.settled.fetch_add(1, Ordering::Relaxed);
     if let Err(error) = delivery.release().await {
         tracing::warn!(
             error = &error as &dyn std::error::Error,

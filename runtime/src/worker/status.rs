@@ -30,6 +30,9 @@ pub struct WorkerStats {
     pub revoked: AtomicU64,
     /// Messages handed back to the broker to wait (eta not due, rate limit).
     pub deferred: AtomicU64,
+    /// Messages settled one way or another (acked, dead-lettered, released): with
+    /// `received`, how many the worker holds now.
+    pub settled: AtomicU64,
     /// Tasks started, per task name (Celery's `total` in `inspect stats`).
     started_by_task: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -77,6 +80,7 @@ pub(super) async fn report(shared: Arc<Shared>, mut consuming: tokio::sync::watc
             consumed_before |= now;
             last = now;
         }
+        shared.consuming.store(now, Ordering::Relaxed);
         if let Some(path) = &shared.options.status_file {
             write(
                 path,
@@ -92,26 +96,44 @@ pub(super) async fn report(shared: Arc<Shared>, mut consuming: tokio::sync::watc
     }
 }
 
-/// Writes the status file atomically (temporary file, then rename).
-pub(super) fn write(path: &Path, shared: &Shared, consuming: bool, state: &str) {
+/// The worker's status: its counters, what it runs and holds now, and where it consumes.
+pub(super) fn snapshot(shared: &Shared, consuming: bool, state: &str) -> serde_json::Value {
     let stats = &shared.stats;
     let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
-    let status = serde_json::json!({
+    let running = shared.running_tasks() as u64;
+    let received = load(&stats.received);
+    let settled = load(&stats.settled);
+    serde_json::json!({
         "node": shared.options.node_name,
+        "tenant": shared.options.tenant.as_ref().map(|t| t.name.clone()),
         "pid": std::process::id(),
         "state": state,
         "consuming": consuming,
         "queues": shared.options.queues,
         "broker": shared.broker.describe(),
         "updated": crate::protocol::format_time(&Utc::now()),
-        "received": load(&stats.received),
+        "running": running,
+        // Taken from the broker and not settled yet, less the running ones: prefetched,
+        // waiting for a slot, or waiting out an eta or a rate limit.
+        "queued": received.saturating_sub(settled).saturating_sub(running),
+        "finished": settled,
+        "received": received,
         "succeeded": load(&stats.succeeded),
         "failed": load(&stats.failed),
         "retried": load(&stats.retried),
         "dead_lettered": load(&stats.dead_lettered),
         "revoked": load(&stats.revoked),
         "deferred": load(&stats.deferred),
-    });
+    })
+}
+
+/// Writes the status file atomically (temporary file, then rename).
+pub(super) fn write(path: &Path, shared: &Shared, consuming: bool, state: &str) {
+    write_json(path, &snapshot(shared, consuming, state));
+}
+
+/// Writes `status` to `path` atomically (temporary file, then rename).
+pub(crate) fn write_json(path: &Path, status: &serde_json::Value) {
     let tmp = path.with_extension("tmp");
     let written =
         std::fs::write(&tmp, status.to_string()).and_then(|()| std::fs::rename(&tmp, path));

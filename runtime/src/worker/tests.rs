@@ -258,11 +258,8 @@ impl Harness {
             .to_owned();
         let log = Arc::new(SettleLog::default());
         let delivery = Delivery::new(envelope, "celery".into(), count, 1, log.clone());
-        let slot = Arc::clone(&self.shared.slots)
-            .acquire_owned()
-            .await
-            .expect("a slot");
-        dispatch(&self.shared, delivery, slot).await;
+        let (_never, mut running) = tokio::sync::watch::channel(false);
+        dispatch(&self.shared, delivery, &mut running).await;
         // Storing and settling may go on beside the slot: wait for the settlement.
         let settled = tokio::time::timeout(Duration::from_secs(20), async {
             loop {

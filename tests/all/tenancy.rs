@@ -1,0 +1,536 @@
+//! Tenants: two tenants configured on one `wasmq worker --config` process. On RabbitMQ each
+//! has a vhost and a user of its own (created and deleted here with `rabbitmqctl`), and Redis
+//! results under a key prefix fenced by a Redis ACL user of its own; on the embedded broker
+//! each has its own file. Every attack a tenant could try on the other ends with no effect on
+//! the other and, where the sender can see one, a clear error.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value, json};
+use wasmq::client::{Client, GetError, SendOptions};
+
+use crate::support::{runtime, unique_queue};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// `rabbitmqctl args…`, which must succeed.
+fn rabbitmqctl(args: &[&str]) {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A RabbitMQ vhost with a user allowed only there; deleted (with everything in it) on drop.
+struct Vhost {
+    name: String,
+    user: String,
+    password: String,
+}
+
+impl Vhost {
+    fn new(name: &str) -> Self {
+        let vhost = Self {
+            name: name.to_owned(),
+            user: name.to_owned(),
+            password: format!("pw-{name}"),
+        };
+        rabbitmqctl(&["add_vhost", &vhost.name]);
+        rabbitmqctl(&["add_user", &vhost.user, &vhost.password]);
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &vhost.name,
+            &vhost.user,
+            ".*",
+            ".*",
+            ".*",
+        ]);
+        vhost
+    }
+
+    /// The URL of this vhost as its own user.
+    fn url(&self) -> String {
+        self.url_as(self)
+    }
+
+    /// The URL of this vhost with `other`'s credentials.
+    fn url_as(&self, other: &Vhost) -> String {
+        format!(
+            "amqp://{}:{}@127.0.0.1:5672/{}",
+            other.user, other.password, self.name
+        )
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.name])
+            .output();
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_user", &self.user])
+            .output();
+    }
+}
+
+/// A Redis ACL user that may touch only keys and channels under `<prefix>`; deleted on drop.
+struct RedisUser {
+    name: String,
+    password: String,
+    prefix: String,
+}
+
+impl RedisUser {
+    async fn new(name: &str) -> Self {
+        let user = Self {
+            name: name.to_owned(),
+            password: format!("pw-{name}"),
+            prefix: format!("{name}:"),
+        };
+        let mut admin = admin_redis().await;
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&user.name)
+            .arg("on")
+            .arg(format!(">{}", user.password))
+            .arg("resetkeys")
+            .arg(format!("~{}*", user.prefix))
+            .arg("resetchannels")
+            .arg(format!("&{}*", user.prefix))
+            .arg("+@all")
+            .arg("-@admin")
+            .arg("-@dangerous")
+            .query_async(&mut admin)
+            .await
+            .expect("ACL SETUSER");
+        user
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}:{}@127.0.0.1:6379/0", self.name, self.password)
+    }
+}
+
+impl Drop for RedisUser {
+    fn drop(&mut self) {
+        let _ = Command::new("redis-cli")
+            .args(["ACL", "DELUSER", &self.name])
+            .output();
+    }
+}
+
+async fn admin_redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(crate::support::REDIS_URL)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis")
+}
+
+/// A folder holding copies of the bundled plugins named in `names`.
+fn plugin_folder(root: &Path, tenant: &str, names: &[&str]) -> PathBuf {
+    let folder = root.join(tenant).join("plugins");
+    std::fs::create_dir_all(&folder).unwrap();
+    for name in names {
+        let source = Path::new(env!("WASMQ_BUNDLED_PLUGINS_DIR")).join(format!("{name}.wasm"));
+        std::fs::copy(source, folder.join(format!("{name}.wasm"))).unwrap();
+    }
+    folder
+}
+
+/// A `wasmq worker --config <config>` process in `dir`, logging to `dir/worker.log` and
+/// writing its status to `dir/status.json`; killed on drop if still running.
+struct WorkerProcess {
+    child: Child,
+    log: PathBuf,
+    status: PathBuf,
+}
+
+impl WorkerProcess {
+    fn start(dir: &Path, config: &str) -> Self {
+        let file = dir.join("wasmq.toml");
+        std::fs::write(&file, config).unwrap();
+        let log = dir.join("worker.log");
+        let status = dir.join("status.json");
+        let child = Command::new(env!("CARGO_BIN_EXE_wasmq"))
+            .current_dir(dir)
+            .env(
+                "WASMQ_CACHE_DIR",
+                std::env::temp_dir().join("wasmq-test-artifact-cache"),
+            )
+            .env("RUST_LOG", "wasmq=info")
+            .env_remove("WASMQ_LOG")
+            .arg("worker")
+            .arg("--config")
+            .arg(&file)
+            .arg("--status-file")
+            .arg(&status)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start wasmq worker");
+        let worker = Self { child, log, status };
+        worker.wait_for_log("worker ready", 2);
+        worker
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log holds `text` `times` times.
+    fn wait_for_log(&self, text: &str, times: usize) {
+        let deadline = Instant::now() + WAIT;
+        while self.log().matches(text).count() < times {
+            assert!(
+                Instant::now() < deadline,
+                "the worker never logged {text:?} {times} times:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The status of `tenant`, from the status file.
+    fn tenant_status(&self, tenant: &str) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let status: Value = std::fs::read_to_string(&self.status)
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok())
+                .unwrap_or(Value::Null);
+            if let Some(found) = status["tenants"]
+                .as_array()
+                .and_then(|tenants| tenants.iter().find(|t| t["tenant"] == tenant))
+            {
+                return found.clone();
+            }
+            assert!(Instant::now() < deadline, "no status for {tenant}: {status}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the worker with SIGTERM; it must exit 0.
+    fn stop(mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "the worker exited with {status}:\n{}", self.log());
+                return;
+            }
+            assert!(Instant::now() < deadline, "the worker did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client of one tenant: its broker URL, its result backend (under `prefix`).
+fn client(broker: &str, results: &str, prefix: Option<&str>) -> Client {
+    let broker = wasmq::broker::connect(broker).expect("broker");
+    let backend: Arc<dyn wasmq::results::ResultBackend> = match prefix {
+        Some(prefix) => Arc::new(
+            wasmq::results::redis::RedisResultBackend::new(results, Duration::from_secs(600))
+                .unwrap()
+                .with_key_prefix(prefix),
+        ),
+        None => wasmq::results::connect(results, Duration::from_secs(600), "").unwrap(),
+    };
+    Client::new(broker, backend)
+}
+
+async fn call(client: &Client, task: &str, args: Value) -> Result<Value, GetError> {
+    let args = args.as_array().cloned().unwrap_or_default();
+    client
+        .send_task(task, args, Map::new(), SendOptions::default())
+        .await
+        .expect("sent")
+        .get(WAIT)
+        .await
+}
+
+fn exception_type(error: &GetError) -> String {
+    match error {
+        GetError::Failed { exception, .. } | GetError::Revoked { exception, .. } => {
+            exception.exc_type.clone()
+        }
+        other => panic!("not a task failure: {other}"),
+    }
+}
+
+#[test]
+fn two_tenants_on_rabbitmq_vhosts_and_redis_acl_users_cannot_reach_each_other() {
+    let _shared = crate::support::RABBITMQ.read();
+    let id = unique_queue("tenant").replace("wasmq-test-tenant-", "");
+    let (name_a, name_b) = (format!("wasmq-ta-{id}"), format!("wasmq-tb-{id}"));
+    let (vhost_a, vhost_b) = (Vhost::new(&name_a), Vhost::new(&name_b));
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let (redis_a, redis_b) = (RedisUser::new(&name_a).await, RedisUser::new(&name_b).await);
+        // Tenant a serves math and hostile; tenant b serves math and text: two task
+        // namespaces, both with their own `math.add`.
+        let plugins_a = plugin_folder(dir.path(), "a", &["math", "hostile"]);
+        let plugins_b = plugin_folder(dir.path(), "b", &["math", "text"]);
+        let config = format!(
+            r#"
+concurrency = 2
+[tenants.a]
+broker = "{broker_a}"
+result_backend = "{results_a}"
+result_prefix = "{prefix_a}"
+queues = ["work-a"]
+plugins = "{plugins_a}"
+reserved = 1
+[tenants.b]
+broker = "{broker_b}"
+result_backend = "{results_b}"
+result_prefix = "{prefix_b}"
+queues = ["work-b"]
+plugins = "{plugins_b}"
+reserved = 1
+"#,
+            broker_a = vhost_a.url(),
+            results_a = redis_a.url(),
+            prefix_a = redis_a.prefix,
+            plugins_a = plugins_a.display(),
+            broker_b = vhost_b.url(),
+            results_b = redis_b.url(),
+            prefix_b = redis_b.prefix,
+            plugins_b = plugins_b.display(),
+        );
+        let worker = WorkerProcess::start(dir.path(), &config);
+        let a = client(&vhost_a.url(), &redis_a.url(), Some(&redis_a.prefix))
+            .with_default_queue("work-a");
+        let b = client(&vhost_b.url(), &redis_b.url(), Some(&redis_b.prefix))
+            .with_default_queue("work-b");
+
+        // Each tenant runs its own tasks; a task of the other's namespace is unknown.
+        assert_eq!(call(&a, "math.add", json!([2, 3])).await.unwrap(), json!(5));
+        assert_eq!(call(&b, "math.add", json!([20, 3])).await.unwrap(), json!(23));
+        assert_eq!(call(&b, "text.slugify", json!(["Hello B"])).await.unwrap(), json!("hello-b"));
+        let unknown = call(&a, "text.slugify", json!(["Hello A"])).await.unwrap_err();
+        assert_eq!(exception_type(&unknown), "NotRegistered", "{unknown}");
+
+        // Results: under each tenant's prefix, which its Redis user cannot leave.
+        let sent_b = b
+            .send_task("math.add", vec![json!(1), json!(1)], Map::new(), SendOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(sent_b.get(WAIT).await.unwrap(), json!(2));
+        let mut as_a = redis::Client::open(redis_a.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let key_b = format!("{}celery-task-meta-{}", redis_b.prefix, sent_b.id());
+        let stolen: Result<Option<String>, _> = redis::cmd("GET")
+            .arg(&key_b)
+            .query_async(&mut as_a)
+            .await;
+        let refused = stolen.expect_err("tenant a's Redis user reads tenant b's result");
+        assert!(refused.to_string().contains("NOPERM"), "{refused}");
+        let mut admin = admin_redis().await;
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(&key_b)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert!(stored.is_some_and(|meta| meta.contains("SUCCESS")), "b's result is under b's prefix");
+
+        // Queues: tenant a's user cannot even open tenant b's vhost.
+        let intrusion = lapin::Connection::connect(
+            &vhost_b.url_as(&vhost_a),
+            lapin::ConnectionProperties::default(),
+        )
+        .await;
+        let refused = intrusion.err().expect("tenant a's user opens tenant b's vhost");
+        assert!(
+            refused.to_string().to_lowercase().contains("access")
+                || refused.to_string().to_lowercase().contains("not_allowed")
+                || refused.to_string().to_lowercase().contains("refused"),
+            "{refused}"
+        );
+
+        let received_b = worker.tenant_status("b")["received"].as_u64().unwrap();
+
+        // A callback naming tenant b's queue, sent by tenant a, stays in a's vhost.
+        let mut linked = a.build_message("math.add", vec![json!(1), json!(2)], Map::new(), &SendOptions::default());
+        linked.embed.callbacks = Some(vec![json!({
+            "task": "math.add", "args": [100], "kwargs": {},
+            "options": {"queue": "work-b"}, "subtask_type": null, "immutable": false,
+        })]);
+        let linked = a.send_message(&linked, Some("work-a")).await.unwrap();
+        assert_eq!(linked.get(WAIT).await.unwrap(), json!(3));
+
+        // A reply_to naming tenant b's reply queue, sent by tenant a, never reaches it.
+        let reply_b = lapin::Connection::connect(&vhost_b.url(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel_b = reply_b.create_channel().await.unwrap();
+        let reply_queue = format!("replies-{id}");
+        channel_b
+            .queue_declare(reply_queue.as_str().into(), lapin::options::QueueDeclareOptions::default(), lapin::types::FieldTable::default())
+            .await
+            .unwrap();
+        let mut spoofed = a.build_message("math.add", vec![json!(4), json!(4)], Map::new(), &SendOptions::default());
+        spoofed.reply_to = Some(reply_queue.clone());
+        let spoofed = a.send_message(&spoofed, Some("work-a")).await.unwrap();
+        assert_eq!(spoofed.get(WAIT).await.unwrap(), json!(8), "stored in a's backend");
+
+        // A revoke of tenant b's task id, sent by tenant a, does not touch b's task.
+        let later = SendOptions {
+            countdown: Some(Duration::from_secs(2)),
+            ..SendOptions::default()
+        };
+        let delayed_b = b
+            .send_task("math.add", vec![json!(5), json!(5)], Map::new(), later)
+            .await
+            .unwrap();
+        a.revoke(delayed_b.id(), false).await.unwrap();
+        assert_eq!(delayed_b.get(WAIT).await.unwrap(), json!(10), "b's task ran");
+
+        // Tenant b saw exactly its own tasks: the delayed one, nothing of a's.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let status_b = worker.tenant_status("b");
+        let received_now = status_b["received"].as_u64().unwrap();
+        assert!(
+            received_now <= received_b + 2,
+            "tenant b received {} messages after a's attempts (only its own delayed task, \
+             possibly twice through the delay queue, is allowed)",
+            received_now - received_b
+        );
+        let declared = channel_b
+            .queue_declare(
+                reply_queue.as_str().into(),
+                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(declared.message_count(), 0, "tenant a's reply reached b's reply queue");
+        let b_queue = channel_b
+            .queue_declare(
+                "work-b".into(),
+                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(b_queue.message_count(), 0, "tenant a's callback reached b's queue");
+        let _ = reply_b.close(200, "OK".into()).await;
+
+        // `wasmq status` lists both tenants.
+        let status_a = worker.tenant_status("a");
+        assert!(status_a["finished"].as_u64().unwrap() >= 5, "{status_a}");
+        let printed = Command::new(env!("CARGO_BIN_EXE_wasmq"))
+            .args(["status", "--status-file"])
+            .arg(&worker.status)
+            .output()
+            .unwrap();
+        let printed = String::from_utf8_lossy(&printed.stdout);
+        for tenant in ["a ", "b "] {
+            assert!(
+                printed.lines().any(|line| line.starts_with(tenant) && line.contains("consuming")),
+                "{printed}"
+            );
+        }
+        assert!(!worker.log().contains(&redis_a.password), "a password was logged");
+        worker.stop();
+        drop((redis_a, redis_b));
+    });
+}
+
+#[test]
+fn a_flooding_tenant_does_not_hold_back_another_tenants_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins_a = plugin_folder(dir.path(), "a", &["math"]);
+    let plugins_b = plugin_folder(dir.path(), "b", &["math"]);
+    let (db_a, db_b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    let config = format!(
+        r#"
+concurrency = 2
+[tenants.a]
+broker = "sqlite://{db_a}"
+plugins = "{plugins_a}"
+[tenants.b]
+broker = "sqlite://{db_b}"
+plugins = "{plugins_b}"
+reserved = 1
+"#,
+        db_a = db_a.display(),
+        db_b = db_b.display(),
+        plugins_a = plugins_a.display(),
+        plugins_b = plugins_b.display(),
+    );
+    let url = |db: &Path| format!("sqlite://{}", db.display());
+    let a = client(&url(&db_a), &url(&db_a), None);
+    let b = client(&url(&db_b), &url(&db_b), None);
+    runtime().block_on(async {
+        // The flood (20 s of work for two slots) is in a's broker before the worker starts:
+        // FIFO over one merged stream would run all of it first.
+        const FLOOD: usize = 400;
+        let mut flood = Vec::new();
+        for _ in 0..FLOOD {
+            flood.push(
+                a.send_task("math.sleep", vec![json!(0.05)], Map::new(), SendOptions::default())
+                    .await
+                    .unwrap(),
+            );
+        }
+        let worker = WorkerProcess::start(dir.path(), &config);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let probe = b
+            .send_task("math.add", vec![json!(1), json!(2)], Map::new(), SendOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(probe.get(WAIT).await.unwrap(), json!(3));
+        let mut done = 0;
+        for result in &flood {
+            if result.ready().await.unwrap() {
+                done += 1;
+            }
+        }
+        assert!(
+            done < FLOOD / 2,
+            "tenant b's task waited for {done} of tenant a's {FLOOD} tasks"
+        );
+        let status_a = worker.tenant_status("a");
+        assert!(status_a["queued"].as_u64().unwrap() <= 4 + 2, "a's flood stays in its broker: {status_a}");
+        worker.stop();
+    });
+}
+
+#[test]
+fn the_example_tenants_file_is_valid() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tenants.toml");
+    let raw = wasmq::config::RawConfig::from_file(&file).unwrap();
+    let config = wasmq::config::WorkerConfig::resolve(raw).unwrap();
+    let names: Vec<_> = config.tenants.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["acme", "globex"]);
+    let acme = &config.tenants[0];
+    let granted = acme.grants_for("grants.read_text");
+    assert_eq!(granted.dirs.len(), 2);
+    assert_eq!(granted.variables["greeting"], "hello from acme");
+    assert!(acme.grants_for("math.add").dirs.is_empty());
+}
