@@ -14,7 +14,7 @@ use super::Shared;
 use super::decision::Interruption;
 use crate::broker::Delivery;
 use crate::engine::{
-    CallError, CallReport, CallRequest, CancelToken, LimitOverrides, MessageInfo,
+    CallError, CallReport, CallRequest, CancelToken, Grants, LimitOverrides, MessageInfo,
     MessageProperties, Outcome, Plugin, StateListener,
 };
 use crate::protocol::{TaskMessage, format_time, unwrap_kombu_values};
@@ -162,6 +162,9 @@ fn call_request(
             .or_else(|| declared.and_then(|info| info.soft_timeout)),
         message: message_info(delivery, message),
         cancel: Some(cancel),
+        // No tenant layer and no grants yet: the worker runs every task as before.
+        tenant_limits: None,
+        grants: Grants::default(),
     }
 }
 
