@@ -19,8 +19,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use wasmq::engine::{
     CallError, CallRequest, DirGrant, GrantError, Grants, LimitKind, LimitOverrides, Limits,
-    NetworkGrant, NetworkRule, Outcome, Plugin, Sandbox, SandboxConfig, TaskFailure,
-    TenantLimits,
+    NetworkGrant, NetworkRule, Outcome, Plugin, Sandbox, SandboxConfig, TaskFailure, TenantLimits,
 };
 
 use crate::support::{GRANTS, HOSTILE, MATH, load, runtime, success};
@@ -270,7 +269,9 @@ fn a_writable_folder_is_written_and_the_host_sees_it() {
             "written by the task"
         );
         // And in a fresh call (a fresh Store), the task reads it back.
-        let text = f.ok("grants.read_text", json!(["/data/out.txt"]), &rw).await;
+        let text = f
+            .ok("grants.read_text", json!(["/data/out.txt"]), &rw)
+            .await;
         assert_eq!(text, "written by the task");
         // The same folder granted read-only to another call is read-only there.
         let ro = folder(dir.path(), "/data", false);
@@ -312,7 +313,9 @@ fn no_path_leads_out_of_a_granted_folder() {
         let rw = folder(&a, "/data", true);
 
         // The grant works, and a symlink that stays inside it is followed.
-        let mine = f.ok("grants.read_text", json!(["/data/mine.txt"]), &rw).await;
+        let mine = f
+            .ok("grants.read_text", json!(["/data/mine.txt"]), &rw)
+            .await;
         assert_eq!(mine, "tenant A's file");
         let inner = f.ok("grants.read_text", json!(["/data/inner"]), &rw).await;
         assert_eq!(inner, "tenant A's file");
@@ -404,8 +407,15 @@ fn no_path_leads_out_of_a_granted_folder() {
             }
         }
 
-        assert_eq!(host_names(&b), ["secret.txt"], "a file appeared in B's folder");
-        assert_eq!(std::fs::read_to_string(b.join("secret.txt")).unwrap(), SECRET);
+        assert_eq!(
+            host_names(&b),
+            ["secret.txt"],
+            "a file appeared in B's folder"
+        );
+        assert_eq!(
+            std::fs::read_to_string(b.join("secret.txt")).unwrap(),
+            SECRET
+        );
     });
 }
 
@@ -544,7 +554,9 @@ fn a_rule_that_names_an_address_reaches_it_and_nothing_else() {
             .await
         {
             Outcome::Failed(failure) => assert!(
-                failure.message.contains(&format!("cannot connect to {v6}: ")),
+                failure
+                    .message
+                    .contains(&format!("cannot connect to {v6}: ")),
                 "{}",
                 failure.message
             ),
@@ -563,8 +575,16 @@ fn a_catch_all_rule_never_reaches_loopback() {
         let everything = network(&["0.0.0.0/0:*", "[::/0]:*"], false);
         let port = server.addr.port();
         for (addr, kind, reason) in [
-            (server.addr.to_string(), "PermissionError", "Permission denied"),
-            (format!("127.0.0.2:{port}"), "PermissionError", "Permission denied"),
+            (
+                server.addr.to_string(),
+                "PermissionError",
+                "Permission denied",
+            ),
+            (
+                format!("127.0.0.2:{port}"),
+                "PermissionError",
+                "Permission denied",
+            ),
             // Connecting to 0.0.0.0 reaches the host itself on Linux: refused as well
             // (wasmtime-wasi rejects an unspecified remote address before the check).
             (format!("0.0.0.0:{port}"), "OSError", "Invalid argument"),
@@ -692,7 +712,8 @@ fn variables_are_served_only_as_granted_and_never_as_environment() {
             "https://api.example.com"
         );
         assert_eq!(
-            f.ok("grants.variable", json!(["API_TOKEN"]), &granted).await,
+            f.ok("grants.variable", json!(["API_TOKEN"]), &granted)
+                .await,
             TOKEN
         );
         assert_eq!(
@@ -738,7 +759,10 @@ fn variables_are_served_only_as_granted_and_never_as_environment() {
         let mut request = CallRequest::new("grants.variable", "[]");
         request.grants = granted.clone();
         let shown = format!("{request:?}");
-        assert!(shown.contains("API_TOKEN") && !shown.contains(TOKEN), "{shown}");
+        assert!(
+            shown.contains("API_TOKEN") && !shown.contains(TOKEN),
+            "{shown}"
+        );
     });
 }
 
@@ -875,8 +899,14 @@ fn the_tenant_layer_sets_defaults_and_a_lower_ceiling() {
             ..tenant
         });
         let report = f.sandbox.call(&f.hostile, request).await.unwrap();
-        eprintln!("hostile.spin under a 300 ms tenant ceiling → {}", report.outcome);
-        assert_eq!(report.outcome.to_string(), "exceeded its time limit (300ms)");
+        eprintln!(
+            "hostile.spin under a 300 ms tenant ceiling → {}",
+            report.outcome
+        );
+        assert_eq!(
+            report.outcome.to_string(),
+            "exceeded its time limit (300ms)"
+        );
         f.still_serving().await;
 
         // The tenant's defaults apply where neither the caller nor the plugin says.

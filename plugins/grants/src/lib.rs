@@ -29,7 +29,13 @@ fn list_dir(path: String) -> Result<Vec<String>, TaskError> {
     let fail = |e: std::io::Error| TaskError::io(format!("cannot list {path}"), &e);
     let mut names = Vec::new();
     for entry in std::fs::read_dir(&path).map_err(fail)? {
-        names.push(entry.map_err(fail)?.file_name().to_string_lossy().into_owned());
+        names.push(
+            entry
+                .map_err(fail)?
+                .file_name()
+                .to_string_lossy()
+                .into_owned(),
+        );
     }
     names.sort();
     Ok(names)
@@ -69,4 +75,11 @@ fn resolve(host: String) -> Result<Vec<String>, TaskError> {
     Ok(ips)
 }
 
-wasmq_sdk::export_tasks!(read_text, write_text, list_dir, tcp_request, variable, resolve);
+wasmq_sdk::export_tasks!(
+    read_text,
+    write_text,
+    list_dir,
+    tcp_request,
+    variable,
+    resolve
+);

@@ -85,11 +85,7 @@ impl Grants {
 
     /// Gives these grants to the WASI context of one call: folders, network, name lookups.
     /// (Variables live beside the WASI context, in the call's state.)
-    pub(super) fn apply(
-        &self,
-        wasi: &mut WasiCtxBuilder,
-        task_id: &str,
-    ) -> Result<(), GrantError> {
+    pub(super) fn apply(&self, wasi: &mut WasiCtxBuilder, task_id: &str) -> Result<(), GrantError> {
         // UDP is never granted; TCP and name lookups only as the grant says.
         wasi.allow_udp(false)
             .allow_tcp(!self.network.allow.is_empty())
@@ -285,7 +281,9 @@ impl NetworkRule {
             reason,
         };
         if port == Some(0) {
-            return Err(bad("port 0 is not a destination; write a port or *".to_owned()));
+            return Err(bad(
+                "port 0 is not a destination; write a port or *".to_owned()
+            ));
         }
         if let IpAddr::V6(v6) = ip
             && v6.to_ipv4_mapped().is_some()
@@ -377,9 +375,9 @@ impl FromStr for NetworkRule {
             let (inside, after) = rest
                 .split_once(']')
                 .ok_or_else(|| bad("an opening [ without its closing ]"))?;
-            let (prefix, port) = after.split_once(':').ok_or_else(|| {
-                bad("no port: write [::1]:80, or [::1]:* for any port")
-            })?;
+            let (prefix, port) = after
+                .split_once(':')
+                .ok_or_else(|| bad("no port: write [::1]:80, or [::1]:* for any port"))?;
             if prefix.is_empty() {
                 (inside.to_owned(), port)
             } else if prefix.starts_with('/') && !inside.contains('/') {
@@ -511,12 +509,10 @@ impl IpNet {
     /// The address with every bit beyond the prefix cleared.
     fn masked(&self) -> IpAddr {
         match self.addr {
-            IpAddr::V4(ip) => IpAddr::V4(Ipv4Addr::from_bits(
-                ip.to_bits() & mask_u32(self.prefix),
-            )),
-            IpAddr::V6(ip) => IpAddr::V6(Ipv6Addr::from_bits(
-                ip.to_bits() & mask_u128(self.prefix),
-            )),
+            IpAddr::V4(ip) => IpAddr::V4(Ipv4Addr::from_bits(ip.to_bits() & mask_u32(self.prefix))),
+            IpAddr::V6(ip) => {
+                IpAddr::V6(Ipv6Addr::from_bits(ip.to_bits() & mask_u128(self.prefix)))
+            }
         }
     }
 
@@ -541,7 +537,9 @@ impl IpNet {
 }
 
 fn mask_u32(prefix: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0)
+    u32::MAX
+        .checked_shl(32 - u32::from(prefix.min(32)))
+        .unwrap_or(0)
 }
 
 fn mask_u128(prefix: u8) -> u128 {
@@ -582,15 +580,15 @@ impl Special {
 
 /// The ranges a catch-all rule never reaches (see [`NetworkRule`]).
 const SPECIAL: &[Special] = &[
-    Special::v4(0, 0, 8),      // "this network", incl. 0.0.0.0 (reaches the host itself)
-    Special::v4(10, 0, 8),     // private
-    Special::v4(100, 64, 10),  // CGNAT
-    Special::v4(127, 0, 8),    // loopback
+    Special::v4(0, 0, 8),  // "this network", incl. 0.0.0.0 (reaches the host itself)
+    Special::v4(10, 0, 8), // private
+    Special::v4(100, 64, 10), // CGNAT
+    Special::v4(127, 0, 8), // loopback
     Special::v4(169, 254, 16), // link-local (incl. cloud metadata at 169.254.169.254)
-    Special::v4(172, 16, 12),  // private
+    Special::v4(172, 16, 12), // private
     Special::v4(192, 168, 16), // private
-    Special::v4(224, 0, 4),    // multicast
-    Special::v4(240, 0, 4),    // reserved, incl. 255.255.255.255
+    Special::v4(224, 0, 4), // multicast
+    Special::v4(240, 0, 4), // reserved, incl. 255.255.255.255
     Special::v6([0, 0, 0], 96), // ::, ::1 and the IPv4-compatible ::a.b.c.d
     Special::v6([0, 0, 0xffff], 96), // IPv4-mapped (matched as IPv4; listed for rules)
     Special::v6([0x64, 0xff9b, 0], 96), // NAT64 to any IPv4, private ones included
@@ -662,7 +660,10 @@ mod tests {
             ("::1:80", "goes in brackets"),
             ("[::1]", "no port"),
             ("[::1:80", "without its closing ]"),
-            ("10.0.0.1/8:80", "bits set beyond the prefix: write 10.0.0.0/8"),
+            (
+                "10.0.0.1/8:80",
+                "bits set beyond the prefix: write 10.0.0.0/8",
+            ),
             ("10.0.0.0/33:80", "longer than 32 bits"),
             ("[::/129]:80", "longer than 128 bits"),
             ("10.0.0.0/x:80", "prefix length"),
@@ -675,7 +676,10 @@ mod tests {
         ] {
             let error = text.parse::<NetworkRule>().unwrap_err();
             let message = error.to_string();
-            assert!(matches!(error, GrantError::Rule { .. }), "{text}: {message}");
+            assert!(
+                matches!(error, GrantError::Rule { .. }),
+                "{text}: {message}"
+            );
             assert!(message.contains(fragment), "{text}: {message}");
             assert!(message.contains(&format!("{text:?}")), "{text}: {message}");
         }
@@ -752,7 +756,12 @@ mod tests {
             assert!(!v6.allows(addr(special)), "::/0 reached {special}");
         }
         // Just outside the special ranges.
-        for public in ["172.32.0.1:80", "100.128.0.1:80", "11.0.0.1:80", "223.0.0.1:80"] {
+        for public in [
+            "172.32.0.1:80",
+            "100.128.0.1:80",
+            "11.0.0.1:80",
+            "223.0.0.1:80",
+        ] {
             assert!(v4.allows(addr(public)), "{public}");
         }
         // Wide rules that merely contain a special range do not name it either.
