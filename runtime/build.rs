@@ -30,6 +30,7 @@ fn main() {
         root.join("wit"),
         root.join("sdk/Cargo.toml"),
         root.join("sdk/src"),
+        root.join("sdk/wit"),
         root.join("sdk/macros/Cargo.toml"),
         root.join("sdk/macros/src"),
     ] {

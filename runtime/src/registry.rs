@@ -182,7 +182,7 @@ impl Registry {
         })
     }
 
-    /// A registry of the plugins bundled in this binary (math, text, hostile).
+    /// A registry of the plugins bundled in this binary (math, text, hostile, grants).
     ///
     /// # Errors
     /// When a bundled plugin cannot be loaded (a broken build).

@@ -60,6 +60,25 @@ impl From<Failure> for wit::Failure {
     }
 }
 
+/// The Python exception class of an I/O error kind (Python's `OSError` subclasses).
+fn io_exception(kind: std::io::ErrorKind) -> &'static str {
+    use std::io::ErrorKind as K;
+    match kind {
+        K::NotFound => "FileNotFoundError",
+        K::PermissionDenied => "PermissionError",
+        K::AlreadyExists => "FileExistsError",
+        K::NotADirectory => "NotADirectoryError",
+        K::IsADirectory => "IsADirectoryError",
+        K::ConnectionRefused => "ConnectionRefusedError",
+        K::ConnectionReset => "ConnectionResetError",
+        K::ConnectionAborted => "ConnectionAbortedError",
+        K::BrokenPipe => "BrokenPipeError",
+        K::TimedOut => "TimeoutError",
+        K::Interrupted => "InterruptedError",
+        _ => "OSError",
+    }
+}
+
 /// `value` as a list of arguments: an array is the list, null none, anything else one.
 fn argument_list(value: Value) -> Vec<Value> {
     match value {
@@ -82,6 +101,21 @@ impl TaskError {
                 args_json: None,
             }),
         }
+    }
+
+    /// The task failed with an I/O error, as Python raises it: the class follows the
+    /// error's kind (`FileNotFoundError`, `PermissionError`, `ConnectionRefusedError`,
+    /// `TimeoutError`…, else `OSError`) and the message is `context: error`, so it names
+    /// what was tried and what the system said:
+    ///
+    /// ```no_run
+    /// # use wasmq_sdk::TaskError;
+    /// let path = "/data/input.txt";
+    /// let text = std::fs::read_to_string(path)
+    ///     .map_err(|e| TaskError::io(format!("cannot read {path}"), &e));
+    /// ```
+    pub fn io(context: impl fmt::Display, error: &std::io::Error) -> Self {
+        Self::failed(io_exception(error.kind()), format!("{context}: {error}"))
     }
 
     /// The task failed with an exception of class `kind` built with these arguments

@@ -65,8 +65,59 @@
 //! dead-letters the message and [`TaskError::requeue`] puts it back in its queue. The
 //! [`TaskContext`] says what Celery's `self.request` says: ids, retries, eta, time limits,
 //! priority, redelivery, custom headers and message properties.
+//!
+//! # Files, connections and variables
+//!
+//! A task reaches nothing outside its memory unless the worker grants it, call by call:
+//! a host folder at a guest path, outbound TCP connections to listed addresses, and named
+//! variables. Everything else fails as it would on a locked-down machine: the operation
+//! returns an `io::Error` (`PermissionDenied`, `NotFound`…), which [`TaskError::io`] turns
+//! into the matching Python exception.
+//!
+//! Granted **folders** need nothing from the SDK: `std::fs` works on `wasm32-wasip2`, with
+//! paths under the guest path the folder was granted at (`..`, symlinks and absolute
+//! host paths never lead out of it; a read-only folder refuses every change):
+//!
+//! ```no_run
+//! use wasmq_sdk::{task, TaskError};
+//!
+//! /// Counts the lines of a file in the granted folder `/data`.
+//! #[task]
+//! fn count_lines(name: String) -> Result<usize, TaskError> {
+//!     let path = format!("/data/{name}");
+//!     let text = std::fs::read_to_string(&path)
+//!         .map_err(|e| TaskError::io(format!("cannot read {path}"), &e))?;
+//!     Ok(text.lines().count())
+//! }
+//! # wasmq_sdk::export_tasks!(count_lines);
+//! ```
+//!
+//! Granted **connections** need nothing either: `std::net::TcpStream` works through
+//! `wasi:sockets`. The worker allows connections to the addresses its rules name
+//! (`10.0.0.5:6379`, `0.0.0.0/0:443`…); binding, listening and UDP are always refused, and
+//! host names resolve only when name lookups are granted too:
+//!
+//! ```no_run
+//! use std::io::{BufRead, BufReader, Write};
+//! use wasmq_sdk::{task, TaskError};
+//!
+//! /// Sends one line to a granted service and returns its one-line answer.
+//! #[task]
+//! fn ask(addr: String, line: String) -> Result<String, TaskError> {
+//!     let fail = |e: std::io::Error| TaskError::io(format!("cannot talk to {addr}"), &e);
+//!     let mut stream = std::net::TcpStream::connect(addr.as_str()).map_err(fail)?;
+//!     stream.write_all(format!("{line}\n").as_bytes()).map_err(fail)?;
+//!     let mut answer = String::new();
+//!     BufReader::new(stream).read_line(&mut answer).map_err(fail)?;
+//!     Ok(answer.trim_end().to_owned())
+//! }
+//! # wasmq_sdk::export_tasks!(ask);
+//! ```
+//!
+//! Granted **variables** are read with [`config::get`]; they are never in the environment.
 
 mod args;
+pub mod config;
 mod context;
 mod error;
 

@@ -37,7 +37,27 @@ fn expected(task: &str) -> (&'static str, &'static str) {
             "limit:output",
             "passed more than 16 MiB to the host at once (the result size limit)",
         ),
+        // The attacks on grants, without any grant (tests/all/grants.rs has them with).
+        "hostile.read_outside" => ("failed", "FileNotFoundError: cannot read /etc/passwd: "),
+        "hostile.write_readonly" => (
+            "failed",
+            "PermissionError: cannot change /etc/passwd (truncate: ",
+        ),
+        "hostile.bind_listen" => ("failed", "PermissionError: cannot listen (127.0.0.1:8080: "),
+        "hostile.read_variable" => ("failed", "KeyError: no variable HOME is served"),
+        "hostile.follow_symlink" => ("failed", "symlink /tmp/link -> /etc not planted"),
         other => panic!("no expectation for {other}: every hostile task needs one"),
+    }
+}
+
+/// The arguments each hostile task is called with.
+fn arguments(task: &str) -> &'static str {
+    match task {
+        "hostile.read_outside" | "hostile.write_readonly" => r#"["/etc/passwd"]"#,
+        "hostile.bind_listen" => "[8080]",
+        "hostile.read_variable" => r#"["HOME"]"#,
+        "hostile.follow_symlink" => r#"["/tmp/link", "/etc", "passwd"]"#,
+        _ => "[]",
     }
 }
 
@@ -53,9 +73,9 @@ fn every_hostile_task_is_contained_and_the_engine_keeps_serving() {
         .unwrap();
         let hostile = load(&sandbox, HOSTILE).await;
         let math = load(&sandbox, MATH).await;
-        assert_eq!(hostile.tasks().len(), 9);
+        assert_eq!(hostile.tasks().len(), 14);
         for task in hostile.tasks() {
-            let mut request = CallRequest::new(&task.name, "[]");
+            let mut request = CallRequest::new(&task.name, arguments(&task.name));
             request.limits = LimitOverrides {
                 fuel: Some(2_000_000_000),
                 // The default 128 MiB: big_result needs room to build its 100 MB.

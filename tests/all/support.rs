@@ -10,6 +10,8 @@ pub(crate) const MATH: &str = concat!(env!("WASMQ_BUNDLED_PLUGINS_DIR"), "/math.
 pub(crate) const TEXT: &str = concat!(env!("WASMQ_BUNDLED_PLUGINS_DIR"), "/text.wasm");
 /// See [`MATH`].
 pub(crate) const HOSTILE: &str = concat!(env!("WASMQ_BUNDLED_PLUGINS_DIR"), "/hostile.wasm");
+/// See [`MATH`].
+pub(crate) const GRANTS: &str = concat!(env!("WASMQ_BUNDLED_PLUGINS_DIR"), "/grants.wasm");
 
 /// A sandbox with no artifact cache (tests that exercise the cache make their own).
 pub(crate) fn sandbox() -> Sandbox {
@@ -103,7 +105,7 @@ impl Queue {
     }
 }
 
-/// A registry of the bundled plugins (math, text, hostile), in memory.
+/// A registry of the bundled plugins (math, text, hostile, grants), in memory.
 pub(crate) async fn bundled_registry(
     sandbox: Sandbox,
 ) -> std::sync::Arc<wasmq::registry::Registry> {

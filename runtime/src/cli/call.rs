@@ -77,6 +77,8 @@ pub(super) async fn call(args: CallArgs) -> Result<(), Failure> {
     let report = sandbox.call(&plugin, request).await.map_err(|e| match e {
         CallError::UnknownTask { .. } => Failure::new(ExitStatus::BadInput, e),
         CallError::Unavailable(_) => Failure::new(ExitStatus::Internal, e),
+        // `wasmq call` grants nothing, so this cannot happen; were it to, it is input.
+        CallError::Grant(_) => Failure::new(ExitStatus::BadInput, e),
     })?;
     if args.verbose {
         eprintln!(

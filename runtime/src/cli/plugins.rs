@@ -30,7 +30,7 @@ pub(super) enum PluginsCommand {
         #[command(flatten)]
         engine: EngineArgs,
     },
-    /// Write the plugins bundled in this binary (math, text, hostile) into a folder.
+    /// Write the plugins bundled in this binary (math, text, hostile, grants) into a folder.
     Export {
         /// The folder (created if needed).
         #[arg(default_value = crate::config::DEFAULT_PLUGIN_FOLDER)]

@@ -178,7 +178,7 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
     if !config.plugins.exists() {
         let written = super::plugins::export_bundled(&config.plugins).map_err(Failure::internal)?;
         tracing::info!(folder = %config.plugins.display(), plugins = written.len(),
-            "created the plugin folder with the bundled plugins (math, text, hostile)");
+            "created the plugin folder with the bundled plugins (math, text, hostile, grants)");
     }
     let registry = Arc::new(
         Registry::load_folder(sandbox, &config.plugins)

@@ -1,7 +1,7 @@
 //! The state of one sandboxed call: what lives in a fresh `Store` and dies with it.
 //!
-//! A call owns a WASI context with no preopened directories, no environment, no arguments
-//! and no sockets; captured, bounded stdout/stderr pipes; a resource limiter that enforces
+//! A call owns a WASI context with no environment and no arguments, and only the preopened
+//! folders, sockets and `wasi:config` variables its grants name (`grants.rs`); captured, bounded stdout/stderr pipes; a resource limiter that enforces
 //! the memory cap and records when it refused a growth (so a Rust guest's abort after a
 //! failed allocation is classified as the memory limit, not as a generic trap); and the host
 //! side of the `host` interface (log, update-state, soft-time-left).
@@ -14,6 +14,7 @@ use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 
 use super::bindings::{self, types};
 use super::outcome::HostcallLimit;
@@ -165,6 +166,8 @@ const MAX_FORWARDED_LINES: usize = 50;
 pub(crate) struct CallState {
     pub(crate) wasi: WasiCtx,
     pub(crate) table: ResourceTable,
+    /// The variables granted to this call, served by `wasi:config/store`.
+    pub(crate) variables: WasiConfigVariables,
     pub(crate) limiter: SandboxLimiter,
     /// Tags log records and state updates.
     pub(crate) task_id: String,
@@ -217,6 +220,11 @@ impl WasiView for CallState {
             table: &mut self.table,
         }
     }
+}
+
+/// The `wasi:config/store` host of a call: its granted variables.
+pub(crate) fn wasi_config(state: &mut CallState) -> WasiConfig<'_> {
+    WasiConfig::from(&state.variables)
 }
 
 impl types::Host for CallState {}

@@ -8,19 +8,21 @@
 //! Plugins are compiled once ([`Sandbox::load_plugin`], with an on-disk artifact cache) into
 //! a [`Plugin`] holding a ready `InstancePre`. Every [`Sandbox::call`] then builds a **fresh
 //! `Store`**: a memory cap, a fuel budget, a wall-clock deadline, WASI without ambient
-//! rights, captured and bounded output. Guests run on async fibers that yield back to the
+//! rights (only the folders, connections and variables the call's [`Grants`] name),
+//! captured and bounded output. Guests run on async fibers that yield back to the
 //! executor at every epoch tick, so a CPU-bound guest never pins an executor thread; the
 //! same tick enforces the deadline. The call ends as exactly one [`Outcome`].
 //!
 //! Longer than 400 lines because it owns one idea, the sandbox's life cycle: building the
 //! engine and linker, and running one call from a fresh `Store` to its [`CallReport`];
-//! loading plugins, limits, outcomes, what a task is told about its call (`invocation.rs`)
-//! and the contract versions live beside it.
+//! loading plugins, limits, grants, outcomes, what a task is told about its call
+//! (`invocation.rs`) and the contract versions live beside it.
 
 mod bindings;
 mod cache;
 mod call;
 mod contract;
+mod grants;
 mod invocation;
 mod limits;
 mod outcome;
@@ -39,8 +41,9 @@ use wasmtime_wasi::WasiCtxBuilder;
 
 pub use cache::CacheStatus;
 pub use call::{CancelToken, StateListener, StateUpdate};
+pub use grants::{DirGrant, GrantError, Grants, NetworkGrant, NetworkRule};
 pub use invocation::{MessageInfo, MessageProperties};
-pub use limits::{LimitOverrides, Limits};
+pub use limits::{LimitOverrides, Limits, TenantLimits};
 pub use outcome::{LimitExceeded, LimitKind, Outcome, TaskFailure};
 pub use plugin::{Plugin, PluginError, TaskInfo};
 
@@ -142,6 +145,10 @@ pub enum CallError {
     /// The sandbox could not be set up (e.g. every pool slot is in use).
     #[error("cannot start a sandbox: {0}")]
     Unavailable(String),
+    /// The call's grants cannot be given (e.g. a granted folder is missing). Trying again
+    /// does not help until the configuration changes: the worker records a failure.
+    #[error("cannot give the task its grants: {0}")]
+    Grant(#[from] GrantError),
 }
 
 /// One call to make.
@@ -165,6 +172,11 @@ pub struct CallRequest {
     pub group_id: Option<String>,
     /// Limits asked for by the caller; merged over the plugin's defaults and the sandbox's.
     pub limits: LimitOverrides,
+    /// The tenant's layer of limits, between the plugin's declarations and the worker's
+    /// defaults, and its ceiling; none = no tenant layer.
+    pub tenant_limits: Option<TenantLimits>,
+    /// What the call may reach (files, network, variables); nothing by default.
+    pub grants: Grants,
     /// Soft time limit: the task can see the time left through the SDK.
     pub soft_timeout: Option<Duration>,
     /// What the task can read about the message the call serves (Celery's
@@ -190,6 +202,8 @@ impl CallRequest {
             parent_id: None,
             group_id: None,
             limits: LimitOverrides::default(),
+            tenant_limits: None,
+            grants: Grants::default(),
             soft_timeout: None,
             message: MessageInfo::default(),
             cancel: None,
@@ -301,6 +315,10 @@ impl Sandbox {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
         contract::add_to_linker(&mut linker).map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
+        // Linked for every plugin, so one that reads variables loads everywhere; a plugin
+        // that never calls it does not import it. Each call serves only its own grants.
+        wasmtime_wasi_config::add_to_linker(&mut linker, call::wasi_config)
+            .map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let ticker = if config.instrumentation {
@@ -355,28 +373,64 @@ impl Sandbox {
             .map(|c| c.path_for(&cache::content_hash(plugin_bytes)))
     }
 
-    /// Builds a fresh store for one call.
+    /// The limits `request` would run under with `plugin`: the request's, else the
+    /// plugin's declared ones, else the tenant's defaults, else the worker's; clamped to
+    /// the lower of the tenant's ceiling and the worker's ([`Limits::for_call`]). A worker
+    /// asks before running a task, e.g. to charge its memory to a tenant's budget;
+    /// [`Sandbox::call`] runs under exactly these.
+    ///
+    /// # Errors
+    /// [`CallError::UnknownTask`] when the plugin has no such task.
+    pub fn limits_for(&self, plugin: &Plugin, request: &CallRequest) -> Result<Limits, CallError> {
+        let info = plugin
+            .task(&request.task)
+            .ok_or_else(|| CallError::UnknownTask {
+                plugin: plugin.name().to_owned(),
+                task: request.task.clone(),
+                available: plugin
+                    .tasks()
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        Ok(Limits::for_call(
+            request.limits,
+            info.limits,
+            request.tenant_limits.as_ref(),
+            self.config.defaults,
+            self.config.ceiling,
+        ))
+    }
+
+    /// Builds a fresh store for one call, with `grants` and nothing else.
+    #[allow(clippy::too_many_arguments)] // one call's whole setup, each part named
     fn new_store(
         &self,
         limits: &Limits,
         task_id: &str,
         task: &str,
+        grants: &Grants,
         soft_deadline: Option<Instant>,
         cancel: Option<CancelToken>,
         on_state: Option<StateListener>,
     ) -> Result<(Store<CallState>, Captured), CallError> {
         let captured = Captured::new(self.config.max_output_bytes);
-        let wasi = WasiCtxBuilder::new()
-            .stdout(captured.stdout.clone())
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(captured.stdout.clone())
             .stderr(captured.stderr.clone())
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .max_random_size(self.config.max_random_bytes)
-            .build();
+            .max_random_size(self.config.max_random_bytes);
+        // No environment, arguments or preopens; sockets and lookups off unless granted.
+        grants.apply(&mut wasi, task_id)?;
         let state = CallState {
-            wasi,
+            wasi: wasi.build(),
             table: ResourceTable::new(),
+            // Only this call's variables; an empty set when none are granted.
+            variables: grants
+                .variables
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str()))
+                .collect(),
             limiter: SandboxLimiter::new(
                 usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
             ),
@@ -410,8 +464,8 @@ impl Sandbox {
     /// Runs one task of `plugin` in a fresh sandbox.
     ///
     /// # Errors
-    /// [`CallError`] only when the call cannot start (unknown task, no free sandbox slot);
-    /// everything the task does, including hitting a limit or trapping, is an [`Outcome`].
+    /// [`CallError`] only when the call cannot start (unknown task, grants that cannot be
+    /// given, no free sandbox slot); everything the task does, including hitting a limit or trapping, is an [`Outcome`].
     pub async fn call(
         &self,
         plugin: &Plugin,
@@ -430,29 +484,14 @@ impl Sandbox {
         mut request: CallRequest,
         on_state: Option<StateListener>,
     ) -> Result<CallReport, CallError> {
-        let Some(info) = plugin.task(&request.task) else {
-            return Err(CallError::UnknownTask {
-                plugin: plugin.name().to_owned(),
-                task: request.task,
-                available: plugin
-                    .tasks()
-                    .iter()
-                    .map(|t| t.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        };
-        let limits = Limits::resolve(
-            request.limits.or(info.limits),
-            self.config.defaults,
-            self.config.ceiling,
-        );
+        let limits = self.limits_for(plugin, &request)?;
         let started = Instant::now();
         let soft_deadline = request.soft_timeout.map(|t| started + t);
         let (mut store, captured) = self.new_store(
             &limits,
             &request.id,
             &request.task,
+            &request.grants,
             soft_deadline,
             request.cancel.clone(),
             on_state,

@@ -281,6 +281,7 @@ impl Sandbox {
                 &limits,
                 "describe",
                 &format!("{name}.describe"),
+                &super::Grants::default(),
                 None,
                 None,
                 None,

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use crate::engine::{CallError, CallReport, LimitKind, Limits, Outcome, TaskFailure};
+use crate::engine::{CallError, CallReport, GrantError, LimitKind, Limits, Outcome, TaskFailure};
 use crate::protocol::{DecodeError, TaskMessage};
 use crate::results::{ExceptionInfo, ResultMeta};
 
@@ -96,7 +96,8 @@ pub struct Interruption {
 
 /// Decides what a sandbox call means for its message: the call's own outcome (see
 /// [`decide`]), unless it could not start (released, to run when a sandbox is free), the
-/// task was not found in its plugin (`NotRegistered`), or it was interrupted — by shutdown
+/// task was not found in its plugin (`NotRegistered`), its grants could not be given (a
+/// `GrantError` failure), or it was interrupted — by shutdown
 /// (released: it runs again elsewhere) or by a revoke with terminate (REVOKED
 /// `terminated`). A task that succeeded despite an interruption keeps its success.
 pub fn after_run(
@@ -109,6 +110,7 @@ pub fn after_run(
         Ok(report) => report,
         Err(CallError::UnknownTask { .. }) => return not_registered(message),
         Err(CallError::Unavailable(_)) => return Decision::settle_only(Settlement::Release),
+        Err(CallError::Grant(error)) => return grant_refused(message, error),
     };
     if report.outcome.is_success() {
         return decide(message, &report.outcome, &report.limits, policy);
@@ -128,15 +130,22 @@ const PYTHON_BUILTINS: &[&str] = &[
     "ArithmeticError",
     "AssertionError",
     "AttributeError",
+    "BrokenPipeError",
+    "ConnectionAbortedError",
     "ConnectionError",
     "ConnectionRefusedError",
+    "ConnectionResetError",
     "EOFError",
     "Exception",
+    "FileExistsError",
     "FileNotFoundError",
     "IndexError",
+    "InterruptedError",
+    "IsADirectoryError",
     "KeyError",
     "LookupError",
     "MemoryError",
+    "NotADirectoryError",
     "NotImplementedError",
     "OSError",
     "OverflowError",
@@ -352,6 +361,19 @@ pub fn not_registered(message: &TaskMessage) -> Decision {
         settlement: Settlement::DeadLetter {
             reason: format!("unknown task {}", message.task),
         },
+    }
+}
+
+/// A task whose grants cannot be given (a granted folder is missing, say): FAILURE
+/// `wasmq.exceptions.GrantError` naming what is wrong, acked. It is not retried: the same
+/// grants fail the same way until the worker's configuration changes.
+pub fn grant_refused(message: &TaskMessage, error: &GrantError) -> Decision {
+    Decision {
+        meta: Some(ResultMeta::failure(
+            &message.id,
+            &ExceptionInfo::new("GrantError", "wasmq.exceptions", error.to_string()),
+        )),
+        settlement: Settlement::Ack,
     }
 }
 
@@ -588,6 +610,25 @@ mod tests {
         });
         let d = after_run(&m, &unknown, Interruption::default(), &policy);
         assert!(matches!(d.settlement, Settlement::DeadLetter { .. }));
+
+        let refused = Err(CallError::Grant(GrantError::NotADirectory {
+            host: "/srv/tenant-a/data.txt".into(),
+        }));
+        let d = after_run(&m, &refused, Interruption::default(), &policy);
+        assert_eq!(d.settlement, Settlement::Ack, "a failure, not a release");
+        let meta = d.meta.as_ref().unwrap();
+        assert_eq!(meta.status, TaskState::Failure);
+        let exception = meta.exception().unwrap();
+        assert_eq!(
+            (exception.exc_type.as_str(), exception.exc_module.as_str()),
+            ("GrantError", "wasmq.exceptions")
+        );
+        assert_eq!(
+            exception.exc_message,
+            [json!(
+                "cannot give the task its grants: the granted path /srv/tenant-a/data.txt is not a folder"
+            )]
+        );
 
         let d = after_run(&m, &interrupted, shutdown, &policy);
         assert_eq!(
