@@ -21,6 +21,7 @@
 //! vocabulary protocol/          Celery protocol v2 messages, send options, and remote-control
 //!                               commands (control.rs)
 //!            policy.rs          retry and rate-limit policy
+//!            fair.rs            fair task slots across tenants (start-time fair queuing)
 //!            routes.rs          task name → queue
 //!            units.rs           sizes and durations
 //!            db.rs              the embedded database file (broker and results share it)
@@ -54,6 +55,7 @@ pub mod client;
 pub mod config;
 mod db;
 pub mod engine;
+pub mod fair;
 pub mod policy;
 pub mod protocol;
 mod redis_client;
