@@ -293,10 +293,7 @@ impl FairQueue {
     /// [`grant`](Self::grant) after.
     pub fn cancel(&mut self, request: RequestId) -> bool {
         for state in &mut self.tenants {
-            if let Ok(at) = state
-                .queue
-                .binary_search_by_key(&request.0, |(id, _)| id.0)
-            {
+            if let Ok(at) = state.queue.binary_search_by_key(&request.0, |(id, _)| id.0) {
                 state.queue.remove(at);
                 self.waiting -= 1;
                 return true;
@@ -682,8 +679,7 @@ mod tests {
         tasks: HashMap<RequestId, (u64, u64)>,
         /// The waiting requests of each tenant, as submitted.
         fifo: Vec<VecDeque<RequestId>>,
-        /// Running tasks: (end, grant number, tenant, duration, memory).
-        in_flight: BinaryHeap<Reverse<(u64, usize, usize, u64, u64)>>,
+        in_flight: BinaryHeap<Reverse<Running>>,
         /// Tenants kept backlogged: a new task of (duration, memory) per grant.
         refill: Vec<Option<(u64, u64)>>,
         /// The tenant of each grant, in order.
@@ -693,6 +689,16 @@ mod tests {
         /// Most tasks run at once per tenant.
         peak: Vec<usize>,
         releases: usize,
+    }
+
+    /// A running task of a simulation; the next to end first (ties: the first granted).
+    #[derive(PartialEq, Eq, PartialOrd, Ord)]
+    struct Running {
+        end: u64,
+        grant: usize,
+        tenant: usize,
+        duration: u64,
+        memory: u64,
     }
 
     impl Sim {
@@ -787,13 +793,13 @@ mod tests {
                 );
                 let (duration, memory) = self.tasks.remove(&grant.request).unwrap();
                 assert_eq!(memory, grant.memory);
-                self.in_flight.push(Reverse((
-                    self.now + duration,
-                    self.grants.len(),
+                self.in_flight.push(Reverse(Running {
+                    end: self.now + duration,
+                    grant: self.grants.len(),
                     tenant,
                     duration,
                     memory,
-                )));
+                }));
                 self.grants.push(tenant);
                 self.peak[tenant] = self.peak[tenant].max(self.queue.running(tenant));
                 self.check();
@@ -814,7 +820,13 @@ mod tests {
         /// Ends the next task to end, charges it its duration, and dispatches; the tenant
         /// of the task ended.
         fn complete_next(&mut self) -> Option<usize> {
-            let Reverse((end, _, tenant, duration, memory)) = self.in_flight.pop()?;
+            let Reverse(Running {
+                end,
+                tenant,
+                duration,
+                memory,
+                ..
+            }) = self.in_flight.pop()?;
             for t in 0..self.tenants() {
                 self.busy[t] += (end - self.now) * self.queue.running(t) as u64;
             }
@@ -852,7 +864,11 @@ mod tests {
                 assert_eq!(self.queue.waiting(tenant), self.fifo[tenant].len());
                 total += running;
             }
-            assert!(total <= self.queue.slots(), "{total} tasks in {} slots", self.queue.slots());
+            assert!(
+                total <= self.queue.slots(),
+                "{total} tasks in {} slots",
+                self.queue.slots()
+            );
             assert_eq!(self.queue.free_slots(), self.queue.slots() - total);
             assert_eq!(self.in_flight.len(), total);
         }
@@ -877,7 +893,10 @@ mod tests {
     #[test]
     fn shares_are_validated() {
         let a = || TenantShare::new("a");
-        assert_eq!(FairQueue::new(0, vec![a()]).unwrap_err(), FairError::NoSlots);
+        assert_eq!(
+            FairQueue::new(0, vec![a()]).unwrap_err(),
+            FairError::NoSlots
+        );
         assert_eq!(FairQueue::new(4, vec![]).unwrap_err(), FairError::NoTenant);
         assert_eq!(
             FairQueue::new(4, vec![a(), a()]).unwrap_err(),
@@ -906,14 +925,21 @@ mod tests {
             }
         );
         let queue = FairQueue::new(4, vec![a().with_reserved(4)]).unwrap();
-        assert_eq!(queue.shares()[0].max_concurrency, 4, "the cap is clamped to the slots");
+        assert_eq!(
+            queue.shares()[0].max_concurrency,
+            4,
+            "the cap is clamped to the slots"
+        );
     }
 
-    /// 1. A tenant with a reservation waits at most one release behind a tenant that fills
+    /// A tenant with a reservation waits at most one release behind a tenant that fills
     /// every slot, even when its virtual time is far ahead (it once ran a huge task).
     #[test]
     fn a_reservation_gets_the_next_released_slot() {
-        let shares = vec![TenantShare::new("a"), TenantShare::new("b").with_reserved(1)];
+        let shares = vec![
+            TenantShare::new("a"),
+            TenantShare::new("b").with_reserved(1),
+        ];
         let mut sim = Sim::new(4, shares);
         sim.submit(1, 1_000_000, 0);
         sim.dispatch();
@@ -933,7 +959,7 @@ mod tests {
         assert_eq!(sim.queue.running(0), 3);
     }
 
-    /// 2. Weights 3:1 with equal costs: a 3:1 split of the grants.
+    /// Weights 3:1 with equal costs: a 3:1 split of the grants.
     #[test]
     fn weights_split_the_grants() {
         let shares = vec![
@@ -948,11 +974,14 @@ mod tests {
             sim.complete(1);
         }
         let share = sim.share_of(0, &sim.grants[..10_000]);
-        println!("weights 3:1: a's share of 10,000 grants = {:.2}%", share * 100.0);
+        println!(
+            "weights 3:1: a's share of 10,000 grants = {:.2}%",
+            share * 100.0
+        );
         assert!((share - 0.75).abs() <= 0.02, "a's share {share}");
     }
 
-    /// 3. Equal weights, a's tasks cost 10× b's: the slot time splits 50/50 (so b gets
+    /// Equal weights, a's tasks cost 10× b's: the slot time splits 50/50 (so b gets
     /// about ten times as many grants).
     #[test]
     fn costs_not_counts_are_shared() {
@@ -976,7 +1005,7 @@ mod tests {
         assert!(grants < 0.15, "a's share of the grants {grants}");
     }
 
-    /// 4. Under a random mixed load (arrivals, withdrawals, memory, oversized requests),
+    /// Under a random mixed load (arrivals, withdrawals, memory, oversized requests),
     /// after every event: caps, budgets and slots hold, reservations are served first, FIFO
     /// holds within a tenant, and no slot stays free while a request could run.
     #[test]
@@ -987,8 +1016,12 @@ mod tests {
                 .with_max_concurrency(3)
                 .with_reserved(1)
                 .with_memory_budget(300),
-            TenantShare::new("b").with_max_concurrency(2).with_reserved(2),
-            TenantShare::new("c").with_weight(0.5).with_memory_budget(1_000),
+            TenantShare::new("b")
+                .with_max_concurrency(2)
+                .with_reserved(2),
+            TenantShare::new("c")
+                .with_weight(0.5)
+                .with_memory_budget(1_000),
             TenantShare::new("d").with_weight(4.0).with_reserved(1),
         ];
         let mut sim = Sim::new(6, shares);
@@ -1020,13 +1053,17 @@ mod tests {
                 }
             }
         }
-        println!("random load: {} grants, peaks {:?}", sim.grants.len(), sim.peak);
+        println!(
+            "random load: {} grants, peaks {:?}",
+            sim.grants.len(),
+            sim.peak
+        );
         assert!(sim.grants.len() > 10_000);
         assert_eq!(sim.peak[1], 2, "b reaches its cap");
         assert!(sim.peak[0] <= 3);
     }
 
-    /// 5. A tenant back from a long idle period gets its fair share, not a burst of
+    /// A tenant back from a long idle period gets its fair share, not a burst of
     /// catch-up grants for the time it was away.
     #[test]
     fn an_idle_tenant_banks_no_credit() {
@@ -1061,10 +1098,13 @@ mod tests {
             after * 100.0
         );
         assert!(first <= 0.6, "b's burst on return: {first}");
-        assert!((after - 0.5).abs() <= 0.02, "b's share after return: {after}");
+        assert!(
+            (after - 0.5).abs() <= 0.02,
+            "b's share after return: {after}"
+        );
     }
 
-    /// 6. Caps and reservations bind only under contention: with b idle, a takes every slot
+    /// Caps and reservations bind only under contention: with b idle, a takes every slot
     /// (b's reservation included) up to its cap.
     #[test]
     fn an_idle_tenants_share_goes_to_the_others() {
@@ -1097,7 +1137,7 @@ mod tests {
         assert_eq!(sim.queue.running(1), 1, "b takes the free slot at once");
     }
 
-    /// 7. A memory budget for two tasks: a never runs more than two, b still gets the other
+    /// A memory budget for two tasks: a never runs more than two, b still gets the other
     /// slots; a request bigger than the whole budget runs alone once a runs nothing.
     #[test]
     fn memory_budgets_bound_a_tenant_not_the_others() {
@@ -1129,12 +1169,20 @@ mod tests {
         sim.dispatch();
         assert_eq!((sim.queue.running(0), sim.queue.waiting(0)), (2, 2));
         sim.complete(1);
-        assert_eq!(sim.queue.running(0), 1, "the big one waits for a to run nothing");
+        assert_eq!(
+            sim.queue.running(0),
+            1,
+            "the big one waits for a to run nothing"
+        );
         sim.complete(1);
         assert_eq!((sim.queue.running(0), sim.queue.memory_in_use(0)), (1, 500));
         sim.backlog(1, 3, 5, 100);
         sim.dispatch();
-        assert_eq!(sim.queue.running(1), 3, "b is not held back by a's big request");
+        assert_eq!(
+            sim.queue.running(1),
+            3,
+            "b is not held back by a's big request"
+        );
         assert_eq!(sim.queue.waiting(0), 1, "nothing runs beside the big one");
         while sim.queue.memory_in_use(0) == 500 {
             assert_eq!(sim.queue.running(0), 1);
@@ -1167,7 +1215,11 @@ mod tests {
         queue.release(grant.tenant, 0, 10.0);
         assert_eq!(queue.virtual_time(0), 5.0);
         queue.release(0, 0, 1.0);
-        assert_eq!(queue.free_slots(), 1, "a release without a grant frees nothing");
+        assert_eq!(
+            queue.free_slots(),
+            1,
+            "a release without a grant frees nothing"
+        );
     }
 
     fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
@@ -1196,13 +1248,16 @@ mod tests {
         let Poll::Ready(slot) = poll_once(&mut fourth) else {
             panic!("the fourth acquire waits after a slot was freed");
         };
-        assert_eq!((slot.tenant(), arbiter.running(0), arbiter.waiting(0)), (0, 3, 0));
+        assert_eq!(
+            (slot.tenant(), arbiter.running(0), arbiter.waiting(0)),
+            (0, 3, 0)
+        );
         drop(slot);
         drop(held);
         assert_eq!(arbiter.free_slots(), 3);
     }
 
-    /// 8a. A pending acquire dropped before its grant withdraws its request.
+    /// A pending acquire dropped before its grant withdraws its request.
     #[tokio::test]
     async fn a_dropped_pending_acquire_withdraws_its_request() {
         let arbiter = SlotArbiter::single(2);
@@ -1221,7 +1276,7 @@ mod tests {
         assert!(again.iter_mut().all(|a| poll_once(a).is_ready()));
     }
 
-    /// 8b. A slot granted to a future that is dropped before it looks is released at once.
+    /// A slot granted to a future that is dropped before it looks is released at once.
     #[tokio::test]
     async fn a_slot_granted_to_a_dropped_acquire_is_released() {
         let shares = vec![TenantShare::new("a"), TenantShare::new("b")];
@@ -1230,7 +1285,11 @@ mod tests {
         let mut pending = Box::pin(arbiter.acquire(1, 0));
         assert!(poll_once(&mut pending).is_pending());
         drop(held.pop());
-        assert_eq!((arbiter.running(1), arbiter.waiting(1)), (1, 0), "granted, unobserved");
+        assert_eq!(
+            (arbiter.running(1), arbiter.waiting(1)),
+            (1, 0),
+            "granted, unobserved"
+        );
         drop(pending);
         assert_eq!((arbiter.running(1), arbiter.free_slots()), (0, 1));
         let vtime = arbiter.inner.lock().queue.virtual_time(1);
@@ -1243,7 +1302,7 @@ mod tests {
         assert!(again.iter_mut().all(|a| poll_once(a).is_ready()));
     }
 
-    /// 8c. A grant whose waiter vanished (its receiver dropped) is released by whoever
+    /// A grant whose waiter vanished (its receiver dropped) is released by whoever
     /// hands it out.
     #[tokio::test]
     async fn a_grant_to_a_vanished_waiter_is_released() {
@@ -1271,7 +1330,10 @@ mod tests {
         assert_eq!(arbiter.inner.lock().queue.virtual_time(0), 250.0);
         let slot = arbiter.acquire(0, 0).await;
         drop(slot);
-        assert!(arbiter.inner.lock().queue.virtual_time(0) >= 250.0, "wall time, ≥ 0");
+        assert!(
+            arbiter.inner.lock().queue.virtual_time(0) >= 250.0,
+            "wall time, ≥ 0"
+        );
     }
 
     /// Many tasks on several threads acquiring, holding across yields, and giving up
