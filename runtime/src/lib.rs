@@ -22,6 +22,7 @@
 //! vocabulary protocol/          Celery protocol v2 messages, send options, and remote-control
 //!                               commands (control.rs)
 //!            policy.rs          retry and rate-limit policy
+//!            fair.rs            fair task slots across tenants (start-time fair queuing)
 //!            routes.rs          task name → queue
 //!            fair.rs            task slots shared fairly among tenants
 //!            units.rs           sizes and durations
@@ -56,6 +57,7 @@ pub mod client;
 pub mod config;
 mod db;
 pub mod engine;
+pub mod fair;
 pub mod policy;
 pub mod protocol;
 mod redis_client;
