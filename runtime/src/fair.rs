@@ -1260,18 +1260,24 @@ mod tests {
     /// A pending acquire dropped before its grant withdraws its request.
     #[tokio::test]
     async fn a_dropped_pending_acquire_withdraws_its_request() {
-        let arbiter = SlotArbiter::single(2);
+        let shares = vec![TenantShare::new("a"), TenantShare::new("b")];
+        let arbiter = SlotArbiter::new(2, shares).unwrap();
         let held = [arbiter.acquire(0, 0).await, arbiter.acquire(0, 0).await];
-        let mut pending = Box::pin(arbiter.acquire(0, 0));
+        let mut pending = Box::pin(arbiter.acquire(1, 0));
         assert!(poll_once(&mut pending).is_pending());
-        assert_eq!(arbiter.waiting(0), 1);
+        assert_eq!(arbiter.waiting(1), 1);
         drop(pending);
-        assert_eq!(arbiter.waiting(0), 0);
+        assert_eq!((arbiter.waiting(1), arbiter.running(1)), (0, 0));
+        assert_eq!(
+            (arbiter.running(0), arbiter.free_slots()),
+            (2, 0),
+            "held slots stay held"
+        );
         drop(held);
         assert_eq!(arbiter.free_slots(), 2);
         let mut again = [
-            Box::pin(arbiter.acquire(0, 0)),
-            Box::pin(arbiter.acquire(0, 0)),
+            Box::pin(arbiter.acquire(1, 0)),
+            Box::pin(arbiter.acquire(1, 0)),
         ];
         assert!(again.iter_mut().all(|a| poll_once(a).is_ready()));
     }
