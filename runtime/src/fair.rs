@@ -6,8 +6,8 @@
 //! served, so one tenant with a deep backlog fills every slot and the others queue behind
 //! it. This module hands them out by *start-time fair queuing* (SFQ): each tenant carries a
 //! virtual time `v = service received / weight`, and a free slot goes to the backlogged
-//! tenant with the smallest `v`. Over any busy period every tenant's service is
-//! proportional to its weight, up to a bounded lag.
+//! tenant with the smallest `v`. Tenants that stay backlogged receive service in
+//! proportion to their weights, up to a bounded lag.
 //!
 //! The service is charged *after* a task ends (post-hoc): what a wasm task costs — the fuel
 //! it burnt, the wall time it held its slot — is known only then, and guessing up front
@@ -26,8 +26,8 @@
 //! take it):
 //! * `max_concurrency` caps the tenant's running tasks;
 //! * `reserved` slots are served first: while a tenant with waiting work runs fewer than its
-//!   reservation, only such tenants are considered. Without preemption this guarantees the
-//!   *next* slot released, not an immediate one;
+//!   reservation, only such tenants are considered. Without preemption this is kept at the
+//!   next releases, not at once: a lone tenant below its reservation gets the very next;
 //! * `memory_budget` bounds the sum of the memory limits of the tenant's running tasks
 //!   (requests are FIFO per tenant: a head that does not fit blocks its tenant, never
 //!   overtaken by a smaller one). A request larger than the whole budget runs when the
