@@ -73,7 +73,6 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://.wasmq/wasmq.db";
 /// The default plugin folder.
 pub const DEFAULT_PLUGIN_FOLDER: &str = ".wasmq/plugins";
 
-
 /// Configuration as said by one source; `None` means "not said here".
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -310,6 +309,7 @@ impl WorkerConfig {
                 message: "must be at least 1".into(),
             });
         }
+        let queues_said = raw.queues.is_some();
         let queues = raw.queues.unwrap_or(defaults.queues);
         if queues.is_empty() || queues.iter().any(|q| q.trim().is_empty()) {
             return Err(ConfigError::Invalid {
@@ -354,7 +354,7 @@ impl WorkerConfig {
                 ("broker", raw.broker.is_some()),
                 ("result_backend", raw.result_backend.is_some()),
                 ("plugins", raw.plugins.is_some()),
-                ("queues", raw.queues.is_some()),
+                ("queues", queues_said),
             ];
             if raw.scheduler.is_some() {
                 return Err(ConfigError::Invalid {

@@ -6,8 +6,8 @@
 //! served, so one tenant with a deep backlog fills every slot and the others queue behind
 //! it. This module hands them out by *start-time fair queuing* (SFQ): each tenant carries a
 //! virtual time `v = service received / weight`, and a free slot goes to the backlogged
-//! tenant with the smallest `v`. Over any busy period every tenant's service is
-//! proportional to its weight, up to a bounded lag.
+//! tenant with the smallest `v`. Tenants that stay backlogged receive service in
+//! proportion to their weights, up to a bounded lag.
 //!
 //! The service is charged *after* a task ends (post-hoc): what a wasm task costs — the fuel
 //! it burnt, the wall time it held its slot — is known only then, and guessing up front
@@ -26,8 +26,8 @@
 //! take it):
 //! * `max_concurrency` caps the tenant's running tasks;
 //! * `reserved` slots are served first: while a tenant with waiting work runs fewer than its
-//!   reservation, only such tenants are considered. Without preemption this guarantees the
-//!   *next* slot released, not an immediate one;
+//!   reservation, only such tenants are considered. Without preemption this is kept at the
+//!   next releases, not at once: a lone tenant below its reservation gets the very next;
 //! * `memory_budget` bounds the sum of the memory limits of the tenant's running tasks
 //!   (requests are FIFO per tenant: a head that does not fit blocks its tenant, never
 //!   overtaken by a smaller one). A request larger than the whole budget runs when the
@@ -1260,18 +1260,24 @@ mod tests {
     /// A pending acquire dropped before its grant withdraws its request.
     #[tokio::test]
     async fn a_dropped_pending_acquire_withdraws_its_request() {
-        let arbiter = SlotArbiter::single(2);
+        let shares = vec![TenantShare::new("a"), TenantShare::new("b")];
+        let arbiter = SlotArbiter::new(2, shares).unwrap();
         let held = [arbiter.acquire(0, 0).await, arbiter.acquire(0, 0).await];
-        let mut pending = Box::pin(arbiter.acquire(0, 0));
+        let mut pending = Box::pin(arbiter.acquire(1, 0));
         assert!(poll_once(&mut pending).is_pending());
-        assert_eq!(arbiter.waiting(0), 1);
+        assert_eq!(arbiter.waiting(1), 1);
         drop(pending);
-        assert_eq!(arbiter.waiting(0), 0);
+        assert_eq!((arbiter.waiting(1), arbiter.running(1)), (0, 0));
+        assert_eq!(
+            (arbiter.running(0), arbiter.free_slots()),
+            (2, 0),
+            "held slots stay held"
+        );
         drop(held);
         assert_eq!(arbiter.free_slots(), 2);
         let mut again = [
-            Box::pin(arbiter.acquire(0, 0)),
-            Box::pin(arbiter.acquire(0, 0)),
+            Box::pin(arbiter.acquire(1, 0)),
+            Box::pin(arbiter.acquire(1, 0)),
         ];
         assert!(again.iter_mut().all(|a| poll_once(a).is_ready()));
     }

@@ -24,7 +24,6 @@
 //!            policy.rs          retry and rate-limit policy
 //!            fair.rs            fair task slots across tenants (start-time fair queuing)
 //!            routes.rs          task name → queue
-//!            fair.rs            task slots shared fairly among tenants
 //!            units.rs           sizes and durations
 //!            db.rs              the embedded database file (broker and results share it)
 //!            redis_client.rs    one Redis connection per URL (results and scheduler)

@@ -258,7 +258,10 @@ impl TenantConfig {
         concurrency: usize,
         ceiling: Limits,
     ) -> Result<Self, TenantError> {
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
         {
             return Err(invalid(
                 "tenants",
@@ -304,7 +307,11 @@ impl TenantConfig {
         }
         let max_concurrency = raw.max_concurrency.unwrap_or(concurrency).min(concurrency);
         if max_concurrency == 0 {
-            return Err(invalid("tenants.max_concurrency", name, "must be at least 1"));
+            return Err(invalid(
+                "tenants.max_concurrency",
+                name,
+                "must be at least 1",
+            ));
         }
         let reserved = raw.reserved.unwrap_or(0);
         if reserved > max_concurrency {
@@ -430,7 +437,9 @@ impl TenantConfig {
                 return Err(invalid(
                     "tenants.grants",
                     name,
-                    format!("{pattern:?} grants {var:?}, which is not one of its variables or secrets"),
+                    format!(
+                        "{pattern:?} grants {var:?}, which is not one of its variables or secrets"
+                    ),
                 ));
             }
             grants.push((pattern, grant));
@@ -509,7 +518,9 @@ mod tests {
     fn a_tenant_needs_a_broker_and_its_own_plugin_folder() {
         let error = tenant("plugins = \"p\"").unwrap_err().to_string();
         assert!(error.contains("needs a broker"), "{error}");
-        let error = tenant("broker = \"sqlite://a.db\"").unwrap_err().to_string();
+        let error = tenant("broker = \"sqlite://a.db\"")
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("own plugin folder"), "{error}");
         let error = tenant("broker = \"amqp://h/acme\"\nplugins = \"p\"")
             .unwrap_err()
@@ -532,7 +543,10 @@ mod tests {
             assert!(error.contains(expected), "{extra}: {error}");
         }
         let capped = tenant(&format!("{BASE}max_concurrency = 9")).unwrap();
-        assert_eq!(capped.max_concurrency, 4, "a cap is at most the worker's slots");
+        assert_eq!(
+            capped.max_concurrency, 4,
+            "a cap is at most the worker's slots"
+        );
     }
 
     #[test]
@@ -577,15 +591,24 @@ mod tests {
         ))
         .unwrap();
         let export = t.grants_for("billing.export");
-        let guests: Vec<_> = export.dirs.iter().map(|d| (d.guest.as_str(), d.writable)).collect();
+        let guests: Vec<_> = export
+            .dirs
+            .iter()
+            .map(|d| (d.guest.as_str(), d.writable))
+            .collect();
         assert_eq!(guests, [("/data", false), ("/scratch", true)]);
         assert_eq!(export.network.allow.len(), 1);
         assert_eq!(export.variables.keys().collect::<Vec<_>>(), ["url"]);
         let report = t.grants_for("billing.report");
         assert_eq!(report.dirs.len(), 1);
-        assert!(report.network.allow.is_empty(), "network only where granted");
+        assert!(
+            report.network.allow.is_empty(),
+            "network only where granted"
+        );
         let other = t.grants_for("math.add");
-        assert!(other.dirs.is_empty() && other.variables.is_empty() && other.network.allow.is_empty());
+        assert!(
+            other.dirs.is_empty() && other.variables.is_empty() && other.network.allow.is_empty()
+        );
     }
 
     #[test]
@@ -605,6 +628,9 @@ mod tests {
         ))
         .unwrap_err()
         .to_string();
-        assert!(error.contains("has no WASMQ_TEST_SURELY_UNSET_VARIABLE"), "{error}");
+        assert!(
+            error.contains("has no WASMQ_TEST_SURELY_UNSET_VARIABLE"),
+            "{error}"
+        );
     }
 }

@@ -159,10 +159,7 @@ fn vhost(tag: &str) -> anyhow::Result<String> {
     Ok(name)
 }
 
-fn endpoint(
-    url: &str,
-    results: &str,
-) -> anyhow::Result<(Arc<dyn Broker>, Arc<dyn ResultBackend>)> {
+fn endpoint(url: &str, results: &str) -> anyhow::Result<(Arc<dyn Broker>, Arc<dyn ResultBackend>)> {
     let broker = crate::broker::connect(url)?;
     let backend = crate::results::connect(results, Duration::from_secs(600), url)?;
     Ok((broker, backend))
@@ -190,7 +187,9 @@ fn place(options: &TenantsOptions, mode: Mode, folder: &std::path::Path) -> anyh
             })
         }
         (Some(base), mode) => {
-            let root = base.rsplit_once('/').map_or(base.as_str(), |(root, _)| root);
+            let root = base
+                .rsplit_once('/')
+                .map_or(base.as_str(), |(root, _)| root);
             let results = "redis://127.0.0.1:6379/0";
             let va = vhost("a")?;
             let a = endpoint(&format!("{root}/{va}"), results)?;
@@ -254,10 +253,10 @@ async fn measure(
     folder: &std::path::Path,
 ) -> anyhow::Result<Measured> {
     let place = place(options, mode, folder)?;
-    let client_a = Client::new(Arc::clone(&place.a.0), Arc::clone(&place.a.1))
-        .with_default_queue(QUEUE_A);
-    let client_b = Client::new(Arc::clone(&place.b.0), Arc::clone(&place.b.1))
-        .with_default_queue(QUEUE_B);
+    let client_a =
+        Client::new(Arc::clone(&place.a.0), Arc::clone(&place.a.1)).with_default_queue(QUEUE_A);
+    let client_b =
+        Client::new(Arc::clone(&place.b.0), Arc::clone(&place.b.1)).with_default_queue(QUEUE_B);
     if let Some((task, args, n)) = load.backlog(options) {
         backlog(&client_a, task, args.clone(), n).await?;
         if load == Load::BothFlood {
@@ -272,7 +271,7 @@ async fn measure(
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut handles = Vec::new();
-    let mut spawn = |worker: Worker| {
+    let spawn = |worker: Worker, handles: &mut Vec<_>| {
         let mut stopped = stopped.clone();
         handles.push(tokio::spawn(async move {
             worker
@@ -293,7 +292,7 @@ async fn measure(
                 },
             );
             let stats = worker.stats();
-            spawn(worker);
+            spawn(worker, &mut handles);
             (Arc::clone(&stats), stats)
         }
         Mode::Fair => {
@@ -312,7 +311,11 @@ async fn measure(
             let slots = SlotArbiter::new(options.concurrency, shares)?;
             let mut stats = Vec::new();
             for (seat, (queue, (broker, backend), cap)) in [
-                (QUEUE_A, place.a.clone(), if both { options.concurrency } else { others }),
+                (
+                    QUEUE_A,
+                    place.a.clone(),
+                    if both { options.concurrency } else { others },
+                ),
                 (QUEUE_B, place.b.clone(), options.concurrency),
             ]
             .into_iter()
@@ -332,12 +335,11 @@ async fn measure(
                     seat,
                 );
                 stats.push(worker.stats());
-                spawn(worker);
+                spawn(worker, &mut handles);
             }
             (Arc::clone(&stats[0]), Arc::clone(&stats[1]))
         }
     };
-    drop(spawn);
 
     // B probes at a steady rate; each probe waits for its own result.
     let started = Instant::now();
@@ -353,7 +355,12 @@ async fn measure(
             probes.push(tokio::spawn(async move {
                 let sent = Instant::now();
                 let result = client
-                    .send_task("math.add", vec![json!(1), json!(2)], Map::new(), SendOptions::default())
+                    .send_task(
+                        "math.add",
+                        vec![json!(1), json!(2)],
+                        Map::new(),
+                        SendOptions::default(),
+                    )
                     .await
                     .ok()?;
                 result.get(Duration::from_secs(3600)).await.ok()?;
@@ -379,9 +386,12 @@ async fn measure(
             Ok(Ok(Some(latency))) => measured.probes.push(latency.as_secs_f64() * 1000.0),
             _ => {
                 measured.missed += 1;
-                measured
-                    .probes
-                    .push((options.window + grace).saturating_sub(waited.min(options.window)).as_secs_f64() * 1000.0);
+                measured.probes.push(
+                    (options.window + grace)
+                        .saturating_sub(waited.min(options.window))
+                        .as_secs_f64()
+                        * 1000.0,
+                );
             }
         }
     }
@@ -423,14 +433,21 @@ pub(crate) async fn run(options: TenantsOptions) -> anyhow::Result<()> {
         ("text", crate::bundled::TEXT),
         ("hostile", crate::bundled::HOSTILE),
     ] {
-        plugins.push((name.to_owned(), sandbox.load_plugin_bytes(name, bytes).await?));
+        plugins.push((
+            name.to_owned(),
+            sandbox.load_plugin_bytes(name, bytes).await?,
+        ));
     }
     let registry = Arc::new(Registry::from_plugins(Arc::clone(&sandbox), plugins)?);
     let limits: Limits = options.sandbox.defaults;
     println!(
         "wasmq bench tenants — {}, {} slots, B probes math.add at {}/s for {:?} per run; \
          A's backlog: {} × math.fib(27), {} hostile or 1 MiB tasks (limits: fuel {}, memory {} MiB, timeout {:?})\n",
-        if options.amqp.is_some() { "RabbitMQ, a vhost per tenant" } else { "embedded broker, a file per tenant" },
+        if options.amqp.is_some() {
+            "RabbitMQ, a vhost per tenant"
+        } else {
+            "embedded broker, a file per tenant"
+        },
         options.concurrency,
         options.probe_rate,
         options.window,
@@ -443,18 +460,35 @@ pub(crate) async fn run(options: TenantsOptions) -> anyhow::Result<()> {
     println!("| scenario | mode | B p50 | B p99 | R (p99 / alone) | A tasks/s | missed probes |");
     println!("|---|---|---|---|---|---|---|");
     for mode in [Mode::Fifo, Mode::Fair] {
-        let alone = measure(&options, &sandbox, &registry, mode, Load::Idle, folder.path()).await?;
+        let alone = measure(
+            &options,
+            &sandbox,
+            &registry,
+            mode,
+            Load::Idle,
+            folder.path(),
+        )
+        .await?;
         let alone_p99 = percentile(&alone.probes, 99.0);
         row(Load::Idle, mode, &alone, alone_p99);
         for load in [Load::Flood, Load::Spin, Load::Hog, Load::BigArgs] {
-            let measured = measure(&options, &sandbox, &registry, mode, load, folder.path()).await?;
+            let measured =
+                measure(&options, &sandbox, &registry, mode, load, folder.path()).await?;
             row(load, mode, &measured, alone_p99);
         }
     }
     println!("\n| scenario | mode | A tasks/s | B tasks/s | Jain's index |");
     println!("|---|---|---|---|---|");
     for mode in [Mode::Fifo, Mode::Fair] {
-        let both = measure(&options, &sandbox, &registry, mode, Load::BothFlood, folder.path()).await?;
+        let both = measure(
+            &options,
+            &sandbox,
+            &registry,
+            mode,
+            Load::BothFlood,
+            folder.path(),
+        )
+        .await?;
         let rates = [both.a_rate, both.b_rate];
         println!(
             "| {} | {} | {:.1} | {:.1} | {:.3} |",
@@ -478,7 +512,11 @@ fn row(load: Load, mode: Mode, measured: &Measured, alone_p99: f64) {
         mode.label(),
         p50,
         p99,
-        if alone_p99 > 0.0 { p99 / alone_p99 } else { f64::NAN },
+        if alone_p99 > 0.0 {
+            p99 / alone_p99
+        } else {
+            f64::NAN
+        },
         measured.a_rate,
         measured.missed,
         measured.probes.len(),

@@ -150,7 +150,7 @@ pub(super) async fn run(command: BenchCommand) -> Result<(), Failure> {
         BenchCommand::Tenants(args) => {
             let window = crate::units::parse_duration(&args.window)
                 .map_err(|e| Failure::bad_input(format!("--window: {e}")))?;
-            if args.concurrency < 2 || !(args.probe_rate > 0.0) {
+            if args.concurrency < 2 || args.probe_rate.is_nan() || args.probe_rate <= 0.0 {
                 return Err(Failure::bad_input(
                     "bench tenants needs at least 2 slots and a positive probe rate",
                 ));

@@ -30,8 +30,9 @@ fn backend(tenant: &TenantConfig, expires: Duration) -> Result<Arc<dyn ResultBac
                 .map_err(bad)?
                 .with_key_prefix(prefix),
         )),
-        None => crate::results::connect(&tenant.result_backend, expires, &tenant.broker)
-            .map_err(bad),
+        None => {
+            crate::results::connect(&tenant.result_backend, expires, &tenant.broker).map_err(bad)
+        }
     }
 }
 
@@ -197,7 +198,11 @@ pub(super) async fn run(
 /// tenant's own status under `tenants`.
 fn combined_status(views: &[StatusView]) -> serde_json::Value {
     let tenants: Vec<serde_json::Value> = views.iter().map(StatusView::snapshot).collect();
-    let all = |key: &str| tenants.iter().all(|t| t[key] == serde_json::Value::Bool(true));
+    let all = |key: &str| {
+        tenants
+            .iter()
+            .all(|t| t[key] == serde_json::Value::Bool(true))
+    };
     let consuming = all("consuming");
     let state = if tenants.iter().all(|t| t["state"] == "stopped") {
         "stopped"

@@ -154,9 +154,9 @@ impl Worker {
         slots: SlotArbiter,
         seat: usize,
     ) -> Self {
-        let prefetch = options.prefetch.unwrap_or_else(|| {
-            options.concurrency.max(1) * options.prefetch_multiplier.max(1)
-        });
+        let prefetch = options
+            .prefetch
+            .unwrap_or_else(|| options.concurrency.max(1) * options.prefetch_multiplier.max(1));
         Self {
             shared: Arc::new(Shared {
                 slots,
@@ -400,9 +400,9 @@ async fn dispatch(
         );
         (plugin, policy)
     });
-    let memory = task
-        .as_ref()
-        .map_or(0, |(plugin, _)| run::memory_limit(shared, plugin, &message.task));
+    let memory = task.as_ref().map_or(0, |(plugin, _)| {
+        run::memory_limit(shared, plugin, &message.task)
+    });
     let slot = tokio::select! {
         biased;
         slot = shared.slot(memory) => slot,
@@ -450,7 +450,9 @@ async fn process(
             settle::finish(shared, delivery, Some(&message), *decision).await;
             return slot;
         }
-        Admission::RunAfter(wait) if !wait.is_zero() => slot = hold(shared, slot, wait, memory).await,
+        Admission::RunAfter(wait) if !wait.is_zero() => {
+            slot = hold(shared, slot, wait, memory).await
+        }
         Admission::RunAfter(_) => {}
     }
     // Celery's built-ins (`celery.starmap`, `celery.map`) run the task they name.

@@ -14,7 +14,7 @@ use super::Shared;
 use super::decision::Interruption;
 use crate::broker::Delivery;
 use crate::engine::{
-    CallError, CallReport, CallRequest, CancelToken, Grants, LimitOverrides, MessageInfo,
+    CallError, CallReport, CallRequest, CancelToken, LimitOverrides, MessageInfo,
     MessageProperties, Outcome, Plugin, StateListener,
 };
 use crate::protocol::{TaskMessage, format_time, unwrap_kombu_values};
