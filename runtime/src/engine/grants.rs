@@ -26,6 +26,10 @@
 //!
 //! A grant that cannot be given (a missing folder, a relative guest path) stops the call
 //! before it starts with a [`GrantError`], which the worker records as the task's failure.
+//!
+//! Longer than 400 lines because it owns one idea, what a call may reach, with the address
+//! arithmetic the network rules need; about half of it is the unit tests of rule parsing
+//! and matching.
 
 use std::collections::BTreeMap;
 use std::fmt;

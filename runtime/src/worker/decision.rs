@@ -626,7 +626,7 @@ mod tests {
         assert_eq!(
             exception.exc_message,
             [json!(
-                "cannot give the task its grants: the granted path /srv/tenant-a/data.txt is not a folder"
+                "the granted path /srv/tenant-a/data.txt is not a folder"
             )]
         );
 
