@@ -139,7 +139,7 @@ fn call_request(
         group_id: message.group.clone(),
         limits: LimitOverrides {
             // A message may shorten the task's time limit, never lengthen it: the task's
-            // declared default (else the worker's) bounds what a sender can ask for, and the
+            // declared default (else its tenant's, else the worker's) bounds what a sender can ask for, and the
             // sandbox clamps everything to the ceiling.
             timeout: message
                 .time_limit
@@ -148,6 +148,14 @@ fn call_request(
                 .map(|t| {
                     let task_default = declared
                         .and_then(|info| info.limits.timeout)
+                        .or_else(|| {
+                            shared
+                                .options
+                                .tenant
+                                .as_ref()
+                                .and_then(|t| t.limits)
+                                .and_then(|l| l.defaults.timeout)
+                        })
                         .unwrap_or(shared.registry.sandbox().config().defaults.timeout);
                     t.min(task_default)
                 }),

@@ -134,7 +134,14 @@ pub(super) fn write(path: &Path, shared: &Shared, consuming: bool, state: &str) 
 
 /// Writes `status` to `path` atomically (temporary file, then rename).
 pub(crate) fn write_json(path: &Path, status: &serde_json::Value) {
-    let tmp = path.with_extension("tmp");
+    // A temporary file of its own per write: the periodic writer and the last one at shutdown
+    // (or several tenants' workers) never rename each other's half-written file.
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let tmp = path.with_extension(format!(
+        "{}.{}.tmp",
+        std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed)
+    ));
     let written =
         std::fs::write(&tmp, status.to_string()).and_then(|()| std::fs::rename(&tmp, path));
     if let Err(error) = written {
