@@ -482,6 +482,9 @@ impl TenantConfig {
             for name in &grant.variables {
                 if let Some(value) = self.values.get(name) {
                     granted.variables.insert(name.clone(), value.clone());
+                    if self.secrets.contains(name) && !granted.secrets.contains(value) {
+                        granted.secrets.push(value.clone());
+                    }
                 }
             }
         }
@@ -622,6 +625,11 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(t.grants_for("a.b").variables["token"], "s3cret");
+        assert_eq!(
+            t.grants_for("a.b").secrets,
+            ["s3cret"],
+            "redacted from the log"
+        );
         assert_eq!(t.secret_names().collect::<Vec<_>>(), ["token"]);
         let error = tenant(&format!(
             "{BASE}[secrets]\ntoken = {{ env = \"WASMQ_TEST_SURELY_UNSET_VARIABLE\" }}"

@@ -630,3 +630,106 @@ fn the_example_tenants_file_is_valid() {
     assert_eq!(granted.variables["greeting"], "hello from acme");
     assert!(acme.grants_for("math.add").dirs.is_empty());
 }
+
+#[test]
+fn a_tenants_grants_reach_only_its_granted_tasks_and_never_the_other_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins_a = plugin_folder(dir.path(), "a", &["grants", "hostile"]);
+    let plugins_b = plugin_folder(dir.path(), "b", &["grants"]);
+    let data_a = dir.path().join("a").join("data");
+    let data_b = dir.path().join("b").join("data");
+    std::fs::create_dir_all(&data_a).unwrap();
+    std::fs::create_dir_all(&data_b).unwrap();
+    std::fs::write(data_a.join("hello.txt"), "hello from a's folder").unwrap();
+    std::fs::write(data_b.join("secret.txt"), "b's secret").unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret-token-of-a\n").unwrap();
+    let (db_a, db_b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    let config = format!(
+        r#"
+concurrency = 2
+[tenants.a]
+broker = "sqlite://{db_a}"
+plugins = "{plugins_a}"
+[tenants.a.dirs]
+"/data" = {{ host = "{data_a}" }}
+[tenants.a.variables]
+greeting = "hello from a"
+[tenants.a.secrets]
+token = {{ file = "{token}" }}
+[tenants.a.grants."grants.*"]
+dirs = ["/data"]
+variables = ["greeting", "token"]
+[tenants.b]
+broker = "sqlite://{db_b}"
+plugins = "{plugins_b}"
+"#,
+        db_a = db_a.display(),
+        db_b = db_b.display(),
+        plugins_a = plugins_a.display(),
+        plugins_b = plugins_b.display(),
+        data_a = data_a.display(),
+        token = token.display(),
+    );
+    let url = |db: &Path| format!("sqlite://{}", db.display());
+    let a = client(&url(&db_a), &url(&db_a), None);
+    let b = client(&url(&db_b), &url(&db_b), None);
+    runtime().block_on(async {
+        let worker = WorkerProcess::start(dir.path(), &config);
+        // A granted task reads its tenant's folder, variable and secret.
+        assert_eq!(
+            call(&a, "grants.read_text", json!(["/data/hello.txt"]))
+                .await
+                .unwrap(),
+            json!("hello from a's folder")
+        );
+        assert_eq!(
+            call(&a, "grants.variable", json!(["greeting"]))
+                .await
+                .unwrap(),
+            json!("hello from a")
+        );
+        assert_eq!(
+            call(&a, "grants.variable", json!(["token"])).await.unwrap(),
+            json!("s3cret-token-of-a")
+        );
+        // Out of the folder, and an ungranted task of the same tenant: nothing.
+        let escape = call(
+            &a,
+            "grants.read_text",
+            json!(["/data/../../b/data/secret.txt"]),
+        )
+        .await
+        .unwrap_err();
+        assert!(escape.to_string().contains("PermissionError"), "{escape}");
+        let ungranted = call(&a, "hostile.read_variable", json!(["token"]))
+            .await
+            .unwrap_err();
+        assert_eq!(exception_type(&ungranted), "KeyError", "{ungranted}");
+        let no_folder = call(&a, "hostile.read_outside", json!(["/data/hello.txt"]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            exception_type(&no_folder),
+            "FileNotFoundError",
+            "{no_folder}"
+        );
+        // The other tenant runs the same plugin with none of it.
+        assert_eq!(
+            call(&b, "grants.variable", json!(["greeting"]))
+                .await
+                .unwrap(),
+            json!(null)
+        );
+        let b_read = call(&b, "grants.read_text", json!(["/data/hello.txt"]))
+            .await
+            .unwrap_err();
+        assert_eq!(exception_type(&b_read), "FileNotFoundError", "{b_read}");
+        assert!(
+            !worker.log().contains("s3cret-token-of-a"),
+            "a secret was logged:\n{}",
+            worker.log()
+        );
+        worker.stop();
+    });
+}

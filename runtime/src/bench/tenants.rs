@@ -18,7 +18,6 @@
 //! then (p99 is then a lower bound, shown with `≥`).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
@@ -30,7 +29,7 @@ use crate::engine::{Limits, Sandbox, SandboxConfig};
 use crate::fair::{SlotArbiter, TenantShare};
 use crate::registry::Registry;
 use crate::results::ResultBackend;
-use crate::worker::{Worker, WorkerOptions, WorkerStats};
+use crate::worker::{Worker, WorkerOptions};
 
 /// What `wasmq bench tenants` is asked to do.
 #[derive(Debug, Clone)]
@@ -89,8 +88,9 @@ impl Load {
             Load::Spin => Some(("hostile.spin", json!([]), options.hostile)),
             Load::Hog => Some(("hostile.hog", json!([]), options.hostile)),
             Load::BigArgs => {
+                // At most 200 of them: each is 1 MiB in the broker.
                 let text = "lorem ipsum ".repeat((1 << 20) / 12);
-                Some(("text.word_count", json!([text]), options.hostile))
+                Some(("text.word_count", json!([text]), options.hostile.min(200)))
             }
         }
     }
@@ -239,10 +239,6 @@ async fn backlog(client: &Client, task: &str, args: Value, n: usize) -> anyhow::
     Ok(())
 }
 
-fn finished(stats: &WorkerStats) -> u64 {
-    stats.succeeded.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed)
-}
-
 /// Runs one measurement: the workers start with A's backlog queued, B probes for the window.
 async fn measure(
     options: &TenantsOptions,
@@ -279,7 +275,7 @@ async fn measure(
                 .await
         }));
     };
-    let (stats_a, stats_b) = match mode {
+    match mode {
         Mode::Fifo => {
             let worker = Worker::new(
                 Arc::clone(&place.a.0),
@@ -291,9 +287,7 @@ async fn measure(
                     ..base
                 },
             );
-            let stats = worker.stats();
             spawn(worker, &mut handles);
-            (Arc::clone(&stats), stats)
         }
         Mode::Fair => {
             let both = load == Load::BothFlood;
@@ -309,7 +303,6 @@ async fn measure(
                 },
             ];
             let slots = SlotArbiter::new(options.concurrency, shares)?;
-            let mut stats = Vec::new();
             for (seat, (queue, (broker, backend), cap)) in [
                 (
                     QUEUE_A,
@@ -334,26 +327,30 @@ async fn measure(
                     slots.clone(),
                     seat,
                 );
-                stats.push(worker.stats());
                 spawn(worker, &mut handles);
             }
-            (Arc::clone(&stats[0]), Arc::clone(&stats[1]))
         }
-    };
+    }
 
-    // B probes at a steady rate; each probe waits for its own result.
+    // B probes at a steady rate; each probe waits for its own result. What each tenant ran
+    // is what left its queue (the same measure for one merged worker and for two).
     let started = Instant::now();
-    let (a_before, b_before) = (finished(&stats_a), finished(&stats_b));
+    let (a_before, b_before) = (
+        place.a.0.queue_length(QUEUE_A).await?,
+        place.b.0.queue_length(QUEUE_B).await?,
+    );
     let mut probes = Vec::new();
     let mut measured = Measured::default();
-    if load != Load::BothFlood {
+    if load == Load::BothFlood {
+        tokio::time::sleep(options.window).await;
+    } else {
         let period = Duration::from_secs_f64(1.0 / options.probe_rate);
         let mut tick = tokio::time::interval(period);
         while started.elapsed() < options.window {
             tick.tick().await;
             let client = client_b.clone();
-            probes.push(tokio::spawn(async move {
-                let sent = Instant::now();
+            let sent = Instant::now();
+            let probe = tokio::spawn(async move {
                 let result = client
                     .send_task(
                         "math.add",
@@ -365,33 +362,26 @@ async fn measure(
                     .ok()?;
                 result.get(Duration::from_secs(3600)).await.ok()?;
                 Some(sent.elapsed())
-            }));
+            });
+            probes.push((sent, probe));
         }
-    } else {
-        tokio::time::sleep(options.window).await;
     }
     let window = started.elapsed().as_secs_f64();
-    let (a_done, b_done) = (finished(&stats_a), finished(&stats_b));
-    measured.a_rate = (a_done - a_before) as f64 / window;
-    measured.b_rate = (b_done - b_before) as f64 / window;
-    if mode == Mode::Fifo {
-        // One worker served both: B's probes are not A's work.
-        measured.a_rate -= probes.len() as f64 / window;
-    }
+    let (a_after, b_after) = (
+        place.a.0.queue_length(QUEUE_A).await?,
+        place.b.0.queue_length(QUEUE_B).await?,
+    );
+    measured.a_rate = a_before.saturating_sub(a_after) as f64 / window;
+    measured.b_rate = b_before.saturating_sub(b_after) as f64 / window;
     let grace = options.window / 2;
     let deadline = tokio::time::Instant::now() + grace;
-    for probe in probes {
-        let waited = started.elapsed();
+    for (sent, probe) in probes {
         match tokio::time::timeout_at(deadline, probe).await {
             Ok(Ok(Some(latency))) => measured.probes.push(latency.as_secs_f64() * 1000.0),
             _ => {
+                // Unanswered: it lasted at least until now.
                 measured.missed += 1;
-                measured.probes.push(
-                    (options.window + grace)
-                        .saturating_sub(waited.min(options.window))
-                        .as_secs_f64()
-                        * 1000.0,
-                );
+                measured.probes.push(sent.elapsed().as_secs_f64() * 1000.0);
             }
         }
     }

@@ -168,6 +168,8 @@ pub(crate) struct CallState {
     pub(crate) table: ResourceTable,
     /// The variables granted to this call, served by `wasi:config/store`.
     pub(crate) variables: WasiConfigVariables,
+    /// Values the call's log records never show (its tenant's secrets).
+    pub(crate) secrets: Vec<String>,
     pub(crate) limiter: SandboxLimiter,
     /// Tags log records and state updates.
     pub(crate) task_id: String,
@@ -193,7 +195,7 @@ impl Captured {
 
     /// Forwards what the guest printed to `tracing`, one record per line, tagged with the
     /// task id.
-    pub(crate) fn forward_to_log(&self, task_id: &str, task: &str) {
+    pub(crate) fn forward_to_log(&self, task_id: &str, task: &str, secrets: &[String]) {
         for (stream, pipe) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
             let bytes = pipe.contents();
             if bytes.is_empty() {
@@ -202,6 +204,7 @@ impl Captured {
             let text = String::from_utf8_lossy(&bytes);
             let mut lines = text.lines().filter(|l| !l.trim().is_empty());
             for line in lines.by_ref().take(MAX_FORWARDED_LINES) {
+                let line = super::grants::redact(secrets, line);
                 tracing::info!(target: "wasmq::guest", task_id, task, stream, "{line}");
             }
             let rest = lines.count();
@@ -231,7 +234,8 @@ impl types::Host for CallState {}
 
 impl host::Host for CallState {
     fn log(&mut self, level: types::LogLevel, message: String) -> wasmtime::Result<()> {
-        let mut message = message;
+        // Secrets go before truncation, which could otherwise cut one and show its start.
+        let mut message = super::grants::redact(&self.secrets, &message).into_owned();
         if message.len() > MAX_LOG_MESSAGE_BYTES {
             let mut end = MAX_LOG_MESSAGE_BYTES;
             while !message.is_char_boundary(end) {

@@ -51,6 +51,9 @@ pub struct Grants {
     pub network: NetworkGrant,
     /// Variables the task may read through `wasi:config/store`, by name.
     pub variables: BTreeMap<String, String>,
+    /// Values never written to the worker's log (a tenant's secrets): the guest's log
+    /// records and forwarded output show `[secret]` in their place.
+    pub secrets: Vec<String>,
 }
 
 /// Shows the variables' names, never their values (a `CallRequest` may be logged).
@@ -60,11 +63,16 @@ impl fmt::Debug for Grants {
             .field("dirs", &self.dirs)
             .field("network", &self.network)
             .field("variables", &self.variables.keys().collect::<Vec<_>>())
+            .field("secrets", &self.secrets.len())
             .finish()
     }
 }
 
 impl Grants {
+    /// `text` with every secret value replaced by `[secret]`.
+    pub fn redact<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        redact(&self.secrets, text)
+    }
     /// True when nothing is granted: the call runs exactly as without grants.
     pub fn is_empty(&self) -> bool {
         self.dirs.is_empty() && self.network.is_empty() && self.variables.is_empty()
@@ -880,5 +888,31 @@ mod tests {
         assert!(!shown.contains("s3cr3t-value"), "{shown}");
         assert!(!grants.is_empty());
         assert!(Grants::default().is_empty());
+    }
+}
+
+/// `text` with every value of `secrets` replaced by `[secret]` (empty values are ignored).
+pub fn redact<'a>(secrets: &[String], text: &'a str) -> std::borrow::Cow<'a, str> {
+    let mut text = std::borrow::Cow::Borrowed(text);
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        if text.contains(secret.as_str()) {
+            text = std::borrow::Cow::Owned(text.replace(secret.as_str(), "[secret]"));
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::redact;
+
+    #[test]
+    fn secrets_are_replaced_wherever_they_appear() {
+        let secrets = vec!["s3cret".to_owned(), String::new()];
+        assert_eq!(
+            redact(&secrets, "token=s3cret; again s3cret"),
+            "token=[secret]; again [secret]"
+        );
+        assert_eq!(redact(&secrets, "nothing here"), "nothing here");
     }
 }

@@ -41,7 +41,7 @@ use wasmtime_wasi::WasiCtxBuilder;
 
 pub use cache::CacheStatus;
 pub use call::{CancelToken, StateListener, StateUpdate};
-pub use grants::{DirGrant, GrantError, Grants, NetworkGrant, NetworkRule};
+pub use grants::{DirGrant, GrantError, Grants, NetworkGrant, NetworkRule, redact};
 pub use invocation::{MessageInfo, MessageProperties};
 pub use limits::{LimitOverrides, Limits, TenantLimits};
 pub use outcome::{LimitExceeded, LimitKind, Outcome, TaskFailure};
@@ -431,6 +431,7 @@ impl Sandbox {
                 .iter()
                 .map(|(name, value)| (name.as_str(), value.as_str()))
                 .collect(),
+            secrets: grants.secrets.clone(),
             limiter: SandboxLimiter::new(
                 usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
             ),
@@ -589,7 +590,7 @@ impl Sandbox {
         started: Instant,
         request: &CallRequest,
     ) -> CallReport {
-        captured.forward_to_log(&request.id, &request.task);
+        captured.forward_to_log(&request.id, &request.task, &request.grants.secrets);
         let fuel_used = if self.config.instrumentation {
             limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0))
         } else {

@@ -292,7 +292,7 @@ impl Sandbox {
             instance.describe(&mut store).await
         }
         .await;
-        captured.forward_to_log("describe", name);
+        captured.forward_to_log("describe", name, &[]);
         let described = match result {
             Ok(described) => described,
             Err(error) => {

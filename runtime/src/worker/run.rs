@@ -15,7 +15,7 @@ use super::decision::Interruption;
 use crate::broker::Delivery;
 use crate::engine::{
     CallError, CallReport, CallRequest, CancelToken, LimitOverrides, MessageInfo,
-    MessageProperties, Outcome, Plugin, StateListener,
+    MessageProperties, Outcome, Plugin, StateListener, redact,
 };
 use crate::protocol::{TaskMessage, format_time, unwrap_kombu_values};
 use crate::results::{ReplyTo, ResultMeta};
@@ -57,6 +57,7 @@ pub(super) async fn run(
         cancel.cancel();
     }
     let request = call_request(shared, delivery, message, plugin, cancel.clone());
+    let secrets = request.grants.secrets.clone();
     let started = Instant::now();
     let listener = state_listener(shared, reply);
     let call = shared
@@ -66,7 +67,7 @@ pub(super) async fn run(
         .await;
     shared.running.finish(run);
     match &call {
-        Ok(report) => log_outcome(message, &report.outcome, started.elapsed()),
+        Ok(report) => log_outcome(message, &report.outcome, started.elapsed(), &secrets),
         Err(error) => {
             tracing::warn!(task = %message.task, id = %message.id, error = error as &dyn std::error::Error, "the task could not run");
         }
@@ -208,14 +209,20 @@ fn state_listener(shared: &Arc<Shared>, reply: Option<ReplyTo>) -> StateListener
     })
 }
 
-fn log_outcome(message: &TaskMessage, outcome: &Outcome, elapsed: Duration) {
+/// Logs how a task ended, its tenant's secrets replaced (a task may return or fail with one).
+fn log_outcome(message: &TaskMessage, outcome: &Outcome, elapsed: Duration, secrets: &[String]) {
     let (task, id) = (&message.task, &message.id);
     match outcome {
         Outcome::Success(json) => {
+            let json = redact(secrets, json);
             let shown: String = json.chars().take(200).collect();
             tracing::info!("task {task}[{id}] succeeded in {elapsed:?}: {shown}");
         }
-        other => tracing::warn!("task {task}[{id}] {other} (after {elapsed:?})"),
+        other => {
+            let other = other.to_string();
+            let other = redact(secrets, &other);
+            tracing::warn!("task {task}[{id}] {other} (after {elapsed:?})");
+        }
     }
 }
 
