@@ -645,12 +645,27 @@ fn a_tenants_grants_reach_only_its_granted_tasks_and_never_the_other_tenant() {
     let token = dir.path().join("token");
     std::fs::write(&token, "s3cret-token-of-a\n").unwrap();
     let (db_a, db_b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    // An echo server on this machine that tenant a's allow-list names.
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        for stream in echo.incoming().flatten() {
+            let mut line = String::new();
+            let mut reader = std::io::BufReader::new(&stream);
+            if reader.read_line(&mut line).is_ok() {
+                let _ = (&stream).write_all(format!("echo: {line}").as_bytes());
+            }
+        }
+    });
     let config = format!(
         r#"
 concurrency = 2
 [tenants.a]
 broker = "sqlite://{db_a}"
 plugins = "{plugins_a}"
+[tenants.a.network]
+allow = ["{echo_addr}"]
 [tenants.a.dirs]
 "/data" = {{ host = "{data_a}" }}
 [tenants.a.variables]
@@ -659,6 +674,7 @@ greeting = "hello from a"
 token = {{ file = "{token}" }}
 [tenants.a.grants."grants.*"]
 dirs = ["/data"]
+network = true
 variables = ["greeting", "token"]
 [tenants.b]
 broker = "sqlite://{db_b}"
@@ -671,6 +687,7 @@ plugins = "{plugins_b}"
         data_a = data_a.display(),
         token = token.display(),
     );
+    let echo_addr = echo_addr.to_string();
     let url = |db: &Path| format!("sqlite://{}", db.display());
     let a = client(&url(&db_a), &url(&db_a), None);
     let b = client(&url(&db_b), &url(&db_b), None);
@@ -693,6 +710,16 @@ plugins = "{plugins_b}"
             call(&a, "grants.variable", json!(["token"])).await.unwrap(),
             json!("s3cret-token-of-a")
         );
+        assert_eq!(
+            call(&a, "grants.tcp_request", json!([echo_addr, "ping"]))
+                .await
+                .unwrap(),
+            json!("echo: ping")
+        );
+        let broker = call(&a, "grants.tcp_request", json!(["127.0.0.1:5672", "ping"]))
+            .await
+            .unwrap_err();
+        assert!(broker.to_string().contains("Permission denied"), "{broker}");
         // Out of the folder, and an ungranted task of the same tenant: nothing.
         let escape = call(
             &a,
@@ -725,6 +752,10 @@ plugins = "{plugins_b}"
             .await
             .unwrap_err();
         assert_eq!(exception_type(&b_read), "FileNotFoundError", "{b_read}");
+        let b_connect = call(&b, "grants.tcp_request", json!([echo_addr, "ping"]))
+            .await
+            .unwrap_err();
+        assert_eq!(exception_type(&b_connect), "PermissionError", "{b_connect}");
         assert!(
             !worker.log().contains("s3cret-token-of-a"),
             "a secret was logged:\n{}",

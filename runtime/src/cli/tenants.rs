@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use super::exit::{ExitStatus, Failure};
 use super::worker::{default_state_file, shutdown_signal};
 use crate::broker::amqp::AmqpOptions;
@@ -151,14 +153,22 @@ pub(super) async fn run(
     });
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let runs = workers.into_iter().map(|worker| {
-        let mut stopped = stopped.clone();
-        tokio::spawn(async move {
-            worker
-                .run(async move { drop(stopped.wait_for(|stop| *stop).await) })
-                .await
-        })
-    });
+    // Every log line of a tenant's worker carries `tenant{id=…}`.
+    let runs = workers
+        .into_iter()
+        .zip(&config.tenants)
+        .map(|(worker, tenant)| {
+            let mut stopped = stopped.clone();
+            let span = tracing::info_span!("tenant", id = %tenant.name);
+            tokio::spawn(
+                async move {
+                    worker
+                        .run(async move { drop(stopped.wait_for(|stop| *stop).await) })
+                        .await
+                }
+                .instrument(span),
+            )
+        });
     let runs: Vec<_> = runs.collect();
     tokio::spawn(async move {
         shutdown_signal().await;

@@ -48,6 +48,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::broker::{Broker, BrokerError, Consumer, Delivery};
 use crate::engine::Plugin;
@@ -218,14 +219,17 @@ impl Worker {
         let consuming = consumer
             .consuming()
             .unwrap_or_else(|| tokio::sync::watch::channel(true).1);
-        let status = tokio::spawn(status::report(Arc::clone(&shared), consuming));
+        let status = tokio::spawn(status::report(Arc::clone(&shared), consuming).in_current_span());
         let revocations = shared.broker.revocations(&options.node_name).await?;
-        let listener = tokio::spawn(revoked::listen(Arc::clone(&shared), revocations));
+        let listener =
+            tokio::spawn(revoked::listen(Arc::clone(&shared), revocations).in_current_span());
         let control = shared
             .broker
             .control_requests(&options.node_name)
             .await?
-            .map(|requests| tokio::spawn(control::serve(Arc::clone(&shared), requests)));
+            .map(|requests| {
+                tokio::spawn(control::serve(Arc::clone(&shared), requests).in_current_span())
+            });
         // One runner per slot takes a delivery and processes it itself, so a short task
         // costs no spawn and no hand-off between tasks; a message that must wait (eta, rate
         // limit) is detached into its own task so its runner carries on.
@@ -233,11 +237,10 @@ impl Worker {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut runners = JoinSet::new();
         for _ in 0..options.concurrency.max(1) {
-            runners.spawn(run_slot(
-                Arc::clone(&shared),
-                Arc::clone(&consumer),
-                stopped.clone(),
-            ));
+            runners.spawn(
+                run_slot(Arc::clone(&shared), Arc::clone(&consumer), stopped.clone())
+                    .in_current_span(),
+            );
         }
         let mut purge = tokio::time::interval(Duration::from_secs(600));
         tokio::pin!(shutdown);
@@ -418,9 +421,12 @@ async fn dispatch(
             .is_some_and(|(_, policy)| policy.rate_limit.is_some());
     if waits {
         let shared_ = Arc::clone(shared);
-        shared.detached.spawn(async move {
-            drop(process(&shared_, delivery, message, task, slot, memory).await);
-        });
+        shared.detached.spawn(
+            async move {
+                drop(process(&shared_, delivery, message, task, slot, memory).await);
+            }
+            .in_current_span(),
+        );
     } else {
         drop(process(shared, delivery, message, task, slot, memory).await);
     }
@@ -530,9 +536,12 @@ async fn process(
         // next task starts at once. The ack still waits for the store (late acks), and the
         // broker delivers no more than the prefetch unsettled, which bounds these.
         let shared_ = Arc::clone(shared);
-        shared.detached.spawn(async move {
-            settle::finish(&shared_, delivery, Some(&message), decision).await;
-        });
+        shared.detached.spawn(
+            async move {
+                settle::finish(&shared_, delivery, Some(&message), decision).await;
+            }
+            .in_current_span(),
+        );
     }
     slot
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tracing::Instrument;
 
 use super::Shared;
 use super::decision::Interruption;
@@ -201,11 +202,14 @@ fn state_listener(shared: &Arc<Shared>, reply: Option<ReplyTo>) -> StateListener
         let backend = Arc::clone(&backend);
         let reply = reply.clone();
         let meta = ResultMeta::custom(&update.task_id, &update.state, update.meta);
-        tokio::spawn(async move {
+        tokio::spawn(
+            async move {
             if let Err(error) = backend.store(&meta, reply.as_ref()).await {
                 tracing::warn!(error = &error as &dyn std::error::Error, task_id = %meta.task_id, "cannot store a custom state");
             }
-        });
+            }
+            .in_current_span(),
+        );
     })
 }
 
