@@ -30,7 +30,7 @@
 //! weight = 2.0                             # share of the slots under contention
 //! max_concurrency = 3                      # never more slots than this
 //! reserved = 1                             # slots it gets first when it has work
-//! prefetch = 8                             # messages held unsettled by its consumer
+//! prefetch = 16                            # messages held unsettled by its consumer
 //! memory_budget = "512MiB"                 # sum of the memory limits of its running tasks
 //! [tenants.acme.limits]                    # defaults for its tasks
 //! timeout = "10s"
@@ -93,7 +93,10 @@ pub struct RawTenant {
     pub max_concurrency: Option<usize>,
     /// Slots it gets before any tenant above its own reservation. Default: 0.
     pub reserved: Option<usize>,
-    /// Messages its consumer holds unsettled. Default: twice the slots it may use.
+    /// Messages its consumer holds unsettled. Default: 16 per slot it may use (a quarter of a
+    /// single-tenant worker's window): small enough that a flood stays in the broker, large
+    /// enough that acks are batched (a window of 2 made RabbitMQ ack every message, which
+    /// cost the other tenant's p99 on a 2-core machine: BENCHMARKS.md).
     pub prefetch: Option<usize>,
     /// The most memory its running tasks may be limited to, together, e.g. `512MiB`.
     pub memory_budget: Option<String>,
@@ -321,7 +324,7 @@ impl TenantConfig {
                 format!("{reserved} reserved slots exceed its max_concurrency {max_concurrency}"),
             ));
         }
-        let prefetch = raw.prefetch.unwrap_or(2 * max_concurrency).max(1);
+        let prefetch = raw.prefetch.unwrap_or(16 * max_concurrency).max(1);
         let memory_budget = raw
             .memory_budget
             .map(|m| parse_bytes(&m).map_err(|e| invalid("tenants.memory_budget", name, e)))
@@ -531,7 +534,7 @@ mod tests {
         assert!(error.contains("result backend"), "{error}");
         let ok = tenant(BASE).unwrap();
         assert_eq!(ok.result_backend, "sqlite://a.db");
-        assert_eq!((ok.max_concurrency, ok.reserved, ok.prefetch), (4, 0, 8));
+        assert_eq!((ok.max_concurrency, ok.reserved, ok.prefetch), (4, 0, 64));
     }
 
     #[test]

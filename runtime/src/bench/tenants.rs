@@ -321,7 +321,7 @@ async fn measure(
                     WorkerOptions {
                         queues: vec![queue.into()],
                         concurrency: cap,
-                        prefetch: Some(2 * cap),
+                        prefetch: Some(16 * cap),
                         ..base.clone()
                     },
                     slots.clone(),
