@@ -19,6 +19,7 @@ mod demo;
 mod endpoints;
 mod exit;
 mod plugins;
+mod process;
 mod result;
 mod revoke;
 mod send;

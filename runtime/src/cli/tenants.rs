@@ -11,7 +11,7 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use super::exit::{ExitStatus, Failure};
-use super::worker::{default_state_file, shutdown_signal};
+use super::process::{default_state_file, shutdown_signal};
 use crate::broker::amqp::AmqpOptions;
 use crate::config::WorkerConfig;
 use crate::engine::{Sandbox, TenantLimits};

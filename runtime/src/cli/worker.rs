@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::args::EngineArgs;
 use super::endpoints::{Endpoints, connect_broker};
 use super::exit::{ExitStatus, Failure};
+use super::process::{default_state_file, shutdown_signal};
 use crate::config::{RawConfig, RawLimits};
 use crate::engine::Sandbox;
 use crate::registry::Registry;
@@ -117,39 +118,6 @@ impl WorkerArgs {
     }
 }
 
-/// Completes at the first SIGINT or SIGTERM; a second one exits the process at once.
-pub(super) async fn shutdown_signal() {
-    let first = wait_for_signal().await;
-    tracing::warn!("{first}: finishing running tasks (send it again to exit at once)");
-    tokio::spawn(async {
-        let second = wait_for_signal().await;
-        eprintln!("{second} again: exiting now; unfinished messages will be redelivered");
-        std::process::exit(130);
-    });
-}
-
-async fn wait_for_signal() -> &'static str {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-                _ = term.recv() => "SIGTERM",
-            },
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                "SIGINT"
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        "Ctrl-C"
-    }
-}
-
 /// Runs a worker until the first SIGINT or SIGTERM, once its running tasks have finished.
 pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
     let config = args.endpoints.resolve(args.raw())?;
@@ -204,16 +172,6 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
     watcher.abort();
     tracing::info!(?stats, "bye");
     Ok(())
-}
-
-/// Where a worker remembers revoked ids by default: `.wasmq/state/<node>.revoked.json`, or
-/// `<node>.<tenant>.revoked.json` for one tenant of several.
-pub(super) fn default_state_file(node_name: &str, tenant: Option<&str>) -> PathBuf {
-    let node = node_name.replace(['/', '\\'], "_");
-    PathBuf::from(".wasmq/state").join(match tenant {
-        Some(tenant) => format!("{node}.{tenant}.revoked.json"),
-        None => format!("{node}.revoked.json"),
-    })
 }
 
 /// Pool slots: the running tasks plus headroom for describe calls during hot deploys.
