@@ -40,10 +40,11 @@ pub(super) async fn run(args: StatusArgs) -> Result<(), Failure> {
                 "{:<16} {:<12} {:>8} {:>8} {:>9} {:>9}",
                 tenant["tenant"].as_str().unwrap_or("-"),
                 tenant["state"].as_str().unwrap_or("unknown"),
-                tenant["running"],
-                tenant["queued"],
-                tenant["finished"],
-                tenant["failed"],
+                // A JSON value ignores the width; its text does not.
+                tenant["running"].to_string(),
+                tenant["queued"].to_string(),
+                tenant["finished"].to_string(),
+                tenant["failed"].to_string(),
             );
         }
     }
