@@ -331,17 +331,8 @@ impl TenantConfig {
             .transpose()?;
         let limits = overrides("tenants.limits", name, raw.limits)?;
         let own_ceiling = overrides("tenants.ceiling", name, raw.ceiling)?;
-        let ceiling = Limits {
-            fuel: own_ceiling.fuel.unwrap_or(ceiling.fuel).min(ceiling.fuel),
-            memory_bytes: own_ceiling
-                .memory_bytes
-                .unwrap_or(ceiling.memory_bytes)
-                .min(ceiling.memory_bytes),
-            timeout: own_ceiling
-                .timeout
-                .unwrap_or(ceiling.timeout)
-                .min(ceiling.timeout),
-        };
+        // What the tenant says, else the worker's ceiling; never above the worker's.
+        let ceiling = Limits::resolve(own_ceiling, ceiling, ceiling);
 
         let mut dirs = BTreeMap::new();
         for (guest, dir) in raw.dirs.unwrap_or_default() {

@@ -136,6 +136,19 @@ async fn admin_redis() -> redis::aio::MultiplexedConnection {
         .expect("connect to Redis")
 }
 
+/// Messages ready in `queue`, by a passive declare on `channel`.
+async fn messages_in(channel: &lapin::Channel, queue: &str) -> u32 {
+    let options = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue.into(), options, lapin::types::FieldTable::default())
+        .await
+        .expect("the queue exists")
+        .message_count()
+}
+
 /// A folder holding copies of the bundled plugins named in `names`.
 fn plugin_folder(root: &Path, tenant: &str, names: &[&str]) -> PathBuf {
     let folder = root.join(tenant).join("plugins");
@@ -461,38 +474,10 @@ reserved = 1
         assert_eq!(status_b["succeeded"], json!(4), "{status_b}");
         assert_eq!(status_b["failed"], json!(0), "{status_b}");
         assert_eq!(status_b["revoked"], json!(0), "{status_b}");
-        let declared = channel_b
-            .queue_declare(
-                reply_queue.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            declared.message_count(),
-            0,
-            "tenant a's reply reached b's reply queue"
-        );
-        let b_queue = channel_b
-            .queue_declare(
-                "work-b".into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            b_queue.message_count(),
-            0,
-            "tenant a's callback reached b's queue"
-        );
+        let declared = messages_in(&channel_b, &reply_queue).await;
+        assert_eq!(declared, 0, "tenant a's reply reached b's reply queue");
+        let b_queue = messages_in(&channel_b, "work-b").await;
+        assert_eq!(b_queue, 0, "tenant a's callback reached b's queue");
         let _ = reply_b.close(200, "OK".into()).await;
 
         // `wasmq status` lists both tenants.
@@ -504,22 +489,8 @@ reserved = 1
                 .await
                 .unwrap();
         let channel_a = in_a.create_channel().await.unwrap();
-        let parked = channel_a
-            .queue_declare(
-                "work-b".into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            parked.message_count(),
-            1,
-            "a's callback is in a's own vhost"
-        );
+        let parked = messages_in(&channel_a, "work-b").await;
+        assert_eq!(parked, 1, "a's callback is in a's own vhost");
         let _ = in_a.close(200, "OK".into()).await;
         let printed = Command::new(env!("CARGO_BIN_EXE_wasmq"))
             .args(["status", "--status-file"])

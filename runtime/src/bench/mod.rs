@@ -71,18 +71,36 @@ fn queue_name(what: &str) -> String {
 async fn publish_adds(
     client: &Client,
     n: usize,
+    each_publisher_done: impl FnMut(),
+) -> anyhow::Result<()> {
+    publish_tasks(
+        client,
+        "math.add",
+        |i| vec![json!(i), json!(i)],
+        n,
+        each_publisher_done,
+    )
+    .await
+}
+
+/// Publishes `n` × `task` (results off), the `i`-th with `args(i)`, with 8 concurrent
+/// publishers; calls `each_publisher_done` as each publisher finishes.
+async fn publish_tasks(
+    client: &Client,
+    task: &str,
+    args: impl Fn(usize) -> Vec<serde_json::Value> + Clone + Send + 'static,
+    n: usize,
     mut each_publisher_done: impl FnMut(),
 ) -> anyhow::Result<()> {
     let mut publishers = Vec::new();
     for p in 0..8 {
-        let client = client.clone();
+        let (client, task, args) = (client.clone(), task.to_owned(), args.clone());
         publishers.push(tokio::spawn(async move {
             for i in (p..n).step_by(8) {
-                let value = json!(i);
                 client
                     .send_task(
-                        "math.add",
-                        vec![value.clone(), value],
+                        &task,
+                        args(i),
                         Map::new(),
                         SendOptions {
                             ignore_result: Some(true),

@@ -213,30 +213,7 @@ fn place(options: &TenantsOptions, mode: Mode, folder: &std::path::Path) -> anyh
 /// Publishes `n` × `task(args)` with 8 publishers, results off.
 async fn backlog(client: &Client, task: &str, args: Value, n: usize) -> anyhow::Result<()> {
     let args = args.as_array().cloned().unwrap_or_default();
-    let mut publishers = Vec::new();
-    for p in 0..8 {
-        let (client, args, task) = (client.clone(), args.clone(), task.to_owned());
-        publishers.push(tokio::spawn(async move {
-            for _ in (p..n).step_by(8) {
-                client
-                    .send_task(
-                        &task,
-                        args.clone(),
-                        Map::new(),
-                        SendOptions {
-                            ignore_result: Some(true),
-                            ..SendOptions::default()
-                        },
-                    )
-                    .await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for publisher in publishers {
-        publisher.await??;
-    }
-    Ok(())
+    super::publish_tasks(client, task, move |_| args.clone(), n, || {}).await
 }
 
 /// Runs one measurement: the workers start with A's backlog queued, B probes for the window.

@@ -15,7 +15,7 @@ use super::Shared;
 use super::decision::Interruption;
 use crate::broker::Delivery;
 use crate::engine::{
-    CallError, CallReport, CallRequest, CancelToken, LimitOverrides, MessageInfo,
+    CallError, CallReport, CallRequest, CancelToken, LimitOverrides, Limits, MessageInfo,
     MessageProperties, Outcome, Plugin, StateListener, redact,
 };
 use crate::protocol::{TaskMessage, format_time, unwrap_kombu_values};
@@ -186,13 +186,23 @@ fn call_request(
 /// declaration, the tenant's and the worker's defaults, clamped by the ceilings): what its
 /// slot charges to the tenant's memory budget. 0 when the task cannot run.
 pub(super) fn memory_limit(shared: &Shared, plugin: &Plugin, task: &str) -> u64 {
-    let mut request = CallRequest::new(task, "[]");
-    request.tenant_limits = shared.options.tenant.as_ref().and_then(|t| t.limits);
-    shared
-        .registry
-        .sandbox()
-        .limits_for(plugin, &request)
-        .map_or(0, |limits| limits.memory_bytes)
+    // The same layers `Sandbox::limits_for` resolves, without building a request per task
+    // (a message cannot change the memory limit).
+    let config = shared.registry.sandbox().config();
+    plugin.task(task).map_or(0, |info| {
+        Limits::for_call(
+            LimitOverrides::default(),
+            info.limits,
+            shared
+                .options
+                .tenant
+                .as_ref()
+                .and_then(|t| t.limits.as_ref()),
+            config.defaults,
+            config.ceiling,
+        )
+        .memory_bytes
+    })
 }
 
 /// Stores `update_state` reports as custom states.
