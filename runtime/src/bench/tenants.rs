@@ -47,6 +47,8 @@ pub(crate) struct TenantsOptions {
     pub(crate) probe_rate: f64,
     /// The worker's slots.
     pub(crate) concurrency: usize,
+    /// Only the runs with two tenants.
+    pub(crate) fair_only: bool,
     /// The sandbox (its defaults are what A's hostile tasks run into).
     pub(crate) sandbox: SandboxConfig,
 }
@@ -424,9 +426,16 @@ pub(crate) async fn run(options: TenantsOptions) -> anyhow::Result<()> {
         limits.memory_bytes >> 20,
         limits.timeout,
     );
-    println!("| scenario | mode | B p50 | B p99 | R (p99 / alone) | A tasks/s | missed probes |");
-    println!("|---|---|---|---|---|---|---|");
-    for mode in [Mode::Fifo, Mode::Fair] {
+    println!(
+        "| scenario | mode | B p50 | B p95 | B p99 | R (p99 / alone) | A tasks/s | missed probes |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let modes: &[Mode] = if options.fair_only {
+        &[Mode::Fair]
+    } else {
+        &[Mode::Fifo, Mode::Fair]
+    };
+    for &mode in modes {
         let alone = measure(
             &options,
             &sandbox,
@@ -446,7 +455,7 @@ pub(crate) async fn run(options: TenantsOptions) -> anyhow::Result<()> {
     }
     println!("\n| scenario | mode | A tasks/s | B tasks/s | Jain's index |");
     println!("|---|---|---|---|---|");
-    for mode in [Mode::Fifo, Mode::Fair] {
+    for &mode in modes {
         let both = measure(
             &options,
             &sandbox,
@@ -471,13 +480,15 @@ pub(crate) async fn run(options: TenantsOptions) -> anyhow::Result<()> {
 
 fn row(load: Load, mode: Mode, measured: &Measured, alone_p99: f64) {
     let p50 = percentile(&measured.probes, 50.0);
+    let p95 = percentile(&measured.probes, 95.0);
     let p99 = percentile(&measured.probes, 99.0);
     let bound = if measured.missed > 0 { "≥ " } else { "" };
     println!(
-        "| {} | {} | {:.2} ms | {bound}{:.2} ms | {bound}{:.2} | {:.1} | {} of {} |",
+        "| {} | {} | {:.2} ms | {bound}{:.2} ms | {bound}{:.2} ms | {bound}{:.2} | {:.1} | {} of {} |",
         load.label(),
         mode.label(),
         p50,
+        p95,
         p99,
         if alone_p99 > 0.0 {
             p99 / alone_p99

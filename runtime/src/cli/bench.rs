@@ -50,6 +50,10 @@ pub(super) struct TenantsArgs {
     /// The worker's slots.
     #[arg(long, short = 'c', default_value_t = 2)]
     concurrency: usize,
+    /// Only the runs with two tenants (skips the FIFO baseline, whose starved probes take
+    /// the longest).
+    #[arg(long)]
+    fair_only: bool,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -171,6 +175,7 @@ pub(super) async fn run(command: BenchCommand) -> Result<(), Failure> {
                 window,
                 probe_rate: args.probe_rate,
                 concurrency: args.concurrency,
+                fair_only: args.fair_only,
                 sandbox,
             })
             .await
