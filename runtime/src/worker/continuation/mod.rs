@@ -16,6 +16,17 @@
 //!
 //! Broker or backend outages are transient: the message is released and the task runs
 //! again (pre-assigned ids and the chord counter's de-duplication keep that idempotent).
+//!
+//! **A tenant's follow-ups stay in its broker.** A tenant's worker declares only its own
+//! queues; a follow-up for any other queue is published only into one that already exists
+//! in the tenant's broker (`Declaring::Only`, [`crate::broker::Broker::publish_existing`]).
+//! One naming a queue that does not exist (say another tenant's) is never released for
+//! redelivery — it would fail the same way — and never dropped: the sender sees a FAILURE
+//! `QueueNotFound` naming the follow-up, the queue and the tenant. Before the result is
+//! stored (a callback, the next step) it is the task's own result, and the chain's remaining
+//! steps get it as any failure; after (an errback, a chord body) it is stored under the
+//! follow-up's pre-assigned id — a chord body's as Celery's `ChordError("Callback error:
+//! …")`. Each is logged at error level with the task's id.
 
 mod chord;
 
@@ -25,7 +36,7 @@ use std::pin::Pin;
 use serde_json::{Value, json};
 
 use super::Shared;
-use crate::canvas::{CanvasError, Dispatch, Kind, Signature};
+use crate::canvas::{CanvasError, Declaring, Dispatch, Kind, Signature};
 use crate::protocol::TaskMessage;
 use crate::results::{ChordPart, ExceptionInfo, ReplyTo, ResultMeta, TaskState};
 
@@ -51,13 +62,37 @@ pub(super) async fn before_store(
             meta.children = children;
             true
         }
-        Err(error) if error.is_transient() => {
+        Err((_, error)) if error.is_transient() => {
             tracing::warn!(task_id = %message.id, error = &error as &dyn std::error::Error, "cannot continue the workflow; releasing the message");
             false
         }
-        Err(error) => {
-            tracing::error!(task_id = %message.id, error = &error as &dyn std::error::Error, "the workflow cannot continue");
-            let exception = unrunnable(&error);
+        Err((follow_up, error)) => {
+            let exception = match &error {
+                CanvasError::QueueNotFound {
+                    task,
+                    task_id,
+                    queue,
+                } => {
+                    let missing = MissingQueue {
+                        follow_up,
+                        task,
+                        task_id,
+                        queue,
+                    };
+                    // Whoever waits on the follow-up itself is answered too.
+                    match missing.fail(shared, message, &message.id).await {
+                        Ok(exception) => exception,
+                        Err(error) => {
+                            tracing::warn!(task_id = %message.id, error = &error as &dyn std::error::Error, "cannot store the failure of a follow-up; releasing the message");
+                            return false;
+                        }
+                    }
+                }
+                _ => {
+                    tracing::error!(task_id = %message.id, error = &error as &dyn std::error::Error, "the workflow cannot continue");
+                    unrunnable(&error)
+                }
+            };
             let mut failed = ResultMeta::failure(&message.id, &exception);
             failed.parent_id = meta.parent_id.take();
             failed.group_id = meta.group_id.take();
@@ -65,6 +100,81 @@ pub(super) async fn before_store(
             *meta = failed;
             true
         }
+    }
+}
+
+/// A follow-up a task publishes, as the sender's error names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FollowUp {
+    /// A `link` signature, run with the task's result.
+    Callback,
+    /// The chain's next step.
+    ChainStep,
+    /// A chord's body, published by the header member that completes it.
+    ChordBody,
+    /// A `link_error` signature, run with a failed task's id.
+    Errback,
+}
+
+impl std::fmt::Display for FollowUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FollowUp::Callback => "callback",
+            FollowUp::ChainStep => "next chain step",
+            FollowUp::ChordBody => "chord body",
+            FollowUp::Errback => "errback",
+        })
+    }
+}
+
+/// A follow-up (task `task`, pre-assigned id `task_id`) that names `queue`, which does not
+/// exist in its tenant's broker ([`CanvasError::QueueNotFound`]).
+pub(super) struct MissingQueue<'e> {
+    pub(super) follow_up: FollowUp,
+    pub(super) task: &'e str,
+    pub(super) task_id: &'e str,
+    pub(super) queue: &'e str,
+}
+
+impl MissingQueue<'_> {
+    /// What the sender reads, e.g. `the callback math.add names queue 'work-b', which does
+    /// not exist in tenant a's broker`.
+    pub(super) fn text(&self, tenant: &str) -> String {
+        format!(
+            "the {} {} names queue '{}', which does not exist in tenant {tenant}'s broker",
+            self.follow_up, self.task, self.queue
+        )
+    }
+
+    /// The exception stored for it: `QueueNotFound`.
+    pub(super) fn exception(&self, tenant: &str) -> ExceptionInfo {
+        ExceptionInfo::new("QueueNotFound", "wasmq.exceptions", self.text(tenant))
+    }
+
+    /// Logs it (at error level, with the publishing task's id) and stores the exception
+    /// under the follow-up's own id, child of `parent_id`, so whoever waits on it is
+    /// answered. Returns the exception.
+    pub(super) async fn fail(
+        &self,
+        shared: &Shared,
+        message: &TaskMessage,
+        parent_id: &str,
+    ) -> Result<ExceptionInfo, CanvasError> {
+        let tenant = shared.options.tenant_name();
+        tracing::error!(
+            task_id = %message.id,
+            tenant,
+            follow_up_id = %self.task_id,
+            queue = %self.queue,
+            "a follow-up cannot be published: {}",
+            self.text(tenant)
+        );
+        let exception = self.exception(tenant);
+        let mut failed = ResultMeta::failure(self.task_id, &exception);
+        failed.parent_id = Some(parent_id.to_owned());
+        failed.worker = Some(shared.options.node_name.clone());
+        store(shared, message, &failed).await?;
+        Ok(exception)
     }
 }
 
@@ -85,52 +195,73 @@ pub(super) fn source_text(error: &CanvasError) -> String {
     }
 }
 
+/// Publishes the callbacks, then the next chain step; an error says which of them failed.
 async fn continue_success(
     shared: &Shared,
     queue: &str,
     message: &TaskMessage,
     meta: &ResultMeta,
-) -> Result<Vec<Value>, CanvasError> {
+) -> Result<Vec<Value>, (FollowUp, CanvasError)> {
+    let as_callback = |error| (FollowUp::Callback, error);
+    let as_step = |error| (FollowUp::ChainStep, error);
     let embed = &message.embed;
     let callbacks = embed
         .callbacks
         .iter()
         .flatten()
         .map(Signature::from_value)
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(as_callback)?;
     let chain = embed.chain.as_deref().unwrap_or_default();
-    let next = chain.last().map(Signature::from_value).transpose()?;
+    let next = chain
+        .last()
+        .map(Signature::from_value)
+        .transpose()
+        .map_err(as_step)?;
     // Check everything before publishing anything.
-    for sig in callbacks.iter().chain(next.as_ref()) {
-        sig.validate()?;
+    for callback in &callbacks {
+        callback.validate().map_err(as_callback)?;
+    }
+    if let Some(next) = &next {
+        next.validate().map_err(as_step)?;
     }
     let dispatch = dispatch(shared, message, queue);
     let mut children = Vec::new();
     for callback in &callbacks {
         let mut callback = callback.clone();
-        callback.freeze()?;
+        callback.freeze().map_err(as_callback)?;
         dispatch
             .apply(&callback, Some(&meta.result), Vec::new())
-            .await?;
+            .await
+            .map_err(as_callback)?;
         children.extend(child_tuple(&callback));
     }
     if let Some(mut next) = next {
-        next.freeze()?;
+        next.freeze().map_err(as_step)?;
         let rest = chain[..chain.len() - 1].to_vec();
-        dispatch.apply(&next, Some(&meta.result), rest).await?;
+        dispatch
+            .apply(&next, Some(&meta.result), rest)
+            .await
+            .map_err(as_step)?;
         children.extend(child_tuple(&next));
     }
     Ok(children)
 }
 
 /// Publishes on behalf of `message` (the workflow's parent of what it publishes), which
-/// came from `queue`: unrouted tasks go back to that queue.
+/// came from `queue`: unrouted tasks go back to that queue. A tenant's worker declares only
+/// its own queues; any other must exist in its broker.
 fn dispatch<'a>(shared: &'a Shared, message: &TaskMessage, queue: &str) -> Dispatch<'a> {
+    let declaring = match &shared.options.tenant {
+        Some(_) => Declaring::Only(&shared.options.queues),
+        None => Declaring::Any,
+    };
     Dispatch {
         broker: shared.broker.as_ref(),
         backend: shared.backend.as_ref(),
         routes: &shared.options.routes,
         queue: queue.to_owned(),
+        declaring,
         root_id: Some(
             message
                 .root_id
@@ -193,7 +324,7 @@ async fn after_store_inner(
     }
     if meta.status == TaskState::Failure {
         let errbacks = message.embed.errbacks.iter().flatten();
-        publish_errbacks(&dispatch, errbacks, &message.id).await?;
+        publish_errbacks(shared, message, &dispatch, errbacks, &message.id).await?;
     }
     Ok(())
 }
@@ -277,9 +408,13 @@ fn string_option(sig: &Signature, key: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Publishes errbacks with `[failed_id]` prepended (unless immutable). A malformed errback
-/// is logged and skipped: the failure it would report is already stored.
+/// Publishes errbacks with `[failed_id]` prepended (unless immutable), on behalf of
+/// `message`. A malformed errback is logged and skipped: the failure it would report is
+/// already stored. One naming a queue its tenant's broker lacks gets that failure stored
+/// under its own id.
 pub(super) async fn publish_errbacks(
+    shared: &Shared,
+    message: &TaskMessage,
     dispatch: &Dispatch<'_>,
     errbacks: impl Iterator<Item = &Value>,
     failed_id: &str,
@@ -293,6 +428,19 @@ pub(super) async fn publish_errbacks(
         });
         match sig {
             Ok(sig) => match dispatch.apply(&sig, Some(&id), Vec::new()).await {
+                Err(CanvasError::QueueNotFound {
+                    task,
+                    task_id,
+                    queue,
+                }) => {
+                    let missing = MissingQueue {
+                        follow_up: FollowUp::Errback,
+                        task: &task,
+                        task_id: &task_id,
+                        queue: &queue,
+                    };
+                    missing.fail(shared, message, failed_id).await?;
+                }
                 Err(error) if !error.is_transient() => {
                     tracing::error!(task_id = %failed_id, error = &error as &dyn std::error::Error, "an errback cannot run");
                 }
@@ -323,4 +471,41 @@ pub(super) async fn store(
         });
     shared.backend.store(meta, reply.as_ref()).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_queue_names_the_follow_up_the_queue_and_the_tenant() {
+        let missing = |follow_up| MissingQueue {
+            follow_up,
+            task: "math.add",
+            task_id: "1",
+            queue: "work-b",
+        };
+        assert_eq!(
+            missing(FollowUp::Callback).text("a"),
+            "the callback math.add names queue 'work-b', which does not exist in tenant a's broker"
+        );
+        let exception = missing(FollowUp::ChordBody).exception("acme");
+        assert_eq!(exception.exc_type, "QueueNotFound");
+        assert_eq!(
+            exception.exc_message,
+            [Value::from(
+                "the chord body math.add names queue 'work-b', which does not exist in tenant acme's broker"
+            )]
+        );
+        assert!(
+            missing(FollowUp::ChainStep)
+                .text("a")
+                .starts_with("the next chain step math.add")
+        );
+        assert!(
+            missing(FollowUp::Errback)
+                .text("a")
+                .starts_with("the errback")
+        );
+    }
 }
