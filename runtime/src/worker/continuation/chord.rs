@@ -13,6 +13,10 @@
 //!   chain keeps the rest of the workflow).
 //! * A backend without chords (rpc) fails the body with `NotImplementedError` instead of
 //!   leaving its waiter hanging.
+//! * A body that cannot be published fails with `ChordError("Callback error: …")`, as
+//!   Celery's does — for a tenant's body naming a queue its broker lacks, `Callback error:
+//!   QueueNotFound: the chord body <task> names queue '<queue>', which does not exist in
+//!   tenant <id>'s broker`.
 
 use std::collections::HashMap;
 use std::future::Future;
