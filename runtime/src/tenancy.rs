@@ -7,7 +7,9 @@
 //! everything a tenant's messages can reach (queues, results, revocations, remote control,
 //! canvas follow-ups, rpc replies) stays in that tenant's vhost or file: the tenant of a
 //! message is where it came from, never a header a client sets, so unmodified Celery clients
-//! need no change.
+//! need no change. A tenant's worker declares only the tenant's `queues`; a follow-up naming
+//! a queue its broker lacks fails for its sender (`QueueNotFound`) instead of creating one,
+//! and an rpc reply to a queue its vhost lacks is logged (see `worker::continuation`).
 //!
 //! What tenants share is the worker's task slots, handed out fairly by [`crate::fair`]
 //! (`weight`, `max_concurrency`, `reserved`, `memory_budget`), the sandbox engine and the

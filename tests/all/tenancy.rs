@@ -149,6 +149,23 @@ async fn messages_in(channel: &lapin::Channel, queue: &str) -> u32 {
         .message_count()
 }
 
+/// Whether `queue` exists in `connection`'s vhost, by a passive declare on a channel of its
+/// own (RabbitMQ closes the channel when the queue does not exist).
+async fn queue_exists(connection: &lapin::Connection, queue: &str) -> bool {
+    let channel = connection.create_channel().await.unwrap();
+    let options = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), options, lapin::types::FieldTable::default())
+        .await;
+    if declared.is_ok() {
+        let _ = channel.close(200, "OK".into()).await;
+    }
+    declared.is_ok()
+}
+
 /// A folder holding copies of the bundled plugins named in `names`.
 fn plugin_folder(root: &Path, tenant: &str, names: &[&str]) -> PathBuf {
     let folder = root.join(tenant).join("plugins");
@@ -192,7 +209,12 @@ impl WorkerProcess {
             .spawn()
             .expect("start wasmq worker");
         let worker = Self { child, log, status };
-        worker.wait_for_log("worker ready", 2);
+        // One "worker ready" per `[tenants.<id>]` table.
+        let tenants = config
+            .lines()
+            .filter(|line| line.starts_with("[tenants.") && line.matches('.').count() == 1)
+            .count();
+        worker.wait_for_log("worker ready", tenants.max(1));
         worker
     }
 
@@ -265,18 +287,53 @@ impl Drop for WorkerProcess {
     }
 }
 
-/// A client of one tenant: its broker URL, its result backend (under `prefix`).
-fn client(broker: &str, results: &str, prefix: Option<&str>) -> Client {
-    let broker = wasmq::broker::connect(broker).expect("broker");
+/// A client of one tenant: its broker URL, its result backend (under `prefix`; rpc over
+/// its broker).
+fn client(broker_url: &str, results: &str, prefix: Option<&str>) -> Client {
+    let broker = wasmq::broker::connect(broker_url).expect("broker");
     let backend: Arc<dyn wasmq::results::ResultBackend> = match prefix {
         Some(prefix) => Arc::new(
             wasmq::results::redis::RedisResultBackend::new(results, Duration::from_secs(600))
                 .unwrap()
                 .with_key_prefix(prefix),
         ),
-        None => wasmq::results::connect(results, Duration::from_secs(600), "").unwrap(),
+        None => wasmq::results::connect(results, Duration::from_secs(600), broker_url).unwrap(),
     };
     Client::new(broker, backend)
+}
+
+/// A `math.add(1, 2)` message of `client` with one callback, `math.add(100)` to `queue`.
+fn linked_to(client: &Client, queue: &str) -> wasmq::protocol::TaskMessage {
+    let mut linked = client.build_message(
+        "math.add",
+        vec![json!(1), json!(2)],
+        Map::new(),
+        &SendOptions::default(),
+    );
+    linked.embed.callbacks = Some(vec![json!({
+        "task": "math.add", "args": [100], "kwargs": {},
+        "options": {"queue": queue}, "subtask_type": null, "immutable": false,
+    })]);
+    linked
+}
+
+/// The exception type and message of a task failure.
+fn failure(error: &GetError) -> (String, String) {
+    match error {
+        GetError::Failed { exception, .. } => (
+            exception.exc_type.clone(),
+            exception
+                .exc_message
+                .iter()
+                .map(|part| {
+                    part.as_str()
+                        .map_or_else(|| part.to_string(), str::to_owned)
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        other => panic!("not a task failure: {other}"),
+    }
 }
 
 async fn call(client: &Client, task: &str, args: Value) -> Result<Value, GetError> {
@@ -304,6 +361,8 @@ fn two_tenants_on_rabbitmq_vhosts_and_redis_acl_users_cannot_reach_each_other() 
     let id = unique_queue("tenant").replace("wasmq-test-tenant-", "");
     let (name_a, name_b) = (format!("wasmq-ta-{id}"), format!("wasmq-tb-{id}"));
     let (vhost_a, vhost_b) = (Vhost::new(&name_a), Vhost::new(&name_b));
+    // A third tenant whose results travel as rpc replies over its own vhost.
+    let vhost_c = Vhost::new(&format!("wasmq-tc-{id}"));
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
     rt.block_on(async {
@@ -312,6 +371,7 @@ fn two_tenants_on_rabbitmq_vhosts_and_redis_acl_users_cannot_reach_each_other() 
         // namespaces, both with their own `math.add`.
         let plugins_a = plugin_folder(dir.path(), "a", &["math", "hostile"]);
         let plugins_b = plugin_folder(dir.path(), "b", &["math", "text"]);
+        let plugins_c = plugin_folder(dir.path(), "c", &["math"]);
         let config = format!(
             r#"
 concurrency = 2
@@ -329,6 +389,11 @@ result_prefix = "{prefix_b}"
 queues = ["work-b"]
 plugins = "{plugins_b}"
 reserved = 1
+[tenants.c]
+broker = "{broker_c}"
+result_backend = "rpc://"
+queues = ["work-c"]
+plugins = "{plugins_c}"
 "#,
             broker_a = vhost_a.url(),
             results_a = redis_a.url(),
@@ -338,6 +403,8 @@ reserved = 1
             results_b = redis_b.url(),
             prefix_b = redis_b.prefix,
             plugins_b = plugins_b.display(),
+            broker_c = vhost_c.url(),
+            plugins_c = plugins_c.display(),
         );
         let worker = WorkerProcess::start(dir.path(), &config);
         let a = client(&vhost_a.url(), &redis_a.url(), Some(&redis_a.prefix))
@@ -409,19 +476,63 @@ reserved = 1
             "{refused}"
         );
 
-        // A callback naming tenant b's queue, sent by tenant a, stays in a's vhost.
-        let mut linked = a.build_message(
-            "math.add",
-            vec![json!(1), json!(2)],
-            Map::new(),
-            &SendOptions::default(),
+        // A callback naming tenant b's queue, sent by tenant a: a's vhost has no such queue,
+        // and a's worker creates none. The sender's result says so.
+        let linked = a
+            .send_message(&linked_to(&a, "work-b"), Some("work-a"))
+            .await
+            .unwrap();
+        let refused = linked.get(WAIT).await.unwrap_err();
+        assert_eq!(
+            failure(&refused),
+            (
+                "QueueNotFound".into(),
+                "the callback math.add names queue 'work-b', which does not exist in tenant a's broker"
+                    .into()
+            ),
+            "{refused}"
         );
-        linked.embed.callbacks = Some(vec![json!({
-            "task": "math.add", "args": [100], "kwargs": {},
-            "options": {"queue": "work-b"}, "subtask_type": null, "immutable": false,
-        })]);
-        let linked = a.send_message(&linked, Some("work-a")).await.unwrap();
-        assert_eq!(linked.get(WAIT).await.unwrap(), json!(3));
+        worker.wait_for_log(
+            "a follow-up cannot be published: the callback math.add names queue 'work-b'",
+            1,
+        );
+        assert!(
+            worker.log().lines().any(|line| line.contains("ERROR")
+                && line.contains(&linked.id)
+                && line.contains("work-b")),
+            "an error line with the task id:\n{}",
+            worker.log()
+        );
+
+        // A callback to a queue that exists in a's vhost, though a's worker does not
+        // consume it, is delivered there: legitimate routing still works.
+        let in_a =
+            lapin::Connection::connect(&vhost_a.url(), lapin::ConnectionProperties::default())
+                .await
+                .unwrap();
+        let channel_a = in_a.create_channel().await.unwrap();
+        let side = format!("side-{id}");
+        channel_a
+            .queue_declare(
+                side.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let routed = a
+            .send_message(&linked_to(&a, &side), Some("work-a"))
+            .await
+            .unwrap();
+        assert_eq!(routed.get(WAIT).await.unwrap(), json!(3));
+        assert_eq!(
+            messages_in(&channel_a, &side).await,
+            1,
+            "the callback waits in a's own queue"
+        );
 
         // A reply_to naming tenant b's reply queue, sent by tenant a, never reaches it.
         let reply_b =
@@ -449,7 +560,26 @@ reserved = 1
         assert_eq!(
             spoofed.get(WAIT).await.unwrap(),
             json!(8),
-            "stored in a's backend"
+            "stored in a's backend (Redis: the reply_to is not used)"
+        );
+        // With rpc results, the reply is published to the reply_to — in the sender's own
+        // vhost, which has no such queue: the worker says so instead of losing it silently.
+        let c = client(&vhost_c.url(), "rpc://", None).with_default_queue("work-c");
+        assert_eq!(call(&c, "math.add", json!([6, 1])).await.unwrap(), json!(7));
+        let mut spoofed = c.build_message(
+            "math.add",
+            vec![json!(4), json!(4)],
+            Map::new(),
+            &SendOptions::default(),
+        );
+        spoofed.reply_to = Some(reply_queue.clone());
+        let spoofed = c.send_message(&spoofed, Some("work-c")).await.unwrap();
+        worker.wait_for_log(
+            &format!(
+                "the rpc reply of task {} was not delivered: reply queue {reply_queue:?} does not exist in tenant c's broker",
+                spoofed.id
+            ),
+            1,
         );
 
         // A revoke of tenant b's task id, sent by tenant a, does not touch b's task.
@@ -480,17 +610,21 @@ reserved = 1
         assert_eq!(b_queue, 0, "tenant a's callback reached b's queue");
         let _ = reply_b.close(200, "OK".into()).await;
 
-        // `wasmq status` lists both tenants.
+        // `wasmq status` lists every tenant.
         let status_a = worker.tenant_status("a");
-        assert_eq!(status_a["finished"], json!(4), "{status_a}");
-        // The callback that named b's queue waits in the queue of that name in a's vhost.
-        let in_a =
-            lapin::Connection::connect(&vhost_a.url(), lapin::ConnectionProperties::default())
+        assert_eq!(status_a["finished"], json!(5), "{status_a}");
+        assert_eq!(status_a["failed"], json!(2), "{status_a}");
+        // Neither the callback that named b's queue nor a queue for it is in a's vhost.
+        assert!(
+            !queue_exists(&in_a, "work-b").await,
+            "a's worker declared a queue named after b's"
+        );
+        let in_c =
+            lapin::Connection::connect(&vhost_c.url(), lapin::ConnectionProperties::default())
                 .await
                 .unwrap();
-        let channel_a = in_a.create_channel().await.unwrap();
-        let parked = messages_in(&channel_a, "work-b").await;
-        assert_eq!(parked, 1, "a's callback is in a's own vhost");
+        assert!(!queue_exists(&in_c, &reply_queue).await);
+        let _ = in_c.close(200, "OK".into()).await;
         let _ = in_a.close(200, "OK".into()).await;
         let printed = Command::new(env!("CARGO_BIN_EXE_wasmq"))
             .args(["status", "--status-file"])
@@ -498,7 +632,7 @@ reserved = 1
             .output()
             .unwrap();
         let printed = String::from_utf8_lossy(&printed.stdout);
-        for tenant in ["a ", "b "] {
+        for tenant in ["a ", "b ", "c "] {
             assert!(
                 printed
                     .lines()
@@ -584,6 +718,121 @@ reserved = 1
             status_a["queued"].as_u64().unwrap() <= 32 + 2,
             "a's flood stays in its broker: {status_a}"
         );
+        worker.stop();
+    });
+}
+
+#[test]
+fn a_follow_up_naming_another_tenants_queue_fails_for_its_sender_on_the_embedded_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins_a = plugin_folder(dir.path(), "a", &["math"]);
+    let plugins_b = plugin_folder(dir.path(), "b", &["math"]);
+    let (db_a, db_b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    let config = format!(
+        r#"
+concurrency = 2
+[tenants.a]
+broker = "sqlite://{db_a}"
+queues = ["work-a"]
+plugins = "{plugins_a}"
+[tenants.b]
+broker = "sqlite://{db_b}"
+queues = ["work-b"]
+plugins = "{plugins_b}"
+"#,
+        db_a = db_a.display(),
+        db_b = db_b.display(),
+        plugins_a = plugins_a.display(),
+        plugins_b = plugins_b.display(),
+    );
+    let url = |db: &Path| format!("sqlite://{}", db.display());
+    let a = client(&url(&db_a), &url(&db_a), None).with_default_queue("work-a");
+    let (broker_a, broker_b) = (
+        wasmq::broker::connect(&url(&db_a)).unwrap(),
+        wasmq::broker::connect(&url(&db_b)).unwrap(),
+    );
+    let missing = |follow_up: &str| {
+        format!("the {follow_up} names queue 'work-b', which does not exist in tenant a's broker")
+    };
+    runtime().block_on(async {
+        let worker = WorkerProcess::start(dir.path(), &config);
+
+        // A callback naming b's queue: a's file has no such queue and gets none.
+        let linked = a
+            .send_message(&linked_to(&a, "work-b"), None)
+            .await
+            .unwrap();
+        let refused = linked.get(WAIT).await.unwrap_err();
+        assert_eq!(
+            failure(&refused),
+            ("QueueNotFound".into(), missing("callback math.add")),
+            "{refused}"
+        );
+        assert_eq!(broker_a.queue_length("work-b").await.unwrap(), 0);
+
+        // A queue of a's own file that its clients send to is reached.
+        let to_side = SendOptions {
+            queue: Some("side".into()),
+            ..SendOptions::default()
+        };
+        a.send_task("math.add", vec![json!(0), json!(0)], Map::new(), to_side)
+            .await
+            .unwrap();
+        let routed = a.send_message(&linked_to(&a, "side"), None).await.unwrap();
+        assert_eq!(routed.get(WAIT).await.unwrap(), json!(3));
+        assert_eq!(broker_a.queue_length("side").await.unwrap(), 2);
+
+        // After the result is stored: an errback, then a chord body, naming b's queue. Each
+        // is answered under its own id.
+        let errback_id = uuid::Uuid::new_v4().to_string();
+        let mut failing = a.build_message(
+            "math.div",
+            vec![json!(1), json!(0)],
+            Map::new(),
+            &SendOptions::default(),
+        );
+        failing.embed.errbacks = Some(vec![json!({
+            "task": "math.add", "args": [1], "kwargs": {},
+            "options": {"queue": "work-b", "task_id": errback_id},
+            "subtask_type": null, "immutable": false,
+        })]);
+        let failing = a.send_message(&failing, None).await.unwrap();
+        let failed = failing.get(WAIT).await.unwrap_err();
+        assert_eq!(exception_type(&failed), "ZeroDivisionError", "{failed}");
+        let errback = a.result(&errback_id).get(WAIT).await.unwrap_err();
+        assert_eq!(
+            failure(&errback),
+            ("QueueNotFound".into(), missing("errback math.add")),
+            "{errback}"
+        );
+        let body = wasmq::canvas::chord(
+            [
+                wasmq::canvas::Signature::new("math.add", vec![json!(1), json!(1)]),
+                wasmq::canvas::Signature::new("math.add", vec![json!(2), json!(2)]),
+            ],
+            wasmq::canvas::Signature::new("math.sum", vec![]).with_option("queue", "work-b"),
+        )
+        .apply(&a)
+        .await
+        .unwrap();
+        let chord_error = body.get(WAIT).await.unwrap_err();
+        assert_eq!(
+            failure(&chord_error),
+            (
+                "ChordError".into(),
+                format!(
+                    "Callback error: QueueNotFound: {}",
+                    missing("chord body math.sum")
+                )
+            ),
+            "{chord_error}"
+        );
+        assert_eq!(broker_a.queue_length("work-b").await.unwrap(), 0);
+
+        // Tenant b saw none of it.
+        assert_eq!(broker_b.queue_length("work-b").await.unwrap(), 0);
+        let status_b = worker.tenant_status("b");
+        assert_eq!(status_b["received"], json!(0), "{status_b}");
         worker.stop();
     });
 }

@@ -49,6 +49,17 @@ pub enum BrokerError {
     /// The consumer was closed.
     #[error("the consumer is closed")]
     Closed,
+    /// A publish that may not create its queue ([`Broker::publish_existing`]) named a queue
+    /// that does not exist in this broker: RabbitMQ returned the message as unroutable (or a
+    /// passive declare found no such queue), or the embedded file never declared it. Nothing
+    /// was published, and publishing again would fail the same way.
+    ///
+    /// [`Broker::publish_existing`]: super::Broker::publish_existing
+    #[error("queue {queue:?} does not exist")]
+    QueueNotFound {
+        /// The queue the message was for.
+        queue: String,
+    },
     /// The scheduler holding delayed messages failed.
     #[error(transparent)]
     Scheduler(#[from] super::scheduled::SchedulerError),
@@ -59,7 +70,8 @@ impl BrokerError {
     /// connection or channel was lost, the broker timed out, refused for a passing reason
     /// (a soft error such as a missing queue, a negative confirm) or is restarting. False when
     /// a retry would fail the same way: an unsupported URL, a 406 precondition failure, a
-    /// message that cannot be encoded, a consumer closed on purpose.
+    /// message that cannot be encoded, a consumer closed on purpose, a publish that may not
+    /// create its queue naming one that does not exist.
     pub fn is_transient(&self) -> bool {
         match self {
             BrokerError::Db(error) => error.is_transient(),
@@ -67,9 +79,10 @@ impl BrokerError {
             BrokerError::Refused(_) | BrokerError::Cancelled(_) | BrokerError::NoAnswer { .. } => {
                 true
             }
-            BrokerError::Encode { .. } | BrokerError::UnsupportedUrl(_) | BrokerError::Closed => {
-                false
-            }
+            BrokerError::Encode { .. }
+            | BrokerError::UnsupportedUrl(_)
+            | BrokerError::Closed
+            | BrokerError::QueueNotFound { .. } => false,
             BrokerError::Scheduler(error) => error.is_transient(),
         }
     }
@@ -128,6 +141,11 @@ mod tests {
 
         assert!(!BrokerError::UnsupportedUrl("kafka://x".into()).is_transient());
         assert!(!BrokerError::Closed.is_transient());
+        let missing = BrokerError::QueueNotFound {
+            queue: "work-b".into(),
+        };
+        assert!(!missing.is_transient());
+        assert_eq!(missing.to_string(), r#"queue "work-b" does not exist"#);
         let encode = serde_json::from_str::<serde_json::Value>("{").unwrap_err();
         assert!(
             !BrokerError::Encode {

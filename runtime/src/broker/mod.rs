@@ -261,6 +261,35 @@ pub trait Broker: Send + Sync {
         Ok(Confirmation::settled(Ok(())))
     }
 
+    /// Publishes like [`Broker::publish`], but only into a queue that already exists in this
+    /// broker, declaring nothing. A tenant's worker publishes its tasks' follow-ups
+    /// (callbacks, chain steps, chord bodies, errbacks) this way to every queue but its own,
+    /// so a signature naming a queue its tenant does not have can neither create one nor
+    /// vanish silently. What "exists" means is each broker's:
+    ///
+    /// * RabbitMQ: a queue of that name in the vhost. The message is published `mandatory`
+    ///   and RabbitMQ returns it when no queue takes it; a delayed one (which the delay
+    ///   levels could not return) is published only after a passive declare finds its queue.
+    /// * Embedded: a queue declared in the file — by any consumer of it or any publish that
+    ///   may declare (see [`embedded`]).
+    ///
+    /// # Errors
+    /// [`BrokerError::QueueNotFound`] when the queue does not exist (nothing was published);
+    /// otherwise as [`Broker::publish`].
+    async fn publish_existing(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+        delay: Option<Duration>,
+    ) -> Result<(), BrokerError>;
+
+    /// Whether `queue` exists in this broker, by the rule of [`Broker::publish_existing`];
+    /// declares nothing.
+    ///
+    /// # Errors
+    /// When the broker cannot be asked.
+    async fn queue_exists(&self, queue: &str) -> Result<bool, BrokerError>;
+
     /// Starts consuming `queues`, with at most `prefetch` unsettled deliveries.
     ///
     /// # Errors

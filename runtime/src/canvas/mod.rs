@@ -13,7 +13,7 @@ mod dispatch;
 mod signature;
 mod workflows;
 
-pub(crate) use dispatch::Dispatch;
+pub(crate) use dispatch::{Declaring, Dispatch};
 pub(crate) use signature::option_list;
 pub use signature::{Kind, Signature};
 pub use workflows::{Chain, Chord, Group, chain, chord, group};
@@ -33,6 +33,18 @@ pub enum CanvasError {
     /// A step could not be published.
     #[error("cannot publish a canvas step")]
     Broker(#[from] BrokerError),
+    /// A task names a queue that does not exist in the broker, and its publisher may not
+    /// create it (a tenant's worker publishing a follow-up; see `Declaring`). Nothing of
+    /// that task was published.
+    #[error("{task} [{task_id}] names queue {queue:?}, which does not exist")]
+    QueueNotFound {
+        /// The task's name.
+        task: String,
+        /// Its pre-assigned id, which whoever waits for it waits on.
+        task_id: String,
+        /// The queue it names.
+        queue: String,
+    },
     /// The result backend failed, or cannot count chords (rpc).
     #[error("the result backend failed")]
     Backend(#[from] ResultError),
@@ -41,12 +53,15 @@ pub enum CanvasError {
 impl CanvasError {
     /// True when trying again later may succeed (the broker or backend was unavailable);
     /// false for a canvas that can never run, or a step the broker or backend refuses for
-    /// good (the rpc backend cannot count chords, RabbitMQ refuses the message).
+    /// good (the rpc backend cannot count chords, RabbitMQ refuses the message, a queue a
+    /// tenant may not create does not exist).
     pub fn is_transient(&self) -> bool {
         match self {
             CanvasError::Broker(error) => error.is_transient(),
             CanvasError::Backend(error) => error.is_transient(),
-            CanvasError::Malformed(_) | CanvasError::Unsupported(_) => false,
+            CanvasError::Malformed(_)
+            | CanvasError::Unsupported(_)
+            | CanvasError::QueueNotFound { .. } => false,
         }
     }
 }

@@ -95,7 +95,9 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_log = match &cli.command {
-        Command::Worker(_) => "info",
+        // lapin warns of every message RabbitMQ returns, body and all; a tenant's worker
+        // publishes follow-ups and rpc replies `mandatory` and logs a returned one itself.
+        Command::Worker(_) => "info,lapin::returned_messages=error",
         Command::Demo(_) | Command::Bench { .. } => "off",
         _ => "warn,wasmq::guest=info",
     };

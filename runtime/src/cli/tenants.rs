@@ -21,11 +21,22 @@ use crate::results::ResultBackend;
 use crate::tenancy::TenantConfig;
 use crate::worker::{GrantsFor, StatusView, TenantOptions, Worker, write_status_file};
 
-/// The result backend of `tenant`, under its key prefix.
+/// The result backend of `tenant`, under its key prefix; rpc replies published as the
+/// tenant's (see [`crate::results::rpc::RpcResultBackend::for_tenant`]).
 fn backend(tenant: &TenantConfig, expires: Duration) -> Result<Arc<dyn ResultBackend>, Failure> {
     let bad = |e: crate::results::ResultError| {
         Failure::bad_input(format!("tenant {:?}: {e:#}", tenant.name))
     };
+    if crate::results::rpc::is_rpc_url(&tenant.result_backend) {
+        // Replies are `mandatory`: one to a queue its vhost lacks is logged, not lost.
+        let rpc = crate::results::rpc::RpcResultBackend::over_broker(
+            &tenant.result_backend,
+            &tenant.broker,
+        )
+        .map_err(bad)?
+        .for_tenant(&tenant.name);
+        return Ok(Arc::new(rpc));
+    }
     match &tenant.result_prefix {
         Some(prefix) => Ok(Arc::new(
             crate::results::redis::RedisResultBackend::new(&tenant.result_backend, expires)

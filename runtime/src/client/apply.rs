@@ -4,7 +4,7 @@
 //! routes, and returns the handle on its result.
 
 use super::{AsyncResult, Client, GroupResult};
-use crate::canvas::{CanvasError, Chain, Chord, Dispatch, Group, Kind, Signature};
+use crate::canvas::{CanvasError, Chain, Chord, Declaring, Dispatch, Group, Kind, Signature};
 
 impl Client {
     /// The dispatch that publishes a workflow this client starts: its broker, backend,
@@ -16,6 +16,7 @@ impl Client {
             backend: self.backend.as_ref(),
             routes: &self.routes,
             queue: self.default_queue.clone(),
+            declaring: Declaring::Any,
             root_id: None,
             parent_id: None,
             reply_to: self.backend.reply_to(),

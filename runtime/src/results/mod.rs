@@ -230,7 +230,7 @@ pub fn connect(
     if url.starts_with("redis://") || url.starts_with("rediss://") {
         return Ok(Arc::new(redis::RedisResultBackend::new(url, expires)?));
     }
-    if url == "rpc://" || url == "rpc" {
+    if rpc::is_rpc_url(url) {
         return Ok(Arc::new(rpc::RpcResultBackend::over_broker(
             url, broker_url,
         )?));

@@ -6,6 +6,11 @@
 //! day, as Celery's clients do), consumes it without acks, and keeps what arrives for the
 //! tasks it sent. Results are one-shot messages: only the process that sent a task can read
 //! its result, and a worker that sees no `reply_to` has nowhere to send it.
+//!
+//! A reply to a queue that does not exist is dropped by RabbitMQ, as Celery's are — except
+//! from a tenant's worker ([`RpcResultBackend::for_tenant`]), whose replies are `mandatory`:
+//! one RabbitMQ returns (a `reply_to` naming no queue of the tenant's vhost, say another
+//! tenant's reply queue) is logged as a warning naming the queue, the task and the tenant.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,7 +21,13 @@ use serde_json::json;
 use tokio::sync::{Notify, OnceCell};
 
 use super::{ReplyTo, ResultBackend, ResultError, ResultMeta, TaskState};
+use crate::broker::BrokerError;
 use crate::broker::amqp::AmqpBroker;
+
+/// True for the rpc backend's URL (`rpc://`, or `rpc` as Celery also accepts).
+pub fn is_rpc_url(url: &str) -> bool {
+    url == "rpc://" || url == "rpc"
+}
 
 /// Results that arrived on this client's reply queue.
 #[derive(Default)]
@@ -31,6 +42,10 @@ pub struct RpcResultBackend {
     reply_queue: String,
     inbox: Arc<Inbox>,
     consuming: OnceCell<()>,
+    /// The tenant whose worker publishes through this backend: its replies are `mandatory`
+    /// and a returned one is logged. None: Celery's behaviour (a reply nobody can take is
+    /// dropped by RabbitMQ).
+    tenant: Option<String>,
 }
 
 impl std::fmt::Debug for RpcResultBackend {
@@ -49,7 +64,18 @@ impl RpcResultBackend {
             reply_queue: uuid::Uuid::new_v4().to_string(),
             inbox: Arc::default(),
             consuming: OnceCell::new(),
+            tenant: None,
         }
+    }
+
+    /// This backend stores the results of tenant `name`'s worker: each reply is published
+    /// `mandatory`, and a reply RabbitMQ returns — its `reply_to` names no queue in the
+    /// tenant's vhost — is logged as a warning instead of vanishing. The task is not failed
+    /// for it: the reply is the only copy of its result, and its sender asked for it there.
+    #[must_use]
+    pub fn for_tenant(mut self, name: impl Into<String>) -> Self {
+        self.tenant = Some(name.into());
+        self
     }
 
     /// An rpc backend (configured as `url`) over the AMQP broker at `broker_url`: rpc results
@@ -87,10 +113,30 @@ impl ResultBackend for RpcResultBackend {
             tracing::debug!(task_id = %meta.task_id, "no reply_to: the rpc result has nowhere to go");
             return Ok(());
         };
-        self.broker
-            .publish_reply(&reply.queue, &Self::body(meta), &reply.correlation_id)
-            .await?;
-        Ok(())
+        let published = self
+            .broker
+            .publish_reply(
+                &reply.queue,
+                &Self::body(meta),
+                &reply.correlation_id,
+                self.tenant.is_some(),
+            )
+            .await;
+        match published {
+            Err(BrokerError::QueueNotFound { queue }) => {
+                let tenant = self.tenant.as_deref().unwrap_or("-");
+                tracing::warn!(
+                    task_id = %meta.task_id,
+                    reply_to = %queue,
+                    tenant,
+                    state = ?meta.status,
+                    "the rpc reply of task {} was not delivered: reply queue {queue:?} does not exist in tenant {tenant}'s broker",
+                    meta.task_id
+                );
+                Ok(())
+            }
+            other => Ok(other?),
+        }
     }
 
     async fn prepare(&self) -> Result<(), ResultError> {

@@ -43,6 +43,8 @@ pub(super) async fn finish(
         }
         _ => None,
     };
+    // Back to the queue the message came from: one this worker consumes (a tenant's own,
+    // which it may declare), so a retry needs none of a follow-up's existence check.
     if let Some((envelope, delay, what)) = republished
         && let Err(error) = shared
             .broker

@@ -30,9 +30,12 @@ struct Published {
 }
 
 /// A broker that records what is published to it; publishing fails while `down` is set.
+/// A queue exists once something was published to it with a declaring publish, or when a
+/// test says so (`existing`).
 #[derive(Default)]
 struct FakeBroker {
     published: Mutex<Vec<Published>>,
+    existing: Mutex<std::collections::HashSet<String>>,
     down: AtomicBool,
 }
 
@@ -47,12 +50,31 @@ impl Broker for FakeBroker {
         if self.down.load(Ordering::SeqCst) {
             return Err(BrokerError::Refused(format!("a message to {queue}")));
         }
+        self.existing.lock().unwrap().insert(queue.to_owned());
         self.published.lock().unwrap().push(Published {
             queue: queue.to_owned(),
             envelope: envelope.clone(),
             delay,
         });
         Ok(())
+    }
+
+    async fn publish_existing(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+        delay: Option<Duration>,
+    ) -> Result<(), BrokerError> {
+        if !self.queue_exists(queue).await? {
+            return Err(BrokerError::QueueNotFound {
+                queue: queue.to_owned(),
+            });
+        }
+        self.publish(queue, envelope, delay).await
+    }
+
+    async fn queue_exists(&self, queue: &str) -> Result<bool, BrokerError> {
+        Ok(self.existing.lock().unwrap().contains(queue))
     }
 
     async fn consume(
@@ -639,4 +661,143 @@ async fn a_workflow_step_that_can_never_run_fails_the_task_instead_of_looping() 
     let ending = harness.deliver(&first).await;
     assert_eq!(ending.settled, Settled::Ack);
     assert_eq!(ending.exception().0, "NotImplementedError");
+}
+
+/// A worker serving tenant `a`, which consumes (and may declare) only `celery`.
+async fn tenant_harness() -> Harness {
+    Harness::with(WorkerOptions {
+        concurrency: 1,
+        queues: vec!["celery".into()],
+        tenant: Some(super::TenantOptions {
+            name: "a".into(),
+            limits: None,
+            grants: super::GrantsFor::new(|_| crate::engine::Grants::default()),
+        }),
+        ..WorkerOptions::default()
+    })
+    .await
+}
+
+/// A frozen signature of `task` with `args`, for `queue` when given.
+fn follow_up(task: &str, args: Value, queue: Option<&str>) -> crate::canvas::Signature {
+    let Value::Array(args) = args else {
+        panic!("args are a list")
+    };
+    let mut sig = crate::canvas::Signature::new(task, args);
+    if let Some(queue) = queue {
+        sig = sig.with_option("queue", queue);
+    }
+    sig.freeze().unwrap();
+    sig
+}
+
+/// The last meta stored for `id`.
+fn stored(harness: &Harness, id: &str) -> ResultMeta {
+    harness.backend.stored.lock().unwrap()[id]
+        .last()
+        .cloned()
+        .expect("a stored result")
+}
+
+#[tokio::test]
+async fn a_tenants_callback_to_a_queue_its_broker_lacks_fails_the_task_naming_it() {
+    let harness = tenant_harness().await;
+    let mut parent = message("math.add", json!([1, 2]));
+    let callback = follow_up("math.add", json!([100]), Some("work-b"));
+    parent.embed.callbacks = Some(vec![callback.to_value()]);
+    let ending = harness.deliver(&parent).await;
+    assert_eq!(
+        ending.settled,
+        Settled::Ack,
+        "never released: it would fail again"
+    );
+    assert!(ending.published.is_empty(), "nothing was published");
+    let text =
+        "the callback math.add names queue 'work-b', which does not exist in tenant a's broker";
+    assert_eq!(ending.last().status, TaskState::Failure);
+    assert_eq!(ending.exception(), ("QueueNotFound".into(), json!([text])));
+    // Whoever waits on the callback is answered too.
+    let answered = stored(&harness, callback.task_id().unwrap());
+    assert_eq!(answered.status, TaskState::Failure);
+    assert_eq!(answered.parent_id.as_deref(), Some(parent.id.as_str()));
+    assert_eq!(harness.shared.stats.failed.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn a_tenants_follow_ups_reach_its_own_queues_and_queues_that_exist() {
+    let harness = tenant_harness().await;
+    harness
+        .broker
+        .existing
+        .lock()
+        .unwrap()
+        .insert("side".into());
+    let mut parent = message("math.add", json!([1, 2]));
+    parent.embed.callbacks = Some(vec![
+        follow_up("math.add", json!([10]), Some("side")).to_value(),
+        follow_up("math.add", json!([20]), None).to_value(),
+    ]);
+    let ending = harness.deliver(&parent).await;
+    assert_eq!(ending.last().status, TaskState::Success);
+    let queues: Vec<_> = ending.published.iter().map(|p| p.queue.as_str()).collect();
+    assert_eq!(queues, ["side", "celery"]);
+}
+
+#[tokio::test]
+async fn the_implicit_tenant_declares_any_queue_a_follow_up_names() {
+    let harness = Harness::new().await;
+    let mut parent = message("math.add", json!([1, 2]));
+    parent.embed.callbacks = Some(vec![
+        follow_up("math.add", json!([100]), Some("work-b")).to_value(),
+    ]);
+    let ending = harness.deliver(&parent).await;
+    assert_eq!(ending.last().status, TaskState::Success);
+    let [published] = ending.published.as_slice() else {
+        panic!("the callback: {:?}", ending.published)
+    };
+    assert_eq!(published.queue, "work-b", "Celery's auto-declare");
+}
+
+#[tokio::test]
+async fn a_tenants_next_step_to_a_missing_queue_fails_the_task_and_the_chain() {
+    let harness = tenant_harness().await;
+    let mut first = message("math.add", json!([2, 2]));
+    let last = follow_up("math.add", json!([1]), None);
+    let next = follow_up("math.mul", json!([10]), Some("work-b"));
+    first.embed.chain = Some(vec![last.to_value(), next.to_value()]);
+    let ending = harness.deliver(&first).await;
+    assert_eq!(ending.settled, Settled::Ack);
+    assert!(ending.published.is_empty());
+    let text = "the next chain step math.mul names queue 'work-b', which does not exist in tenant a's broker";
+    assert_eq!(ending.exception(), ("QueueNotFound".into(), json!([text])));
+    // The chain's end is answered with the same failure.
+    let end = stored(&harness, last.task_id().unwrap());
+    assert_eq!(end.status, TaskState::Failure);
+    assert_eq!(end.exception().unwrap().exc_type, "QueueNotFound");
+}
+
+#[tokio::test]
+async fn a_tenants_errback_to_a_missing_queue_is_failed_under_its_own_id() {
+    let harness = tenant_harness().await;
+    let mut failing = message("math.div", json!([1, 0]));
+    let errback = follow_up("math.add", json!([1]), Some("work-b"));
+    failing.embed.errbacks = Some(vec![errback.to_value()]);
+    let ending = harness.deliver(&failing).await;
+    assert_eq!(ending.settled, Settled::Ack);
+    assert_eq!(
+        ending.exception().0,
+        "ZeroDivisionError",
+        "the task's own failure"
+    );
+    assert!(ending.published.is_empty());
+    let answered = stored(&harness, errback.task_id().unwrap());
+    let exception = answered.exception().unwrap();
+    assert_eq!(exception.exc_type, "QueueNotFound");
+    assert_eq!(
+        exception.exc_message,
+        [json!(
+            "the errback math.add names queue 'work-b', which does not exist in tenant a's broker"
+        )]
+    );
+    assert_eq!(answered.parent_id.as_deref(), Some(failing.id.as_str()));
 }

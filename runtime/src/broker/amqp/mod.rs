@@ -8,7 +8,8 @@
 //!   durable queue bound to a durable direct exchange of the same name; a queue that already
 //!   exists (say declared by Python with `x-max-priority`) is used as it is;
 //! * `publish` — every publish confirmed by the broker (publisher confirms), to the default
-//!   exchange with the queue name as routing key, persistent;
+//!   exchange with the queue name as routing key, persistent; a publish into an existing
+//!   queue only (a tenant's follow-ups) is `mandatory` and declares nothing;
 //! * [`delayed`] — **delays** (countdown, eta, retry backoff) never hold a message unacked:
 //!   Celery 5.5's *native delayed delivery* topology, 28 level queues that hold a message for
 //!   the binary digits of its delay in whole seconds; the worker waits out a fraction of a
@@ -204,6 +205,20 @@ impl Broker for AmqpBroker {
         delay: Option<Duration>,
     ) -> Result<Confirmation, BrokerError> {
         self.publish_to_queue_unconfirmed(queue, envelope, delay)
+            .await
+    }
+
+    async fn publish_existing(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+        delay: Option<Duration>,
+    ) -> Result<(), BrokerError> {
+        self.publish_to_existing_queue(queue, envelope, delay).await
+    }
+
+    async fn queue_exists(&self, queue: &str) -> Result<bool, BrokerError> {
+        self.with_session(|session| async move { self.queue_exists_on(&session, queue).await })
             .await
     }
 

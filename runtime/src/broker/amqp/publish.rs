@@ -3,6 +3,11 @@
 //! [`Confirmation`] resolves). Messages go to the default exchange with the queue name as
 //! routing key, persistent; a delay of whole seconds goes through Celery's delay levels
 //! instead (see [`super::delayed`]).
+//!
+//! A publish into an existing queue only ([`AmqpBroker::publish_to_existing_queue`], a
+//! tenant's follow-ups) declares nothing and is `mandatory`: RabbitMQ returns a message no
+//! queue takes (`basic.return`, then the confirm), which becomes
+//! [`BrokerError::QueueNotFound`].
 
 use std::time::Duration;
 
@@ -39,25 +44,66 @@ impl AmqpBroker {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), BrokerError> {
-        let confirm = session
-            .publisher
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                properties,
-            )
-            .await
-            .map_err(|e| lapin_error("cannot publish", &e))?
-            .await
-            .map_err(|e| lapin_error("publish not confirmed", &e))?;
-        match confirm {
-            AmqpConfirmation::Ack(_) | AmqpConfirmation::NotRequested => Ok(()),
-            AmqpConfirmation::Nack(_) => {
-                Err(BrokerError::Refused(format!("a message for {routing_key}")))
+        publish_and_confirm(session, exchange, routing_key, body, properties, false).await
+    }
+
+    /// Publishes `body` to queue `queue` on the default exchange, `mandatory`, and waits for
+    /// the broker's confirmation: [`BrokerError::QueueNotFound`] when RabbitMQ returns it
+    /// (no queue of that name in the vhost).
+    pub(super) async fn publish_mandatory(
+        &self,
+        session: &Session,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        publish_and_confirm(session, "", queue, body, properties, true).await
+    }
+
+    /// Publishes `envelope` into `queue` only if it exists there, declaring nothing (see
+    /// [`crate::broker::Broker::publish_existing`]): at once as a `mandatory` message; with
+    /// a delay of whole seconds through the delay levels, once the queue is found (and bound
+    /// to them, as wasmq binds the queues it declares).
+    pub(super) async fn publish_to_existing_queue(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+        delay: Option<Duration>,
+    ) -> Result<(), BrokerError> {
+        let seconds = delay.map_or(0, |d| d.as_secs());
+        self.with_session(|session| async move {
+            if seconds == 0 {
+                return self
+                    .publish_mandatory(&session, queue, &envelope.body, properties_of(envelope))
+                    .await;
             }
-        }
+            self.bind_existing_queue(&session, queue).await?;
+            self.publish_through_levels(&session, queue, envelope, seconds)
+                .await
+        })
+        .await
+    }
+
+    /// Publishes `envelope` into the delay level chain for `seconds`, from where it reaches
+    /// `queue` (which must be bound to the levels).
+    async fn publish_through_levels(
+        &self,
+        session: &Session,
+        queue: &str,
+        envelope: &Envelope,
+        seconds: u64,
+    ) -> Result<(), BrokerError> {
+        let mut held = envelope.clone();
+        held.headers
+            .retain(|name, _| !delayed::is_dead_letter_header(name));
+        self.publish_confirmed_to(
+            session,
+            &delayed::entry_exchange(),
+            &delayed::routing_key(seconds, queue),
+            &held.body,
+            properties_of(&held),
+        )
+        .await
     }
 
     /// Publishes `envelope` to work queue `queue`, through the delay levels when `delay` has
@@ -77,17 +123,8 @@ impl AmqpBroker {
                     .publish_confirmed(&session, queue, &envelope.body, properties_of(envelope))
                     .await;
             }
-            let mut held = envelope.clone();
-            held.headers
-                .retain(|name, _| !delayed::is_dead_letter_header(name));
-            self.publish_confirmed_to(
-                &session,
-                &delayed::entry_exchange(),
-                &delayed::routing_key(seconds, queue),
-                &held.body,
-                properties_of(&held),
-            )
-            .await
+            self.publish_through_levels(&session, queue, envelope, seconds)
+                .await
         })
         .await
     }
@@ -132,5 +169,53 @@ impl AmqpBroker {
                 }
             }
         }))
+    }
+}
+
+/// Publishes on `session`'s confirm channel and waits for the confirmation: a negative one
+/// is [`BrokerError::Refused`]; a `mandatory` message RabbitMQ returned (it sends the
+/// `basic.return` before the ack) is [`BrokerError::QueueNotFound`] — on the default
+/// exchange, where the routing key is the queue's name, "no route" means no such queue.
+async fn publish_and_confirm(
+    session: &Session,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+    mandatory: bool,
+) -> Result<(), BrokerError> {
+    let options = BasicPublishOptions {
+        mandatory,
+        ..BasicPublishOptions::default()
+    };
+    let confirm = session
+        .publisher
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            options,
+            body,
+            properties,
+        )
+        .await
+        .map_err(|e| lapin_error("cannot publish", &e))?
+        .await
+        .map_err(|e| lapin_error("publish not confirmed", &e))?;
+    match confirm {
+        AmqpConfirmation::Ack(Some(returned)) => {
+            tracing::debug!(
+                queue = routing_key,
+                code = returned.reply_code,
+                reason = %returned.reply_text,
+                "the broker returned a mandatory message"
+            );
+            Err(BrokerError::QueueNotFound {
+                queue: routing_key.to_owned(),
+            })
+        }
+        AmqpConfirmation::Ack(None) | AmqpConfirmation::NotRequested => Ok(()),
+        AmqpConfirmation::Nack(_) => {
+            Err(BrokerError::Refused(format!("a message for {routing_key}")))
+        }
     }
 }

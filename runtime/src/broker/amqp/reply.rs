@@ -1,8 +1,9 @@
 //! The transport of the rpc result backend (Celery's `rpc://`, `celery-reference.md` §2.7):
 //! a worker publishes each result to the sender's `reply_to` queue — transient, confirmed,
-//! declaring nothing — with the task id as correlation id; the sender declares its own reply
-//! queue (non-durable, auto-delete, expiring after a day, as Celery's clients do) and
-//! consumes it without acks. These two calls are all `results::rpc` sees of AMQP.
+//! declaring nothing, and `mandatory` for a tenant's worker — with the task id as
+//! correlation id; the sender declares its own reply queue (non-durable, auto-delete,
+//! expiring after a day, as Celery's clients do) and consumes it without acks. These two
+//! calls are all `results::rpc` sees of AMQP.
 
 use futures_util::StreamExt;
 use lapin::BasicProperties;
@@ -14,12 +15,15 @@ use crate::broker::BrokerError;
 
 impl AmqpBroker {
     /// Publishes a raw result or reply (used by the rpc result backend): not persistent, no
-    /// queue declaration.
+    /// queue declaration. A `mandatory` reply RabbitMQ returns (no reply queue of that name
+    /// in the vhost) is [`BrokerError::QueueNotFound`]; otherwise such a reply is dropped by
+    /// RabbitMQ, as Celery's are.
     pub(crate) async fn publish_reply(
         &self,
         routing_key: &str,
         body: &[u8],
         correlation_id: &str,
+        mandatory: bool,
     ) -> Result<(), BrokerError> {
         self.with_session(|session| async move {
             let properties = BasicProperties::default()
@@ -29,8 +33,13 @@ impl AmqpBroker {
                 .with_delivery_mode(1)
                 .with_priority(0)
                 .with_headers(FieldTable::default());
-            self.publish_confirmed(&session, routing_key, body, properties)
-                .await
+            if mandatory {
+                self.publish_mandatory(&session, routing_key, body, properties)
+                    .await
+            } else {
+                self.publish_confirmed(&session, routing_key, body, properties)
+                    .await
+            }
         })
         .await
     }

@@ -91,6 +91,8 @@ impl AmqpBroker {
             };
             match attempt(Arc::clone(&session)).await {
                 Ok(value) => return Ok(value),
+                // RabbitMQ returned a message or found no such queue: the session is fine.
+                Err(error @ BrokerError::QueueNotFound { .. }) => return Err(error),
                 Err(error) => {
                     self.invalidate(&session).await;
                     if !error.is_transient() {

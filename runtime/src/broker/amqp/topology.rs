@@ -5,9 +5,12 @@
 //! already exists — say declared by Python with `x-max-priority` — is used as it is
 //! (declared on a throwaway channel first), so a mixed Python/wasmq fleet never trips over a
 //! 406. Declarations are remembered per connection, so publishing declares nothing twice.
+//! A queue a publish may not create (a tenant's follow-up to a queue not its own) is only
+//! looked up, passively, and bound to the delay levels when it exists.
 
 use lapin::ExchangeKind;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 
 use super::dead_letters::dead_letter_queue;
@@ -106,6 +109,68 @@ impl AmqpBroker {
         Ok(())
     }
 
+    /// Whether `queue` exists in the vhost: a passive declare on a throwaway channel (which
+    /// RabbitMQ closes with a 404 when there is no such queue).
+    pub(super) async fn queue_exists_on(
+        &self,
+        session: &Session,
+        queue: &str,
+    ) -> Result<bool, BrokerError> {
+        let probe = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| lapin_error("cannot open a channel", &e))?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        match probe
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+        {
+            Ok(_) => {
+                let _ = probe.close(200, "OK".into()).await;
+                Ok(true)
+            }
+            Err(error) if is_not_found(&error) => Ok(false),
+            Err(error) => Err(lapin_error(
+                &format!("cannot look up queue {queue}"),
+                &error,
+            )),
+        }
+    }
+
+    /// Binds `queue`, which must already exist, to the delay levels (declaring them first,
+    /// once per connection) and declares nothing else: [`BrokerError::QueueNotFound`] when
+    /// there is no such queue. A queue declared on this connection is bound already.
+    pub(super) async fn bind_existing_queue(
+        &self,
+        session: &Session,
+        queue: &str,
+    ) -> Result<(), BrokerError> {
+        if session
+            .declared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(queue)
+        {
+            return Ok(());
+        }
+        if !self.queue_exists_on(session, queue).await? {
+            return Err(BrokerError::QueueNotFound {
+                queue: queue.to_owned(),
+            });
+        }
+        session
+            .delay_levels
+            .get_or_try_init(|| {
+                delayed::declare_topology(&session.connection, self.inner.delayed_queue_type)
+            })
+            .await?;
+        delayed::bind_queue(&session.publisher, queue).await
+    }
+
     /// Messages ready in `queue`; 0 when it does not exist (see
     /// [`crate::broker::Broker::queue_length`]).
     pub(super) async fn count_messages(&self, queue: &str) -> Result<u64, BrokerError> {
@@ -173,5 +238,34 @@ impl AmqpBroker {
             Ok(())
         })
         .await
+    }
+}
+
+/// True for RabbitMQ's 404 NOT_FOUND (a passive declare of a queue that does not exist).
+fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(refusal)
+            if matches!(refusal.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::protocol::AMQPError;
+
+    use super::*;
+
+    #[test]
+    fn only_a_404_says_the_queue_does_not_exist() {
+        let refusal = |soft| -> lapin::Error {
+            lapin::ErrorKind::ProtocolError(AMQPError::new(AMQPErrorKind::Soft(soft), "".into()))
+                .into()
+        };
+        assert!(is_not_found(&refusal(AMQPSoftError::NOTFOUND)));
+        assert!(!is_not_found(&refusal(AMQPSoftError::ACCESSREFUSED)));
+        assert!(!is_not_found(&refusal(AMQPSoftError::RESOURCELOCKED)));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(!is_not_found(&reset.into()));
     }
 }

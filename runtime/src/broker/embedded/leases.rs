@@ -292,6 +292,7 @@ impl SqliteConsumer {
         queues: &[String],
         prefetch: usize,
     ) -> Result<Self, BrokerError> {
+        broker.declare_queues(queues).await?;
         let released = broker.release_dead_leases().await?;
         if released > 0 {
             tracing::info!(

@@ -5,9 +5,12 @@
 //! rows and settle them (see `leases`). Dead letters are rows of `dead_letters`, and
 //! revocations rows of `revocations`: one table that is both the broadcast and the memory,
 //! read by every worker on the file.
+//!
+//! Which queues exist — what a tenant's follow-ups may be published into — is `queues`.
 
+use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,6 +18,7 @@ use rusqlite::params;
 use tokio::sync::Notify;
 
 mod leases;
+mod queues;
 
 use self::leases::SqliteConsumer;
 use super::{Broker, BrokerError, Consumer, DeadLetter, REVOKE_EXPIRES, Revocation};
@@ -49,6 +53,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     properties TEXT    NOT NULL,
     body       BLOB    NOT NULL,
     dead_at    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS queues (
+    name        TEXT    PRIMARY KEY,
+    declared_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS revocations (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -101,6 +109,8 @@ pub struct SqliteBroker {
     db: Db,
     owner: Arc<Owner>,
     options: SqliteBrokerOptions,
+    /// Queues this broker has declared in the file, so a publish declares its queue once.
+    declared: Arc<Mutex<HashSet<String>>>,
 }
 
 impl SqliteBroker {
@@ -117,7 +127,51 @@ impl SqliteBroker {
             db,
             owner: Arc::new(Owner { id, host, pid }),
             options,
+            declared: Arc::default(),
         })
+    }
+}
+
+/// A message row to insert.
+struct Row {
+    queue: String,
+    priority: i64,
+    visible_at: i64,
+    headers: String,
+    properties: String,
+    body: Vec<u8>,
+    created_at: i64,
+}
+
+impl Row {
+    fn new(queue: &str, envelope: &Envelope, delay: Option<Duration>) -> Self {
+        let now = now_ms();
+        Self {
+            queue: queue.to_owned(),
+            priority: i64::from(envelope.properties.priority.unwrap_or(0)),
+            visible_at: now
+                + delay.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)),
+            headers: to_json(&envelope.headers),
+            properties: to_json(&envelope.properties),
+            body: envelope.body.clone(),
+            created_at: now,
+        }
+    }
+
+    fn insert(&self, conn: &rusqlite::Connection) -> rusqlite::Result<usize> {
+        conn.prepare_cached(
+            "INSERT INTO messages (queue, priority, visible_at, headers, properties, body, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            self.queue,
+            self.priority,
+            self.visible_at,
+            self.headers,
+            self.properties,
+            self.body,
+            self.created_at
+        ])
     }
 }
 
@@ -133,25 +187,56 @@ impl Broker for SqliteBroker {
         envelope: &Envelope,
         delay: Option<Duration>,
     ) -> Result<(), BrokerError> {
-        let now = now_ms();
-        let visible_at =
-            now + delay.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2));
-        let queue = queue.to_owned();
-        let headers = to_json(&envelope.headers);
-        let properties = to_json(&envelope.properties);
-        let priority = i64::from(envelope.properties.priority.unwrap_or(0));
-        let body = envelope.body.clone();
+        let row = Row::new(queue, envelope, delay);
+        // A publish declares its queue, as on RabbitMQ: once per queue and broker.
+        let declares = !self.declared().contains(queue);
         self.db
             .run(move |conn| {
-                conn.prepare_cached(
-                    "INSERT INTO messages (queue, priority, visible_at, headers, properties, body, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )?
-                .execute(params![queue, priority, visible_at, headers, properties, body, now])
+                if declares {
+                    queues::declare(conn, &row.queue, row.created_at)?;
+                }
+                row.insert(conn)
             })
             .await?;
+        if declares {
+            self.declared().insert(queue.to_owned());
+        }
         LOCAL_PUBLISH.notify_waiters();
         Ok(())
+    }
+
+    async fn publish_existing(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+        delay: Option<Duration>,
+    ) -> Result<(), BrokerError> {
+        let row = Row::new(queue, envelope, delay);
+        // Looked up and inserted in one transaction: the queue cannot go in between.
+        let published = self
+            .db
+            .run(move |conn| {
+                if !queues::exists(conn, &row.queue)? {
+                    return Ok(false);
+                }
+                row.insert(conn).map(|_| true)
+            })
+            .await?;
+        if !published {
+            return Err(BrokerError::QueueNotFound {
+                queue: queue.to_owned(),
+            });
+        }
+        LOCAL_PUBLISH.notify_waiters();
+        Ok(())
+    }
+
+    async fn queue_exists(&self, queue: &str) -> Result<bool, BrokerError> {
+        let queue = queue.to_owned();
+        Ok(self
+            .db
+            .run(move |conn| queues::exists(conn, &queue))
+            .await?)
     }
 
     async fn consume(
@@ -215,13 +300,15 @@ impl Broker for SqliteBroker {
     }
 
     async fn delete_queue(&self, queue: &str) -> Result<(), BrokerError> {
-        let queue = queue.to_owned();
+        let name = queue.to_owned();
         self.db
             .run(move |conn| {
-                conn.execute("DELETE FROM messages WHERE queue = ?1", params![queue])?;
-                conn.execute("DELETE FROM dead_letters WHERE queue = ?1", params![queue])
+                conn.execute("DELETE FROM messages WHERE queue = ?1", params![name])?;
+                conn.execute("DELETE FROM queues WHERE name = ?1", params![name])?;
+                conn.execute("DELETE FROM dead_letters WHERE queue = ?1", params![name])
             })
             .await?;
+        self.declared().remove(queue);
         Ok(())
     }
 

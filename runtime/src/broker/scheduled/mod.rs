@@ -116,6 +116,32 @@ impl Broker for ScheduledBroker {
         }
     }
 
+    /// At once: the broker's own check. Delayed: held by the scheduler once the broker says
+    /// the queue exists; when it is due the poller publishes it as it publishes every due
+    /// message (a queue deleted meanwhile is declared again then).
+    async fn publish_existing(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+        delay: Option<Duration>,
+    ) -> Result<(), BrokerError> {
+        match delay.filter(|d| !d.is_zero()) {
+            Some(delay) => {
+                if !self.inner.queue_exists(queue).await? {
+                    return Err(BrokerError::QueueNotFound {
+                        queue: queue.to_owned(),
+                    });
+                }
+                Ok(self.scheduler.schedule(queue, envelope, delay).await?)
+            }
+            None => self.inner.publish_existing(queue, envelope, None).await,
+        }
+    }
+
+    async fn queue_exists(&self, queue: &str) -> Result<bool, BrokerError> {
+        self.inner.queue_exists(queue).await
+    }
+
     async fn consume(
         &self,
         queues: &[String],

@@ -13,6 +13,10 @@
 //!   chain keeps the rest of the workflow).
 //! * A backend without chords (rpc) fails the body with `NotImplementedError` instead of
 //!   leaving its waiter hanging.
+//! * A body that cannot be published fails with `ChordError("Callback error: …")`, as
+//!   Celery's does — for a tenant's body naming a queue its broker lacks, `Callback error:
+//!   QueueNotFound: the chord body <task> names queue '<queue>', which does not exist in
+//!   tenant <id>'s broker`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,7 +24,7 @@ use std::pin::Pin;
 
 use serde_json::Value;
 
-use super::{Shared, fail_chain, publish_errbacks, source_text, store};
+use super::{FollowUp, MissingQueue, Shared, fail_chain, publish_errbacks, source_text, store};
 use crate::canvas::{CanvasError, Dispatch, Kind, Signature, option_list};
 use crate::protocol::TaskMessage;
 use crate::results::{ChordPart, ChordResults, ExceptionInfo, ResultError, ResultMeta, TaskState};
@@ -80,11 +84,33 @@ pub(super) async fn report_part(
     // The chord is consumed: if the body cannot be published now it never will be, so
     // its waiter gets the error instead.
     if let Err(error) = dispatch.apply(&body, Some(&values), Vec::new()).await {
-        tracing::error!(
-            error = &error as &dyn std::error::Error,
-            "cannot publish a chord body"
-        );
-        let text = format!("Callback error: {error}: {}", source_text(&error));
+        let text = match &error {
+            // A queue the tenant's broker lacks: the body's waiter reads which and why.
+            CanvasError::QueueNotFound {
+                task,
+                task_id,
+                queue,
+            } => {
+                let missing = MissingQueue {
+                    follow_up: FollowUp::ChordBody,
+                    task,
+                    task_id,
+                    queue,
+                };
+                let tenant = shared.options.tenant_name();
+                let text = missing.text(tenant);
+                tracing::error!(task_id = %message.id, tenant, group = ?message.group, follow_up_id = %task_id, %queue, "a follow-up cannot be published: {text}");
+                format!("Callback error: QueueNotFound: {text}")
+            }
+            _ => {
+                tracing::error!(
+                    task_id = %message.id,
+                    error = &error as &dyn std::error::Error,
+                    "cannot publish a chord body"
+                );
+                format!("Callback error: {error}: {}", source_text(&error))
+            }
+        };
         let failure = Failure::of(chord_error(text));
         return fail_body(shared, dispatch, message, body_id, Some(&body), &failure).await;
     }
@@ -197,7 +223,7 @@ async fn fail_body(
                         errbacks.push(errback.clone());
                     }
                 }
-                publish_errbacks(dispatch, errbacks.iter(), &id).await?;
+                publish_errbacks(shared, message, dispatch, errbacks.iter(), &id).await?;
             }
             if let Some(id) = body.task_id() {
                 store(shared, message, &stored(id, exception)).await?;
@@ -213,7 +239,7 @@ async fn fail_body(
             }
             if let (Some(body), Some(id)) = (body, body_id.or_else(|| ids.last().cloned())) {
                 let errbacks = option_list(&body.options, "link_error");
-                publish_errbacks(dispatch, errbacks.iter(), &id).await?;
+                publish_errbacks(shared, message, dispatch, errbacks.iter(), &id).await?;
             }
         }
     }

@@ -16,16 +16,29 @@
 //!
 //! Broker or backend outages are transient: the message is released and the task runs
 //! again (pre-assigned ids and the chord counter's de-duplication keep that idempotent).
+//!
+//! **A tenant's follow-ups stay in its broker.** A tenant's worker declares only its own
+//! queues; a follow-up for any other queue is published only into one that already exists
+//! in the tenant's broker (`Declaring::Only`, [`crate::broker::Broker::publish_existing`]).
+//! One naming a queue that does not exist (say another tenant's) is never released for
+//! redelivery — it would fail the same way — and never dropped: the sender sees a FAILURE
+//! `QueueNotFound` naming the follow-up, the queue and the tenant. Before the result is
+//! stored (a callback, the next step) it is the task's own result, and the chain's remaining
+//! steps get it as any failure; after (an errback, a chord body) it is stored under the
+//! follow-up's pre-assigned id — a chord body's as Celery's `ChordError("Callback error:
+//! …")`. Each is logged at error level with the task's id.
 
 mod chord;
+mod missing;
 
 use std::future::Future;
 use std::pin::Pin;
 
 use serde_json::{Value, json};
 
+use self::missing::{FollowUp, MissingQueue};
 use super::Shared;
-use crate::canvas::{CanvasError, Dispatch, Kind, Signature};
+use crate::canvas::{CanvasError, Declaring, Dispatch, Kind, Signature};
 use crate::protocol::TaskMessage;
 use crate::results::{ChordPart, ExceptionInfo, ReplyTo, ResultMeta, TaskState};
 
@@ -51,13 +64,37 @@ pub(super) async fn before_store(
             meta.children = children;
             true
         }
-        Err(error) if error.is_transient() => {
+        Err((_, error)) if error.is_transient() => {
             tracing::warn!(task_id = %message.id, error = &error as &dyn std::error::Error, "cannot continue the workflow; releasing the message");
             false
         }
-        Err(error) => {
-            tracing::error!(task_id = %message.id, error = &error as &dyn std::error::Error, "the workflow cannot continue");
-            let exception = unrunnable(&error);
+        Err((follow_up, error)) => {
+            let exception = match &error {
+                CanvasError::QueueNotFound {
+                    task,
+                    task_id,
+                    queue,
+                } => {
+                    let missing = MissingQueue {
+                        follow_up,
+                        task,
+                        task_id,
+                        queue,
+                    };
+                    // Whoever waits on the follow-up itself is answered too.
+                    match missing.fail(shared, message, &message.id).await {
+                        Ok(exception) => exception,
+                        Err(error) => {
+                            tracing::warn!(task_id = %message.id, error = &error as &dyn std::error::Error, "cannot store the failure of a follow-up; releasing the message");
+                            return false;
+                        }
+                    }
+                }
+                _ => {
+                    tracing::error!(task_id = %message.id, error = &error as &dyn std::error::Error, "the workflow cannot continue");
+                    unrunnable(&error)
+                }
+            };
             let mut failed = ResultMeta::failure(&message.id, &exception);
             failed.parent_id = meta.parent_id.take();
             failed.group_id = meta.group_id.take();
@@ -85,52 +122,73 @@ pub(super) fn source_text(error: &CanvasError) -> String {
     }
 }
 
+/// Publishes the callbacks, then the next chain step; an error says which of them failed.
 async fn continue_success(
     shared: &Shared,
     queue: &str,
     message: &TaskMessage,
     meta: &ResultMeta,
-) -> Result<Vec<Value>, CanvasError> {
+) -> Result<Vec<Value>, (FollowUp, CanvasError)> {
+    let as_callback = |error| (FollowUp::Callback, error);
+    let as_step = |error| (FollowUp::ChainStep, error);
     let embed = &message.embed;
     let callbacks = embed
         .callbacks
         .iter()
         .flatten()
         .map(Signature::from_value)
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(as_callback)?;
     let chain = embed.chain.as_deref().unwrap_or_default();
-    let next = chain.last().map(Signature::from_value).transpose()?;
+    let next = chain
+        .last()
+        .map(Signature::from_value)
+        .transpose()
+        .map_err(as_step)?;
     // Check everything before publishing anything.
-    for sig in callbacks.iter().chain(next.as_ref()) {
-        sig.validate()?;
+    for callback in &callbacks {
+        callback.validate().map_err(as_callback)?;
+    }
+    if let Some(next) = &next {
+        next.validate().map_err(as_step)?;
     }
     let dispatch = dispatch(shared, message, queue);
     let mut children = Vec::new();
     for callback in &callbacks {
         let mut callback = callback.clone();
-        callback.freeze()?;
+        callback.freeze().map_err(as_callback)?;
         dispatch
             .apply(&callback, Some(&meta.result), Vec::new())
-            .await?;
+            .await
+            .map_err(as_callback)?;
         children.extend(child_tuple(&callback));
     }
     if let Some(mut next) = next {
-        next.freeze()?;
+        next.freeze().map_err(as_step)?;
         let rest = chain[..chain.len() - 1].to_vec();
-        dispatch.apply(&next, Some(&meta.result), rest).await?;
+        dispatch
+            .apply(&next, Some(&meta.result), rest)
+            .await
+            .map_err(as_step)?;
         children.extend(child_tuple(&next));
     }
     Ok(children)
 }
 
 /// Publishes on behalf of `message` (the workflow's parent of what it publishes), which
-/// came from `queue`: unrouted tasks go back to that queue.
+/// came from `queue`: unrouted tasks go back to that queue. A tenant's worker declares only
+/// its own queues; any other must exist in its broker.
 fn dispatch<'a>(shared: &'a Shared, message: &TaskMessage, queue: &str) -> Dispatch<'a> {
+    let declaring = match &shared.options.tenant {
+        Some(_) => Declaring::Only(&shared.options.queues),
+        None => Declaring::Any,
+    };
     Dispatch {
         broker: shared.broker.as_ref(),
         backend: shared.backend.as_ref(),
         routes: &shared.options.routes,
         queue: queue.to_owned(),
+        declaring,
         root_id: Some(
             message
                 .root_id
@@ -193,7 +251,7 @@ async fn after_store_inner(
     }
     if meta.status == TaskState::Failure {
         let errbacks = message.embed.errbacks.iter().flatten();
-        publish_errbacks(&dispatch, errbacks, &message.id).await?;
+        publish_errbacks(shared, message, &dispatch, errbacks, &message.id).await?;
     }
     Ok(())
 }
@@ -277,9 +335,13 @@ fn string_option(sig: &Signature, key: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Publishes errbacks with `[failed_id]` prepended (unless immutable). A malformed errback
-/// is logged and skipped: the failure it would report is already stored.
+/// Publishes errbacks with `[failed_id]` prepended (unless immutable), on behalf of
+/// `message`. A malformed errback is logged and skipped: the failure it would report is
+/// already stored. One naming a queue its tenant's broker lacks gets that failure stored
+/// under its own id.
 pub(super) async fn publish_errbacks(
+    shared: &Shared,
+    message: &TaskMessage,
     dispatch: &Dispatch<'_>,
     errbacks: impl Iterator<Item = &Value>,
     failed_id: &str,
@@ -293,6 +355,19 @@ pub(super) async fn publish_errbacks(
         });
         match sig {
             Ok(sig) => match dispatch.apply(&sig, Some(&id), Vec::new()).await {
+                Err(CanvasError::QueueNotFound {
+                    task,
+                    task_id,
+                    queue,
+                }) => {
+                    let missing = MissingQueue {
+                        follow_up: FollowUp::Errback,
+                        task: &task,
+                        task_id: &task_id,
+                        queue: &queue,
+                    };
+                    missing.fail(shared, message, failed_id).await?;
+                }
                 Err(error) if !error.is_transient() => {
                     tracing::error!(task_id = %failed_id, error = &error as &dyn std::error::Error, "an errback cannot run");
                 }
