@@ -649,6 +649,79 @@ plugins = "{plugins_c}"
     });
 }
 
+/// How long `n` × `math.sleep(seconds)` sent at once by `client` take to finish.
+async fn makespan(client: &Client, n: usize, seconds: f64) -> Duration {
+    let started = Instant::now();
+    let mut sent = Vec::new();
+    for _ in 0..n {
+        sent.push(
+            client
+                .send_task(
+                    "math.sleep",
+                    vec![json!(seconds)],
+                    Map::new(),
+                    SendOptions::default(),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    for result in sent {
+        assert_eq!(result.get(WAIT).await.unwrap(), json!(seconds));
+    }
+    started.elapsed()
+}
+
+#[test]
+fn a_memory_budget_bounds_what_a_tenant_runs_at_once() {
+    // Four slots. Tenant a's tasks run under 128 MiB each and its budget holds two of them;
+    // tenant b, with the same tasks and no budget, is the control.
+    let dir = tempfile::tempdir().unwrap();
+    let plugins_a = plugin_folder(dir.path(), "a", &["math"]);
+    let plugins_b = plugin_folder(dir.path(), "b", &["math"]);
+    let (db_a, db_b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    let config = format!(
+        r#"
+concurrency = 4
+[tenants.a]
+broker = "sqlite://{db_a}"
+plugins = "{plugins_a}"
+memory_budget = "256MiB"
+[tenants.a.limits]
+memory = "128MiB"
+[tenants.b]
+broker = "sqlite://{db_b}"
+plugins = "{plugins_b}"
+[tenants.b.limits]
+memory = "128MiB"
+"#,
+        db_a = db_a.display(),
+        db_b = db_b.display(),
+        plugins_a = plugins_a.display(),
+        plugins_b = plugins_b.display(),
+    );
+    let url = |db: &Path| format!("sqlite://{}", db.display());
+    let a = client(&url(&db_a), &url(&db_a), None);
+    let b = client(&url(&db_b), &url(&db_b), None);
+    runtime().block_on(async {
+        let worker = WorkerProcess::start(dir.path(), &config);
+        // Warm both tenants up (plugins loaded, consumers running) before timing.
+        makespan(&a, 1, 0.01).await;
+        makespan(&b, 1, 0.01).await;
+        let unbounded = makespan(&b, 4, 1.0).await;
+        let bounded = makespan(&a, 4, 1.0).await;
+        assert!(
+            unbounded < Duration::from_millis(1800),
+            "b's four tasks ran side by side: {unbounded:?}"
+        );
+        assert!(
+            bounded >= Duration::from_millis(1950),
+            "a's budget holds two 128 MiB tasks at once, so four take two rounds: {bounded:?}"
+        );
+        worker.stop();
+    });
+}
+
 #[test]
 fn a_flooding_tenant_does_not_hold_back_another_tenants_task() {
     let dir = tempfile::tempdir().unwrap();
