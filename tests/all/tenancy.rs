@@ -649,6 +649,29 @@ plugins = "{plugins_c}"
     });
 }
 
+/// Two tenants on one worker of `concurrency` slots, each with its own SQLite file and a
+/// plugin folder of `math`; `a_keys` and `b_keys` are the rest of each tenant's table.
+/// Returns the config and the two files' URLs.
+fn embedded_tenants(
+    dir: &Path,
+    concurrency: usize,
+    a_keys: &str,
+    b_keys: &str,
+) -> (String, String, String) {
+    let plugins_a = plugin_folder(dir, "a", &["math"]);
+    let plugins_b = plugin_folder(dir, "b", &["math"]);
+    let url_a = format!("sqlite://{}", dir.join("a.db").display());
+    let url_b = format!("sqlite://{}", dir.join("b.db").display());
+    let config = format!(
+        "concurrency = {concurrency}\n\
+         [tenants.a]\nbroker = \"{url_a}\"\nplugins = \"{}\"\n{a_keys}\n\
+         [tenants.b]\nbroker = \"{url_b}\"\nplugins = \"{}\"\n{b_keys}\n",
+        plugins_a.display(),
+        plugins_b.display(),
+    );
+    (config, url_a, url_b)
+}
+
 /// How long `n` × `math.sleep(seconds)` sent at once by `client` take to finish.
 async fn makespan(client: &Client, n: usize, seconds: f64) -> Duration {
     let started = Instant::now();
@@ -677,32 +700,14 @@ fn a_memory_budget_bounds_what_a_tenant_runs_at_once() {
     // Four slots. Tenant a's tasks run under 128 MiB each and its budget holds two of them;
     // tenant b, with the same tasks and no budget, is the control.
     let dir = tempfile::tempdir().unwrap();
-    let plugins_a = plugin_folder(dir.path(), "a", &["math"]);
-    let plugins_b = plugin_folder(dir.path(), "b", &["math"]);
-    let (db_a, db_b) = (dir.path().join("a.db"), dir.path().join("b.db"));
-    let config = format!(
-        r#"
-concurrency = 4
-[tenants.a]
-broker = "sqlite://{db_a}"
-plugins = "{plugins_a}"
-memory_budget = "256MiB"
-[tenants.a.limits]
-memory = "128MiB"
-[tenants.b]
-broker = "sqlite://{db_b}"
-plugins = "{plugins_b}"
-[tenants.b.limits]
-memory = "128MiB"
-"#,
-        db_a = db_a.display(),
-        db_b = db_b.display(),
-        plugins_a = plugins_a.display(),
-        plugins_b = plugins_b.display(),
+    let (config, url_a, url_b) = embedded_tenants(
+        dir.path(),
+        4,
+        "memory_budget = \"256MiB\"\n[tenants.a.limits]\nmemory = \"128MiB\"",
+        "[tenants.b.limits]\nmemory = \"128MiB\"",
     );
-    let url = |db: &Path| format!("sqlite://{}", db.display());
-    let a = client(&url(&db_a), &url(&db_a), None);
-    let b = client(&url(&db_b), &url(&db_b), None);
+    let a = client(&url_a, &url_a, None);
+    let b = client(&url_b, &url_b, None);
     runtime().block_on(async {
         let worker = WorkerProcess::start(dir.path(), &config);
         // Warm both tenants up (plugins loaded, consumers running) before timing.
@@ -725,28 +730,9 @@ memory = "128MiB"
 #[test]
 fn a_flooding_tenant_does_not_hold_back_another_tenants_task() {
     let dir = tempfile::tempdir().unwrap();
-    let plugins_a = plugin_folder(dir.path(), "a", &["math"]);
-    let plugins_b = plugin_folder(dir.path(), "b", &["math"]);
-    let (db_a, db_b) = (dir.path().join("a.db"), dir.path().join("b.db"));
-    let config = format!(
-        r#"
-concurrency = 2
-[tenants.a]
-broker = "sqlite://{db_a}"
-plugins = "{plugins_a}"
-[tenants.b]
-broker = "sqlite://{db_b}"
-plugins = "{plugins_b}"
-reserved = 1
-"#,
-        db_a = db_a.display(),
-        db_b = db_b.display(),
-        plugins_a = plugins_a.display(),
-        plugins_b = plugins_b.display(),
-    );
-    let url = |db: &Path| format!("sqlite://{}", db.display());
-    let a = client(&url(&db_a), &url(&db_a), None);
-    let b = client(&url(&db_b), &url(&db_b), None);
+    let (config, url_a, url_b) = embedded_tenants(dir.path(), 2, "", "reserved = 1");
+    let a = client(&url_a, &url_a, None);
+    let b = client(&url_b, &url_b, None);
     runtime().block_on(async {
         // The flood (20 s of work for two slots) is in a's broker before the worker starts:
         // FIFO over one merged stream would run all of it first.
@@ -798,31 +784,16 @@ reserved = 1
 #[test]
 fn a_follow_up_naming_another_tenants_queue_fails_for_its_sender_on_the_embedded_broker() {
     let dir = tempfile::tempdir().unwrap();
-    let plugins_a = plugin_folder(dir.path(), "a", &["math"]);
-    let plugins_b = plugin_folder(dir.path(), "b", &["math"]);
-    let (db_a, db_b) = (dir.path().join("a.db"), dir.path().join("b.db"));
-    let config = format!(
-        r#"
-concurrency = 2
-[tenants.a]
-broker = "sqlite://{db_a}"
-queues = ["work-a"]
-plugins = "{plugins_a}"
-[tenants.b]
-broker = "sqlite://{db_b}"
-queues = ["work-b"]
-plugins = "{plugins_b}"
-"#,
-        db_a = db_a.display(),
-        db_b = db_b.display(),
-        plugins_a = plugins_a.display(),
-        plugins_b = plugins_b.display(),
+    let (config, url_a, url_b) = embedded_tenants(
+        dir.path(),
+        2,
+        "queues = [\"work-a\"]",
+        "queues = [\"work-b\"]",
     );
-    let url = |db: &Path| format!("sqlite://{}", db.display());
-    let a = client(&url(&db_a), &url(&db_a), None).with_default_queue("work-a");
+    let a = client(&url_a, &url_a, None).with_default_queue("work-a");
     let (broker_a, broker_b) = (
-        wasmq::broker::connect(&url(&db_a)).unwrap(),
-        wasmq::broker::connect(&url(&db_b)).unwrap(),
+        wasmq::broker::connect(&url_a).unwrap(),
+        wasmq::broker::connect(&url_b).unwrap(),
     );
     let missing = |follow_up: &str| {
         format!("the {follow_up} names queue 'work-b', which does not exist in tenant a's broker")

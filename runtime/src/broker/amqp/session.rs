@@ -20,9 +20,32 @@ pub(super) struct Session {
     /// Publishes with confirms; also used for declarations that must succeed.
     pub(super) publisher: Channel,
     /// Work queues declared (and bound for delayed delivery) on this connection.
-    pub(super) declared: Mutex<HashSet<String>>,
+    declared: Mutex<HashSet<String>>,
     /// Set once the delay levels are declared on this connection.
     pub(super) delay_levels: tokio::sync::OnceCell<()>,
+}
+
+impl Session {
+    fn declared(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.declared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether work queue `queue` was declared (and bound) on this connection.
+    pub(super) fn has_declared(&self, queue: &str) -> bool {
+        self.declared().contains(queue)
+    }
+
+    /// Remembers that `queue` is declared and bound on this connection.
+    pub(super) fn mark_declared(&self, queue: &str) {
+        self.declared().insert(queue.to_owned());
+    }
+
+    /// Forgets `queue` (deleted), so a later publish declares it again.
+    pub(super) fn forget_declared(&self, queue: &str) {
+        self.declared().remove(queue);
+    }
 }
 
 impl AmqpBroker {

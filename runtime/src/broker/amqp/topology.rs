@@ -29,12 +29,7 @@ impl AmqpBroker {
         session: &Session,
         queue: &str,
     ) -> Result<(), BrokerError> {
-        if session
-            .declared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(queue)
-        {
+        if session.has_declared(queue) {
             return Ok(());
         }
         let durable = QueueDeclareOptions {
@@ -101,11 +96,7 @@ impl AmqpBroker {
             })
             .await?;
         delayed::bind_queue(&session.publisher, queue).await?;
-        session
-            .declared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(queue.to_owned());
+        session.mark_declared(queue);
         Ok(())
     }
 
@@ -149,12 +140,7 @@ impl AmqpBroker {
         session: &Session,
         queue: &str,
     ) -> Result<(), BrokerError> {
-        if session
-            .declared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(queue)
-        {
+        if session.has_declared(queue) {
             return Ok(());
         }
         if !self.queue_exists_on(session, queue).await? {
@@ -230,11 +216,7 @@ impl AmqpBroker {
                     .await;
                 let _ = channel.close(200, "OK".into()).await;
             }
-            session
-                .declared
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .retain(|name| name != queue);
+            session.forget_declared(queue);
             Ok(())
         })
         .await
