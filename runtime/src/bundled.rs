@@ -1,5 +1,5 @@
 //! The plugins that ship inside the `wasmq` binary, built from `plugins/` by the build
-//! script: `math`, `text`, `hostile` and `grants`. The demo runs them, and `wasmq plugins export DIR`
+//! script: `math`, `text`, `hostile`, `grants` and `stamp` (which says which build ran it, for deploys). The demo runs them, and `wasmq plugins export DIR`
 //! writes them out for a worker's plugin folder.
 
 include!(concat!(env!("OUT_DIR"), "/bundled_plugins.rs"));

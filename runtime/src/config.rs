@@ -22,6 +22,10 @@
 //! cache_dir = "~/.cache/wasmq/artifacts"       # WASMQ_CACHE_DIR, --cache-dir
 //! max_deliveries = 10                          # WASMQ_MAX_DELIVERIES, --max-deliveries
 //! queue_max_priority = 10                      # WASMQ_QUEUE_MAX_PRIORITY, --queue-max-priority
+//! trusted_keys = ["ed25519:…", "keys/ops.pub"] # WASMQ_TRUSTED_KEYS, --trusted-key (keys or files)
+//! require_signatures = false                   # WASMQ_REQUIRE_SIGNATURES, --require-signatures
+//! plugin_store = "redis://127.0.0.1:6379/0"    # WASMQ_PLUGIN_STORE, --plugin-store: serve the
+//!                                              # store's signed releases instead of the folder
 //!
 //! [tasks."math.flaky"]   # per-task policy (Celery's task_annotations); a key may be a glob
 //! autoretry_for = ["ConnectionError"]
@@ -63,6 +67,7 @@ use serde::Deserialize;
 use crate::engine::Limits;
 use crate::policy::{PolicyOverrides, RetryPolicy, TaskAnnotations};
 use crate::routes::TaskRoutes;
+use crate::signing::TrustPolicy;
 use crate::tenancy::{RawTenant, TenantConfig};
 pub use crate::units::RawLimits;
 use crate::units::{parse_bytes, parse_duration};
@@ -119,6 +124,14 @@ pub struct RawConfig {
     pub routes: Option<BTreeMap<String, String>>,
     /// Tenants by id (none: one implicit tenant, the top-level keys).
     pub tenants: Option<BTreeMap<String, RawTenant>>,
+    /// Keys (`ed25519:…`) or files of keys trusted to sign the implicit tenant's plugins
+    /// and releases.
+    pub trusted_keys: Option<Vec<String>>,
+    /// Refuse plugin files without a valid `.wasm.sig`.
+    pub require_signatures: Option<bool>,
+    /// The plugin store whose releases the worker serves (`sqlite://…`, `redis://…`);
+    /// tenants inherit it unless they name their own.
+    pub plugin_store: Option<String>,
 }
 
 /// Errors loading configuration.
@@ -203,6 +216,9 @@ impl RawConfig {
             tasks: merge_maps(self.tasks, lower.tasks),
             routes: merge_maps(self.routes, lower.routes),
             tenants: merge_maps(self.tenants, lower.tenants),
+            trusted_keys: self.trusted_keys.or(lower.trusted_keys),
+            require_signatures: self.require_signatures.or(lower.require_signatures),
+            plugin_store: self.plugin_store.or(lower.plugin_store),
         }
     }
 }
@@ -261,6 +277,10 @@ pub struct WorkerConfig {
     /// The tenants sharing this worker's slots (empty: one implicit tenant, the top-level
     /// broker, backend, queues and plugins, as before tenants existed).
     pub tenants: Vec<TenantConfig>,
+    /// What the implicit tenant's plugins must carry (tenant `default`).
+    pub trust: TrustPolicy,
+    /// The plugin store whose releases the implicit tenant serves (none: the folder).
+    pub plugin_store: Option<String>,
 }
 
 fn duration(
@@ -347,7 +367,15 @@ impl WorkerConfig {
             .tenants
             .unwrap_or_default()
             .into_iter()
-            .map(|(name, tenant)| TenantConfig::resolve(&name, tenant, concurrency, ceiling))
+            .map(|(name, tenant)| {
+                TenantConfig::resolve(
+                    &name,
+                    tenant,
+                    concurrency,
+                    ceiling,
+                    raw.plugin_store.as_deref(),
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if !tenants.is_empty() {
             let top_level = [
@@ -355,6 +383,8 @@ impl WorkerConfig {
                 ("result_backend", raw.result_backend.is_some()),
                 ("plugins", raw.plugins.is_some()),
                 ("queues", queues_said),
+                ("trusted_keys", raw.trusted_keys.is_some()),
+                ("require_signatures", raw.require_signatures.is_some()),
             ];
             if raw.scheduler.is_some() {
                 return Err(ConfigError::Invalid {
@@ -370,6 +400,16 @@ impl WorkerConfig {
                 });
             }
         }
+        let trust = TrustPolicy::from_config(
+            crate::signing::IMPLICIT_TENANT,
+            raw.trusted_keys.as_deref().unwrap_or_default(),
+            raw.require_signatures.unwrap_or(false),
+            raw.plugin_store.is_some() && tenants.is_empty(),
+        )
+        .map_err(|e| ConfigError::Invalid {
+            key: "trusted_keys",
+            message: e.to_string(),
+        })?;
         let reserved: usize = tenants.iter().map(|t| t.reserved).sum();
         if reserved > concurrency {
             return Err(ConfigError::Invalid {
@@ -428,6 +468,8 @@ impl WorkerConfig {
                 tenant: None,
             },
             tenants,
+            trust,
+            plugin_store: raw.plugin_store,
         })
     }
 }

@@ -34,6 +34,10 @@
 //! reserved = 1                             # slots it gets first when it has work
 //! prefetch = 16                            # messages held unsettled by its consumer
 //! memory_budget = "512MiB"                 # sum of the memory limits of its running tasks
+//! trusted_keys = ["ed25519:…"]            # who may sign its plugins and releases
+//! require_signatures = true               # refuse a plugin file without a valid .wasm.sig
+//! plugin_store = "redis://127.0.0.1:6379/0"  # serve its signed releases (default: the
+//!                                          # worker's plugin_store; none: its folder)
 //! [tenants.acme.limits]                    # defaults for its tasks
 //! timeout = "10s"
 //! [tenants.acme.ceiling]                   # never exceeded (nor is the worker's)
@@ -61,6 +65,7 @@ use serde::Deserialize;
 
 use crate::engine::{DirGrant, Grants, LimitOverrides, Limits, NetworkGrant, NetworkRule};
 use crate::policy::glob_matches;
+use crate::signing::TrustPolicy;
 use crate::units::{RawLimits, parse_bytes, parse_duration};
 
 /// A tenant's table that is not valid, naming the tenant and the key.
@@ -116,6 +121,13 @@ pub struct RawTenant {
     pub secrets: Option<BTreeMap<String, RawSecret>>,
     /// What tasks may reach, by task name or glob.
     pub grants: Option<BTreeMap<String, RawGrant>>,
+    /// Keys (`ed25519:…`) or files of keys trusted to sign its plugins and releases.
+    pub trusted_keys: Option<Vec<String>>,
+    /// Refuse plugin files without a valid `.wasm.sig` signed for this tenant.
+    pub require_signatures: Option<bool>,
+    /// The plugin store whose releases it serves (default: the worker's `plugin_store`;
+    /// none: its folder).
+    pub plugin_store: Option<String>,
 }
 
 /// A folder a tenant may grant.
@@ -197,6 +209,10 @@ pub struct TenantConfig {
     pub limits: LimitOverrides,
     /// Its ceiling (already the lower of its own and the worker's).
     pub ceiling: Limits,
+    /// What its plugins must carry, and the keys its releases are checked with.
+    pub trust: TrustPolicy,
+    /// The plugin store whose releases it serves (none: its plugin folder).
+    pub plugin_store: Option<String>,
     dirs: BTreeMap<String, DirGrant>,
     network: NetworkGrant,
     /// Variables and secrets, resolved.
@@ -262,6 +278,7 @@ impl TenantConfig {
         raw: RawTenant,
         concurrency: usize,
         ceiling: Limits,
+        worker_plugin_store: Option<&str>,
     ) -> Result<Self, TenantError> {
         if name.is_empty()
             || !name
@@ -303,9 +320,28 @@ impl TenantConfig {
                 "must name at least one non-empty queue",
             ));
         }
-        let plugins = raw
-            .plugins
-            .ok_or_else(|| invalid("tenants.plugins", name, "needs its own plugin folder"))?;
+        let plugin_store = raw
+            .plugin_store
+            .or_else(|| worker_plugin_store.map(str::to_owned));
+        let plugins = match (raw.plugins, &plugin_store) {
+            (Some(folder), _) => folder,
+            // Served from the store's releases: no folder is read.
+            (None, Some(_)) => PathBuf::new(),
+            (None, None) => {
+                return Err(invalid(
+                    "tenants.plugins",
+                    name,
+                    "needs its own plugin folder (or a plugin_store to follow)",
+                ));
+            }
+        };
+        let trust = TrustPolicy::from_config(
+            name,
+            raw.trusted_keys.as_deref().unwrap_or_default(),
+            raw.require_signatures.unwrap_or(false),
+            plugin_store.is_some(),
+        )
+        .map_err(|e| invalid("tenants.trusted_keys", name, e))?;
         let weight = raw.weight.unwrap_or(1.0);
         if !(weight.is_finite() && weight > 0.0) {
             return Err(invalid("tenants.weight", name, "must be a positive number"));
@@ -454,6 +490,8 @@ impl TenantConfig {
             memory_budget,
             limits,
             ceiling,
+            trust,
+            plugin_store,
             dirs,
             network,
             values,
@@ -508,7 +546,7 @@ mod tests {
 
     fn tenant(toml_text: &str) -> Result<TenantConfig, TenantError> {
         let raw: RawTenant = toml::from_str(toml_text).expect("valid TOML");
-        TenantConfig::resolve("acme", raw, 4, Limits::DEFAULT)
+        TenantConfig::resolve("acme", raw, 4, Limits::DEFAULT, None)
     }
 
     const BASE: &str = "broker = \"sqlite://a.db\"\nplugins = \"p\"\n";

@@ -7,6 +7,7 @@ mod canvas;
 mod cli;
 mod control;
 mod delays;
+mod deploy;
 mod grants;
 mod hostile;
 mod interop;

@@ -327,7 +327,7 @@ fn hot_deploy_replace_broken_replace_and_removal_while_tasks_flow() {
         let queue = Queue::new();
         let folder = queue.plugin_folder(&["math"]);
         let sandbox = Arc::new(sandbox());
-        let registry = Arc::new(Registry::load_folder(sandbox, &folder).await.unwrap());
+        let registry = Arc::new(Registry::load_folder(sandbox, &folder, None).await.unwrap());
         let watcher = registry.watch(Duration::from_millis(100));
         let (stop, worker) = spawn_worker(&queue, Arc::clone(&registry), options(2));
 

@@ -105,7 +105,7 @@ impl Queue {
     }
 }
 
-/// A registry of the bundled plugins (math, text, hostile, grants), in memory.
+/// A registry of the bundled plugins (math, text, hostile, grants, stamp), in memory.
 pub(crate) async fn bundled_registry(
     sandbox: Sandbox,
 ) -> std::sync::Arc<wasmq::registry::Registry> {

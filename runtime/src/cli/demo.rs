@@ -229,7 +229,7 @@ pub(super) async fn run(args: DemoArgs) -> Result<(), Failure> {
 
     println!(
         "wasmq demo: a worker (concurrency {}) on {} (results: {}) serving the bundled\n\
-         plugins math, text, hostile and grants ({} tasks, loaded in {:.0?}). Every task runs in its own sandbox:\n\
+         plugins math, text, hostile, grants and stamp ({} tasks, loaded in {:.0?}). Every task runs in its own sandbox:\n\
          default limits {}.\n",
         options.concurrency,
         if args.broker.is_some() {

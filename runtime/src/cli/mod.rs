@@ -16,8 +16,11 @@ mod bench;
 mod call;
 mod dead_letters;
 mod demo;
+mod deploy;
 mod endpoints;
 mod exit;
+mod keys;
+mod plugin_source;
 mod plugins;
 mod process;
 mod result;
@@ -84,11 +87,27 @@ enum Command {
         #[command(subcommand)]
         command: bench::BenchCommand,
     },
-    /// Inspect, list and export plugins.
+    /// Inspect, list, export, sign and verify plugins.
     Plugins {
         #[command(subcommand)]
         command: plugins::PluginsCommand,
     },
+    /// Generate and show Ed25519 keys that sign plugins and releases.
+    Keys {
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
+    /// Publish a signed release of plugins to every worker following the plugin store (the
+    /// next epoch; with --canary, to a share of workflows only).
+    Deploy(deploy::DeployArgs),
+    /// Make the latest release's canary the stable version everywhere (a new epoch).
+    Promote(deploy::PublishArgs),
+    /// Serve an earlier epoch's plugins again (a new epoch).
+    Rollback(deploy::RollbackArgs),
+    /// List a tenant's releases, oldest first.
+    Releases(deploy::StoreArgs),
+    /// Show which epoch each node serves, and any node that failed to apply one.
+    Fleet(deploy::StoreArgs),
 }
 
 /// Parses the process arguments, runs the command and returns its exit code.
@@ -150,6 +169,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Command::Call(args) => call::call(args).await,
             Command::Plugins { command } => plugins::run(command).await,
             Command::Bench { command } => bench::run(command).await,
+            Command::Keys { command } => keys::run(command),
+            Command::Deploy(args) => deploy::deploy(args).await,
+            Command::Promote(args) => deploy::promote(args).await,
+            Command::Rollback(args) => deploy::rollback(args).await,
+            Command::Releases(args) => deploy::releases(args).await,
+            Command::Fleet(args) => deploy::fleet(args).await,
         }
     })
 }

@@ -10,6 +10,7 @@ use super::args::{EngineArgs, sandbox};
 use super::exit::{ExitStatus, Failure};
 use crate::engine::{CacheStatus, Plugin};
 use crate::registry::Registry;
+use crate::signing::{PluginSignature, SigningKey, TrustPolicy, signature_path};
 use crate::units::{format_bytes, format_duration};
 
 #[derive(Debug, Subcommand)]
@@ -30,11 +31,39 @@ pub(super) enum PluginsCommand {
         #[command(flatten)]
         engine: EngineArgs,
     },
-    /// Write the plugins bundled in this binary (math, text, hostile, grants) into a folder.
+    /// Write the plugins bundled in this binary (math, text, hostile, grants, stamp) into a
+    /// folder.
     Export {
         /// The folder (created if needed).
         #[arg(default_value = crate::config::DEFAULT_PLUGIN_FOLDER)]
         folder: PathBuf,
+    },
+    /// Sign a plugin for a tenant: writes PLUGIN.wasm.sig beside it (the .wasm bytes are not
+    /// changed).
+    Sign {
+        /// The plugin file.
+        plugin: PathBuf,
+        /// The private key (from `wasmq keys generate`).
+        #[arg(long, env = "WASMQ_SIGNING_KEY")]
+        key: PathBuf,
+        /// The tenant it is signed for (a worker without [tenants] is tenant "default").
+        #[arg(long, default_value = crate::signing::IMPLICIT_TENANT)]
+        tenant: String,
+        /// How long the signature is valid, e.g. 90days.
+        #[arg(long, default_value = "365days")]
+        expires: String,
+    },
+    /// Check a plugin's signature as a worker would, without compiling it: exit 0 when
+    /// it would load, 4 with the reason when it would be refused.
+    Verify {
+        /// The plugin file (its signature is PLUGIN.wasm.sig).
+        plugin: PathBuf,
+        /// A trusted public key (ed25519:…) or a file holding one; repeat for several.
+        #[arg(long = "trusted-key", required = true, value_delimiter = ',')]
+        trusted_keys: Vec<String>,
+        /// The tenant loading it.
+        #[arg(long, default_value = crate::signing::IMPLICIT_TENANT)]
+        tenant: String,
     },
 }
 
@@ -42,6 +71,17 @@ pub(super) async fn run(command: PluginsCommand) -> Result<(), Failure> {
     match command {
         PluginsCommand::Inspect { plugin, engine } => inspect(&plugin, &engine).await,
         PluginsCommand::List { folder, engine } => list(&folder, &engine).await,
+        PluginsCommand::Sign {
+            plugin,
+            key,
+            tenant,
+            expires,
+        } => sign(&plugin, &key, &tenant, &expires),
+        PluginsCommand::Verify {
+            plugin,
+            trusted_keys,
+            tenant,
+        } => verify(&plugin, &trusted_keys, &tenant),
         PluginsCommand::Export { folder } => {
             for path in export_bundled(&folder).map_err(Failure::internal)? {
                 println!("{}", path.display());
@@ -49,6 +89,72 @@ pub(super) async fn run(command: PluginsCommand) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// A plugin's bytes and name (its file stem), or bad input naming the file.
+fn read_plugin(path: &Path) -> Result<(Vec<u8>, String), Failure> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        Failure::new(
+            ExitStatus::BadPlugin,
+            anyhow::anyhow!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok((bytes, name))
+}
+
+fn sign(plugin: &Path, key: &Path, tenant: &str, expires: &str) -> Result<(), Failure> {
+    let key = SigningKey::read(key).map_err(Failure::bad_input)?;
+    let valid_for = crate::units::parse_duration(expires)
+        .map_err(|e| Failure::bad_input(format!("--expires: {e}")))?;
+    let not_after = chrono::Utc::now()
+        + chrono::Duration::from_std(valid_for)
+            .map_err(|e| Failure::bad_input(format!("--expires: {e}")))?;
+    let (bytes, name) = read_plugin(plugin)?;
+    let signature = PluginSignature::sign(&key, tenant, &name, &bytes, not_after)
+        .map_err(Failure::bad_input)?;
+    let path = signature_path(plugin);
+    std::fs::write(&path, signature.to_json())
+        .map_err(|e| Failure::bad_input(format!("cannot write {}: {e}", path.display())))?;
+    println!(
+        "{}: plugin {name} signed for tenant {tenant} by key {} until {} (sha256 {})",
+        path.display(),
+        signature.key_id,
+        signature.not_after,
+        &signature.sha256[..16]
+    );
+    Ok(())
+}
+
+fn verify(plugin: &Path, trusted_keys: &[String], tenant: &str) -> Result<(), Failure> {
+    let trust =
+        TrustPolicy::from_config(tenant, trusted_keys, true, false).map_err(Failure::bad_input)?;
+    let (bytes, name) = read_plugin(plugin)?;
+    let sig_path = signature_path(plugin);
+    let signature = std::fs::read_to_string(&sig_path).ok();
+    trust
+        .check(&name, &bytes, signature.as_deref(), chrono::Utc::now())
+        .map_err(|e| {
+            Failure::new(
+                ExitStatus::BadPlugin,
+                anyhow::anyhow!("{}: refused: {e}", plugin.display()),
+            )
+        })?;
+    let signature = PluginSignature::parse(
+        &sig_path.display().to_string(),
+        &signature.unwrap_or_default(),
+    )
+    .map_err(Failure::bad_input)?;
+    println!(
+        "{}: ok: plugin {name} for tenant {tenant}, signed by key {}, valid until {}",
+        plugin.display(),
+        signature.key_id,
+        signature.not_after
+    );
+    Ok(())
 }
 
 /// Writes the bundled plugins into `folder`; returns the files written.
@@ -68,7 +174,7 @@ pub(super) fn export_bundled(folder: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 async fn list(folder: &Path, engine: &EngineArgs) -> Result<(), Failure> {
     let sandbox = Arc::new(sandbox(engine, 4)?);
-    let registry = Registry::load_folder(sandbox, folder)
+    let registry = Registry::load_folder(sandbox, folder, None)
         .await
         .map_err(|e| Failure::new(ExitStatus::BadPlugin, e))?;
     let snapshot = registry.snapshot();

@@ -10,13 +10,12 @@ use std::time::Duration;
 
 use tracing::Instrument;
 
-use super::exit::{ExitStatus, Failure};
+use super::exit::Failure;
 use super::process::{default_state_file, shutdown_signal};
 use crate::broker::amqp::AmqpOptions;
 use crate::config::WorkerConfig;
 use crate::engine::{Sandbox, TenantLimits};
 use crate::fair::{SlotArbiter, TenantShare};
-use crate::registry::Registry;
 use crate::results::ResultBackend;
 use crate::tenancy::TenantConfig;
 use crate::worker::{GrantsFor, StatusView, TenantOptions, Worker, write_status_file};
@@ -92,27 +91,29 @@ pub(super) async fn run(
     let mut workers = Vec::new();
     let mut watchers = Vec::new();
     for (seat, tenant) in config.tenants.iter().enumerate() {
-        ensure_folder(&tenant.name, "plugin folder", &tenant.plugins)?;
+        if tenant.plugin_store.is_none() {
+            ensure_folder(&tenant.name, "plugin folder", &tenant.plugins)?;
+        }
         for dir in tenant.host_dirs() {
             ensure_folder(&tenant.name, "folder", &dir.host)?;
         }
         let broker = crate::broker::scheduled::connect(&tenant.broker, None, amqp)
             .map_err(|e| Failure::bad_input(format!("tenant {:?}: {e:#}", tenant.name)))?;
         let backend = backend(tenant, config.result_expires)?;
-        let registry = Arc::new(
-            Registry::load_folder(Arc::clone(&sandbox), &tenant.plugins)
-                .await
-                .map_err(|e| {
-                    Failure::new(
-                        ExitStatus::BadPlugin,
-                        anyhow::anyhow!("tenant {:?}: {e:#}", tenant.name),
-                    )
-                })?,
-        );
+        let source = super::plugin_source::serve_plugins(
+            Arc::clone(&sandbox),
+            &tenant.plugins,
+            tenant.plugin_store.as_deref(),
+            &tenant.trust,
+            &config.worker.node_name,
+        )
+        .instrument(tracing::info_span!("tenant", id = %tenant.name))
+        .await?;
+        let registry = Arc::clone(&source.registry);
         for (task, file) in registry.snapshot().tasks() {
             tracing::info!(tenant = %tenant.name, task, plugin = %file.display(), "registered");
         }
-        watchers.push(registry.watch(Duration::from_millis(500)));
+        watchers.push(source);
         let mut options = config.worker.clone();
         options.queues.clone_from(&tenant.queues);
         options.concurrency = tenant.max_concurrency;
@@ -199,8 +200,8 @@ pub(super) async fn run(
     if let Some(status) = status {
         status.abort();
     }
-    for watcher in watchers {
-        watcher.abort();
+    for source in watchers {
+        source.stop().await;
     }
     if let Some(path) = status_file {
         write_status_file(path, &combined_status(&views));

@@ -5,15 +5,13 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::args::EngineArgs;
 use super::endpoints::{Endpoints, connect_broker};
-use super::exit::{ExitStatus, Failure};
+use super::exit::Failure;
 use super::process::{default_state_file, shutdown_signal};
 use crate::config::{RawConfig, RawLimits};
 use crate::engine::Sandbox;
-use crate::registry::Registry;
 use crate::worker::Worker;
 
 #[derive(Debug, clap::Args)]
@@ -76,6 +74,21 @@ pub(super) struct WorkerArgs {
     /// .wasmq/state/<node name>.revoked.json.
     #[arg(long, env = "WASMQ_STATE_FILE")]
     state_file: Option<PathBuf>,
+    /// Serve the signed releases of this plugin store (sqlite://PATH or
+    /// redis://HOST:PORT/DB) instead of the plugin folder; see `wasmq deploy`.
+    #[arg(long, env = "WASMQ_PLUGIN_STORE")]
+    plugin_store: Option<String>,
+    /// A public key (ed25519:…) or a file holding one, trusted to sign plugins and
+    /// releases; repeat for several.
+    #[arg(
+        long = "trusted-key",
+        env = "WASMQ_TRUSTED_KEYS",
+        value_delimiter = ','
+    )]
+    trusted_keys: Option<Vec<String>>,
+    /// Refuse plugin files without a valid .wasm.sig from a trusted key.
+    #[arg(long, env = "WASMQ_REQUIRE_SIGNATURES", num_args = 0..=1, default_missing_value = "true")]
+    require_signatures: Option<bool>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -114,6 +127,9 @@ impl WorkerArgs {
             tasks: None,
             routes: None,
             tenants: None,
+            trusted_keys: self.trusted_keys.clone(),
+            require_signatures: self.require_signatures,
+            plugin_store: self.plugin_store.clone(),
         }
     }
 }
@@ -143,20 +159,22 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
         &config.broker,
     )
     .map_err(|e| Failure::bad_input(format!("{e:#}")))?;
-    if !config.plugins.exists() {
+    if config.plugin_store.is_none() && !config.plugins.exists() {
         let written = super::plugins::export_bundled(&config.plugins).map_err(Failure::internal)?;
         tracing::info!(folder = %config.plugins.display(), plugins = written.len(),
-            "created the plugin folder with the bundled plugins (math, text, hostile, grants)");
+            "created the plugin folder with the bundled plugins (math, text, hostile, grants, stamp)");
     }
-    let registry = Arc::new(
-        Registry::load_folder(sandbox, &config.plugins)
-            .await
-            .map_err(|e| Failure::new(ExitStatus::BadPlugin, e))?,
-    );
-    for (task, file) in registry.snapshot().tasks() {
+    let source = super::plugin_source::serve_plugins(
+        sandbox,
+        &config.plugins,
+        config.plugin_store.as_deref(),
+        &config.trust,
+        &config.worker.node_name,
+    )
+    .await?;
+    for (task, file) in source.registry.snapshot().tasks() {
         tracing::info!(task, plugin = %file.display(), "registered");
     }
-    let watcher = registry.watch(Duration::from_millis(500));
     let mut options = config.worker;
     options.status_file.clone_from(&args.status_file);
     options.state_file = Some(
@@ -164,12 +182,12 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
             .clone()
             .unwrap_or_else(|| default_state_file(&options.node_name, None)),
     );
-    let worker = Worker::new(broker, backend, registry, options);
+    let worker = Worker::new(broker, backend, Arc::clone(&source.registry), options);
     let stats = worker
         .run(shutdown_signal())
         .await
         .map_err(Failure::internal)?;
-    watcher.abort();
+    source.stop().await;
     tracing::info!(?stats, "bye");
     Ok(())
 }

@@ -232,6 +232,8 @@ pub struct Sandbox {
     config: SandboxConfig,
     allocator: AllocatorKind,
     cache: Option<cache::ArtifactCache>,
+    /// Plugins compiled by Cranelift (not loaded from the artifact cache) so far.
+    compiled: std::sync::atomic::AtomicU64,
     ticker_stop: Arc<AtomicBool>,
     ticker: Option<std::thread::JoinHandle<()>>,
 }
@@ -351,9 +353,16 @@ impl Sandbox {
             config,
             allocator,
             cache,
+            compiled: std::sync::atomic::AtomicU64::new(0),
             ticker_stop,
             ticker,
         })
+    }
+
+    /// How many plugins this sandbox has compiled with Cranelift (artifact cache hits not
+    /// counted): what a refused plugin must never cost.
+    pub fn compiled_count(&self) -> u64 {
+        self.compiled.load(Ordering::Relaxed)
     }
 
     /// The allocator actually in use (pooling may have fallen back to on-demand).

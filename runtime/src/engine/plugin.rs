@@ -258,6 +258,8 @@ impl Sandbox {
             return Ok((component, CacheStatus::Hit));
         }
         let started = Instant::now();
+        self.compiled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Invalid {
             name: name.to_owned(),
             reason: format!("{e:#}"),

@@ -394,15 +394,19 @@ async fn dispatch(
             return;
         }
     };
-    // Looked up once here: the registry's plugin for the task and its resolved policy.
-    let task = shared.registry.lookup(&message.task).map(|plugin| {
-        let policy = shared.options.task_policies.resolve(
-            &shared.options.retry,
-            plugin.task(&message.task).map(|t| &t.policy),
-            &message.task,
-        );
-        (plugin, policy)
-    });
+    // Looked up once here: the registry's plugin for the task (a release's canary or not,
+    // by the workflow's root, so a workflow runs one version) and its resolved policy.
+    let task = shared
+        .registry
+        .lookup_for(&message.task, workflow_root(&message))
+        .map(|plugin| {
+            let policy = shared.options.task_policies.resolve(
+                &shared.options.retry,
+                plugin.task(&message.task).map(|t| &t.policy),
+                &message.task,
+            );
+            (plugin, policy)
+        });
     let memory = task.as_ref().map_or(0, |(plugin, _)| {
         run::memory_limit(shared, plugin, &message.task)
     });
@@ -476,14 +480,17 @@ async fn process(
         return slot;
     }
     let served = match &builtin {
-        Some(Ok(call)) => shared.registry.lookup(&call.task.task).map(|plugin| {
-            let policy =
-                shared
-                    .options
-                    .task_policies
-                    .resolve(&shared.options.retry, None, &message.task);
-            (plugin, policy)
-        }),
+        Some(Ok(call)) => shared
+            .registry
+            .lookup_for(&call.task.task, workflow_root(&message))
+            .map(|plugin| {
+                let policy = shared.options.task_policies.resolve(
+                    &shared.options.retry,
+                    None,
+                    &message.task,
+                );
+                (plugin, policy)
+            }),
         _ => task,
     };
     let Some((plugin, policy)) = served else {
@@ -551,4 +558,10 @@ async fn hold(shared: &Shared, slot: Slot, wait: Duration, memory: u64) -> Slot 
     drop(slot);
     tokio::time::sleep(wait).await;
     shared.slot(memory).await
+}
+
+/// The workflow a message belongs to, for a release's canary: its `root_id`, or its own id
+/// when it started none.
+fn workflow_root(message: &TaskMessage) -> &str {
+    message.root_id.as_deref().unwrap_or(&message.id)
 }

@@ -69,6 +69,7 @@ pub(super) async fn report(shared: Arc<Shared>, mut consuming: tokio::sync::watc
     let mut last = *consuming.borrow();
     let mut consumed_before = last;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut settled = false;
     loop {
         let now = *consuming.borrow();
         if now != last {
@@ -89,9 +90,15 @@ pub(super) async fn report(shared: Arc<Shared>, mut consuming: tokio::sync::watc
                 if now { "consuming" } else { "reconnecting" },
             );
         }
-        tokio::select! {
-            changed = consuming.changed() => if changed.is_err() { return },
-            _ = tick.tick() => {}
+        // A broker that never stops consuming (the embedded one) drops its sender at once:
+        // the status file is still rewritten every second, so it stays fresh.
+        if settled {
+            tick.tick().await;
+        } else {
+            tokio::select! {
+                changed = consuming.changed() => settled = changed.is_err(),
+                _ = tick.tick() => {}
+            }
         }
     }
 }
@@ -124,6 +131,22 @@ pub(super) fn snapshot(shared: &Shared, consuming: bool, state: &str) -> serde_j
         "dead_lettered": load(&stats.dead_lettered),
         "revoked": load(&stats.revoked),
         "deferred": load(&stats.deferred),
+        "plugins": plugins(&shared.registry.snapshot()),
+    })
+}
+
+/// What the worker serves: the release epoch (release mode), and every plugin that failed
+/// to load or was refused, with why.
+fn plugins(snapshot: &crate::registry::Snapshot) -> serde_json::Value {
+    let refused: Vec<serde_json::Value> = snapshot
+        .broken()
+        .into_iter()
+        .map(|(file, why)| serde_json::json!({"file": file.display().to_string(), "reason": why}))
+        .collect();
+    serde_json::json!({
+        "epoch": snapshot.epoch(),
+        "served": snapshot.plugins(),
+        "failed": refused,
     })
 }
 
