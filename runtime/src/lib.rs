@@ -12,9 +12,13 @@
 //! client     client/            send, call, submit; AsyncResult; starting workflows
 //! worker     worker/            admit → run → decide → settle → continue the workflow;
 //!                               answers remote control (control.rs)
-//!            registry.rs        task name → plugin, hot-deployed from a folder
+//!            registry/          task name → plugin: a folder's signed files, or a release
+//!                               and its canary
+//!            deploy.rs          following a tenant's signed releases in a plugin store
 //! canvas     canvas/            signatures, chain/group/chord, publishing a workflow
 //! storage    results/           result backends: embedded, Redis, rpc (over broker::amqp)
+//!            releases/          the plugin store: blobs by digest, signed releases, node
+//!                               reports (embedded file or Redis)
 //!            broker/            brokers: embedded/, amqp/ (RabbitMQ, incl. the remote-control
 //!                               mailbox), scheduled/ (delays held in Redis), and the traits
 //!                               the worker sees
@@ -23,6 +27,7 @@
 //!                               commands (control.rs)
 //!            policy.rs          retry and rate-limit policy
 //!            fair.rs            fair task slots across tenants (start-time fair queuing)
+//!            signing.rs         Ed25519 keys, plugin statements, trust policies
 //!            routes.rs          task name → queue
 //!            units.rs           sizes and durations
 //!            db.rs              the embedded database file (broker and results share it)
@@ -37,7 +42,7 @@
 //! broker     publish; a worker's consumer delivers it, prefetched     broker/
 //! worker     decode the Celery v2 envelope                            protocol/
 //!            admit: poison? revoked? expired? eta? rate limit?        worker/admit.rs
-//!            look up the plugin                                       registry.rs
+//!            look up the plugin (a canary by root_id)                  registry/
 //!            run it in a fresh Store: memory, fuel, deadline, no      worker/run.rs, engine/
 //!            ambient rights → exactly one Outcome
 //!            decide once: result meta + ack | retry | defer |         worker/decision.rs

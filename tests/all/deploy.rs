@@ -281,6 +281,92 @@ fn keys_sign_and_verify_from_the_command_line() {
     assert_eq!(why.lines().count(), 1, "one readable line: {why}");
     let again = wasmq(dir.path(), &["keys", "generate", "keys/acme"]);
     assert_eq!(again.status.code(), Some(2), "a key is never overwritten");
+
+    // A worker that requires signatures: the signed plugin serves, an unsigned one is one
+    // log line and an entry in the status file.
+    let folder = dir.path().join("plugins");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::copy(dir.path().join("math.wasm"), folder.join("math.wasm")).unwrap();
+    std::fs::write(folder.join("text.wasm"), bundled("text")).unwrap();
+    let signed = succeeded(
+        wasmq(
+            dir.path(),
+            &[
+                "plugins",
+                "sign",
+                "plugins/math.wasm",
+                "--key",
+                "keys/acme.key",
+            ],
+        ),
+        "plugins sign",
+    );
+    assert!(signed.contains("signed for tenant default"), "{signed}");
+    let db = format!("sqlite://{}", dir.path().join("wasmq.db").display());
+    let queue = crate::support::unique_queue("signed");
+    let node = Node::start(
+        dir.path(),
+        "signed",
+        &[
+            "--broker",
+            &db,
+            "--result-backend",
+            &db,
+            "--plugins",
+            "plugins",
+            "--queues",
+            &queue,
+            "--trusted-key",
+            "keys/acme.pub",
+            "--require-signatures",
+        ]
+        .map(str::to_owned),
+    );
+    let log = node.log();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("text is not signed"))
+            .count(),
+        1,
+        "{log}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status: Value = std::fs::read_to_string(&node.status)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null);
+        let failed = &status["plugins"]["failed"];
+        if failed[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("text is not signed"))
+        {
+            assert!(status["plugins"]["served"]["math"].is_string(), "{status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no refusal in the status: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = wasmq(
+        dir.path(),
+        &[
+            "send",
+            "math.add",
+            "[2, 3]",
+            "--wait",
+            "--broker",
+            &db,
+            "--result-backend",
+            &db,
+            "--queue",
+            &queue,
+        ],
+    );
+    assert_eq!(stdout(&output).trim(), "5", "{output:?}");
+    node.stop();
 }
 
 /// A `wasmq worker` process of a fleet, logging to `<dir>/<name>.log`.

@@ -12,6 +12,7 @@
 //! soak       a worker's resident memory across 100,000 tasks             (soak.rs)
 //! scale      drains with 1, 2 and 4 `wasmq worker` processes              (scale.rs)
 //! tenants    the noisy neighbour: B's probe latency while A floods         (tenants.rs)
+//! deploy     what a release swap costs a running worker's tasks            (deploy.rs)
 //! ```
 //!
 //! What the runs share sits here (the only-this-machine guard, queue names, the concurrent
@@ -29,6 +30,7 @@ pub(crate) mod amqp;
 mod amqp_table;
 mod ceiling;
 mod celery;
+pub(crate) mod deploy;
 pub(crate) mod embedded;
 mod harness;
 pub(crate) mod scale;

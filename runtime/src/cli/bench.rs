@@ -3,7 +3,7 @@
 
 use super::args::EngineArgs;
 use super::exit::{ExitStatus, Failure};
-use crate::bench::{NotLocal, amqp, embedded, scale, soak, tenants};
+use crate::bench::{NotLocal, amqp, deploy, embedded, scale, soak, tenants};
 use crate::engine::Limits;
 use crate::engine::PluginError;
 use crate::worker::WorkerOptions;
@@ -27,6 +27,18 @@ pub(super) enum BenchCommand {
     /// The noisy neighbour: tenant B's latency while tenant A floods or attacks, FIFO
     /// (no tenants) side by side with two tenants sharing the slots fairly.
     Tenants(TenantsArgs),
+    /// A fleet deploy's cost to a running worker: publish → served, and its tasks' round
+    /// trips while releases are swapped in.
+    Deploy(DeployArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct DeployArgs {
+    /// Releases to publish, one after another.
+    #[arg(long, default_value_t = 10)]
+    deploys: usize,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -177,6 +189,13 @@ pub(super) async fn run(command: BenchCommand) -> Result<(), Failure> {
                 concurrency: args.concurrency,
                 fair_only: args.fair_only,
                 sandbox,
+            })
+            .await
+        }
+        BenchCommand::Deploy(args) => {
+            deploy::run(deploy::DeployOptions {
+                deploys: args.deploys.max(1),
+                sandbox: args.engine.sandbox_config(8),
             })
             .await
         }
