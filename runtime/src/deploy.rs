@@ -1,7 +1,8 @@
 //! Following releases: a worker serves what its tenant's latest signed release names.
 //!
 //! A [`ReleaseFollower`] polls the plugin store for its tenant's latest epoch (one cheap
-//! read), and when it is newer than the one served: reads the release, verifies its
+//! read), and at once when the broker rings a release doorbell (RabbitMQ: `wasmq deploy
+//! --broker`); when it is newer than the one served: reads the release, verifies its
 //! signature with the tenant's trusted keys and that it was signed for this tenant and
 //! this epoch (an old manifest published again is refused as a replay), fetches only the
 //! blobs it does not already serve and checks each one's digest, then hands it to the
@@ -20,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::Instrument as _;
 
+use crate::broker::ReleaseBell;
 use crate::registry::{Registry, ReleaseError};
 use crate::releases::{NodeReport, PluginStore, StoreError};
 use crate::signing::TrustPolicy;
@@ -225,16 +227,35 @@ impl ReleaseFollower {
         }
     }
 
-    /// Polls the store every `interval` until the returned task is aborted, applying each
-    /// new release and reporting.
-    pub fn follow(self: Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+    /// Polls the store every `interval`, and at once on a doorbell for this tenant
+    /// (`bells`, when the broker carries them), until the returned task is aborted,
+    /// applying each new release and reporting.
+    pub fn follow(
+        self: Arc<Self>,
+        interval: Duration,
+        mut bells: Option<tokio::sync::mpsc::Receiver<ReleaseBell>>,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(
             async move {
                 let mut tick = tokio::time::interval(interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut reported = Instant::now();
                 loop {
-                    tick.tick().await;
+                    let rung = async {
+                        match bells.as_mut() {
+                            Some(bells) => bells.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        bell = rung => match bell {
+                            Some(bell) if bell.tenant != self.tenant() => continue,
+                            Some(_) => {}
+                            // The broker's listener is gone: polling goes on.
+                            None => bells = None,
+                        },
+                    }
                     let changed = match self.check().await {
                         Ok(applied) => applied.is_some(),
                         Err(error) if error.is_transient() => {
@@ -247,7 +268,7 @@ impl ReleaseFollower {
                         Err(error) => {
                             let serving = self.registry.snapshot().epoch();
                             tracing::error!(tenant = self.tenant(), serving = ?serving,
-                            "release refused; the one served keeps serving: {error}");
+                                "release refused; the one served keeps serving: {error}");
                             true
                         }
                     };

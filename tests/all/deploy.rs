@@ -485,6 +485,8 @@ struct Fleet {
     tenant: String,
     /// `wasmq worker` arguments of every node (broker, store, keys, queue or config).
     worker_args: Vec<String>,
+    /// Where `wasmq deploy` rings the release doorbell, if anywhere.
+    doorbell: Option<String>,
     client: Client,
 }
 
@@ -507,6 +509,9 @@ impl Fleet {
             "--wait",
             "20",
         ]);
+        if let Some(broker) = &self.doorbell {
+            args.extend(["--broker", broker]);
+        }
         succeeded(wasmq(self.dir.path(), &args), &command.join(" "))
     }
 
@@ -786,6 +791,7 @@ fn a_fleet_of_three_workers_on_the_embedded_broker_follows_signed_releases() {
         .map(str::to_owned)
         .to_vec(),
         client: Client::new(broker, backend).with_default_queue(&queue),
+        doorbell: None,
         dir,
     };
     let times = fleet_lifecycle(&fleet);
@@ -827,6 +833,7 @@ fn a_fleet_of_three_workers_on_rabbitmq_follows_signed_releases_from_redis() {
             dir.path().join("wasmq.toml").display().to_string(),
         ],
         client: Client::new(broker, backend).with_default_queue(&queue),
+        doorbell: Some(amqp.into()),
         dir,
     };
     let times = fleet_lifecycle(&fleet);
@@ -839,6 +846,71 @@ fn a_fleet_of_three_workers_on_rabbitmq_follows_signed_releases_from_redis() {
         let _ = broker.delete_queue(&queue).await;
     });
     assert!(times.iter().all(|t| *t < 5.0), "{times:?}");
+}
+
+#[test]
+fn a_doorbell_on_rabbitmq_brings_a_release_at_once_without_waiting_for_a_poll() {
+    let _shared = crate::support::RABBITMQ.read();
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("store.db").display());
+        let store: Arc<dyn PluginStore> = wasmq::releases::open(&url).unwrap();
+        let key = SigningKey::generate().unwrap();
+        // A tenant of its own: other tests' doorbells on this vhost are not for it.
+        let tenant = format!("bell_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let publish = |epoch: u64, build: u8| {
+            let (store, key, tenant) = (Arc::clone(&store), &key, tenant.clone());
+            async move {
+                let digest = store.put_blob(&stamp(build)).await.unwrap();
+                let release = Release::new(
+                    &tenant,
+                    epoch,
+                    BTreeMap::from([("stamp".to_owned(), digest)]),
+                    "bell",
+                );
+                store
+                    .publish(&tenant, epoch, &SignedRelease::sign(&release, key))
+                    .await
+                    .unwrap();
+            }
+        };
+        publish(1, b'1').await;
+        let registry = Arc::new(Registry::for_releases(
+            Arc::new(crate::support::sandbox()),
+            &tenant,
+        ));
+        let follower = Arc::new(ReleaseFollower::new(
+            Arc::clone(&store),
+            Arc::clone(&registry),
+            trust(&tenant, &[&key]),
+            "bell-node",
+        ));
+        follower.start().await.unwrap();
+        let broker = wasmq::broker::connect("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
+        let bells = broker.release_bells().await.unwrap();
+        assert!(bells.is_some(), "RabbitMQ carries doorbells");
+        // Polling once an hour: only the doorbell can bring epoch 2 in time.
+        let following = Arc::clone(&follower).follow(Duration::from_secs(3600), bells);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        publish(2, b'2').await;
+        let rung = Instant::now();
+        broker
+            .ring_release(&wasmq::broker::ReleaseBell {
+                tenant: tenant.clone(),
+                epoch: 2,
+            })
+            .await
+            .unwrap();
+        while registry.snapshot().epoch() != Some(2) {
+            assert!(
+                rung.elapsed() < Duration::from_secs(5),
+                "the doorbell did not bring epoch 2"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        eprintln!("doorbell → epoch served in {:?}", rung.elapsed());
+        following.abort();
+    });
 }
 
 #[test]

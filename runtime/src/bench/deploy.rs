@@ -102,7 +102,7 @@ pub(crate) async fn run(options: DeployOptions) -> anyhow::Result<()> {
         "bench-node",
     ));
     follower.start().await?;
-    let following = Arc::clone(&follower).follow(POLL_INTERVAL);
+    let following = Arc::clone(&follower).follow(POLL_INTERVAL, None);
     let worker = InProcessWorker::spawn(
         Arc::clone(&broker),
         Arc::clone(&backend),

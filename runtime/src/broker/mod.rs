@@ -100,6 +100,16 @@ impl Delivery {
 }
 
 /// How a broker settles its deliveries.
+/// A release doorbell: `tenant`'s latest release is now `epoch` (see
+/// [`Broker::ring_release`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReleaseBell {
+    /// The tenant whose releases moved.
+    pub tenant: String,
+    /// Its latest epoch.
+    pub epoch: u64,
+}
+
 #[async_trait]
 pub(crate) trait Settle: Send + Sync {
     async fn ack(&self, tag: u64) -> Result<(), BrokerError>;
@@ -348,6 +358,29 @@ pub trait Broker: Send + Sync {
         node: &str,
     ) -> Result<Option<tokio::sync::mpsc::Receiver<ControlRequest>>, BrokerError> {
         let _ = node;
+        Ok(None)
+    }
+
+    /// Rings the release doorbell: tells every worker listening on this broker that a
+    /// tenant's releases moved (RabbitMQ: the `wasmq.releases` fanout). A hint, never a
+    /// release: a worker reads and verifies the release in its plugin store. Default:
+    /// nothing to ring (the embedded broker's workers read the release table itself).
+    ///
+    /// # Errors
+    /// When the broker cannot take it.
+    async fn ring_release(&self, bell: &ReleaseBell) -> Result<(), BrokerError> {
+        let _ = bell;
+        Ok(())
+    }
+
+    /// Release doorbells from now on, until the receiver is dropped; `None` when this
+    /// broker carries none.
+    ///
+    /// # Errors
+    /// When the broker cannot start listening.
+    async fn release_bells(
+        &self,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<ReleaseBell>>, BrokerError> {
         Ok(None)
     }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::exit::{ExitStatus, Failure};
+use crate::broker::Broker;
 use crate::deploy::{POLL_INTERVAL, ReleaseFollower};
 use crate::engine::Sandbox;
 use crate::registry::Registry;
@@ -40,6 +41,7 @@ pub(super) async fn serve_plugins(
     store: Option<&str>,
     trust: &TrustPolicy,
     node: &str,
+    broker: &Arc<dyn Broker>,
 ) -> Result<PluginSource, Failure> {
     let who = |e: &dyn std::fmt::Display| format!("tenant {:?}: {e}", trust.tenant);
     if let Some(url) = store {
@@ -59,7 +61,12 @@ pub(super) async fn serve_plugins(
         })?;
         tracing::info!(tenant = %trust.tenant, store = %store.describe(), epoch = ?epoch,
             "following the plugin store's releases");
-        let keeper = Arc::clone(&follower).follow(POLL_INTERVAL);
+        // Doorbells from the broker, when it carries them; polling covers a missed one.
+        let bells = broker.release_bells().await.unwrap_or_else(|error| {
+            tracing::warn!(tenant = %trust.tenant, "no release doorbells, polling only: {error}");
+            None
+        });
+        let keeper = Arc::clone(&follower).follow(POLL_INTERVAL, bells);
         return Ok(PluginSource {
             registry,
             keeper,

@@ -106,6 +106,7 @@ pub(super) async fn run(
             tenant.plugin_store.as_deref(),
             &tenant.trust,
             &config.worker.node_name,
+            &broker,
         )
         .instrument(tracing::info_span!("tenant", id = %tenant.name))
         .await?;

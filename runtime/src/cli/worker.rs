@@ -170,6 +170,7 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
         config.plugin_store.as_deref(),
         &config.trust,
         &config.worker.node_name,
+        &broker,
     )
     .await?;
     for (task, file) in source.registry.snapshot().tasks() {

@@ -40,6 +40,7 @@ mod control;
 mod dead_letters;
 pub mod delayed;
 mod publish;
+mod release_bell;
 mod reply;
 mod revoke;
 mod session;
@@ -262,6 +263,16 @@ impl Broker for AmqpBroker {
         node: &str,
     ) -> Result<Option<tokio::sync::mpsc::Receiver<super::ControlRequest>>, BrokerError> {
         self.listen_for_control(node).await.map(Some)
+    }
+
+    async fn ring_release(&self, bell: &super::ReleaseBell) -> Result<(), BrokerError> {
+        self.ring(bell).await
+    }
+
+    async fn release_bells(
+        &self,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<super::ReleaseBell>>, BrokerError> {
+        Ok(Some(self.listen_for_bells().await))
     }
 
     async fn forget_node(&self, node: &str) -> Result<(), BrokerError> {

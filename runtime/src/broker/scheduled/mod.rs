@@ -203,6 +203,16 @@ impl Broker for ScheduledBroker {
         self.inner.control_requests(node).await
     }
 
+    async fn ring_release(&self, bell: &crate::broker::ReleaseBell) -> Result<(), BrokerError> {
+        self.inner.ring_release(bell).await
+    }
+
+    async fn release_bells(
+        &self,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<crate::broker::ReleaseBell>>, BrokerError> {
+        self.inner.release_bells().await
+    }
+
     async fn forget_node(&self, node: &str) -> Result<(), BrokerError> {
         self.inner.forget_node(node).await
     }
