@@ -50,6 +50,32 @@ impl EmbeddedStore {
     fn name(&self) -> String {
         format!("sqlite://{}", self.db.path().display())
     }
+
+    /// The JSON values of `sql`'s one column for `tenant`, parsed; `what` names a row in
+    /// errors.
+    async fn json_rows<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &'static str,
+        tenant: &str,
+        what: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        let key = tenant.to_owned();
+        let texts: Vec<String> = self
+            .db
+            .run(move |conn| {
+                let mut statement = conn.prepare(sql)?;
+                let rows = statement.query_map([key], |row| row.get(0))?;
+                rows.collect()
+            })
+            .await?;
+        texts
+            .iter()
+            .map(|t| {
+                serde_json::from_str(t)
+                    .map_err(|e| corrupt(&self.name(), &format!("{what} of {tenant}"), e))
+            })
+            .collect()
+    }
 }
 
 fn epoch_i64(epoch: u64) -> i64 {
@@ -164,23 +190,8 @@ impl PluginStore for EmbeddedStore {
     }
 
     async fn releases(&self, tenant: &str) -> Result<Vec<SignedRelease>, StoreError> {
-        let key = tenant.to_owned();
-        let texts: Vec<String> = self
-            .db
-            .run(move |conn| {
-                let mut statement =
-                    conn.prepare("SELECT signed FROM releases WHERE tenant = ?1 ORDER BY epoch")?;
-                let rows = statement.query_map([key], |row| row.get(0))?;
-                rows.collect()
-            })
-            .await?;
-        texts
-            .iter()
-            .map(|t| {
-                serde_json::from_str(t)
-                    .map_err(|e| corrupt(&self.name(), &format!("a release of {tenant}"), e))
-            })
-            .collect()
+        let sql = "SELECT signed FROM releases WHERE tenant = ?1 ORDER BY epoch";
+        self.json_rows(sql, tenant, "a release").await
     }
 
     async fn report(&self, report: &NodeReport) -> Result<(), StoreError> {
@@ -198,22 +209,7 @@ impl PluginStore for EmbeddedStore {
     }
 
     async fn fleet(&self, tenant: &str) -> Result<Vec<NodeReport>, StoreError> {
-        let key = tenant.to_owned();
-        let texts: Vec<String> = self
-            .db
-            .run(move |conn| {
-                let mut statement =
-                    conn.prepare("SELECT report FROM fleet WHERE tenant = ?1 ORDER BY node")?;
-                let rows = statement.query_map([key], |row| row.get(0))?;
-                rows.collect()
-            })
-            .await?;
-        texts
-            .iter()
-            .map(|t| {
-                serde_json::from_str(t)
-                    .map_err(|e| corrupt(&self.name(), &format!("a report of {tenant}"), e))
-            })
-            .collect()
+        let sql = "SELECT report FROM fleet WHERE tenant = ?1 ORDER BY node";
+        self.json_rows(sql, tenant, "a report").await
     }
 }

@@ -8,11 +8,10 @@
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation as AmqpConfirmation, ExchangeKind};
+use lapin::{BasicProperties, Channel, ExchangeKind};
 use tokio::sync::mpsc;
 
 use super::{AmqpBroker, lapin_error, listen_with_backoff};
@@ -47,26 +46,10 @@ impl AmqpBroker {
             let body = body.clone();
             async move {
                 declare_exchange(&session.publisher).await?;
-                let confirm = session
-                    .publisher
-                    .basic_publish(
-                        RELEASE_EXCHANGE.into(),
-                        "".into(),
-                        BasicPublishOptions::default(),
-                        &body,
-                        BasicProperties::default()
-                            .with_content_type(crate::protocol::CONTENT_TYPE_JSON.into()),
-                    )
+                let properties = BasicProperties::default()
+                    .with_content_type(crate::protocol::CONTENT_TYPE_JSON.into());
+                self.publish_confirmed_to(&session, RELEASE_EXCHANGE, "", &body, properties)
                     .await
-                    .map_err(|e| lapin_error("cannot ring the release doorbell", &e))?
-                    .await
-                    .map_err(|e| lapin_error("release doorbell not confirmed", &e))?;
-                match confirm {
-                    AmqpConfirmation::Nack(_) => {
-                        Err(BrokerError::Refused("the release doorbell".into()))
-                    }
-                    _ => Ok(()),
-                }
             }
         })
         .await
