@@ -479,6 +479,51 @@ mod tests {
     use super::*;
 
     #[test]
+    fn signatures_and_a_plugin_store_need_a_trusted_key() {
+        let resolve = |text: &str| WorkerConfig::resolve(RawConfig::from_toml(text).unwrap());
+        let key = crate::signing::SigningKey::generate().unwrap().public();
+        let error = resolve("require_signatures = true")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("trusted_keys"), "{error}");
+        let error = resolve("plugin_store = \"sqlite://x.db\"")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("needs at least one trusted key"), "{error}");
+        let error = resolve("trusted_keys = [\"ed25519:12\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("64 hex digits"), "{error}");
+        let config = resolve(&format!(
+            "trusted_keys = [\"{key}\"]\nrequire_signatures = true\nplugin_store = \"sqlite://x.db\""
+        ))
+        .unwrap();
+        assert_eq!(config.trust.tenant, "default");
+        assert!(config.trust.require_signatures && config.trust.keys.find(&key.key_id()).is_some());
+        // With tenants, keys are each tenant's own; the store is inherited.
+        let tenants = format!(
+            "plugin_store = \"sqlite://x.db\"\n[tenants.acme]\nbroker = \"sqlite://a.db\"\n\
+             trusted_keys = [\"{key}\"]\n"
+        );
+        let config = resolve(&tenants).unwrap();
+        assert_eq!(
+            config.tenants[0].plugin_store.as_deref(),
+            Some("sqlite://x.db")
+        );
+        assert_eq!(config.tenants[0].trust.tenant, "acme");
+        let error = resolve(&format!("trusted_keys = [\"{key}\"]\n{tenants}"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("trusted_keys"), "{error}");
+        let error = resolve(
+            "plugin_store = \"sqlite://x.db\"\n[tenants.acme]\nbroker = \"sqlite://a.db\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("trusted key"), "{error}");
+    }
+
+    #[test]
     fn unknown_keys_are_errors_naming_the_key() {
         let error = RawConfig::from_toml("concurency = 4").unwrap_err();
         assert!(error.contains("unknown field `concurency`"), "{error}");

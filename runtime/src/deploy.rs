@@ -129,7 +129,10 @@ impl ReleaseFollower {
             return Ok(None);
         }
         match self.apply(latest).await {
-            Ok(()) => Ok(Some(latest)),
+            Ok(()) => {
+                *self.failed() = None;
+                Ok(Some(latest))
+            }
             Err(error) => {
                 if !error.is_transient() {
                     *self.failed() = Some((latest, error.to_string()));
@@ -184,7 +187,6 @@ impl ReleaseFollower {
         }
         let fetched = started.elapsed();
         self.registry.apply_release(&release, &blobs).await?;
-        *self.failed() = None;
         tracing::info!(
             tenant = self.tenant(),
             epoch,

@@ -914,6 +914,75 @@ fn a_doorbell_on_rabbitmq_brings_a_release_at_once_without_waiting_for_a_poll() 
 }
 
 #[test]
+fn a_release_whose_bytes_were_altered_in_the_store_is_refused_and_the_previous_one_serves() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store: Arc<dyn PluginStore> =
+            Arc::new(wasmq::releases::EmbeddedStore::open(&path).unwrap());
+        let key = SigningKey::generate().unwrap();
+        let tenant = wasmq::signing::IMPLICIT_TENANT;
+        for (epoch, build) in [(1, b'1'), (2, b'2')] {
+            let digest = store.put_blob(&stamp(build)).await.unwrap();
+            if epoch == 2 {
+                // Someone with write access to the store swaps the bytes under the digest.
+                let conn = rusqlite::Connection::open(&path).unwrap();
+                conn.execute(
+                    "UPDATE plugin_blobs SET bytes = ?1 WHERE digest = ?2",
+                    rusqlite::params![bundled("hostile"), digest],
+                )
+                .unwrap();
+            }
+            let release = Release::new(
+                tenant,
+                epoch,
+                BTreeMap::from([("stamp".to_owned(), digest)]),
+                "t",
+            );
+            store
+                .publish(tenant, epoch, &SignedRelease::sign(&release, &key))
+                .await
+                .unwrap();
+        }
+        let sandbox = Arc::new(crate::support::sandbox());
+        let registry = Arc::new(Registry::for_releases(Arc::clone(&sandbox), tenant));
+        let follower = ReleaseFollower::new(
+            Arc::clone(&store),
+            Arc::clone(&registry),
+            trust(tenant, &[&key]),
+            "n",
+        );
+        // At start the latest (2) fails, so the newest earlier release that applies serves.
+        assert_eq!(follower.start().await.unwrap(), Some(1));
+        let compiled = sandbox.compiled_count();
+        let error = follower.check().await;
+        assert_eq!(
+            error.unwrap(),
+            None,
+            "epoch 2 failed once and is not retried"
+        );
+        let fleet = store.fleet(tenant).await.unwrap();
+        let (epoch, why) = fleet[0].failed.clone().unwrap();
+        assert_eq!(epoch, 2);
+        assert!(
+            why.contains("the bytes of stamp changed after signing"),
+            "{why}"
+        );
+        assert_eq!(fleet[0].serving, Some(1));
+        assert_eq!(
+            sandbox.compiled_count(),
+            compiled,
+            "altered bytes are never compiled"
+        );
+        let plugin = registry.lookup("stamp.version").unwrap();
+        assert_eq!(
+            plugin.content_hash(),
+            wasmq::signing::sha256_hex(&stamp(b'1'))
+        );
+    });
+}
+
+#[test]
 fn a_canary_serves_its_share_of_workflows_and_never_splits_a_chain() {
     runtime().block_on(async {
         let queue = Queue::new();
