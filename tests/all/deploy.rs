@@ -700,9 +700,10 @@ fn fleet_lifecycle(fleet: &Fleet) -> Vec<f64> {
             .unverified()
             .unwrap();
         let mut forged = Release::new(&fleet.tenant, 6, latest.plugins.clone(), "forged");
-        forged
-            .plugins
-            .insert("stamp".into(), wasmq::signing::sha256_hex(&stamp(b'2')));
+        forged.plugins.insert(
+            "evil".into(),
+            wasmq::signing::sha256_hex(&bundled("hostile")),
+        );
         store
             .publish(&fleet.tenant, 6, &SignedRelease::sign(&forged, &stranger))
             .await
@@ -735,6 +736,26 @@ fn fleet_lifecycle(fleet: &Fleet) -> Vec<f64> {
         assert!(shown.contains(&node.name), "{shown}");
     }
     assert!(shown.contains("failed epoch 6"), "{shown}");
+    // The next deploy builds on epoch 4, the newest release a trusted key signed for its
+    // own epoch: neither the replay (5) nor the forgery (6) is carried into it.
+    let printed = fleet.publish(&["deploy", &v1]);
+    assert!(
+        printed.contains("epoch 7 published (deploy stamp)"),
+        "{printed}"
+    );
+    let v2_digest = wasmq::signing::sha256_hex(&stamp(b'2'));
+    assert!(
+        printed.contains(&format!("was {}", &v2_digest[..12])),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("3 of 3 node(s) serve epoch 7"),
+        "{printed}"
+    );
+    assert_eq!(
+        rt.block_on(versions(&fleet.client, 20)),
+        only("stamp build 1", 20)
+    );
     let history = succeeded(
         wasmq(
             fleet.dir.path(),

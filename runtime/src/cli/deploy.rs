@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use super::args::{EngineArgs, sandbox};
 use super::exit::{ExitStatus, Failure};
 use crate::releases::{Canary, NodeReport, PluginStore, Release, SignedRelease};
-use crate::signing::SigningKey;
+use crate::signing::{PublicKey, SigningKey, TrustedKeys};
 
 /// Where releases live and whose they are.
 #[derive(Debug, Clone, clap::Args)]
@@ -44,6 +44,10 @@ pub(super) struct PublishArgs {
     /// The private key signing the release (from `wasmq keys generate`).
     #[arg(long, env = "WASMQ_SIGNING_KEY")]
     key: PathBuf,
+    /// Another key (ed25519:… or a file) whose releases this one may build on; the signing
+    /// key's own are always trusted. A release no trusted key signed is never built on.
+    #[arg(long = "trusted-key", value_delimiter = ',')]
+    trusted_keys: Vec<String>,
     /// Ring the release doorbell on this broker once published (RabbitMQ), so workers
     /// read the release at once instead of at their next poll of the store (within
     /// 250 ms). Use the tenant's own vhost.
@@ -92,16 +96,56 @@ fn parse_percent(text: &str) -> Result<f64, Failure> {
     }
 }
 
-/// The tenant's latest release, as listed (the deployer builds on it).
-async fn latest(store: &dyn PluginStore, tenant: &str) -> Result<Option<Release>, Failure> {
-    match store.latest(tenant).await.map_err(Failure::internal)? {
-        Some(signed) => Ok(Some(signed.unverified().map_err(Failure::internal)?)),
-        None => Ok(None),
+/// What a new release builds on: the newest release a trusted key signed for this tenant
+/// and this epoch (a forged or replayed one, which workers refuse, is never carried into a
+/// release signed by a trusted key), and the latest epoch listed (the new one goes above).
+struct Base {
+    release: Option<Release>,
+    latest: u64,
+}
+
+impl PublishArgs {
+    fn signing_key(&self) -> Result<SigningKey, Failure> {
+        SigningKey::read(&self.key).map_err(Failure::bad_input)
+    }
+
+    fn trusted(&self, key: &SigningKey) -> Result<TrustedKeys, Failure> {
+        let mut keys = vec![key.public()];
+        for entry in &self.trusted_keys {
+            keys.push(PublicKey::from_text_or_file(entry).map_err(Failure::bad_input)?);
+        }
+        Ok(TrustedKeys::new(keys))
+    }
+
+    async fn base(&self, store: &dyn PluginStore, key: &SigningKey) -> Result<Base, Failure> {
+        let tenant = &self.store.tenant;
+        let trusted = self.trusted(key)?;
+        let all = store.releases(tenant).await.map_err(Failure::internal)?;
+        let latest = all.last().map_or(0, |(epoch, _)| *epoch);
+        for (epoch, signed) in all.iter().rev() {
+            match signed.verify(&trusted, tenant) {
+                Ok(release) if release.epoch == *epoch => {
+                    return Ok(Base {
+                        release: Some(release),
+                        latest,
+                    });
+                }
+                Ok(release) => eprintln!(
+                    "warning: epoch {epoch} holds a manifest signed as epoch {}: a replay, not built on",
+                    release.epoch
+                ),
+                Err(error) => eprintln!("warning: epoch {epoch} is not built on: {error}"),
+            }
+        }
+        Ok(Base {
+            release: None,
+            latest,
+        })
     }
 }
 
 pub(super) async fn deploy(args: DeployArgs) -> Result<(), Failure> {
-    let key = SigningKey::read(&args.publish.key).map_err(Failure::bad_input)?;
+    let key = args.publish.signing_key()?;
     let canary = args.canary.as_deref().map(parse_percent).transpose()?;
     if canary.is_some() && args.plugins.len() != 1 {
         return Err(Failure::bad_input("a canary ships exactly one plugin"));
@@ -122,8 +166,9 @@ pub(super) async fn deploy(args: DeployArgs) -> Result<(), Failure> {
         let digest = store.put_blob(&bytes).await.map_err(Failure::internal)?;
         shipped.insert(plugin.name().to_owned(), digest);
     }
-    let previous = latest(store.as_ref(), tenant).await?;
-    let (mut plugins, mut kept_canary) = previous
+    let base = args.publish.base(store.as_ref(), &key).await?;
+    let (mut plugins, mut kept_canary) = base
+        .release
         .as_ref()
         .map(|r| (r.plugins.clone(), r.canary.clone()))
         .unwrap_or_default();
@@ -154,7 +199,7 @@ pub(super) async fn deploy(args: DeployArgs) -> Result<(), Failure> {
         store.as_ref(),
         &key,
         tenant,
-        previous.as_ref(),
+        &base,
         plugins,
         new_canary,
         &note,
@@ -182,61 +227,64 @@ async fn ring(args: &PublishArgs, release: &Release) -> Result<(), Failure> {
 }
 
 pub(super) async fn promote(args: PublishArgs) -> Result<(), Failure> {
-    let key = SigningKey::read(&args.key).map_err(Failure::bad_input)?;
+    let key = args.signing_key()?;
     let store = args.store.open()?;
     let tenant = &args.store.tenant;
-    let previous = latest(store.as_ref(), tenant).await?;
-    let Some(canary) = previous.as_ref().and_then(|r| r.canary.clone()) else {
+    let base = args.base(store.as_ref(), &key).await?;
+    let Some(canary) = base.release.as_ref().and_then(|r| r.canary.clone()) else {
         return Err(Failure::bad_input(format!(
             "tenant {tenant}'s latest release has no canary to promote"
         )));
     };
-    let mut plugins = previous
+    let mut plugins = base
+        .release
         .as_ref()
         .map(|r| r.plugins.clone())
         .unwrap_or_default();
     plugins.insert(canary.plugin.clone(), canary.sha256.clone());
     let note = format!("promote {}", canary.plugin);
-    let release = publish(
-        store.as_ref(),
-        &key,
-        tenant,
-        previous.as_ref(),
-        plugins,
-        None,
-        &note,
-    )
-    .await?;
+    let release = publish(store.as_ref(), &key, tenant, &base, plugins, None, &note).await?;
     ring(&args, &release).await?;
     wait(store.as_ref(), &release, args.wait).await
 }
 
 pub(super) async fn rollback(args: RollbackArgs) -> Result<(), Failure> {
-    let key = SigningKey::read(&args.publish.key).map_err(Failure::bad_input)?;
+    let key = args.publish.signing_key()?;
     let store = args.publish.store.open()?;
     let tenant = &args.publish.store.tenant;
-    let previous = latest(store.as_ref(), tenant).await?.ok_or_else(|| {
-        Failure::bad_input(format!("tenant {tenant} has no release to roll back"))
-    })?;
-    let to = args.to.unwrap_or(previous.epoch.saturating_sub(1));
-    if to == 0 || to >= previous.epoch {
+    let base = args.publish.base(store.as_ref(), &key).await?;
+    let Some(current) = &base.release else {
+        return Err(Failure::bad_input(format!(
+            "tenant {tenant} has no release signed by a trusted key to roll back"
+        )));
+    };
+    let to = args.to.unwrap_or(current.epoch.saturating_sub(1));
+    if to == 0 || to >= base.latest {
         return Err(Failure::bad_input(format!(
             "--to {to}: roll back to an epoch between 1 and {}",
-            previous.epoch - 1
+            base.latest.saturating_sub(1)
         )));
     }
-    let target = store
+    let signed = store
         .release(tenant, to)
         .await
         .map_err(Failure::internal)?
-        .ok_or_else(|| Failure::bad_input(format!("tenant {tenant} has no epoch {to}")))?
-        .unverified()
-        .map_err(Failure::internal)?;
+        .ok_or_else(|| Failure::bad_input(format!("tenant {tenant} has no epoch {to}")))?;
+    // Only a release a trusted key signed, for this epoch, is served again.
+    let target = signed
+        .verify(&args.publish.trusted(&key)?, tenant)
+        .map_err(|e| Failure::bad_input(format!("epoch {to} cannot be rolled back to: {e}")))?;
+    if target.epoch != to {
+        return Err(Failure::bad_input(format!(
+            "epoch {to} holds a manifest signed as epoch {}: a replay, never rolled back to",
+            target.epoch
+        )));
+    }
     let release = publish(
         store.as_ref(),
         &key,
         tenant,
-        Some(&previous),
+        &base,
         target.plugins,
         target.canary,
         &format!("rollback to {to}"),
@@ -251,12 +299,13 @@ async fn publish(
     store: &dyn PluginStore,
     key: &SigningKey,
     tenant: &str,
-    previous: Option<&Release>,
+    base: &Base,
     plugins: BTreeMap<String, String>,
     canary: Option<Canary>,
     note: &str,
 ) -> Result<Release, Failure> {
-    let epoch = previous.map_or(1, |r| r.epoch + 1);
+    let epoch = base.latest + 1;
+    let previous = base.release.as_ref();
     let mut release = Release::new(tenant, epoch, plugins, note);
     release.canary = canary;
     let signed = SignedRelease::sign(&release, key);
@@ -372,7 +421,7 @@ pub(super) async fn releases(args: StoreArgs) -> Result<(), Failure> {
         "{:>5}  {:<20}  {:<16}  {:<24}  plugins",
         "epoch", "created", "signed by", "note"
     );
-    for signed in &all {
+    for (_, signed) in &all {
         let release = signed.unverified().map_err(Failure::internal)?;
         let mut plugins: Vec<String> = release
             .plugins

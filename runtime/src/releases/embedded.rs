@@ -189,9 +189,25 @@ impl PluginStore for EmbeddedStore {
         .transpose()
     }
 
-    async fn releases(&self, tenant: &str) -> Result<Vec<SignedRelease>, StoreError> {
-        let sql = "SELECT signed FROM releases WHERE tenant = ?1 ORDER BY epoch";
-        self.json_rows(sql, tenant, "a release").await
+    async fn releases(&self, tenant: &str) -> Result<Vec<(u64, SignedRelease)>, StoreError> {
+        let key = tenant.to_owned();
+        let rows: Vec<(i64, String)> = self
+            .db
+            .run(move |conn| {
+                let mut statement = conn.prepare(
+                    "SELECT epoch, signed FROM releases WHERE tenant = ?1 ORDER BY epoch",
+                )?;
+                let rows = statement.query_map([key], |row| Ok((row.get(0)?, row.get(1)?)))?;
+                rows.collect()
+            })
+            .await?;
+        rows.iter()
+            .map(|(epoch, text)| {
+                let signed = serde_json::from_str(text)
+                    .map_err(|e| corrupt(&self.name(), &format!("release {tenant}/{epoch}"), e))?;
+                Ok((u64::try_from(*epoch).unwrap_or(0), signed))
+            })
+            .collect()
     }
 
     async fn report(&self, report: &NodeReport) -> Result<(), StoreError> {

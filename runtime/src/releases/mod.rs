@@ -120,8 +120,8 @@ pub trait PluginStore: Send + Sync + std::fmt::Debug {
     async fn latest_epoch(&self, tenant: &str) -> Result<Option<u64>, StoreError>;
     /// The tenant's release at `epoch`.
     async fn release(&self, tenant: &str, epoch: u64) -> Result<Option<SignedRelease>, StoreError>;
-    /// Every release of the tenant, oldest first.
-    async fn releases(&self, tenant: &str) -> Result<Vec<SignedRelease>, StoreError>;
+    /// Every release of the tenant with the epoch it is listed under, oldest first.
+    async fn releases(&self, tenant: &str) -> Result<Vec<(u64, SignedRelease)>, StoreError>;
     /// Records a node's report (replacing its previous one).
     async fn report(&self, report: &NodeReport) -> Result<(), StoreError>;
     /// Every node's latest report for `tenant`.

@@ -168,18 +168,19 @@ impl PluginStore for RedisStore {
         .transpose()
     }
 
-    async fn releases(&self, tenant: &str) -> Result<Vec<SignedRelease>, StoreError> {
+    async fn releases(&self, tenant: &str) -> Result<Vec<(u64, SignedRelease)>, StoreError> {
         let mut connection = self.connection().await?;
-        let all: Vec<(u64, String)> = connection
+        let mut all: Vec<(u64, String)> = connection
             .hgetall(releases_key(tenant))
             .await
             .map_err(|e| self.failed(e))?;
-        let mut all = all;
         all.sort_by_key(|(epoch, _)| *epoch);
         all.iter()
             .map(|(epoch, t)| {
-                serde_json::from_str(t)
-                    .map_err(|e| corrupt(&self.describe(), &format!("release {tenant}/{epoch}"), e))
+                let signed = serde_json::from_str(t).map_err(|e| {
+                    corrupt(&self.describe(), &format!("release {tenant}/{epoch}"), e)
+                })?;
+                Ok((*epoch, signed))
             })
             .collect()
     }
