@@ -258,6 +258,12 @@ pub(super) async fn rollback(args: RollbackArgs) -> Result<(), Failure> {
             "tenant {tenant} has no release signed by a trusted key to roll back"
         )));
     };
+    if base.latest < 2 {
+        return Err(Failure::bad_input(format!(
+            "tenant {tenant} has only epoch {}: nothing earlier to roll back to",
+            base.latest
+        )));
+    }
     let to = args.to.unwrap_or(current.epoch.saturating_sub(1));
     if to == 0 || to >= base.latest {
         return Err(Failure::bad_input(format!(
