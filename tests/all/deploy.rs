@@ -709,6 +709,14 @@ fn fleet_lifecycle(fleet: &Fleet) -> Vec<f64> {
             .await
             .unwrap();
         wait_refused(store, &fleet.tenant, 3, 6, "does not trust").await;
+        // Another tenant's release, signed by a key this tenant trusts too, moved here.
+        let key = SigningKey::read(&fleet.dir.path().join("deploy.key")).unwrap();
+        let theirs = Release::new("globex", 7, latest.plugins.clone(), "globex's");
+        store
+            .publish(&fleet.tenant, 7, &SignedRelease::sign(&theirs, &key))
+            .await
+            .unwrap();
+        wait_refused(store, &fleet.tenant, 3, 7, "signed for tenant globex").await;
     });
     assert_eq!(
         rt.block_on(versions(&fleet.client, 20)),
@@ -735,12 +743,13 @@ fn fleet_lifecycle(fleet: &Fleet) -> Vec<f64> {
     for node in &nodes {
         assert!(shown.contains(&node.name), "{shown}");
     }
-    assert!(shown.contains("failed epoch 6"), "{shown}");
+    assert!(shown.contains("failed epoch 7"), "{shown}");
     // The next deploy builds on epoch 4, the newest release a trusted key signed for its
-    // own epoch: neither the replay (5) nor the forgery (6) is carried into it.
+    // own epoch and tenant: neither the replay (5), the forgery (6) nor globex's (7) is
+    // carried into it.
     let printed = fleet.publish(&["deploy", &v1]);
     assert!(
-        printed.contains("epoch 7 published (deploy stamp)"),
+        printed.contains("epoch 8 published (deploy stamp)"),
         "{printed}"
     );
     let v2_digest = wasmq::signing::sha256_hex(&stamp(b'2'));
@@ -749,7 +758,7 @@ fn fleet_lifecycle(fleet: &Fleet) -> Vec<f64> {
         "{printed}"
     );
     assert!(
-        printed.contains("3 of 3 node(s) serve epoch 7"),
+        printed.contains("3 of 3 node(s) serve epoch 8"),
         "{printed}"
     );
     assert_eq!(

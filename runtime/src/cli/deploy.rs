@@ -8,6 +8,9 @@
 //! `promote` makes the canary the stable version, `rollback` publishes a new epoch with an
 //! earlier epoch's plugins. Every change is a new, higher epoch, so a worker never goes
 //! back to a number it has seen, and the history stays (`releases`).
+//!
+//! Near 500 lines for one idea, publishing releases: the five commands share the store and
+//! signing flags, the verified base a release builds on, and the wait for the fleet.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
