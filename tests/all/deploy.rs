@@ -302,6 +302,25 @@ fn keys_sign_and_verify_from_the_command_line() {
         "plugins sign",
     );
     assert!(signed.contains("signed for tenant default"), "{signed}");
+    // `plugins list` with the worker's policy shows what it would refuse, and why.
+    let listed = wasmq(
+        dir.path(),
+        &[
+            "plugins",
+            "list",
+            "plugins",
+            "--trusted-key",
+            "keys/acme.pub",
+            "--require-signatures",
+        ],
+    );
+    assert_eq!(listed.status.code(), Some(4), "{listed:?}");
+    let shown = stdout(&listed);
+    assert!(shown.contains("math.add"), "{shown}");
+    assert!(
+        shown.contains("text.wasm (not loadable: refused: text is not signed"),
+        "{shown}"
+    );
     let db = format!("sqlite://{}", dir.path().join("wasmq.db").display());
     let queue = crate::support::unique_queue("signed");
     let node = Node::start(

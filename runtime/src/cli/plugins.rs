@@ -23,11 +23,21 @@ pub(super) enum PluginsCommand {
         engine: EngineArgs,
     },
     /// List what a worker's plugin folder holds: each file, its tasks, and files that fail
-    /// to load.
+    /// to load (or, with --trusted-key / --require-signatures, that a worker with the same
+    /// policy refuses).
     List {
         /// The plugin folder.
         #[arg(default_value = crate::config::DEFAULT_PLUGIN_FOLDER, env = "WASMQ_PLUGINS")]
         folder: PathBuf,
+        /// A trusted public key (ed25519:…) or a file holding one; repeat for several.
+        #[arg(long = "trusted-key", value_delimiter = ',')]
+        trusted_keys: Vec<String>,
+        /// Refuse files without a valid .wasm.sig, as such a worker would.
+        #[arg(long)]
+        require_signatures: bool,
+        /// The tenant whose folder it is.
+        #[arg(long, default_value = crate::signing::IMPLICIT_TENANT)]
+        tenant: String,
         #[command(flatten)]
         engine: EngineArgs,
     },
@@ -70,7 +80,17 @@ pub(super) enum PluginsCommand {
 pub(super) async fn run(command: PluginsCommand) -> Result<(), Failure> {
     match command {
         PluginsCommand::Inspect { plugin, engine } => inspect(&plugin, &engine).await,
-        PluginsCommand::List { folder, engine } => list(&folder, &engine).await,
+        PluginsCommand::List {
+            folder,
+            trusted_keys,
+            require_signatures,
+            tenant,
+            engine,
+        } => {
+            let trust = TrustPolicy::from_config(&tenant, &trusted_keys, require_signatures, false)
+                .map_err(Failure::bad_input)?;
+            list(&folder, trust.is_active().then_some(trust), &engine).await
+        }
         PluginsCommand::Sign {
             plugin,
             key,
@@ -172,9 +192,13 @@ pub(super) fn export_bundled(folder: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(written)
 }
 
-async fn list(folder: &Path, engine: &EngineArgs) -> Result<(), Failure> {
+async fn list(
+    folder: &Path,
+    trust: Option<TrustPolicy>,
+    engine: &EngineArgs,
+) -> Result<(), Failure> {
     let sandbox = Arc::new(sandbox(engine, 4)?);
-    let registry = Registry::load_folder(sandbox, folder, None)
+    let registry = Registry::load_folder(sandbox, folder, trust)
         .await
         .map_err(|e| Failure::new(ExitStatus::BadPlugin, e))?;
     let snapshot = registry.snapshot();
