@@ -78,6 +78,15 @@ impl EmbeddedStore {
     }
 }
 
+/// The tenant's latest epoch, read in the caller's transaction.
+fn latest_in(conn: &rusqlite::Connection, tenant: &str) -> rusqlite::Result<Option<i64>> {
+    conn.query_row(
+        "SELECT MAX(epoch) FROM releases WHERE tenant = ?1",
+        [tenant],
+        |row| row.get(0),
+    )
+}
+
 fn epoch_i64(epoch: u64) -> i64 {
     i64::try_from(epoch).unwrap_or(i64::MAX)
 }
@@ -129,11 +138,7 @@ impl PluginStore for EmbeddedStore {
         let latest = self
             .db
             .run(move |conn| {
-                let latest: Option<i64> = conn.query_row(
-                    "SELECT MAX(epoch) FROM releases WHERE tenant = ?1",
-                    [&key],
-                    |row| row.get(0),
-                )?;
+                let latest = latest_in(conn, &key)?;
                 if latest.is_some_and(|l| l >= epoch_i64(epoch)) {
                     return Ok(latest);
                 }
@@ -156,16 +161,7 @@ impl PluginStore for EmbeddedStore {
 
     async fn latest_epoch(&self, tenant: &str) -> Result<Option<u64>, StoreError> {
         let tenant = tenant.to_owned();
-        let latest: Option<i64> = self
-            .db
-            .run(move |conn| {
-                conn.query_row(
-                    "SELECT MAX(epoch) FROM releases WHERE tenant = ?1",
-                    [tenant],
-                    |row| row.get(0),
-                )
-            })
-            .await?;
+        let latest: Option<i64> = self.db.run(move |conn| latest_in(conn, &tenant)).await?;
         Ok(latest.and_then(|e| u64::try_from(e).ok()))
     }
 

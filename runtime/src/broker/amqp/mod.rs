@@ -90,6 +90,25 @@ impl std::fmt::Debug for AmqpBroker {
 }
 
 /// `error`, met while doing `what`.
+/// Declares the durable fanout exchange `exchange` (revocations, release doorbells).
+async fn declare_durable_fanout(
+    channel: &lapin::Channel,
+    exchange: &str,
+) -> Result<(), BrokerError> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..lapin::options::ExchangeDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .map_err(|e| lapin_error(&format!("cannot declare the exchange {exchange}"), &e))
+}
+
 fn lapin_error(what: &str, error: &lapin::Error) -> BrokerError {
     BrokerError::Amqp {
         context: what.to_owned(),

@@ -7,32 +7,19 @@
 //! the ring and catches up from the store when it starts, so nothing needs a durable queue.
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, ExchangeKind};
+use lapin::{BasicProperties, Channel};
 use tokio::sync::mpsc;
 
-use super::{AmqpBroker, lapin_error, listen_with_backoff};
+use super::{AmqpBroker, declare_durable_fanout, lapin_error, listen_with_backoff};
 use crate::broker::{BrokerError, ReleaseBell};
 
 /// The fanout exchange release doorbells ring on.
 pub(super) const RELEASE_EXCHANGE: &str = "wasmq.releases";
 
 async fn declare_exchange(channel: &Channel) -> Result<(), BrokerError> {
-    channel
-        .exchange_declare(
-            RELEASE_EXCHANGE.into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| lapin_error("cannot declare the release exchange", &e))
+    declare_durable_fanout(channel, RELEASE_EXCHANGE).await
 }
 
 impl AmqpBroker {

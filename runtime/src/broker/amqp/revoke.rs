@@ -22,7 +22,7 @@ use lapin::{BasicProperties, Channel, Confirmation as AmqpConfirmation, Exchange
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::{AmqpBroker, lapin_error, listen_with_backoff};
+use super::{AmqpBroker, declare_durable_fanout, lapin_error, listen_with_backoff};
 use crate::broker::{BrokerError, REVOKE_EXPIRES, Revocation};
 use crate::protocol::ControlCommand;
 
@@ -192,18 +192,7 @@ impl AmqpBroker {
 
 /// Declares the fanout exchange revocations are broadcast on.
 async fn declare_revoke_exchange(channel: &Channel) -> Result<(), BrokerError> {
-    channel
-        .exchange_declare(
-            REVOKE_EXCHANGE.into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| lapin_error("cannot declare the revoke exchange", &e))
+    declare_durable_fanout(channel, REVOKE_EXCHANGE).await
 }
 
 /// Declares a worker's revocation queue and binds it to the revoke exchange (only: see the
