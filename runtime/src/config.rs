@@ -26,6 +26,9 @@
 //! require_signatures = false                   # WASMQ_REQUIRE_SIGNATURES, --require-signatures
 //! plugin_store = "redis://127.0.0.1:6379/0"    # WASMQ_PLUGIN_STORE, --plugin-store: serve the
 //!                                              # store's signed releases instead of the folder
+//! task_events = false                          # WASMQ_TASK_EVENTS, --task-events/-E (Celery events)
+//! heartbeat_interval = "2s"                    # WASMQ_HEARTBEAT_INTERVAL, --heartbeat-interval;
+//!                                              # "off" (--without-heartbeat): no worker events
 //!
 //! [tasks."math.flaky"]   # per-task policy (Celery's task_annotations); a key may be a glob
 //! autoretry_for = ["ConnectionError"]
@@ -132,6 +135,10 @@ pub struct RawConfig {
     /// The plugin store whose releases the worker serves (`sqlite://…`, `redis://…`);
     /// tenants inherit it unless they name their own.
     pub plugin_store: Option<String>,
+    /// Send task events (Celery's `-E`).
+    pub task_events: Option<bool>,
+    /// The worker heartbeat interval (`2s`), or `off` for no worker events.
+    pub heartbeat_interval: Option<String>,
 }
 
 /// Errors loading configuration.
@@ -219,6 +226,8 @@ impl RawConfig {
             trusted_keys: self.trusted_keys.or(lower.trusted_keys),
             require_signatures: self.require_signatures.or(lower.require_signatures),
             plugin_store: self.plugin_store.or(lower.plugin_store),
+            task_events: self.task_events.or(lower.task_events),
+            heartbeat_interval: self.heartbeat_interval.or(lower.heartbeat_interval),
         }
     }
 }
@@ -466,6 +475,17 @@ impl WorkerConfig {
                 state_file: None,
                 prefetch: None,
                 tenant: None,
+                task_events: raw.task_events.unwrap_or(defaults.task_events),
+                heartbeat: match raw.heartbeat_interval.as_deref() {
+                    Some("off") => None,
+                    Some(_) => Some(duration(
+                        "heartbeat_interval",
+                        raw.heartbeat_interval,
+                        Duration::ZERO,
+                    )?)
+                    .filter(|every| !every.is_zero()),
+                    None => defaults.heartbeat,
+                },
             },
             tenants,
             trust,

@@ -8,6 +8,7 @@ mod cli;
 mod control;
 mod delays;
 mod deploy;
+mod events;
 mod grants;
 mod hostile;
 mod interop;

@@ -207,7 +207,8 @@ fn uuid_like() -> String {
     )
 }
 
-/// A Python with Celery (the newest 5.x) and redis installed: `$WASMQ_CELERY_VENV`, which
+/// A Python with Celery, redis-py, Flower and prometheus-client installed (pinned in
+/// `tests/celery-suite/requirements.txt` and `tests/python/requirements.txt`): `$WASMQ_CELERY_VENV`, which
 /// `.ci/run` prepares, or a virtualenv this function creates under the target directory.
 pub(crate) fn python() -> std::path::PathBuf {
     static PYTHON: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
@@ -218,7 +219,7 @@ pub(crate) fn python() -> std::path::PathBuf {
                 .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("celery-venv"));
             let python = venv.join("bin").join("python");
             let ready = std::process::Command::new(&python)
-                .args(["-c", "import celery, redis"])
+                .args(["-c", "import celery, redis, flower, prometheus_client"])
                 .status()
                 .is_ok_and(|s| s.success());
             if !ready {
@@ -232,8 +233,12 @@ pub(crate) fn python() -> std::path::PathBuf {
                     "cannot create a virtualenv at {}",
                     venv.display()
                 );
+                let requirements = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests");
                 let status = std::process::Command::new(venv.join("bin").join("pip"))
-                    .args(["install", "--quiet", "celery[redis]>=5.5,<6"])
+                    .args(["install", "--quiet", "-r"])
+                    .arg(requirements.join("celery-suite/requirements.txt"))
+                    .arg("-r")
+                    .arg(requirements.join("python/requirements.txt"))
                     .status()
                     .expect("pip install celery");
                 assert!(

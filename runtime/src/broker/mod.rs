@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use self::error::BrokerError;
+use crate::protocol::events::EventMessage;
 use crate::protocol::{ControlCommand, Envelope};
 
 /// A message handed to a consumer, to be settled exactly once.
@@ -381,6 +382,30 @@ pub trait Broker: Send + Sync {
     async fn release_bells(
         &self,
     ) -> Result<Option<tokio::sync::mpsc::Receiver<ReleaseBell>>, BrokerError> {
+        Ok(None)
+    }
+
+    /// Publishes a message of Celery events (see [`crate::protocol::events`]): on RabbitMQ
+    /// to the `celeryev` topic exchange, where Flower, `celery events` and celery-exporter
+    /// listen; on the embedded broker into its `events` table, which `wasmq events` tails.
+    /// Events are transient: with nobody listening they are dropped (RabbitMQ) or kept for
+    /// a short while (embedded). Default: nowhere to publish them.
+    ///
+    /// # Errors
+    /// When the broker cannot take it; the caller drops the events and counts them.
+    async fn publish_events(&self, message: &EventMessage) -> Result<(), BrokerError> {
+        let _ = message;
+        Ok(())
+    }
+
+    /// The event messages published from now on, by every worker and client on this broker,
+    /// until the receiver is dropped; `None` when this broker carries no events.
+    ///
+    /// # Errors
+    /// When the broker cannot start listening.
+    async fn events(
+        &self,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<EventMessage>>, BrokerError> {
         Ok(None)
     }
 

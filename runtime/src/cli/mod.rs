@@ -18,6 +18,7 @@ mod dead_letters;
 mod demo;
 mod deploy;
 mod endpoints;
+mod events;
 mod exit;
 mod keys;
 mod plugin_source;
@@ -53,7 +54,7 @@ enum Command {
     /// every hostile one, and a table shows how each ended.
     Demo(demo::DemoArgs),
     /// Run a worker: consume tasks, run them in sandboxes, store results.
-    Worker(worker::WorkerArgs),
+    Worker(Box<worker::WorkerArgs>),
     /// Send a task (prints its id, or its result with --wait).
     Send(send::SendArgs),
     /// Revoke tasks: workers will not run them (their result becomes REVOKED); with
@@ -74,6 +75,9 @@ enum Command {
     /// Report whether a worker is running and consuming (exit 0) or not (exit 1), from the
     /// status file it writes.
     Status(status::StatusArgs),
+    /// Print Celery events as they happen: worker heartbeats, and each task's progress
+    /// from workers with task events on (`worker -E`, or switched on by Flower).
+    Events(events::EventsArgs),
     /// List dead-lettered messages with the reason each was set aside.
     DeadLetters(dead_letters::DeadLettersArgs),
     /// Run one task of a plugin in a fresh sandbox and print its JSON result.
@@ -157,7 +161,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     runtime.block_on(async {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
-            Command::Worker(args) => worker::run(args).await,
+            Command::Worker(args) => worker::run(*args).await,
             Command::Send(args) => send::run(args).await,
             Command::Result(args) => result::run(args).await,
             Command::Revoke(args) => revoke::run(args).await,
@@ -166,6 +170,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Command::Chord(args) => workflow::run_chord(args).await,
             Command::DeadLetters(args) => dead_letters::run(args).await,
             Command::Status(args) => status::run(args).await,
+            Command::Events(args) => events::run(args).await,
             Command::Call(args) => call::call(args).await,
             Command::Plugins { command } => plugins::run(command).await,
             Command::Bench { command } => bench::run(command).await,

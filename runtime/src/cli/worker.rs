@@ -89,6 +89,18 @@ pub(super) struct WorkerArgs {
     /// Refuse plugin files without a valid .wasm.sig from a trusted key.
     #[arg(long, env = "WASMQ_REQUIRE_SIGNATURES", num_args = 0..=1, default_missing_value = "true")]
     require_signatures: Option<bool>,
+    /// Send task events (task-received/started/succeeded/failed…) for Flower, `celery
+    /// events` and `wasmq events`, as Celery's `-E`. Flower also switches them on by
+    /// remote control. Default: off (worker heartbeats are always sent).
+    #[arg(long, short = 'E', env = "WASMQ_TASK_EVENTS", num_args = 0..=1, default_missing_value = "true")]
+    task_events: Option<bool>,
+    /// How often to send a worker-heartbeat event, e.g. 2s. Default: 2s.
+    #[arg(long, env = "WASMQ_HEARTBEAT_INTERVAL")]
+    heartbeat_interval: Option<String>,
+    /// Send no worker events at all (worker-online/heartbeat/offline); monitors then see
+    /// the worker as offline.
+    #[arg(long, conflicts_with = "heartbeat_interval")]
+    without_heartbeat: bool,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -130,6 +142,12 @@ impl WorkerArgs {
             trusted_keys: self.trusted_keys.clone(),
             require_signatures: self.require_signatures,
             plugin_store: self.plugin_store.clone(),
+            task_events: self.task_events,
+            heartbeat_interval: if self.without_heartbeat {
+                Some("off".into())
+            } else {
+                self.heartbeat_interval.clone()
+            },
         }
     }
 }

@@ -14,6 +14,7 @@
 //! of one format and are kept side by side so they cannot drift apart.
 
 pub mod control;
+pub mod events;
 mod kombu;
 mod options;
 

@@ -9,7 +9,7 @@
 //! interrupted with `terminate`, an id no worker has started is stored REVOKED at once, as
 //! Celery 5.6+ does, and the revocation is broadcast again on the broker's durable
 //! revocations for workers that are down); `revoke_by_stamped_headers`; `active`; `revoked`; `registered`;
-//! `active_queues`.
+//! `active_queues`; `enable_events`, `disable_events` and `heartbeat` (see `events`).
 
 use std::sync::Arc;
 
@@ -89,6 +89,20 @@ async fn answer(shared: &Shared, command: &ControlCommand) -> Value {
                 .collect();
             names.sort();
             json!(names)
+        }
+        "enable_events" => ok(if shared.events.set_task_events(true) {
+            "task events already enabled"
+        } else {
+            "task events enabled"
+        }),
+        "disable_events" => ok(if shared.events.set_task_events(false) {
+            "task events disabled"
+        } else {
+            "task events already disabled"
+        }),
+        "heartbeat" => {
+            shared.events.heartbeat_now(shared).await;
+            Value::Null
         }
         "active_queues" => Value::Array(
             shared

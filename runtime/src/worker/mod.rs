@@ -10,6 +10,7 @@
 //! * [`continuation`] — the workflow after a task: callbacks, chain, chord, errbacks;
 //! * [`revoked`] — revoked task ids and stamps, and listening for revocations;
 //! * `control` — answers to remote control (Celery's `inspect` and `control`);
+//! * `events` — Celery events: heartbeats always, task events when switched on;
 //! * [`status`] — counters, consumption changes, the status file;
 //! * [`options`] — [`WorkerOptions`].
 //!
@@ -32,6 +33,7 @@ mod builtins;
 mod continuation;
 mod control;
 pub mod decision;
+mod events;
 mod options;
 pub mod revoked;
 mod run;
@@ -105,6 +107,8 @@ struct Shared {
     consuming: AtomicBool,
     /// Set once it has stopped, for its status.
     stopped: AtomicBool,
+    /// Celery events about the worker and its tasks.
+    events: events::Events,
 }
 
 impl Shared {
@@ -158,6 +162,8 @@ impl Worker {
         let prefetch = options
             .prefetch
             .unwrap_or_else(|| options.concurrency.max(1) * options.prefetch_multiplier.max(1));
+        let events =
+            events::Events::new(&options.node_name, options.task_events, options.heartbeat);
         Self {
             shared: Arc::new(Shared {
                 slots,
@@ -176,6 +182,7 @@ impl Worker {
                 shutdown_requested: tokio::sync::Notify::new(),
                 consuming: AtomicBool::new(false),
                 stopped: AtomicBool::new(false),
+                events,
             }),
         }
     }
@@ -220,6 +227,8 @@ impl Worker {
             .consuming()
             .unwrap_or_else(|| tokio::sync::watch::channel(true).1);
         let status = tokio::spawn(status::report(Arc::clone(&shared), consuming).in_current_span());
+        let heartbeats = tokio::spawn(events::beat(Arc::clone(&shared)).in_current_span());
+        let event_publisher = tokio::spawn(events::publish(Arc::clone(&shared)).in_current_span());
         let revocations = shared.broker.revocations(&options.node_name).await?;
         let listener =
             tokio::spawn(revoked::listen(Arc::clone(&shared), revocations).in_current_span());
@@ -281,6 +290,10 @@ impl Worker {
         }
         consumer.flush_acks().await;
         drop(consumer);
+        heartbeats.abort();
+        shared.events.flush().await;
+        event_publisher.abort();
+        shared.events.offline(&shared).await;
         status.abort();
         listener.abort();
         if let Some(control) = control {
@@ -394,6 +407,7 @@ async fn dispatch(
             return;
         }
     };
+    shared.events.task_received(&message, &delivery.queue);
     // Looked up once here: the registry's plugin for the task (a release's canary or not,
     // by the workflow's root, so a workflow runs one version) and its resolved policy.
     let task = shared
@@ -530,10 +544,14 @@ async fn process(
         started.parent_id.clone_from(&message.parent_id);
         settle::store(shared, &started, reply.as_ref()).await;
     }
+    shared.events.task_started(&message.id);
     let ran = match &builtin {
         Some(Ok(call)) => call.run(shared, &delivery, &message, &plugin, reply).await,
         _ => run::run(shared, &delivery, &message, &plugin, reply).await,
     };
+    if let Ok(report) = &ran.call {
+        shared.events.task_ran(&message.id, report.elapsed);
+    }
     let decision = decision::after_run(&message, &ran.call, ran.interruption, &policy.retry);
     if settle::settles_locally(&message, &decision) {
         settle::finish(shared, delivery, Some(&message), decision).await;

@@ -49,6 +49,13 @@ pub struct WorkerOptions {
     /// Messages held unsettled, when not `concurrency × prefetch_multiplier` (a tenant's
     /// own small window). Default: none.
     pub prefetch: Option<usize>,
+    /// Send task events (Celery's `-E`, `worker_send_task_events`); remote control's
+    /// `enable_events`/`disable_events` switch them while the worker runs. Default: false.
+    pub task_events: bool,
+    /// How often the worker sends a `worker-heartbeat` event (it also sends
+    /// `worker-online` and `worker-offline`); none: no worker events at all (Celery's
+    /// `--without-heartbeat`). Default: 2 s.
+    pub heartbeat: Option<Duration>,
     /// The tenant this worker serves, when the process serves several. Default: none (the
     /// one implicit tenant).
     pub tenant: Option<TenantOptions>,
@@ -112,6 +119,8 @@ impl Default for WorkerOptions {
             status_file: None,
             prefetch: None,
             tenant: None,
+            task_events: false,
+            heartbeat: Some(Duration::from_secs(2)),
         }
     }
 }

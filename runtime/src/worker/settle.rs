@@ -132,6 +132,7 @@ async fn store_and_continue(
         _ => &stats.failed,
     };
     counter.fetch_add(1, Ordering::Relaxed);
+    shared.events.task_finished(&meta);
     true
 }
 

@@ -39,6 +39,7 @@ mod consumer;
 mod control;
 mod dead_letters;
 pub mod delayed;
+mod events;
 mod publish;
 mod release_bell;
 mod reply;
@@ -65,6 +66,8 @@ struct Inner {
     /// The type the delay levels are declared with (`?delayed_queue_type=` in the URI).
     delayed_queue_type: delayed::QueueType,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    /// The connection Celery events are published on, once opened.
+    events: events::EventLink,
 }
 
 /// How wasmq declares queues on RabbitMQ.
@@ -164,6 +167,7 @@ impl AmqpBroker {
                 ),
                 delayed_queue_type,
                 session: tokio::sync::Mutex::new(None),
+                events: events::EventLink::default(),
             }),
         })
     }
@@ -292,6 +296,22 @@ impl Broker for AmqpBroker {
         &self,
     ) -> Result<Option<tokio::sync::mpsc::Receiver<super::ReleaseBell>>, BrokerError> {
         Ok(Some(self.listen_for_bells().await))
+    }
+
+    async fn publish_events(
+        &self,
+        message: &crate::protocol::events::EventMessage,
+    ) -> Result<(), BrokerError> {
+        self.publish_event_message(message).await
+    }
+
+    async fn events(
+        &self,
+    ) -> Result<
+        Option<tokio::sync::mpsc::Receiver<crate::protocol::events::EventMessage>>,
+        BrokerError,
+    > {
+        Ok(Some(self.listen_for_events()))
     }
 
     async fn forget_node(&self, node: &str) -> Result<(), BrokerError> {

@@ -4,7 +4,7 @@
 //! rows that become visible later) and a priority; publishing inserts one. Consumers lease
 //! rows and settle them (see `leases`). Dead letters are rows of `dead_letters`, and
 //! revocations rows of `revocations`: one table that is both the broadcast and the memory,
-//! read by every worker on the file.
+//! read by every worker on the file. Celery's events are rows of `events` (see `events`).
 //!
 //! Which queues exist — what a tenant's follow-ups may be published into — is `queues`.
 
@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use rusqlite::params;
 use tokio::sync::Notify;
 
+mod events;
 mod leases;
 mod queues;
 
@@ -120,6 +121,7 @@ impl SqliteBroker {
     /// When the file cannot be opened or initialised.
     pub fn open(path: &Path, options: SqliteBrokerOptions) -> Result<Self, BrokerError> {
         let db = Db::open(path, SCHEMA)?;
+        Db::open(path, events::SCHEMA)?;
         let host = gethostname::gethostname().to_string_lossy().into_owned();
         let pid = std::process::id();
         let id = format!("{host}:{pid}:{}", uuid::Uuid::new_v4().simple());
@@ -377,6 +379,22 @@ impl Broker for SqliteBroker {
             }
         });
         Ok(receiver)
+    }
+
+    async fn publish_events(
+        &self,
+        message: &crate::protocol::events::EventMessage,
+    ) -> Result<(), BrokerError> {
+        events::publish(&self.db, message).await
+    }
+
+    async fn events(
+        &self,
+    ) -> Result<
+        Option<tokio::sync::mpsc::Receiver<crate::protocol::events::EventMessage>>,
+        BrokerError,
+    > {
+        events::listen(&self.db).await.map(Some)
     }
 
     async fn forget_node(&self, _node: &str) -> Result<(), BrokerError> {

@@ -213,6 +213,22 @@ impl Broker for ScheduledBroker {
         self.inner.release_bells().await
     }
 
+    async fn publish_events(
+        &self,
+        message: &crate::protocol::events::EventMessage,
+    ) -> Result<(), BrokerError> {
+        self.inner.publish_events(message).await
+    }
+
+    async fn events(
+        &self,
+    ) -> Result<
+        Option<tokio::sync::mpsc::Receiver<crate::protocol::events::EventMessage>>,
+        BrokerError,
+    > {
+        self.inner.events().await
+    }
+
     async fn forget_node(&self, node: &str) -> Result<(), BrokerError> {
         self.inner.forget_node(node).await
     }

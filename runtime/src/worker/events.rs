@@ -1,0 +1,362 @@
+//! The worker's Celery events (see [`crate::protocol::events`]): what Flower, `celery
+//! events`, celery-exporter and `wasmq events` see of it.
+//!
+//! * **Worker events** are always sent, as Celery's worker sends them without `-E`:
+//!   `worker-online` at start, `worker-heartbeat` every `heartbeat` interval (2 s by
+//!   default; a monitor counts a worker alive for two intervals after its last one), and
+//!   `worker-offline` when it stops. `--without-heartbeat` turns them off.
+//! * **Task events** (`task-received`, `-started`, `-succeeded`, `-failed`, `-retried`,
+//!   `-revoked`, `-rejected`) only while switched on: by `--task-events` (`-E`) or by the
+//!   `enable_events` remote-control command, which Flower broadcasts every few seconds.
+//!   Off, each hook costs one relaxed atomic load.
+//!
+//! Events never slow tasks down: a hook only builds the event and hands it to a bounded
+//! buffer; one publisher task sends the buffer in batches (at most [`BATCH`] events or
+//! every [`FLUSH_EVERY`], one `task.multi` message each). When the buffer is full — the
+//! broker is down, or slower than the drain — events are dropped and counted
+//! ([`Events::dropped`]), never waited for. Heartbeats are sent by their own task, so a
+//! full buffer or busy slots never make a live worker look dead.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::Shared;
+use crate::protocol::TaskMessage;
+use crate::protocol::events::{
+    Event, EventMessage, args_repr, exception_of_result, kwargs_repr, result_repr, worker_fields,
+};
+use crate::protocol::format_time;
+use crate::results::{ResultMeta, TaskState};
+
+/// Most events in one published batch (Celery's buffer limit is 24; wasmq drains faster).
+const BATCH: usize = 64;
+
+/// Longest a task event waits in the buffer before it is published.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// Task events buffered before new ones are dropped.
+const BUFFER: usize = 8192;
+
+/// Run times kept for task events still to come; beyond this the oldest are forgotten (a
+/// run whose message was released never gets its terminal event).
+const RUNTIMES_KEPT: usize = 16_384;
+
+/// A worker's event dispatcher.
+pub(super) struct Events {
+    /// The node the events come from.
+    node: String,
+    /// Lamport clock, advanced by every event.
+    clock: AtomicU64,
+    /// Whether task events are switched on.
+    task_events: AtomicBool,
+    /// Heartbeat interval; none: no worker events at all.
+    heartbeat: Option<Duration>,
+    /// Task events waiting to be published.
+    buffer: mpsc::Sender<Event>,
+    /// The other end of `buffer`, taken by the publisher when the worker starts.
+    pending: Mutex<Option<mpsc::Receiver<Event>>>,
+    /// Task events dropped because the buffer was full.
+    dropped: AtomicU64,
+    /// How long each task that ran took, until its terminal event carries it.
+    runtimes: Mutex<HashMap<String, f64>>,
+}
+
+impl Events {
+    /// A dispatcher for `node`, with task events on when `task_events`, and worker events
+    /// every `heartbeat` (none: never).
+    pub(super) fn new(node: &str, task_events: bool, heartbeat: Option<Duration>) -> Self {
+        let (buffer, pending) = mpsc::channel(BUFFER);
+        Self {
+            node: node.to_owned(),
+            clock: AtomicU64::new(0),
+            task_events: AtomicBool::new(task_events),
+            heartbeat,
+            buffer,
+            pending: Mutex::new(Some(pending)),
+            dropped: AtomicU64::new(0),
+            runtimes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether task events are on.
+    pub(super) fn task_events(&self) -> bool {
+        self.task_events.load(Ordering::Relaxed)
+    }
+
+    /// Switches task events on or off; returns whether they were on.
+    pub(super) fn set_task_events(&self, on: bool) -> bool {
+        let was = self.task_events.swap(on, Ordering::Relaxed);
+        if was != on {
+            tracing::info!(node = %self.node, on, "task events switched");
+        }
+        was
+    }
+
+    /// Task events dropped so far (the buffer was full).
+    pub(super) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Stamps `event` with the common fields.
+    fn stamped(&self, mut event: Event) -> Event {
+        let clock = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+        event.stamp(&self.node, now, std::process::id(), clock);
+        event
+    }
+
+    /// Buffers a task event for the publisher, or counts it dropped.
+    fn emit(&self, event: Event) {
+        if self.buffer.try_send(self.stamped(event)).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `task-received`: a message of this task was taken from `queue`.
+    pub(super) fn task_received(&self, message: &TaskMessage, queue: &str) {
+        if !self.task_events() {
+            return;
+        }
+        self.emit(Event::new(
+            "task-received",
+            json!({
+                "uuid": message.id,
+                "name": message.task,
+                "args": args_repr(&message.args),
+                "kwargs": kwargs_repr(&message.kwargs),
+                "root_id": message.root_id,
+                "parent_id": message.parent_id,
+                "retries": message.retries,
+                "eta": message.eta.as_ref().map(format_time),
+                "expires": message.expires.as_ref().map(format_time),
+                // What celery-exporter labels queue_name (Celery sends it with task-sent).
+                "queue": queue,
+                "exchange": "",
+                "routing_key": queue,
+            }),
+        ));
+    }
+
+    /// `task-started`: the task is about to run in its sandbox.
+    pub(super) fn task_started(&self, task_id: &str) {
+        if !self.task_events() {
+            return;
+        }
+        self.emit(Event::new("task-started", json!({ "uuid": task_id })));
+    }
+
+    /// Remembers how long the task ran, for its terminal event.
+    pub(super) fn task_ran(&self, task_id: &str, runtime: Duration) {
+        if !self.task_events() {
+            return;
+        }
+        let mut runtimes = self.runtimes.lock().unwrap_or_else(PoisonError::into_inner);
+        if runtimes.len() >= RUNTIMES_KEPT {
+            runtimes.clear();
+        }
+        runtimes.insert(task_id.to_owned(), runtime.as_secs_f64());
+    }
+
+    /// The terminal event of a task whose outcome `meta` was settled: `task-succeeded`,
+    /// `-failed`, `-retried`, `-revoked`, or `-rejected` (the task rejected its message).
+    pub(super) fn task_finished(&self, meta: &ResultMeta) {
+        if !self.task_events() {
+            return;
+        }
+        let runtime = self
+            .runtimes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&meta.task_id);
+        let uuid = &meta.task_id;
+        let traceback = meta.traceback.clone().unwrap_or_default();
+        let event = match &meta.status {
+            TaskState::Success => Event::new(
+                "task-succeeded",
+                json!({
+                    "uuid": uuid,
+                    "result": result_repr(&meta.result),
+                    "runtime": runtime.unwrap_or(0.0),
+                }),
+            ),
+            TaskState::Retry => Event::new(
+                "task-retried",
+                json!({
+                    "uuid": uuid,
+                    "exception": exception_of_result(&meta.result),
+                    "traceback": traceback,
+                }),
+            ),
+            TaskState::Revoked => {
+                let reason = reason_of(&meta.result);
+                Event::new(
+                    "task-revoked",
+                    json!({
+                        "uuid": uuid,
+                        "terminated": reason == "terminated",
+                        "signum": (reason == "terminated").then_some(15),
+                        "expired": reason == "expired",
+                    }),
+                )
+            }
+            _ if meta.result.get("exc_type").and_then(Value::as_str) == Some("Reject") => {
+                Event::new("task-rejected", json!({ "uuid": uuid, "requeue": false }))
+            }
+            _ => Event::new(
+                "task-failed",
+                json!({
+                    "uuid": uuid,
+                    "exception": exception_of_result(&meta.result),
+                    "traceback": traceback,
+                    "runtime": runtime,
+                }),
+            ),
+        };
+        self.emit(event);
+    }
+
+    /// A worker event (`worker-online`, `-heartbeat`, `-offline`) now.
+    fn worker_event(&self, shared: &Shared, kind: &str, freq: f64) -> EventMessage {
+        let stats = &shared.stats;
+        let processed = stats.succeeded.load(Ordering::Relaxed)
+            + stats.failed.load(Ordering::Relaxed)
+            + stats.retried.load(Ordering::Relaxed)
+            + stats.revoked.load(Ordering::Relaxed);
+        let fields = worker_fields(freq, shared.running_tasks(), processed);
+        EventMessage::single(self.stamped(Event::new(kind, fields)))
+    }
+
+    /// Sends a worker event at once (not through the buffer).
+    async fn send_worker_event(&self, shared: &Shared, kind: &str, freq: f64) {
+        let message = self.worker_event(shared, kind, freq);
+        if let Err(error) = shared.broker.publish_events(&message).await {
+            tracing::debug!(
+                error = &error as &dyn std::error::Error,
+                kind,
+                "cannot send a worker event"
+            );
+        }
+    }
+
+    /// `heartbeat` from remote control: a heartbeat now, with `freq` 5 as Celery's.
+    pub(super) async fn heartbeat_now(&self, shared: &Shared) {
+        if self.heartbeat.is_some() {
+            self.send_worker_event(shared, "worker-heartbeat", 5.0)
+                .await;
+        }
+    }
+
+    /// Waits (up to a second) for buffered task events to be published, when the worker
+    /// stops.
+    pub(super) async fn flush(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while self.buffer.capacity() < self.buffer.max_capacity()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if self.task_events() {
+            // The publisher's last batch waits out its flush interval before it is sent.
+            tokio::time::sleep(FLUSH_EVERY + Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `worker-offline`, when the worker stops.
+    pub(super) async fn offline(&self, shared: &Shared) {
+        if let Some(freq) = self.heartbeat {
+            let sent = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.send_worker_event(shared, "worker-offline", freq.as_secs_f64()),
+            )
+            .await;
+            if sent.is_err() {
+                tracing::debug!("worker-offline not sent within 2 s");
+            }
+        }
+    }
+}
+
+/// Sends `worker-online`, then a heartbeat every interval, until aborted (the worker
+/// sends `worker-offline` itself when it stops).
+pub(super) async fn beat(shared: Arc<Shared>) {
+    let events = &shared.events;
+    let Some(every) = events.heartbeat else {
+        return;
+    };
+    let freq = every.as_secs_f64();
+    events
+        .send_worker_event(&shared, "worker-online", freq)
+        .await;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        events
+            .send_worker_event(&shared, "worker-heartbeat", freq)
+            .await;
+    }
+}
+
+/// Publishes buffered task events in batches until the buffer closes or the task is
+/// aborted.
+pub(super) async fn publish(shared: Arc<Shared>) {
+    let Some(mut pending) = shared
+        .events
+        .pending
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+    else {
+        return;
+    };
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut failures = 0_u64;
+    loop {
+        let Some(first) = pending.recv().await else {
+            return;
+        };
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + FLUSH_EVERY;
+        while batch.len() < BATCH {
+            match tokio::time::timeout_at(deadline, pending.recv()).await {
+                Ok(Some(event)) => batch.push(event),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let count = batch.len() as u64;
+        let message = EventMessage::batch(std::mem::take(&mut batch));
+        if let Err(error) = shared.broker.publish_events(&message).await {
+            shared.events.dropped.fetch_add(count, Ordering::Relaxed);
+            failures += 1;
+            // One line when events start failing, then one per hundred failed batches.
+            if failures % 100 == 1 {
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    dropped = shared.events.dropped(),
+                    "cannot publish task events; dropping them"
+                );
+            }
+        } else {
+            failures = 0;
+        }
+    }
+}
+
+/// The reason a REVOKED result gives (`TaskRevokedError('expired')` → `expired`).
+fn reason_of(result: &Value) -> String {
+    match result.get("exc_message") {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(items)) => items
+            .first()
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        _ => String::new(),
+    }
+}
