@@ -486,6 +486,7 @@ impl WorkerConfig {
                     .filter(|every| !every.is_zero()),
                     None => defaults.heartbeat,
                 },
+                metrics: None,
             },
             tenants,
             trust,

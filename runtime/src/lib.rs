@@ -63,6 +63,7 @@ mod db;
 pub mod deploy;
 pub mod engine;
 pub mod fair;
+pub mod metrics;
 pub mod policy;
 pub mod protocol;
 mod redis_client;

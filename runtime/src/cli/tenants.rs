@@ -70,6 +70,7 @@ pub(super) async fn run(
     sandbox: Arc<Sandbox>,
     status_file: &Option<PathBuf>,
     state_file: &Option<PathBuf>,
+    metrics: Option<std::net::SocketAddr>,
 ) -> Result<(), Failure> {
     let shares = config
         .tenants
@@ -165,6 +166,15 @@ pub(super) async fn run(
         })
     });
 
+    let endpoint = {
+        let views = views.clone();
+        super::worker::serve_metrics(metrics, config.worker.metrics.clone(), move || {
+            let status = combined_status(&views);
+            (status["consuming"] == true, status)
+        })
+        .await?
+    };
+
     let (stop, stopped) = tokio::sync::watch::channel(false);
     // Every log line of a tenant's worker carries `tenant{id=…}`.
     let runs = workers
@@ -200,6 +210,9 @@ pub(super) async fn run(
     }
     if let Some(status) = status {
         status.abort();
+    }
+    if let Some(endpoint) = endpoint {
+        endpoint.abort();
     }
     for source in watchers {
         source.stop().await;

@@ -12,6 +12,7 @@ use super::exit::Failure;
 use super::process::{default_state_file, shutdown_signal};
 use crate::config::{RawConfig, RawLimits};
 use crate::engine::Sandbox;
+use crate::metrics::Metrics;
 use crate::worker::Worker;
 
 #[derive(Debug, clap::Args)]
@@ -101,6 +102,10 @@ pub(super) struct WorkerArgs {
     /// the worker as offline.
     #[arg(long, conflicts_with = "heartbeat_interval")]
     without_heartbeat: bool,
+    /// Serve Prometheus metrics (celery-exporter's names), /healthz and /readyz on this
+    /// address, e.g. 127.0.0.1:9808. Default: off.
+    #[arg(long, env = "WASMQ_METRICS")]
+    metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -154,7 +159,10 @@ impl WorkerArgs {
 
 /// Runs a worker until the first SIGINT or SIGTERM, once its running tasks have finished.
 pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
-    let config = args.endpoints.resolve(args.raw())?;
+    let mut config = args.endpoints.resolve(args.raw())?;
+    if args.metrics.is_some() {
+        config.worker.metrics = Some(Arc::new(Metrics::new(&config.worker.node_name)));
+    }
     let mut sandbox_config = args
         .engine
         .sandbox_config(pool_size(config.worker.concurrency));
@@ -167,7 +175,14 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
     }
     let sandbox = Arc::new(Sandbox::new(sandbox_config).map_err(Failure::internal)?);
     if !config.tenants.is_empty() {
-        return super::tenants::run(config, sandbox, &args.status_file, &args.state_file).await;
+        return super::tenants::run(
+            config,
+            sandbox,
+            &args.status_file,
+            &args.state_file,
+            args.metrics,
+        )
+        .await;
     }
 
     let broker = connect_broker(&config)?;
@@ -201,14 +216,46 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
             .clone()
             .unwrap_or_else(|| default_state_file(&options.node_name, None)),
     );
+    let metrics = options.metrics.clone();
     let worker = Worker::new(broker, backend, Arc::clone(&source.registry), options);
+    let view = worker.status_view();
+    let endpoint = serve_metrics(args.metrics, metrics, move || {
+        let status = view.snapshot();
+        (status["consuming"] == true, status)
+    })
+    .await?;
     let stats = worker
         .run(shutdown_signal())
         .await
         .map_err(Failure::internal)?;
+    if let Some(endpoint) = endpoint {
+        endpoint.abort();
+    }
     source.stop().await;
     tracing::info!(?stats, "bye");
     Ok(())
+}
+
+/// Serves `metrics` with `/healthz`, `/readyz` and `/status` (from `status`: whether the
+/// process is ready, and its status JSON) on `address`, until the returned task is aborted;
+/// nothing without an address.
+pub(super) async fn serve_metrics(
+    address: Option<std::net::SocketAddr>,
+    metrics: Option<Arc<Metrics>>,
+    status: impl Fn() -> (bool, serde_json::Value) + Send + Sync + 'static,
+) -> Result<Option<tokio::task::JoinHandle<()>>, Failure> {
+    let (Some(address), Some(metrics)) = (address, metrics) else {
+        return Ok(None);
+    };
+    let endpoints = crate::metrics::http::Endpoints {
+        metrics,
+        status: Arc::new(status),
+    };
+    let (bound, server) = crate::metrics::http::bind(address, endpoints, std::future::pending())
+        .await
+        .map_err(|e| Failure::bad_input(format!("--metrics: {e:#}")))?;
+    tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz and /status");
+    Ok(Some(tokio::spawn(server)))
 }
 
 /// Pool slots: the running tasks plus headroom for describe calls during hot deploys.

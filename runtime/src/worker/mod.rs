@@ -11,6 +11,7 @@
 //! * [`revoked`] — revoked task ids and stamps, and listening for revocations;
 //! * `control` — answers to remote control (Celery's `inspect` and `control`);
 //! * `events` — Celery events: heartbeats always, task events when switched on;
+//! * `observe` — the hooks that feed events and metrics;
 //! * [`status`] — counters, consumption changes, the status file;
 //! * [`options`] — [`WorkerOptions`].
 //!
@@ -34,6 +35,7 @@ mod continuation;
 mod control;
 pub mod decision;
 mod events;
+mod observe;
 mod options;
 pub mod revoked;
 mod run;
@@ -229,6 +231,7 @@ impl Worker {
         let status = tokio::spawn(status::report(Arc::clone(&shared), consuming).in_current_span());
         let heartbeats = tokio::spawn(events::beat(Arc::clone(&shared)).in_current_span());
         let event_publisher = tokio::spawn(events::publish(Arc::clone(&shared)).in_current_span());
+        let sampler = tokio::spawn(observe::sample(Arc::clone(&shared)).in_current_span());
         let revocations = shared.broker.revocations(&options.node_name).await?;
         let listener =
             tokio::spawn(revoked::listen(Arc::clone(&shared), revocations).in_current_span());
@@ -294,6 +297,7 @@ impl Worker {
         shared.events.flush().await;
         event_publisher.abort();
         shared.events.offline(&shared).await;
+        sampler.abort();
         status.abort();
         listener.abort();
         if let Some(control) = control {
@@ -301,6 +305,7 @@ impl Worker {
         }
         shared.stopped.store(true, Ordering::SeqCst);
         shared.consuming.store(false, Ordering::SeqCst);
+        observe::stopped(&shared);
         if let Some(path) = &shared.options.status_file {
             status::write(path, &shared, false, "stopped");
         }
@@ -407,7 +412,7 @@ async fn dispatch(
             return;
         }
     };
-    shared.events.task_received(&message, &delivery.queue);
+    observe::received(shared, &message, &delivery.queue);
     // Looked up once here: the registry's plugin for the task (a release's canary or not,
     // by the workflow's root, so a workflow runs one version) and its resolved policy.
     let task = shared
@@ -544,13 +549,13 @@ async fn process(
         started.parent_id.clone_from(&message.parent_id);
         settle::store(shared, &started, reply.as_ref()).await;
     }
-    shared.events.task_started(&message.id);
+    observe::started(shared, &message, &delivery.queue);
     let ran = match &builtin {
         Some(Ok(call)) => call.run(shared, &delivery, &message, &plugin, reply).await,
         _ => run::run(shared, &delivery, &message, &plugin, reply).await,
     };
     if let Ok(report) = &ran.call {
-        shared.events.task_ran(&message.id, report.elapsed);
+        observe::ran(shared, &message, &delivery.queue, report);
     }
     let decision = decision::after_run(&message, &ran.call, ran.interruption, &policy.retry);
     if settle::settles_locally(&message, &decision) {

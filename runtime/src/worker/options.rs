@@ -56,6 +56,9 @@ pub struct WorkerOptions {
     /// `worker-online` and `worker-offline`); none: no worker events at all (Celery's
     /// `--without-heartbeat`). Default: 2 s.
     pub heartbeat: Option<Duration>,
+    /// The process's Prometheus metrics, when it serves them (`--metrics`); every tenant's
+    /// worker reports into the same one. Default: none.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
     /// The tenant this worker serves, when the process serves several. Default: none (the
     /// one implicit tenant).
     pub tenant: Option<TenantOptions>,
@@ -121,6 +124,7 @@ impl Default for WorkerOptions {
             tenant: None,
             task_events: false,
             heartbeat: Some(Duration::from_secs(2)),
+            metrics: None,
         }
     }
 }

@@ -132,7 +132,7 @@ async fn store_and_continue(
         _ => &stats.failed,
     };
     counter.fetch_add(1, Ordering::Relaxed);
-    shared.events.task_finished(&meta);
+    super::observe::finished(shared, message, &delivery.queue, &meta);
     true
 }
 
@@ -199,6 +199,7 @@ async fn settle(shared: &Shared, delivery: Delivery, settlement: &Settlement) {
         }
         Settlement::DeadLetter { reason } => {
             shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            super::observe::dead_lettered(shared, &delivery.queue, reason);
             delivery.dead_letter(reason).await
         }
         Settlement::Release => {

@@ -1,0 +1,148 @@
+//! What the worker tells its observers about each task, from one set of hooks: Celery
+//! events (`events`, when switched on) and Prometheus metrics (when the process serves
+//! them, [`crate::metrics`]). Each hook is cheap when its observer is off: an atomic load
+//! for events, an `Option` check for metrics.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::Shared;
+use crate::engine::{CallReport, LimitKind, Outcome};
+use crate::metrics::{Metrics, TaskEnd};
+use crate::protocol::TaskMessage;
+use crate::results::{ResultMeta, TaskState};
+
+/// How often the worker's gauges (queue lengths, active tasks, plugins) are sampled.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+fn metrics(shared: &Shared) -> Option<&Metrics> {
+    shared.options.metrics.as_deref()
+}
+
+/// A message of `message.task` was taken from `queue`.
+pub(super) fn received(shared: &Shared, message: &TaskMessage, queue: &str) {
+    shared.events.task_received(message, queue);
+    if let Some(metrics) = metrics(shared) {
+        metrics.task_received(&message.task, queue);
+    }
+}
+
+/// The task is about to run in its sandbox.
+pub(super) fn started(shared: &Shared, message: &TaskMessage, queue: &str) {
+    shared.events.task_started(&message.id);
+    if let Some(metrics) = metrics(shared) {
+        metrics.task_started(&message.task, queue);
+    }
+}
+
+/// The task's sandbox call ended as `report` says.
+pub(super) fn ran(shared: &Shared, message: &TaskMessage, queue: &str, report: &CallReport) {
+    shared.events.task_ran(&message.id, report.elapsed);
+    if let Some(metrics) = metrics(shared) {
+        let limit = match &report.outcome {
+            Outcome::LimitExceeded(limit) => Some(match limit.kind {
+                LimitKind::Fuel => "fuel",
+                LimitKind::Memory => "memory",
+                LimitKind::WallTime => "time",
+                LimitKind::Stack => "stack",
+                LimitKind::Output => "output",
+            }),
+            _ => None,
+        };
+        metrics.task_ran(
+            &message.task,
+            queue,
+            report.elapsed.as_secs_f64(),
+            report.outcome.is_success(),
+            report.fuel_used,
+            limit,
+        );
+    }
+}
+
+/// The task's outcome `meta` is stored (or deliberately not) and its message about to be
+/// settled; `message` is none when it could not be decoded.
+pub(super) fn finished(
+    shared: &Shared,
+    message: Option<&TaskMessage>,
+    queue: &str,
+    meta: &ResultMeta,
+) {
+    shared.events.task_finished(meta);
+    if let Some(metrics) = metrics(shared) {
+        let exception = meta
+            .result
+            .get("exc_type")
+            .and_then(Value::as_str)
+            .unwrap_or("Exception");
+        let end = match &meta.status {
+            TaskState::Success => TaskEnd::Succeeded,
+            TaskState::Retry => TaskEnd::Retried,
+            TaskState::Revoked => TaskEnd::Revoked,
+            _ if exception == "Reject" => TaskEnd::Rejected,
+            _ => TaskEnd::Failed(exception),
+        };
+        let name = message.map_or("unknown", |m| m.task.as_str());
+        metrics.task_finished(shared.options.tenant_name(), name, queue, end);
+    }
+}
+
+/// A message of `queue` is dead-lettered for `reason`.
+pub(super) fn dead_lettered(shared: &Shared, queue: &str, reason: &str) {
+    if let Some(metrics) = metrics(shared) {
+        let kind = [
+            ("malformed message", "malformed"),
+            ("unknown task", "unknown_task"),
+            ("invalid arguments", "invalid_arguments"),
+            ("rejected by the task", "rejected"),
+            ("poison message", "poison"),
+        ]
+        .iter()
+        .find(|(prefix, _)| reason.starts_with(prefix))
+        .map_or("other", |(_, kind)| kind);
+        metrics.dead_lettered(queue, kind);
+    }
+}
+
+/// Samples the worker's gauges every few seconds while it runs (nothing without metrics).
+pub(super) async fn sample(shared: Arc<Shared>) {
+    let Some(metrics) = metrics(&shared) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        gauges(&shared, metrics, true);
+        for queue in &shared.options.queues {
+            if let Ok(length) = shared.broker.queue_length(queue).await {
+                metrics.set_queue_length(queue, length);
+            }
+        }
+    }
+}
+
+/// Sets the gauges that say what the worker does now (`up`: it runs).
+pub(super) fn gauges(shared: &Shared, metrics: &Metrics, up: bool) {
+    let consuming = shared.consuming.load(Ordering::Relaxed);
+    metrics.set_worker(
+        up,
+        up && consuming,
+        shared.running_tasks(),
+        shared.options.concurrency.max(1),
+        &shared.options.queues,
+    );
+    let snapshot = shared.registry.snapshot();
+    metrics.set_plugins(snapshot.plugins().len(), snapshot.broken().len());
+    metrics.set_events_dropped(shared.events.dropped());
+}
+
+/// The worker stopped: its gauges say so.
+pub(super) fn stopped(shared: &Shared) {
+    if let Some(metrics) = metrics(shared) {
+        gauges(shared, metrics, false);
+    }
+}
