@@ -11,7 +11,9 @@
 //!            tenancy.rs         [tenants.<id>]: a tenant's broker, plugins, share and grants
 //! client     client/            send, call, submit; AsyncResult; starting workflows
 //! worker     worker/            admit → run → decide → settle → continue the workflow;
-//!                               answers remote control (control.rs)
+//!                               answers remote control (control.rs); Celery events
+//!                               (events.rs) and metrics fed from one set of hooks
+//!                               (observe.rs)
 //!            registry/          task name → plugin: a folder's signed files, or a release
 //!                               and its canary
 //!            deploy.rs          following a tenant's signed releases in a plugin store
@@ -20,11 +22,14 @@
 //!            releases/          the plugin store: blobs by digest, signed releases, node
 //!                               reports (embedded file or Redis)
 //!            broker/            brokers: embedded/, amqp/ (RabbitMQ, incl. the remote-control
-//!                               mailbox), scheduled/ (delays held in Redis), and the traits
-//!                               the worker sees
+//!                               mailbox and the celeryev exchange), scheduled/ (delays held
+//!                               in Redis), and the traits the worker sees
 //! sandbox    engine/            the only module that knows wasmtime
-//! vocabulary protocol/          Celery protocol v2 messages, send options, and remote-control
-//!                               commands (control.rs)
+//! vocabulary protocol/          Celery protocol v2 messages, send options, remote-control
+//!                               commands (control.rs) and Celery events (events.rs)
+//!            metrics/           Prometheus metrics (celery-exporter's names) and the
+//!                               worker's HTTP endpoints; the only module that knows
+//!                               prometheus-client and axum
 //!            policy.rs          retry and rate-limit policy
 //!            fair.rs            fair task slots across tenants (start-time fair queuing)
 //!            signing.rs         Ed25519 keys, plugin statements, trust policies

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use wasmq::broker::Broker;
 use wasmq::broker::amqp::AmqpOptions;
+use wasmq::protocol::events::{Event, EventMessage};
 use wasmq::client::SendOptions;
 use wasmq::worker::WorkerOptions;
 
@@ -73,6 +75,24 @@ impl Monitor {
     }
 }
 
+/// Publishes a probe event on `broker` until `monitor` prints it: its receiver is then
+/// bound, and no event of the worker started next can be missed.
+async fn until_listening(broker: &Arc<dyn Broker>, monitor: &Monitor) {
+    let probe = format!("probe@{}", std::process::id());
+    for _ in 0..150 {
+        let mut event = Event::new("worker-heartbeat", json!({"freq": 2.0, "active": 0}));
+        event.stamp(&probe, chrono::Utc::now().timestamp() as f64, 1, 1);
+        broker
+            .publish_events(&EventMessage::single(event))
+            .await
+            .unwrap();
+        if monitor.wait_for(&probe, Duration::from_millis(200)).await {
+            return;
+        }
+    }
+    panic!("the monitor never received an event: {:#?}", monitor.output());
+}
+
 impl Drop for Monitor {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -99,8 +119,7 @@ fn celery_events_dump_shows_a_wasmq_worker_and_its_tasks() {
             "celery events did not start: {:#?}",
             dump.output()
         );
-        // Its queue is bound once it says so; give the consumer a moment to start.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        until_listening(&setup.broker, &dump).await;
         let worker = setup
             .start(WorkerOptions {
                 task_events: true,
@@ -282,8 +301,7 @@ fn wasmq_events_tails_the_embedded_broker() {
                 .args(["events", "--json", "--timeout", "60s", "--broker"])
                 .arg(&queue.url),
         );
-        // The tail starts reading at the newest event: give it a moment to open the file.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        until_listening(&queue.broker, &tail).await;
         let (stop, worker) = spawn_worker(
             &queue,
             bundled_registry(sandbox()).await,

@@ -13,6 +13,7 @@ mod grants;
 mod hostile;
 mod interop;
 mod limits;
+mod metrics;
 mod plugins;
 mod processes;
 mod queue;

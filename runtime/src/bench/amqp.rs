@@ -10,7 +10,9 @@
 //! drains with the prefork (-c 2), threads (-c 8) and solo pools, results off; sequential
 //! round trips (p50/p95/p99) for wasmq and Celery with rpc and Redis; a CPU-bound task
 //! (fib(25)) in wasmq, in Celery and as native Rust; the publish rate of each client; and
-//! the ratios. The full run (not `--quick`) ends with the memory soak and the scaling rows.
+//! the ratios; then the same drain with task events off and on, alternated, with a receiver
+//! bound to `celeryev` (what task events cost). The full run (not `--quick`) ends with the
+//! memory soak and the scaling rows.
 //!
 //! This file runs the measurements in order; the table they print is `amqp_table.rs`.
 
@@ -108,10 +110,12 @@ pub(crate) async fn run(options: AmqpOptions) -> anyhow::Result<()> {
     let wasmq = measure_wasmq(&h, &plan, &progress).await?;
     if options.wasmq_only {
         wasmq.print_terse(&h.cpu_per_task());
+        print_events(&measure_events(&h, &plan, &progress).await?);
         return Ok(());
     }
     let celery = measure_celery(&h, &python, &plan, &progress).await?;
     let fib = measure_fib(&h, &python, &plan, &progress).await?;
+    let events = measure_events(&h, &plan, &progress).await?;
     progress.step("done");
 
     let run = Run {
@@ -125,6 +129,7 @@ pub(crate) async fn run(options: AmqpOptions) -> anyhow::Result<()> {
         cpu_per_task: h.cpu_per_task(),
     };
     amqp_table::print(&run, &wasmq, &celery, &fib);
+    print_events(&events);
     if !options.quick {
         // The full mode also runs the memory soak and the scaling rows.
         println!();
@@ -230,6 +235,98 @@ async fn measure_wasmq(h: &Harness, plan: &Plan, progress: &Progress) -> anyhow:
             .wasmq_round_trips(&h.redis_url, plan.round_trips, false)
             .await?,
     })
+}
+
+/// The drains with task events off and on, alternated [`EVENT_ROUNDS`] times, each as
+/// (results, off, on, events received per second while on).
+type EventRows = Vec<(&'static str, Vec<f64>, Vec<f64>, Vec<f64>)>;
+
+/// Alternations of the events-off and events-on drains.
+const EVENT_ROUNDS: usize = 3;
+
+/// Task events' cost at full drain: the same drain (results off, and Redis results) with the
+/// worker's task events off and on, alternated, while a receiver bound to `celeryev` takes
+/// every event as Flower would.
+async fn measure_events(
+    h: &Harness,
+    plan: &Plan,
+    progress: &Progress,
+) -> anyhow::Result<EventRows> {
+    let n = plan.tasks;
+    let mut rows: EventRows = vec![
+        ("results off", Vec::new(), Vec::new(), Vec::new()),
+        ("Redis results", Vec::new(), Vec::new(), Vec::new()),
+    ];
+    let mut receiver = h
+        .broker
+        .events()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the broker carries no events"))?;
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = Arc::clone(&received);
+    let counting = tokio::spawn(async move {
+        while let Some(message) = receiver.recv().await {
+            let events = message.events().len() as u64;
+            counter.fetch_add(events, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    // Let the receiver's queue be bound before the first drain.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for round in 1..=EVENT_ROUNDS {
+        for (results, off, on, rate) in &mut rows {
+            let backend = (*results == "Redis results").then_some(h.redis_url.as_str());
+            progress.step(&format!("task events: {results}, off (round {round})"));
+            off.push(
+                h.wasmq_drain_with("math.add", n, add_args, backend, false)
+                    .await?,
+            );
+            progress.step(&format!("task events: {results}, on (round {round})"));
+            let before = received.load(std::sync::atomic::Ordering::Relaxed);
+            let started = Instant::now();
+            on.push(
+                h.wasmq_drain_with("math.add", n, add_args, backend, true)
+                    .await?,
+            );
+            // Events still in flight after the drain are counted over the same window.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let got = received.load(std::sync::atomic::Ordering::Relaxed) - before;
+            rate.push(got as f64 / started.elapsed().as_secs_f64());
+        }
+    }
+    counting.abort();
+    Ok(rows)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn print_events(rows: &EventRows) {
+    println!();
+    println!(
+        "Task events at full drain (math.add, a receiver bound to celeryev; {EVENT_ROUNDS} alternated rounds, tasks/s):"
+    );
+    println!();
+    println!("| drain | events off | events on | on / off (medians) | events received/s |");
+    println!("|---|---|---|---|---|");
+    let list = |values: &[f64]| {
+        values
+            .iter()
+            .map(|v| format!("{v:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (results, off, on, rate) in rows {
+        println!(
+            "| {results} | {} | {} | **{:.2}** | {:.0} |",
+            list(off),
+            list(on),
+            median(on) / median(off),
+            median(rate)
+        );
+    }
 }
 
 /// Celery's drains with each pool, its round trips and its publish rate.

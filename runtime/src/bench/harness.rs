@@ -140,10 +140,16 @@ impl Harness {
     }
 
     /// Starts an in-process wasmq worker on `queue`.
-    fn worker(&self, queue: &str, backend: Arc<dyn ResultBackend>) -> InProcessWorker {
+    fn worker(
+        &self,
+        queue: &str,
+        backend: Arc<dyn ResultBackend>,
+        task_events: bool,
+    ) -> InProcessWorker {
         let options = WorkerOptions {
             queues: vec![queue.to_owned()],
             node_name: format!("wasmq-bench@{queue}"),
+            task_events,
             ..WorkerOptions::default()
         };
         InProcessWorker::spawn(
@@ -163,6 +169,19 @@ impl Harness {
         args: impl Fn(usize) -> Vec<Value>,
         backend_url: Option<&str>,
     ) -> anyhow::Result<f64> {
+        self.wasmq_drain_with(task, n, args, backend_url, false)
+            .await
+    }
+
+    /// [`Harness::wasmq_drain`] with the worker's task events on or off.
+    pub(super) async fn wasmq_drain_with(
+        &self,
+        task: &str,
+        n: usize,
+        args: impl Fn(usize) -> Vec<Value>,
+        backend_url: Option<&str>,
+        task_events: bool,
+    ) -> anyhow::Result<f64> {
         let queue = queue_name("wasmq-drain");
         let backend = match backend_url {
             Some(url) => self.backend(url)?,
@@ -172,7 +191,7 @@ impl Harness {
         self.publish_pipelined(&client, task, n, args, backend_url.is_none())
             .await?;
         eprintln!("        {n} queued; draining");
-        let worker = self.worker(&queue, backend);
+        let worker = self.worker(&queue, backend, task_events);
         let stats = Arc::clone(&worker.stats);
         // Timed from the first message taken (as the Celery drains and the raw ceiling are),
         // not from the worker's connection set-up.
@@ -216,7 +235,7 @@ impl Harness {
         let queue = queue_name("wasmq-rtt");
         let backend = self.backend(backend_url)?;
         let client = self.client(Arc::clone(&backend), &queue);
-        let worker = self.worker(&queue, backend);
+        let worker = self.worker(&queue, backend, false);
         let mut samples = Vec::with_capacity(n);
         // One more than asked: the first warms the connections up and is not counted.
         for i in 0..=n {

@@ -1,6 +1,7 @@
 //! The worker's HTTP endpoints (`wasmq worker --metrics 127.0.0.1:9808`):
 //!
-//! * `GET /metrics` — every metric, OpenMetrics text (Prometheus scrapes it);
+//! * `GET /metrics` — every metric: OpenMetrics text when asked for (Prometheus asks),
+//!   else Prometheus' classic text format;
 //! * `GET /healthz` — 200 while the process answers (liveness);
 //! * `GET /readyz` — 200 only while every worker of the process consumes from its broker,
 //!   503 otherwise (reconnecting, shutting down), with the status as JSON: the same rule
@@ -74,12 +75,73 @@ pub async fn bind(
     Ok((bound, server))
 }
 
-async fn metrics(axum::extract::State(endpoints): axum::extract::State<Endpoints>) -> Response {
-    (
-        [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        endpoints.metrics.encode(),
-    )
-        .into_response()
+/// The metrics in OpenMetrics text when the scraper asks for it (Prometheus does), else in
+/// Prometheus' classic text format 0.0.4 (promtool, older agents, curl).
+async fn metrics(
+    axum::extract::State(endpoints): axum::extract::State<Endpoints>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let text = endpoints.metrics.encode();
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|accept| accept.contains("application/openmetrics-text"));
+    if openmetrics {
+        ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, CLASSIC_CONTENT_TYPE)],
+            classic_text(&text),
+        )
+            .into_response()
+    }
+}
+
+/// The content type of Prometheus' classic text format.
+const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics text as Prometheus' classic text format: a counter family is named with its
+/// `_total` suffix (OpenMetrics names it without), and the `# EOF` and `# UNIT` lines go.
+fn classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_text_names_counters_with_total_and_drops_eof() {
+        let open = "# HELP a_tasks Tasks.\n# TYPE a_tasks counter\na_tasks_total{x=\"1\"} 2\n# HELP up Up.\n# TYPE up gauge\nup 1\n# EOF\n";
+        assert_eq!(
+            classic_text(open),
+            "# HELP a_tasks_total Tasks.\n# TYPE a_tasks_total counter\na_tasks_total{x=\"1\"} 2\n# HELP up Up.\n# TYPE up gauge\nup 1\n"
+        );
+    }
 }
 
 fn json(code: StatusCode, value: &serde_json::Value) -> Response {
