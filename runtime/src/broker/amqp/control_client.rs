@@ -70,8 +70,8 @@ impl AmqpBroker {
             .map_err(|e| lapin_error("cannot declare celery.pidbox", &e))?;
         let mut headers = FieldTable::default();
         headers.insert("clock".into(), AMQPValue::LongLongInt(1));
-        let expires = chrono::Utc::now().timestamp_millis() as f64 / 1000.0
-            + broadcast.timeout.as_secs_f64();
+        let expires =
+            chrono::Utc::now().timestamp_millis() as f64 / 1000.0 + broadcast.timeout.as_secs_f64();
         headers.insert("expires".into(), AMQPValue::Double(expires));
         channel
             .basic_publish(
