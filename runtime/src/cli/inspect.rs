@@ -4,7 +4,7 @@
 //! replies that arrive within `--timeout` are printed, `-> node: OK` and the reply, then
 //! `N nodes online.`; with `--json`, one JSON object `{node: reply}`. No reply at all ends
 //! with exit status 69, as Celery's CLI does (a liveness probe's `inspect ping` relies on
-//! it).
+//! it). The embedded broker carries no remote control yet: the command says so (exit 2).
 //!
 //! Positional arguments become the command's arguments in the order Celery's CLI takes
 //! them, e.g. `control rate_limit math.add 2/s`, `control time_limit math.sleep 0.5 1`,
@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 
 use super::endpoints::{Endpoints, connect_broker};
 use super::exit::{ExitStatus, Failure};
-use crate::broker::{ControlBroadcast, ControlReply};
+use crate::broker::{BrokerError, ControlBroadcast, ControlReply};
 use crate::config::RawConfig;
 use crate::protocol::ControlCommand;
 
@@ -75,7 +75,12 @@ pub(super) async fn run(kind: Kind, args: RemoteArgs) -> Result<(), Failure> {
     let replies = broker
         .broadcast_control(&broadcast)
         .await
-        .map_err(|e| Failure::internal(anyhow::anyhow!("cannot send {}: {e:#}", args.method)))?;
+        .map_err(|e| match e {
+            BrokerError::NoRemoteControl(broker) => Failure::bad_input(format!(
+                "remote control needs RabbitMQ (--broker amqp://…): {broker} carries none yet"
+            )),
+            e => Failure::internal(anyhow::anyhow!("cannot send {}: {e:#}", args.method)),
+        })?;
     if replies.is_empty() {
         return Err(Failure::new(
             ExitStatus::Unavailable,

@@ -253,3 +253,18 @@ fn wasmq_inspect_ping_reaches_a_python_worker_and_exits_69_when_nobody_answers()
         broker.delete_queue(&queue).await.unwrap();
     });
 }
+
+#[test]
+fn wasmq_inspect_on_the_embedded_broker_says_it_needs_rabbitmq() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("wasmq.db").display());
+    let output = Command::new(env!("CARGO_BIN_EXE_wasmq"))
+        .args(["inspect", "ping", "--broker", &url])
+        .output()
+        .expect("run wasmq");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        text(&output.stderr).contains("remote control needs RabbitMQ"),
+        "{output:?}"
+    );
+}
