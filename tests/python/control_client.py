@@ -124,7 +124,8 @@ report["cli_stats"] = {
     "maxrss": (cli_stats.get("rusage") or {}).get("maxrss"),
     "consuming": cli_stats.get("wasmq", {}).get("consuming"),
 }
-sleeping = app.send_task("math.sleep", (2,), queue=queue)
+# Long enough to outlast a slow `celery` CLI start on a loaded machine.
+sleeping = app.send_task("math.sleep", (5,), queue=queue)
 time.sleep(0.8)
 report["cli_active"] = [t["id"] for t in celery_json("inspect", "active") or []]
 report["cli_active_expected"] = sleeping.id

@@ -168,7 +168,13 @@ fn arguments(kind: Kind, method: &str, given: &[String]) -> Result<Map<String, V
             json!({"queue": text(0)})
         }
         (Kind::Control, "pool_grow" | "pool_shrink") => {
-            json!({"n": given.first().map_or(Ok(Value::from(1)), |_| number(0, "n"))?})
+            let n = match given.first() {
+                None => 1,
+                Some(n) => n.parse::<u64>().map_err(|_| {
+                    Failure::bad_input(format!("{method}: n must be a whole number"))
+                })?,
+            };
+            json!({ "n": n })
         }
         (Kind::Control, "autoscale") => {
             need(2, "MAX MIN")?;
@@ -218,6 +224,7 @@ mod tests {
             json!({"task_name": "math.sleep", "soft": 0.5, "hard": 1.0})
         );
         assert_eq!(args(Kind::Control, "pool_grow", &[]), json!({"n": 1}));
+        assert_eq!(args(Kind::Control, "pool_shrink", &["2"]), json!({"n": 2}));
         assert_eq!(args(Kind::Control, "add_consumer", &["q2"])["queue"], "q2");
         let bad = |kind, method: &str, given: &[&str]| {
             let given: Vec<String> = given.iter().map(|s| (*s).to_owned()).collect();

@@ -283,7 +283,12 @@ fn check_queue_name(queue: &str) -> Result<(), String> {
 pub(super) fn pool_resize(shared: &Shared, arguments: &Map<String, Value>, grow: bool) -> Value {
     let n = match arguments.get("n") {
         None | Some(Value::Null) => 1,
-        Some(Value::Number(n)) => match n.as_u64() {
+        Some(Value::Number(n)) => match n.as_u64().or_else(|| {
+            // A whole float (`1.0`) counts too.
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+                .map(|f| f as u64)
+        }) {
             Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
             None => return error("n must be a non-negative whole number"),
         },
