@@ -12,7 +12,7 @@ use wasmq::protocol::ControlCommand;
 
 use crate::interop::PythonWorker;
 use crate::semantics::Setup;
-use crate::support::{AMQP_URL, KOMBU_AMQP_URL, RABBITMQ, REDIS_URL, rabbitmq_has_queue, runtime};
+use crate::support::{AMQP_URL, KOMBU_AMQP_URL, RABBITMQ, REDIS_URL, runtime};
 
 /// `wasmq <args> --broker <RabbitMQ>`.
 fn wasmq(args: &[&str]) -> Output {
