@@ -370,6 +370,19 @@ impl FairQueue {
         self.running -= 1;
     }
 
+    /// Sets how many slots `tenant` may hold at once (its cap), clamped to 1..=slots;
+    /// returns the cap in force. A lower cap takes effect as running tasks end (none is
+    /// interrupted); call [`grant`](Self::grant) after a raise, as waiting requests may
+    /// run now.
+    ///
+    /// # Panics
+    /// When `tenant` is not an index into the shares.
+    pub fn set_max_concurrency(&mut self, tenant: usize, cap: usize) -> usize {
+        let cap = cap.clamp(1, self.slots);
+        self.shares[tenant].max_concurrency = cap;
+        cap
+    }
+
     /// The slots `tenant` holds now.
     pub fn running(&self, tenant: usize) -> usize {
         self.tenants[tenant].running
@@ -564,6 +577,26 @@ impl SlotArbiter {
     /// All the slots.
     pub fn slots(&self) -> usize {
         self.inner.slots
+    }
+
+    /// How many slots `tenant` may hold at once now (its cap).
+    ///
+    /// # Panics
+    /// When `tenant` is not an index into the shares.
+    pub fn max_concurrency(&self, tenant: usize) -> usize {
+        self.inner.lock().queue.shares()[tenant].max_concurrency
+    }
+
+    /// Changes `tenant`'s cap (see [`FairQueue::set_max_concurrency`]), waking the requests
+    /// a raise lets run; returns the cap in force.
+    ///
+    /// # Panics
+    /// When `tenant` is not an index into the shares.
+    pub fn set_max_concurrency(&self, tenant: usize, cap: usize) -> usize {
+        let mut state = self.inner.lock();
+        let cap = state.queue.set_max_concurrency(tenant, cap);
+        state.hand_out(None);
+        cap
     }
 
     /// How many tenants share the slots.
@@ -1254,6 +1287,27 @@ mod tests {
         );
         drop(slot);
         drop(held);
+        assert_eq!(arbiter.free_slots(), 3);
+    }
+
+    /// A lowered cap takes effect as tasks end; raising it back wakes a waiting request.
+    #[tokio::test]
+    async fn a_cap_shrinks_as_tasks_end_and_grows_back() {
+        let arbiter = SlotArbiter::single(3);
+        let mut held = vec![arbiter.acquire(0, 0).await, arbiter.acquire(0, 0).await];
+        assert_eq!(arbiter.set_max_concurrency(0, 1), 1);
+        assert_eq!(arbiter.max_concurrency(0), 1);
+        assert_eq!(arbiter.running(0), 2, "no running task is interrupted");
+        drop(held.pop());
+        let mut next = Box::pin(arbiter.acquire(0, 0));
+        assert!(poll_once(&mut next).is_pending(), "one runs, the cap is 1");
+        assert_eq!(arbiter.set_max_concurrency(0, 9), 3, "clamped to the slots");
+        let Poll::Ready(slot) = poll_once(&mut next) else {
+            panic!("raising the cap lets the waiting request run");
+        };
+        assert_eq!(arbiter.running(0), 2);
+        assert_eq!(arbiter.set_max_concurrency(0, 0), 1, "never below one");
+        drop((slot, held));
         assert_eq!(arbiter.free_slots(), 3);
     }
 

@@ -1,6 +1,8 @@
 //! Remote control from Celery's own tools: an unmodified Python client's `inspect()` and
 //! `control`, and the `celery inspect ping` CLI, against a wasmq worker on RabbitMQ.
 
+mod cli;
+
 use serde_json::{Value, json};
 use wasmq::broker::amqp::{AmqpOptions, CELERY_PIDBOX_EXCHANGE, revoke_queue};
 use wasmq::client::SendOptions;
@@ -23,13 +25,15 @@ fn celery_inspect_and_control_reach_a_wasmq_worker() {
                 ..setup.options(&node)
             })
             .await;
-        let (queue, shown_node) = (setup.queue.clone(), node.clone());
+        let queue2 = format!("{}-second", setup.queue);
+        let (queue, shown_node, queue2_env) = (setup.queue.clone(), node.clone(), queue2.clone());
         let output = tokio::task::spawn_blocking(move || {
             std::process::Command::new(crate::support::python())
                 .arg(crate::support::python_dir().join("control_client.py"))
                 .env("BROKER", KOMBU_AMQP_URL)
                 .env("BACKEND", REDIS_URL)
                 .env("QUEUE", queue)
+                .env("QUEUE2", queue2_env)
                 .env("NODE", shown_node)
                 .output()
                 .expect("run the Python client")
@@ -107,12 +111,126 @@ fn celery_inspect_and_control_reach_a_wasmq_worker() {
         assert_eq!(report["stamped"]["error"], "TaskRevokedError", "{report:#}");
         assert_eq!(report["stamped"]["state"], "REVOKED", "{report:#}");
         assert_eq!(report["unstamped"], json!({"ok": 4}), "{report:#}");
+
+        // The `celery` CLI with --json.
+        assert_eq!(report["cli_ping_json"], json!({"ok": "pong"}), "{report:#}");
+        assert_eq!(report["cli_registered"], true, "{report:#}");
+        let cli_stats = &report["cli_stats"];
+        assert_eq!(cli_stats["max_concurrency"], 1, "{report:#}");
+        assert_eq!(cli_stats["has_broker"], true, "{report:#}");
+        assert_eq!(cli_stats["has_total"], true, "{report:#}");
+        assert!(cli_stats["maxrss"].as_u64().unwrap_or(0) > 0, "{report:#}");
+        assert_eq!(cli_stats["consuming"], json!([setup.queue]), "{report:#}");
+        assert_eq!(
+            report["cli_active"],
+            json!([report["cli_active_expected"]]),
+            "{report:#}"
+        );
+
+        // A near eta: held in memory, listed by `scheduled`, `reserved` and `query_task`.
+        assert_eq!(
+            report["scheduled"],
+            json!([[report["held_id"], true]]),
+            "{report:#}"
+        );
+        assert_eq!(report["reserved"], json!([report["held_id"]]), "{report:#}");
+        assert_eq!(report["query_task"], "reserved", "{report:#}");
+        assert_eq!(report["held"], json!({"ok": 2}), "{report:#}");
+
+        // rate_limit: 6 tasks at 2/s take at least 2.5 s.
+        assert_eq!(
+            report["rate_limit_reply"],
+            json!({"code": 0, "ok": true}),
+            "{report:#}"
+        );
+        assert_eq!(
+            report["registered_rate"],
+            json!(["math.add [rate_limit=2/s]"]),
+            "{report:#}"
+        );
+        assert_eq!(
+            report["rate_limited"],
+            json!([0, 2, 4, 6, 8, 10]),
+            "{report:#}"
+        );
+        let rate_limited_s = report["rate_limited_s"].as_f64().unwrap();
+        println!("6 tasks at rate_limit 2/s took {rate_limited_s:.2} s");
+        assert!(rate_limited_s >= 2.0, "{report:#}");
+        assert_eq!(report["rate_limit_off"], true, "{report:#}");
+        assert_eq!(
+            report["rate_limit_unknown"],
+            json!({"error": "unknown task"}),
+            "{report:#}"
+        );
+        assert!(
+            report["rate_limit_bad"]["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("Invalid rate limit string: ValueError(")),
+            "{report:#}"
+        );
+
+        // time_limit: the next math.sleep(3) stops at the new hard limit of 1 s.
+        assert_eq!(
+            report["time_limit_reply"],
+            json!({"code": 0, "ok": true}),
+            "{report:#}"
+        );
+        assert_eq!(
+            report["time_limited"]["error"], "TimeLimitExceeded",
+            "{report:#}"
+        );
+        assert!(
+            report["time_limited_s"].as_f64().unwrap() < 2.9,
+            "{report:#}"
+        );
+
+        // add_consumer / cancel_consumer.
+        assert_eq!(
+            report["add_consumer"],
+            json!({"code": 0, "ok": true}),
+            "{report:#}"
+        );
+        let mut both = vec![setup.queue.clone(), queue2.clone()];
+        both.sort();
+        assert_eq!(report["queues_after_add"], json!(both), "{report:#}");
+        assert_eq!(report["on_queue2"], json!({"ok": 42}), "{report:#}");
+        assert_eq!(
+            report["cancel_consumer"],
+            json!({"code": 0, "ok": true}),
+            "{report:#}"
+        );
+        assert_eq!(
+            report["queues_after_cancel"],
+            json!([setup.queue]),
+            "{report:#}"
+        );
+        assert_eq!(report["after_cancel_state"], "PENDING", "{report:#}");
+
+        // What wasmq cannot do is an error, never a fake "ok".
+        assert_eq!(
+            report["autoscale_reply"],
+            json!({"error": "ValueError('Autoscale not enabled')"}),
+            "{report:#}"
+        );
+        assert_eq!(
+            report["memdump_reply"],
+            json!({"error": "memdump is not supported by wasmq"}),
+            "{report:#}"
+        );
+        assert!(
+            report["pool_grow_reply"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("started with")),
+            "one slot, started with one: {report:#}"
+        );
+
         assert!(
             worker
                 .exits_by_itself(std::time::Duration::from_secs(15))
                 .await,
             "`control shutdown` did not stop the worker"
         );
+        setup.broker.delete_queue(&queue2).await.unwrap();
         // The mailbox goes with its worker (exclusive, auto-delete, as kombu declares it).
         let mailbox = wasmq::broker::amqp::control_queue(&node);
         let mut gone = false;

@@ -10,8 +10,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use wasmq::broker::Broker;
 use wasmq::broker::amqp::AmqpOptions;
-use wasmq::protocol::events::{Event, EventMessage};
 use wasmq::client::SendOptions;
+use wasmq::protocol::events::{Event, EventMessage};
 use wasmq::worker::WorkerOptions;
 
 use crate::semantics::Setup;
@@ -90,7 +90,10 @@ async fn until_listening(broker: &Arc<dyn Broker>, monitor: &Monitor) {
             return;
         }
     }
-    panic!("the monitor never received an event: {:#?}", monitor.output());
+    panic!(
+        "the monitor never received an event: {:#?}",
+        monitor.output()
+    );
 }
 
 impl Drop for Monitor {

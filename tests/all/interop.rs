@@ -173,13 +173,13 @@ fn python_celery_client_is_served_by_a_wasmq_worker_with_rpc_and_redis_results()
 }
 
 /// A Python Celery worker running `tests/python/tasks.py`.
-struct PythonWorker {
+pub(crate) struct PythonWorker {
     child: Child,
     log: std::path::PathBuf,
 }
 
 impl PythonWorker {
-    fn start(queue: &str, backend: &str, dir: &std::path::Path) -> Self {
+    pub(crate) fn start(queue: &str, backend: &str, dir: &std::path::Path) -> Self {
         let log = dir.join(format!("{queue}.log"));
         let child = Command::new(python())
             .args([

@@ -1,9 +1,10 @@
 """An unmodified Python Celery client (and the `celery` CLI) remote-controlling a wasmq worker.
 
 `inspect()` and `control` publish Celery's pidbox commands on `celery.pidbox` and collect the
-replies on `reply.celery.pidbox`. Reads BROKER, BACKEND, QUEUE and NODE (the worker's node
-name) from the environment and prints one JSON object describing what the client saw. The
-worker runs with one task slot, so while `math.sleep` runs every slot is busy.
+replies on `reply.celery.pidbox`. Reads BROKER, BACKEND, QUEUE, QUEUE2 (a second queue the
+worker does not consume at first) and NODE (the worker's node name) from the environment and
+prints one JSON object describing what the client saw. The worker runs with one task slot, so
+while `math.sleep` runs every slot is busy.
 """
 
 import json
@@ -95,6 +96,94 @@ stamped = app.signature("math.add", (1, 1), queue=queue)
 stamped.stamp(visitor=Stamp())
 report["stamped"] = outcome(stamped.apply_async())
 report["unstamped"] = outcome(app.send_task("math.add", (2, 2), queue=queue))
+
+
+def celery_cli(*args):
+    """`celery -b BROKER <args> -d NODE -t 5`: (exit code, stdout)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-b", os.environ["BROKER"], *args, "-d", node, "-t", "5"],
+        capture_output=True, text=True, timeout=60,
+    )
+    return done.returncode, done.stdout
+
+
+def celery_json(*args):
+    """`celery -b BROKER <args> --json`: this worker's reply."""
+    code, out = celery_cli(*args, "--json")
+    return mine(json.loads(out)) if code == 0 else {"code": code, "out": out}
+
+
+# The CLI with --json, as dashboards and probes script it.
+report["cli_ping_json"] = celery_json("inspect", "ping")
+report["cli_registered"] = "math.add" in (celery_json("inspect", "registered") or [])
+cli_stats = celery_json("inspect", "stats") or {}
+report["cli_stats"] = {
+    "max_concurrency": cli_stats.get("pool", {}).get("max-concurrency"),
+    "has_broker": isinstance(cli_stats.get("broker"), dict),
+    "has_total": isinstance(cli_stats.get("total"), dict),
+    "maxrss": (cli_stats.get("rusage") or {}).get("maxrss"),
+    "consuming": cli_stats.get("wasmq", {}).get("consuming"),
+}
+# Long enough to outlast a slow `celery` CLI start on a loaded machine.
+sleeping = app.send_task("math.sleep", (5,), queue=queue)
+time.sleep(0.8)
+report["cli_active"] = [t["id"] for t in celery_json("inspect", "active") or []]
+report["cli_active_expected"] = sleeping.id
+outcome(sleeping)
+
+# A near eta is held in memory: `scheduled` and `reserved` list it, `query_task` finds it.
+held = app.send_task("math.add", (1, 1), queue=queue, countdown=0.95)
+time.sleep(0.2)
+report["scheduled"] = [(s["request"]["id"], "eta" in s) for s in mine(inspect.scheduled()) or []]
+report["reserved"] = [r["id"] for r in mine(inspect.reserved()) or []]
+report["query_task"] = (mine(inspect.query_task([held.id])) or {}).get(held.id, [None])[0]
+report["held_id"] = held.id
+report["held"] = outcome(held)
+
+# rate_limit: 6 tasks at 2/s take at least 2.5 s; then the limit is disabled again.
+code, out = celery_cli("control", "rate_limit", "math.add", "2/s")
+report["rate_limit_reply"] = {"code": code, "ok": "new rate limit set successfully" in out}
+report["registered_rate"] = [n for n in mine(inspect.registered()) or []
+                            if n.split(" ")[0] == "math.add"]
+started = time.monotonic()
+results = [app.send_task("math.add", (i, i), queue=queue) for i in range(6)]
+report["rate_limited"] = [outcome(r).get("ok") for r in results]
+report["rate_limited_s"] = time.monotonic() - started
+code, out = celery_cli("control", "rate_limit", "math.add", "0")
+report["rate_limit_off"] = "rate limit disabled successfully" in out
+report["rate_limit_unknown"] = mine({k: v for r in app.control.broadcast(
+    "rate_limit", arguments={"task_name": "no.such", "rate_limit": "1/s"},
+    destination=[node], reply=True, timeout=5) for k, v in r.items()})
+report["rate_limit_bad"] = mine({k: v for r in app.control.broadcast(
+    "rate_limit", arguments={"task_name": "math.add", "rate_limit": "fast"},
+    destination=[node], reply=True, timeout=5) for k, v in r.items()})
+
+# time_limit: the next math.sleep(3) is stopped at 1 s.
+code, out = celery_cli("control", "time_limit", "math.sleep", "0.5", "1")
+report["time_limit_reply"] = {"code": code, "ok": "time limits set successfully" in out}
+started = time.monotonic()
+report["time_limited"] = outcome(app.send_task("math.sleep", (3,), queue=queue))
+report["time_limited_s"] = time.monotonic() - started
+
+# add_consumer / cancel_consumer: a second queue is consumed, then no longer.
+queue2 = os.environ["QUEUE2"]
+code, out = celery_cli("control", "add_consumer", queue2)
+report["add_consumer"] = {"code": code, "ok": f"add consumer {queue2}" in out}
+report["queues_after_add"] = sorted(q["name"] for q in mine(inspect.active_queues()) or [])
+report["on_queue2"] = outcome(app.send_task("math.add", (20, 22), queue=queue2))
+code, out = celery_cli("control", "cancel_consumer", queue2)
+report["cancel_consumer"] = {"code": code, "ok": f"no longer consuming from {queue2}" in out}
+report["queues_after_cancel"] = [q["name"] for q in mine(inspect.active_queues()) or []]
+not_consumed = app.send_task("math.add", (1, 2), queue=queue2)
+time.sleep(3)
+report["after_cancel_state"] = not_consumed.state
+
+# Commands wasmq cannot honour get Celery's error replies, never a fake "ok".
+for method, arguments in [("autoscale", {"max": 4, "min": 1}), ("memdump", {}),
+                          ("pool_grow", {"n": 1})]:
+    replies = app.control.broadcast(method, arguments=arguments, destination=[node],
+                                    reply=True, timeout=5)
+    report[f"{method}_reply"] = mine({k: v for r in replies for k, v in r.items()})
 
 # Last: `celery control shutdown` stops the worker gracefully (Celery sends no reply).
 app.control.shutdown(destination=[node])

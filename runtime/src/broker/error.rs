@@ -60,6 +60,10 @@ pub enum BrokerError {
         /// The queue the message was for.
         queue: String,
     },
+    /// This broker carries no remote control (Celery's pidbox), e.g. `inspect` against a
+    /// broker that has no mailbox for it.
+    #[error("{0} carries no remote control")]
+    NoRemoteControl(String),
     /// The scheduler holding delayed messages failed.
     #[error(transparent)]
     Scheduler(#[from] super::scheduled::SchedulerError),
@@ -82,6 +86,7 @@ impl BrokerError {
             BrokerError::Encode { .. }
             | BrokerError::UnsupportedUrl(_)
             | BrokerError::Closed
+            | BrokerError::NoRemoteControl(_)
             | BrokerError::QueueNotFound { .. } => false,
             BrokerError::Scheduler(error) => error.is_transient(),
         }

@@ -17,6 +17,7 @@ pub mod amqp;
 pub mod embedded;
 mod error;
 pub mod scheduled;
+mod subscriptions;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use self::error::BrokerError;
+pub use self::subscriptions::Subscriptions;
 use crate::protocol::events::EventMessage;
 use crate::protocol::{ControlCommand, Envelope};
 
@@ -201,6 +203,36 @@ pub trait Consumer: Send {
 
     /// Sends any acknowledgements still batched (the worker calls it before exiting).
     async fn flush_acks(&mut self) {}
+
+    /// The queues this consumer consumes, to change while it runs (Celery's
+    /// `add_consumer`/`cancel_consumer`); `None` when its queues are fixed.
+    fn subscriptions(&self) -> Option<Subscriptions> {
+        None
+    }
+}
+
+/// A remote-control broadcast to send with [`Broker::broadcast_control`]: what to run, on
+/// which nodes, and how long to wait for replies.
+#[derive(Debug, Clone)]
+pub struct ControlBroadcast {
+    /// The command: its method, arguments and destination (the broker fills in the ticket
+    /// and where replies go).
+    pub command: ControlCommand,
+    /// Whether replies are wanted (false: a cast, nothing is waited for).
+    pub reply: bool,
+    /// How long to collect replies.
+    pub timeout: Duration,
+    /// Stop collecting once this many nodes replied (Celery: `len(destination)`).
+    pub limit: Option<usize>,
+}
+
+/// One node's reply to a broadcast command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlReply {
+    /// The node that replied.
+    pub node: String,
+    /// Its reply.
+    pub reply: serde_json::Value,
 }
 
 /// The broker's answer to a publish, still to come (see [`Broker::publish_unconfirmed`]).
@@ -360,6 +392,21 @@ pub trait Broker: Send + Sync {
     ) -> Result<Option<tokio::sync::mpsc::Receiver<ControlRequest>>, BrokerError> {
         let _ = node;
         Ok(None)
+    }
+
+    /// Broadcasts a remote-control command as Celery's `app.control.broadcast` does and
+    /// collects the replies that arrive within its timeout (or until its limit), in arrival
+    /// order; replies to other commands are ignored.
+    ///
+    /// # Errors
+    /// [`BrokerError::NoRemoteControl`] when this broker carries none; otherwise when the
+    /// broker cannot take the command.
+    async fn broadcast_control(
+        &self,
+        broadcast: &ControlBroadcast,
+    ) -> Result<Vec<ControlReply>, BrokerError> {
+        let _ = broadcast;
+        Err(BrokerError::NoRemoteControl(self.describe()))
     }
 
     /// Rings the release doorbell: tells every worker listening on this broker that a

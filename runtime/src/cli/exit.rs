@@ -26,6 +26,9 @@ pub enum ExitStatus {
     BadPlugin = 4,
     /// 5: no result arrived within the timeout.
     Timeout = 5,
+    /// 69: no worker answered a remote-control command in time (EX_UNAVAILABLE, as
+    /// Celery's `inspect`/`control`).
+    Unavailable = 69,
     /// 70: an internal error (EX_SOFTWARE), e.g. the broker cannot be reached.
     Internal = 70,
 }

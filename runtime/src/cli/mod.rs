@@ -9,7 +9,8 @@
 //! `exit.rs` (exit statuses, `Failure`, printing a task's result).
 //!
 //! Exit codes (see [`ExitStatus`]): 0 success, 1 task failed, 2 bad input, 3 limit exceeded,
-//! 4 bad plugin, 5 timed out waiting for a result, 70 internal error.
+//! 4 bad plugin, 5 timed out waiting for a result, 69 no worker answered remote control
+//! (`inspect`, `control`), 70 internal error.
 
 mod args;
 mod bench;
@@ -20,6 +21,7 @@ mod deploy;
 mod endpoints;
 mod events;
 mod exit;
+mod inspect;
 mod keys;
 mod plugin_source;
 mod plugins;
@@ -72,6 +74,15 @@ enum Command {
     /// Send a chord: a group whose results, as one list, go to --body. Prints the body's
     /// id, or its result with --wait. Needs the sqlite or redis result backend.
     Chord(workflow::ChordArgs),
+    /// Ask workers (wasmq's and Celery's) for information, as `celery inspect` does:
+    /// ping, stats, active, reserved, scheduled, registered, active_queues, revoked,
+    /// query_task ID…, conf, clock, report. Exit 69 when no worker replies in time.
+    Inspect(inspect::RemoteArgs),
+    /// Change running workers (wasmq's and Celery's), as `celery control` does:
+    /// rate_limit TASK RATE, time_limit TASK SOFT HARD, add_consumer QUEUE,
+    /// cancel_consumer QUEUE, pool_grow N, pool_shrink N, revoke ID…, shutdown. Exit 69
+    /// when no worker replies in time.
+    Control(inspect::RemoteArgs),
     /// Report whether a worker is running and consuming (exit 0) or not (exit 1), from the
     /// status file it writes.
     Status(status::StatusArgs),
@@ -171,6 +182,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Command::DeadLetters(args) => dead_letters::run(args).await,
             Command::Status(args) => status::run(args).await,
             Command::Events(args) => events::run(args).await,
+            Command::Inspect(args) => inspect::run(inspect::Kind::Inspect, args).await,
+            Command::Control(args) => inspect::run(inspect::Kind::Control, args).await,
             Command::Call(args) => call::call(args).await,
             Command::Plugins { command } => plugins::run(command).await,
             Command::Bench { command } => bench::run(command).await,

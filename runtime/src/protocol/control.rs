@@ -9,11 +9,11 @@
 //! `pcre`), or when neither is given; it replies only when `reply_to` is present, with
 //! `{"<node>": <reply>}` and the command's `ticket` as a header.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// A remote-control command as a Celery client sends it.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ControlCommand {
     /// The command (`ping`, `revoke`, `active`…).
     pub method: String,
@@ -39,7 +39,7 @@ pub struct ControlCommand {
 
 /// Where the replies to a command go: an exchange and a routing key (RabbitMQ:
 /// `reply.celery.pidbox` and the client's id).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControlReplyTo {
     /// The exchange.
     pub exchange: String,
@@ -48,6 +48,29 @@ pub struct ControlReplyTo {
 }
 
 impl ControlCommand {
+    /// A command to send: `method` with `arguments`, for the nodes in `destination` (none:
+    /// every node); the sender fills in `ticket` and `reply_to` when it wants replies.
+    pub fn new(
+        method: impl Into<String>,
+        arguments: Map<String, Value>,
+        destination: Option<Vec<String>>,
+    ) -> Self {
+        Self {
+            method: method.into(),
+            arguments,
+            destination,
+            pattern: None,
+            matcher: None,
+            ticket: None,
+            reply_to: None,
+        }
+    }
+
+    /// The JSON body of this command, as kombu's `Mailbox._publish` sends it.
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
     /// Parses a command message body.
     ///
     /// # Errors
@@ -173,6 +196,15 @@ mod tests {
             })
         );
         assert!(command.is_for("w1@host"));
+        let again = ControlCommand::parse(&command.body()).unwrap();
+        assert_eq!(again, command, "a command survives its own body");
+        let sent: Value =
+            serde_json::from_slice(&ControlCommand::new("ping", Map::new(), None).body()).unwrap();
+        assert_eq!(
+            sent,
+            json!({"method": "ping", "arguments": {}, "destination": null, "pattern": null,
+                "matcher": null, "ticket": null, "reply_to": null})
+        );
         let cast = ControlCommand::parse(br#"{"method":"enable_events","arguments":{}}"#).unwrap();
         assert!(cast.reply_to.is_none());
         assert!(ControlCommand::parse(b"not json").is_err());

@@ -12,6 +12,8 @@
 //! * `control` — answers to remote control (Celery's `inspect` and `control`);
 //! * `events` — Celery events: heartbeats always, task events when switched on;
 //! * `observe` — the hooks that feed events and metrics;
+//! * `held` — deliveries held before they run (an eta, a rate-limit turn);
+//! * `overrides` — rate and time limits set at runtime by remote control;
 //! * [`status`] — counters, consumption changes, the status file;
 //! * [`options`] — [`WorkerOptions`].
 //!
@@ -35,8 +37,10 @@ mod continuation;
 mod control;
 pub mod decision;
 mod events;
+mod held;
 mod observe;
 mod options;
+mod overrides;
 pub mod revoked;
 mod run;
 mod settle;
@@ -105,6 +109,9 @@ struct Shared {
     /// Asked to shut down from inside (remote control's `shutdown`), as if the `shutdown`
     /// future of [`Worker::run`] had completed.
     shutdown_requested: tokio::sync::Notify,
+    /// What remote control reads and changes: held deliveries, runtime overrides, the
+    /// consumer's queues, the clock.
+    control: control::ControlState,
     /// Whether it consumes now (the broker connection is up), for its status.
     consuming: AtomicBool,
     /// Set once it has stopped, for its status.
@@ -182,6 +189,7 @@ impl Worker {
                 detached: TaskTracker::new(),
                 started_at: std::time::Instant::now(),
                 shutdown_requested: tokio::sync::Notify::new(),
+                control: control::ControlState::default(),
                 consuming: AtomicBool::new(false),
                 stopped: AtomicBool::new(false),
                 events,
@@ -225,6 +233,9 @@ impl Worker {
             tasks = shared.registry.snapshot().tasks().len(),
             "worker ready: consuming"
         );
+        if let Some(subscriptions) = consumer.subscriptions() {
+            let _ = shared.control.subscriptions.set(subscriptions);
+        }
         let consuming = consumer
             .consuming()
             .unwrap_or_else(|| tokio::sync::watch::channel(true).1);
@@ -419,11 +430,13 @@ async fn dispatch(
         .registry
         .lookup_for(&message.task, workflow_root(&message))
         .map(|plugin| {
-            let policy = shared.options.task_policies.resolve(
+            let mut policy = shared.options.task_policies.resolve(
                 &shared.options.retry,
                 plugin.task(&message.task).map(|t| &t.policy),
                 &message.task,
             );
+            // A rate limit set by remote control (`rate_limit`) wins.
+            shared.control.overrides.apply(&message.task, &mut policy);
             (plugin, policy)
         });
     let memory = task.as_ref().map_or(0, |(plugin, _)| {
@@ -480,7 +493,8 @@ async fn process(
             return slot;
         }
         Admission::RunAfter(wait) if !wait.is_zero() => {
-            slot = hold(shared, slot, wait, memory).await
+            let _held = shared.control.held.hold(&message, &delivery, message.eta);
+            slot = hold(shared, slot, wait, memory).await;
         }
         Admission::RunAfter(_) => {}
     }
@@ -530,6 +544,7 @@ async fn process(
             Admission::RunAfter(wait) if wait.is_zero() => {}
             Admission::RunAfter(wait) => {
                 let _waiting = shared.rate_turns.waiting();
+                let _held = shared.control.held.hold(&message, &delivery, None);
                 slot = hold(shared, slot, wait, memory).await;
             }
             Admission::Refuse(decision) => {

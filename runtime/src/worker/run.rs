@@ -13,6 +13,7 @@ use tracing::Instrument;
 
 use super::Shared;
 use super::decision::Interruption;
+use super::overrides::hard_limit;
 use crate::broker::Delivery;
 use crate::engine::{
     CallError, CallReport, CallRequest, CancelToken, LimitOverrides, Limits, MessageInfo,
@@ -122,6 +123,8 @@ fn call_request(
     cancel: CancelToken,
 ) -> CallRequest {
     let declared = plugin.task(&message.task);
+    let set = shared.control.overrides.time_limits(&message.task);
+    let requested = seconds(message.time_limit.filter(|t| *t > 0.0));
     CallRequest {
         task: message.task.clone(),
         id: message.id.clone(),
@@ -140,36 +143,29 @@ fn call_request(
         parent_id: message.parent_id.clone(),
         group_id: message.group.clone(),
         limits: LimitOverrides {
-            // A message may shorten the task's time limit, never lengthen it: the task's
-            // declared default (else its tenant's, else the worker's) bounds what a sender can ask for, and the
-            // sandbox clamps everything to the ceiling.
-            timeout: message
-                .time_limit
-                .filter(|t| *t > 0.0)
-                .and_then(|t| Duration::try_from_secs_f64(t).ok())
-                .map(|t| {
-                    let task_default = declared
-                        .and_then(|info| info.limits.timeout)
-                        .or_else(|| {
-                            shared
-                                .options
-                                .tenant
-                                .as_ref()
-                                .and_then(|t| t.limits)
-                                .and_then(|l| l.defaults.timeout)
-                        })
-                        .unwrap_or(shared.registry.sandbox().config().defaults.timeout);
-                    t.min(task_default)
-                }),
+            // A message may shorten the task's time limit, never lengthen it: the limit set
+            // by remote control (`time_limit`), else the task's declared default (else its
+            // tenant's, else the worker's) bounds what a sender can ask for, and the sandbox
+            // clamps everything to the ceiling.
+            timeout: (set.is_some_and(|set| set.hard.is_some()) || requested.is_some()).then(
+                || {
+                    hard_limit(
+                        set.and_then(|set| set.hard),
+                        declared_timeout(shared, declared),
+                        requested,
+                    )
+                },
+            ),
             ..LimitOverrides::default()
         },
-        // The message's soft limit, else the task's declared one (Celery:
-        // `soft_time_limit or task.soft_time_limit`).
-        soft_timeout: message
-            .soft_time_limit
-            .filter(|t| *t > 0.0)
-            .and_then(|t| Duration::try_from_secs_f64(t).ok())
-            .or_else(|| declared.and_then(|info| info.soft_timeout)),
+        // The message's soft limit, else the one remote control set, else the task's
+        // declared one (Celery: `soft_time_limit or task.soft_time_limit`).
+        soft_timeout: seconds(message.soft_time_limit.filter(|t| *t > 0.0)).or_else(|| {
+            set.map_or_else(
+                || declared.and_then(|info| info.soft_timeout),
+                |set| set.soft,
+            )
+        }),
         message: message_info(delivery, message),
         cancel: Some(cancel),
         grants: shared
@@ -180,6 +176,22 @@ fn call_request(
             .unwrap_or_default(),
         tenant_limits: shared.options.tenant.as_ref().and_then(|t| t.limits),
     }
+}
+
+/// The wall-clock limit `declared` runs under when nothing lowers it: its declaration,
+/// else its tenant's default, else the worker's.
+fn declared_timeout(shared: &Shared, declared: Option<&crate::engine::TaskInfo>) -> Duration {
+    declared
+        .and_then(|info| info.limits.timeout)
+        .or_else(|| {
+            shared
+                .options
+                .tenant
+                .as_ref()
+                .and_then(|t| t.limits)
+                .and_then(|l| l.defaults.timeout)
+        })
+        .unwrap_or(shared.registry.sandbox().config().defaults.timeout)
 }
 
 /// The memory limit a task of `plugin` named `task` will run under (the plugin's
@@ -263,7 +275,7 @@ pub(super) struct ActiveTask {
 
 impl ActiveTask {
     /// What `run` registers for `message`, delivered as `delivery`.
-    fn of(message: &TaskMessage, delivery: &Delivery) -> Self {
+    pub(super) fn of(message: &TaskMessage, delivery: &Delivery) -> Self {
         Self {
             id: message.id.clone(),
             name: message.task.clone(),

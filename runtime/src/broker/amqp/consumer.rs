@@ -4,8 +4,12 @@
 //! actually consuming right now. Each delivery counts its deliveries: quorum queues say so
 //! themselves, and a classic-queue redelivery is published again carrying its count, so a
 //! message that kills every worker is dead-lettered after `max_deliveries` instead of looping
-//! forever.
+//! forever. The queues consumed can change while it runs ([`Subscriptions`]: Celery's
+//! `add_consumer`/`cancel_consumer`): a queue added is declared and consumed on the same
+//! channel, a queue cancelled gets a `basic.cancel`, and a reconnect consumes the set as it
+//! is then.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +24,7 @@ use super::acks::{AckBatcher, AmqpSettler, send_acks};
 use super::codec::envelope_of;
 use super::dead_letters::DEAD_DELIVERIES_HEADER;
 use super::{AmqpBroker, lapin_error};
-use crate::broker::{Broker, BrokerError, Consumer, Delivery, Settle};
+use crate::broker::{Broker, BrokerError, Consumer, Delivery, Settle, Subscriptions};
 
 /// Deliveries from a supervised AMQP consumer.
 pub struct AmqpConsumer {
@@ -30,6 +34,8 @@ pub struct AmqpConsumer {
     supervisor: tokio::task::JoinHandle<()>,
     /// The current channel's ack batcher, to flush before the worker exits.
     batcher: Arc<Mutex<Option<Arc<AckBatcher>>>>,
+    /// The queues consumed, changeable while it runs.
+    subscriptions: Subscriptions,
 }
 
 impl AmqpConsumer {
@@ -40,9 +46,10 @@ impl AmqpConsumer {
         let (consuming, status) = watch::channel(false);
         let (stop, stopped) = watch::channel(false);
         let batcher: Arc<Mutex<Option<Arc<AckBatcher>>>> = Arc::default();
+        let subscriptions = Subscriptions::new(queues);
         let supervisor = tokio::spawn(supervise(
             broker.clone(),
-            queues.to_vec(),
+            subscriptions.watch(),
             u16::try_from(prefetch.max(1)).unwrap_or(u16::MAX),
             deliveries,
             consuming,
@@ -55,6 +62,7 @@ impl AmqpConsumer {
             stop,
             supervisor,
             batcher,
+            subscriptions,
         }
     }
 }
@@ -93,6 +101,10 @@ impl Consumer for AmqpConsumer {
         Some(self.status.clone())
     }
 
+    fn subscriptions(&self) -> Option<Subscriptions> {
+        Some(self.subscriptions.clone())
+    }
+
     async fn flush_acks(&mut self) {
         let batcher = self
             .batcher
@@ -110,10 +122,11 @@ impl Consumer for AmqpConsumer {
     }
 }
 
-/// Consumes `queues` for as long as the consumer lives, reconnecting with backoff.
+/// Consumes the queues `queues` names for as long as the consumer lives, reconnecting with
+/// backoff.
 async fn supervise(
     broker: AmqpBroker,
-    queues: Vec<String>,
+    mut queues: watch::Receiver<Vec<String>>,
     prefetch: u16,
     deliveries: mpsc::Sender<Result<Delivery, BrokerError>>,
     consuming: watch::Sender<bool>,
@@ -127,7 +140,7 @@ async fn supervise(
         }
         match consume_once(
             &broker,
-            &queues,
+            &mut queues,
             prefetch,
             &deliveries,
             &consuming,
@@ -163,12 +176,12 @@ enum Ended {
     Lost,
 }
 
-/// Consumes `queues` on one channel of the current session until asked to stop or until
-/// the channel or connection is lost, handing each delivery (with its delivery count) to
-/// `deliveries`.
+/// Consumes the queues `wanted` names on one channel of the current session (following its
+/// changes) until asked to stop or until the channel or connection is lost, handing each
+/// delivery (with its delivery count) to `deliveries`.
 async fn consume_once(
     broker: &AmqpBroker,
-    queues: &[String],
+    wanted: &mut watch::Receiver<Vec<String>>,
     prefetch: u16,
     deliveries: &mpsc::Sender<Result<Delivery, BrokerError>>,
     consuming: &watch::Sender<bool>,
@@ -176,7 +189,8 @@ async fn consume_once(
     current_batcher: &Mutex<Option<Arc<AckBatcher>>>,
 ) -> Result<Ended, BrokerError> {
     let session = broker.session().await?;
-    for queue in queues {
+    let queues = wanted.borrow_and_update().clone();
+    for queue in &queues {
         if let Err(error) = broker.ensure_queue(&session, queue).await {
             broker.invalidate(&session).await;
             return Err(error);
@@ -199,30 +213,16 @@ async fn consume_once(
         )
         .await
         .map_err(|e| lapin_error("cannot set QoS", &e))?;
-    let mut streams = Vec::new();
-    let mut tags = Vec::new();
-    for queue in queues {
-        let tag = format!(
-            "wasmq-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        );
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| lapin_error(&format!("cannot consume {queue}"), &e))?;
-        let queue = queue.clone();
-        streams.push(consumer.map(move |d| (queue.clone(), d)).boxed());
-        tags.push(tag);
+    let mut merged = futures_util::stream::SelectAll::new();
+    // Queue → consumer tag.
+    let mut tags: HashMap<String, String> = HashMap::new();
+    for queue in &queues {
+        let (tag, stream) = start_consuming(&channel, queue).await?;
+        merged.push(stream);
+        tags.insert(queue.clone(), tag);
     }
     let _ = consuming.send(true);
     tracing::info!(broker = %broker.describe(), queues = %queues.join(","), "consuming");
-    let mut merged = futures_util::stream::select_all(streams);
     let batcher = AckBatcher::new(channel.clone(), prefetch);
     *current_batcher
         .lock()
@@ -233,7 +233,11 @@ async fn consume_once(
     ));
     loop {
         tokio::select! {
-            next = merged.next() => match next {
+            Ok(()) = wanted.changed() => {
+                let now = wanted.borrow_and_update().clone();
+                follow(broker, &session, &channel, &now, &mut tags, &mut merged).await?;
+            }
+            next = merged.next(), if !merged.is_empty() => match next {
                 Some((queue, Ok(delivery))) => {
                     let mut envelope = envelope_of(&delivery.properties, delivery.data);
                     // Quorum queues count deliveries; classic queues only say "redelivered",
@@ -279,7 +283,7 @@ async fn consume_once(
                         if let Ok(unsent) = unsent {
                             let _ = unsent.release().await;
                         }
-                        for tag in &tags {
+                        for tag in tags.values() {
                             let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
                         }
                         let _ = consuming.send(false);
@@ -291,6 +295,8 @@ async fn consume_once(
                     broker.invalidate(&session).await;
                     return Ok(Ended::Lost);
                 }
+                // The last queue was cancelled on purpose: wait for one to be added.
+                None if tags.is_empty() => {}
                 None => {
                     tracing::warn!("the broker cancelled consumption; reconnecting");
                     broker.invalidate(&session).await;
@@ -298,7 +304,7 @@ async fn consume_once(
                 }
             },
             _ = stopped.changed() => {
-                for tag in &tags {
+                for tag in tags.values() {
                     let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
                 }
                 let _ = consuming.send(false);
@@ -308,4 +314,70 @@ async fn consume_once(
             }
         }
     }
+}
+
+/// The deliveries of one queue, each with the queue it came from.
+type QueueStream = futures_util::stream::BoxStream<
+    'static,
+    (String, Result<lapin::message::Delivery, lapin::Error>),
+>;
+
+/// Starts consuming `queue` on `channel`: its consumer tag and its deliveries.
+async fn start_consuming(
+    channel: &lapin::Channel,
+    queue: &str,
+) -> Result<(String, QueueStream), BrokerError> {
+    let tag = format!(
+        "wasmq-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| lapin_error(&format!("cannot consume {queue}"), &e))?;
+    let queue = queue.to_owned();
+    Ok((tag, consumer.map(move |d| (queue.clone(), d)).boxed()))
+}
+
+/// Makes the channel consume exactly the queues `wanted` names: declares and consumes the
+/// new ones, cancels the ones no longer named (their stream ends by itself).
+async fn follow(
+    broker: &AmqpBroker,
+    session: &super::Session,
+    channel: &lapin::Channel,
+    wanted: &[String],
+    tags: &mut HashMap<String, String>,
+    merged: &mut futures_util::stream::SelectAll<QueueStream>,
+) -> Result<(), BrokerError> {
+    let gone: Vec<String> = tags
+        .keys()
+        .filter(|queue| !wanted.contains(queue))
+        .cloned()
+        .collect();
+    for queue in gone {
+        if let Some(tag) = tags.remove(&queue) {
+            channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await
+                .map_err(|e| lapin_error(&format!("cannot stop consuming {queue}"), &e))?;
+            tracing::info!(queue, "no longer consuming");
+        }
+    }
+    for queue in wanted {
+        if tags.contains_key(queue) {
+            continue;
+        }
+        broker.ensure_queue(session, queue).await?;
+        let (tag, stream) = start_consuming(channel, queue).await?;
+        merged.push(stream);
+        tags.insert(queue.clone(), tag);
+        tracing::info!(queue, "consuming");
+    }
+    Ok(())
 }

@@ -22,6 +22,8 @@
 //! * `control` — Celery's remote control: each worker's `<node>.celery.pidbox` queue on a
 //!   connection of its own (so replies never wait behind task traffic), replies on
 //!   `reply.celery.pidbox`;
+//! * `control_client` — the sending side of remote control (`wasmq inspect`/`control`):
+//!   broadcast on `celery.pidbox`, collect the replies on a reply queue of its own;
 //! * `reply` — the transport of the rpc result backend (`results::rpc`);
 //! * `codec` — envelopes ⇄ AMQP properties and field tables.
 
@@ -37,6 +39,7 @@ mod acks;
 mod codec;
 mod consumer;
 mod control;
+mod control_client;
 mod dead_letters;
 pub mod delayed;
 mod events;
@@ -52,6 +55,7 @@ pub use self::codec::headers_to_amqp_and_back;
 pub(crate) use self::codec::properties_of;
 pub use self::consumer::AmqpConsumer;
 pub use self::control::control_queue;
+pub use self::control_client::{CELERY_REPLY_EXCHANGE, reply_queue};
 pub use self::dead_letters::{DEAD_DELIVERIES_HEADER, DEAD_REASON_HEADER, dead_letter_queue};
 pub use self::revoke::{CELERY_PIDBOX_EXCHANGE, REVOKE_EXCHANGE, revoke_queue};
 use self::session::Session;
@@ -290,6 +294,13 @@ impl Broker for AmqpBroker {
 
     async fn ring_release(&self, bell: &super::ReleaseBell) -> Result<(), BrokerError> {
         self.ring(bell).await
+    }
+
+    async fn broadcast_control(
+        &self,
+        broadcast: &super::ControlBroadcast,
+    ) -> Result<Vec<super::ControlReply>, BrokerError> {
+        self.broadcast(broadcast).await
     }
 
     async fn release_bells(

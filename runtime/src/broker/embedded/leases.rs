@@ -21,7 +21,7 @@ use rusqlite::{OptionalExtension, params, params_from_iter};
 use tokio::sync::Notify;
 
 use super::{LOCAL_PUBLISH, Owner, SqliteBroker};
-use crate::broker::{BrokerError, Consumer, Delivery, Settle};
+use crate::broker::{BrokerError, Consumer, Delivery, Settle, Subscriptions};
 use crate::db::{Db, now_ms};
 use crate::protocol::{Envelope, Properties};
 
@@ -100,6 +100,9 @@ impl SqliteBroker {
 
     /// Leases up to `n` visible messages of `queues`, highest priority and oldest first.
     async fn lease(&self, queues: &[String], n: usize) -> Result<Vec<LeasedRow>, BrokerError> {
+        if queues.is_empty() {
+            return Ok(Vec::new());
+        }
         let owner = Arc::clone(&self.owner);
         let lease = self.lease_ms();
         let queues = queues.to_vec();
@@ -274,7 +277,11 @@ impl Settle for SqliteSettler {
 
 pub(super) struct SqliteConsumer {
     broker: SqliteBroker,
+    /// The queues leased from, as `subscriptions` last said.
     queues: Vec<String>,
+    /// The queues to consume, changeable while it runs (declared when added).
+    subscriptions: Subscriptions,
+    wanted: tokio::sync::watch::Receiver<Vec<String>>,
     prefetch: usize,
     buffer: VecDeque<Delivery>,
     settler: Arc<SqliteSettler>,
@@ -310,9 +317,12 @@ impl SqliteConsumer {
             let broker = broker.clone();
             tokio::spawn(async move { broker.renew_leases().await })
         };
+        let subscriptions = Subscriptions::new(queues);
         Ok(Self {
             broker: broker.clone(),
-            queues: queues.to_vec(),
+            queues: subscriptions.current(),
+            wanted: subscriptions.watch(),
+            subscriptions,
             prefetch: prefetch.max(1),
             buffer: VecDeque::new(),
             settler,
@@ -370,6 +380,11 @@ impl Consumer for SqliteConsumer {
                 .await;
                 continue;
             }
+            if self.pending.is_none() && self.wanted.has_changed().unwrap_or(false) {
+                let wanted = self.wanted.borrow_and_update().clone();
+                self.broker.declare_queues(&wanted).await?;
+                self.queues = wanted;
+            }
             let woken = LOCAL_PUBLISH.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
@@ -408,5 +423,9 @@ impl Consumer for SqliteConsumer {
             }
         }
         self.renewer.abort();
+    }
+
+    fn subscriptions(&self) -> Option<Subscriptions> {
+        Some(self.subscriptions.clone())
     }
 }

@@ -203,6 +203,13 @@ impl Broker for ScheduledBroker {
         self.inner.control_requests(node).await
     }
 
+    async fn broadcast_control(
+        &self,
+        broadcast: &crate::broker::ControlBroadcast,
+    ) -> Result<Vec<crate::broker::ControlReply>, BrokerError> {
+        self.inner.broadcast_control(broadcast).await
+    }
+
     async fn ring_release(&self, bell: &crate::broker::ReleaseBell) -> Result<(), BrokerError> {
         self.inner.ring_release(bell).await
     }
@@ -275,5 +282,9 @@ impl Consumer for ScheduledConsumer {
 
     async fn flush_acks(&mut self) {
         self.inner.flush_acks().await;
+    }
+
+    fn subscriptions(&self) -> Option<crate::broker::Subscriptions> {
+        self.inner.subscriptions()
     }
 }
