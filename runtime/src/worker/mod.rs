@@ -12,6 +12,8 @@
 //! * `control` — answers to remote control (Celery's `inspect` and `control`);
 //! * `events` — Celery events: heartbeats always, task events when switched on;
 //! * `observe` — the hooks that feed events and metrics;
+//! * `control_plane` — the thread where remote control and heartbeats run, never behind a
+//!   busy slot;
 //! * `held` — deliveries held before they run (an eta, a rate-limit turn);
 //! * `overrides` — rate and time limits set at runtime by remote control;
 //! * [`status`] — counters, consumption changes, the status file;
@@ -35,6 +37,7 @@ mod admit;
 mod builtins;
 mod continuation;
 mod control;
+mod control_plane;
 pub mod decision;
 mod events;
 mod held;
@@ -77,6 +80,9 @@ pub enum WorkerError {
     /// The broker failed to start a consumer.
     #[error("cannot consume from the broker")]
     Broker(#[from] BrokerError),
+    /// The control plane's thread could not be started.
+    #[error("cannot start the control plane's thread")]
+    ControlPlane(#[source] std::io::Error),
 }
 
 /// What the worker shares with each task it runs.
@@ -240,19 +246,34 @@ impl Worker {
             .consuming()
             .unwrap_or_else(|| tokio::sync::watch::channel(true).1);
         let status = tokio::spawn(status::report(Arc::clone(&shared), consuming).in_current_span());
-        let heartbeats = tokio::spawn(events::beat(Arc::clone(&shared)).in_current_span());
+        let plane = control_plane::ControlPlane::start().map_err(WorkerError::ControlPlane)?;
+        let heartbeats = plane.spawn(events::beat(Arc::clone(&shared)).in_current_span());
         let event_publisher = tokio::spawn(events::publish(Arc::clone(&shared)).in_current_span());
         let sampler = tokio::spawn(observe::sample(Arc::clone(&shared)).in_current_span());
         let revocations = shared.broker.revocations(&options.node_name).await?;
         let listener =
             tokio::spawn(revoked::listen(Arc::clone(&shared), revocations).in_current_span());
-        let control = shared
-            .broker
-            .control_requests(&options.node_name)
-            .await?
-            .map(|requests| {
-                tokio::spawn(control::serve(Arc::clone(&shared), requests).in_current_span())
-            });
+        // Listened for on the control plane, so the mailbox's connection is driven there.
+        let control = {
+            let shared = Arc::clone(&shared);
+            plane.spawn(
+                async move {
+                    match shared
+                        .broker
+                        .control_requests(&shared.options.node_name)
+                        .await
+                    {
+                        Ok(Some(requests)) => control::serve(Arc::clone(&shared), requests).await,
+                        Ok(None) => {}
+                        Err(error) => tracing::error!(
+                            error = &error as &dyn std::error::Error,
+                            "remote control: cannot listen for commands"
+                        ),
+                    }
+                }
+                .in_current_span(),
+            )
+        };
         // One runner per slot takes a delivery and processes it itself, so a short task
         // costs no spawn and no hand-off between tasks; a message that must wait (eta, rate
         // limit) is detached into its own task so its runner carries on.
@@ -311,9 +332,8 @@ impl Worker {
         sampler.abort();
         status.abort();
         listener.abort();
-        if let Some(control) = control {
-            control.abort();
-        }
+        control.abort();
+        plane.stop();
         shared.stopped.store(true, Ordering::SeqCst);
         shared.consuming.store(false, Ordering::SeqCst);
         observe::stopped(&shared);
