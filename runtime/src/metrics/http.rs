@@ -130,20 +130,6 @@ fn classic_text(openmetrics: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn classic_text_names_counters_with_total_and_drops_eof() {
-        let open = "# HELP a_tasks Tasks.\n# TYPE a_tasks counter\na_tasks_total{x=\"1\"} 2\n# HELP up Up.\n# TYPE up gauge\nup 1\n# EOF\n";
-        assert_eq!(
-            classic_text(open),
-            "# HELP a_tasks_total Tasks.\n# TYPE a_tasks_total counter\na_tasks_total{x=\"1\"} 2\n# HELP up Up.\n# TYPE up gauge\nup 1\n"
-        );
-    }
-}
-
 fn json(code: StatusCode, value: &serde_json::Value) -> Response {
     (
         code,
@@ -165,4 +151,18 @@ async fn readyz(axum::extract::State(endpoints): axum::extract::State<Endpoints>
 
 async fn status(axum::extract::State(endpoints): axum::extract::State<Endpoints>) -> Response {
     json(StatusCode::OK, &(endpoints.status)().1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_text_names_counters_with_total_and_drops_eof() {
+        let open = "# HELP a_tasks Tasks.\n# TYPE a_tasks counter\na_tasks_total{x=\"1\"} 2\n# HELP up Up.\n# TYPE up gauge\nup 1\n# EOF\n";
+        assert_eq!(
+            classic_text(open),
+            "# HELP a_tasks_total Tasks.\n# TYPE a_tasks_total counter\na_tasks_total{x=\"1\"} 2\n# HELP up Up.\n# TYPE up gauge\nup 1\n"
+        );
+    }
 }
