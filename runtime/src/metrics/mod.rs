@@ -5,8 +5,9 @@
 //! (danihodovic/celery-exporter), so its published Grafana dashboard and alerts work on a
 //! wasmq fleet unchanged: task counters by `name`, `hostname` (the host part of the node
 //! name) and `queue_name` (`exception` too for failures), `celery_task_runtime`,
-//! `celery_worker_up`, `celery_worker_tasks_active`, `celery_queue_length` and the worker
-//! and process counts per queue. Where celery-exporter derives them from events, a wasmq
+//! `celery_worker_up`, `celery_worker_tasks_active` and `celery_queue_length`. (Its
+//! fleet-wide `celery_active_{worker,process}_count` gauges are left out: one worker cannot
+//! count the fleet, and promtool rejects gauges named `_count`.) Where celery-exporter derives them from events, a wasmq
 //! worker counts them itself, whether task events are on or not.
 //!
 //! The `wasmq_*` metrics say what only a sandbox can: fuel used per task, sandbox limits hit
@@ -136,8 +137,6 @@ pub struct Metrics {
     worker_up: Family<HostLabels, Gauge>,
     tasks_active: Family<HostLabels, Gauge>,
     queue_length: Family<QueueLabels, Gauge>,
-    workers_per_queue: Family<QueueLabels, Gauge>,
-    processes_per_queue: Family<QueueLabels, Gauge>,
     fuel_used: Family<NameLabels, Histogram, fn() -> Histogram>,
     limits_exceeded: Family<LimitLabels, Counter>,
     dead_lettered: Family<DeadLetterLabels, Counter>,
@@ -178,8 +177,6 @@ impl Metrics {
             worker_up: Family::default(),
             tasks_active: Family::default(),
             queue_length: Family::default(),
-            workers_per_queue: Family::default(),
-            processes_per_queue: Family::default(),
             fuel_used: Family::new_with_constructor(fuel_histogram),
             limits_exceeded: Family::default(),
             dead_lettered: Family::default(),
@@ -249,16 +246,6 @@ impl Metrics {
             "celery_queue_length",
             "Messages waiting in each consumed queue",
             self.queue_length.clone(),
-        );
-        r.register(
-            "celery_active_worker_count",
-            "Workers consuming each queue (this one: 1)",
-            self.workers_per_queue.clone(),
-        );
-        r.register(
-            "celery_active_process_count",
-            "Task slots consuming each queue",
-            self.processes_per_queue.clone(),
         );
         r.register(
             "wasmq_task_fuel_used",
@@ -389,33 +376,14 @@ impl Metrics {
             .inc();
     }
 
-    /// The worker's state now: whether it runs and consumes, the tasks running, the
-    /// task slots consuming each of `queues`, and the plugins served and refused.
-    pub fn set_worker(
-        &self,
-        up: bool,
-        consuming: bool,
-        active: usize,
-        slots: usize,
-        queues: &[String],
-    ) {
+    /// The worker's state now: whether it runs and consumes, and the tasks running.
+    pub fn set_worker(&self, up: bool, consuming: bool, active: usize) {
         let host = HostLabels {
             hostname: self.hostname.clone(),
         };
         self.worker_up.get_or_create(&host).set(i64::from(up));
         self.tasks_active.get_or_create(&host).set(active as i64);
         self.consuming.set(i64::from(consuming));
-        for queue in queues {
-            let labels = QueueLabels {
-                queue_name: queue.clone(),
-            };
-            self.workers_per_queue
-                .get_or_create(&labels)
-                .set(i64::from(up));
-            self.processes_per_queue
-                .get_or_create(&labels)
-                .set(if up { slots as i64 } else { 0 });
-        }
     }
 
     /// Plugins served and refused now.
@@ -469,7 +437,7 @@ mod tests {
             TaskEnd::Failed("ZeroDivisionError"),
         );
         metrics.task_ran("hostile.spin", "celery", 1.0, false, 10, Some("fuel"));
-        metrics.set_worker(true, true, 0, 2, &["celery".to_owned()]);
+        metrics.set_worker(true, true, 0);
         metrics.set_queue_length("celery", 7);
         let text = metrics.encode();
         let has = |line: &str| {
@@ -488,7 +456,6 @@ mod tests {
         );
         has(r#"celery_worker_up{hostname="box"} 1"#);
         has(r#"celery_queue_length{queue_name="celery"} 7"#);
-        has(r#"celery_active_process_count{queue_name="celery"} 2"#);
         has(r#"wasmq_sandbox_limit_exceeded_total{name="hostile.spin",limit="fuel"} 1"#);
         has(r#"wasmq_tenant_tasks_total{tenant="-",name="math.add",state="SUCCESS"} 1"#);
         assert!(text.ends_with("# EOF\n"));

@@ -128,13 +128,7 @@ pub(super) async fn sample(shared: Arc<Shared>) {
 /// Sets the gauges that say what the worker does now (`up`: it runs).
 pub(super) fn gauges(shared: &Shared, metrics: &Metrics, up: bool) {
     let consuming = shared.consuming.load(Ordering::Relaxed);
-    metrics.set_worker(
-        up,
-        up && consuming,
-        shared.running_tasks(),
-        shared.options.concurrency.max(1),
-        &shared.options.queues,
-    );
+    metrics.set_worker(up, up && consuming, shared.running_tasks());
     let snapshot = shared.registry.snapshot();
     metrics.set_plugins(snapshot.plugins().len(), snapshot.broken().len());
     metrics.set_events_dropped(shared.events.dropped());
