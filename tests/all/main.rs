@@ -12,6 +12,7 @@ mod grants;
 mod hostile;
 mod interop;
 mod limits;
+mod logs;
 mod plugins;
 mod processes;
 mod queue;
