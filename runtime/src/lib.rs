@@ -23,8 +23,8 @@
 //!                               mailbox), scheduled/ (delays held in Redis), and the traits
 //!                               the worker sees
 //! sandbox    engine/            the only module that knows wasmtime
-//! vocabulary protocol/          Celery protocol v2 messages, send options, and remote-control
-//!                               commands (control.rs)
+//! vocabulary protocol/          Celery protocol v2 messages, send options, remote-control
+//!                               commands (control.rs), W3C trace context (trace.rs)
 //!            policy.rs          retry and rate-limit policy
 //!            fair.rs            fair task slots across tenants (start-time fair queuing)
 //!            signing.rs         Ed25519 keys, plugin statements, trust policies
