@@ -26,7 +26,8 @@
 //!                               in Redis), and the traits the worker sees
 //! sandbox    engine/            the only module that knows wasmtime
 //! vocabulary protocol/          Celery protocol v2 messages, send options, remote-control
-//!                               commands (control.rs) and Celery events (events.rs)
+//!                               commands (control.rs), Celery events (events.rs), W3C
+//!                               trace context (trace.rs)
 //!            metrics/           Prometheus metrics (celery-exporter's names) and the
 //!                               worker's HTTP endpoints; the only module that knows
 //!                               prometheus-client and axum

@@ -13,6 +13,7 @@ mod grants;
 mod hostile;
 mod interop;
 mod limits;
+mod logs;
 mod metrics;
 mod plugins;
 mod processes;

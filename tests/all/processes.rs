@@ -21,7 +21,7 @@ fn cache_dir() -> PathBuf {
 /// `wasmq`, run in `cwd`: a test's temporary folder, where the relative defaults
 /// (`.wasmq/state/` of a worker, the `.wasmq/wasmq.db` of a command given no broker) land
 /// instead of the crate directory cargo runs the tests in (bug 2 of issue 11).
-fn wasmq(cwd: &Path) -> Command {
+pub(crate) fn wasmq(cwd: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_wasmq"));
     command
         .current_dir(cwd)
@@ -62,7 +62,7 @@ fn start_worker(
         .expect("start wasmq worker")
 }
 
-fn signal(child: &Child, signal: &str) {
+pub(crate) fn signal(child: &Child, signal: &str) {
     let status = Command::new("kill")
         .args([signal, &child.id().to_string()])
         .status()
@@ -71,7 +71,7 @@ fn signal(child: &Child, signal: &str) {
 }
 
 /// Waits until the log contains `text` (the worker logs "worker ready" once consuming).
-fn wait_for_log(log: &Path, text: &str) {
+pub(crate) fn wait_for_log(log: &Path, text: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let content = std::fs::read_to_string(log).unwrap_or_default();
@@ -94,7 +94,7 @@ fn count_in_log(log: &Path, text: &str) -> usize {
         .count()
 }
 
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+pub(crate) fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + within;
     loop {
         if let Some(status) = child.try_wait().unwrap() {

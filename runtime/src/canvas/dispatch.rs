@@ -32,7 +32,8 @@ use serde_json::Value;
 use super::signature::option_list;
 use super::{CanvasError, Kind, Signature, chain, chord};
 use crate::broker::{Broker, BrokerError};
-use crate::protocol::{Embed, SendOptions, TaskMessage};
+use crate::protocol::trace::TRACESTATE;
+use crate::protocol::{Embed, SendOptions, TaskMessage, TraceContext};
 use crate::results::ResultBackend;
 use crate::routes::TaskRoutes;
 
@@ -78,6 +79,10 @@ pub(crate) struct Dispatch<'a> {
     pub(crate) reply_to: Option<String>,
     /// The sender's node name.
     pub(crate) origin: Option<String>,
+    /// The publisher's trace position (a worker's run of the task continuing its
+    /// workflow): every message published carries it as `traceparent`, with `tracestate`.
+    /// None: a signature's own `headers` option decides.
+    pub(crate) trace: Option<(TraceContext, Option<Value>)>,
 }
 
 type Applied<'b> = Pin<Box<dyn Future<Output = Result<(), CanvasError>> + Send + 'b>>;
@@ -276,6 +281,16 @@ impl<'a> Dispatch<'a> {
         if let Some(Value::Object(headers)) = options.get("headers") {
             for (key, value) in headers {
                 message.extra_headers.insert(key.clone(), value.clone());
+            }
+        }
+        if let Some((trace, state)) = &self.trace {
+            // The publisher's trace replaces whatever a signature carried.
+            message.trace = Some(*trace);
+            message.extra_headers.remove(TRACESTATE);
+            if let Some(state) = state {
+                message
+                    .extra_headers
+                    .insert(TRACESTATE.into(), state.clone());
             }
         }
         let queue = self

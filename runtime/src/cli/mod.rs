@@ -23,6 +23,7 @@ mod events;
 mod exit;
 mod inspect;
 mod keys;
+mod logging;
 mod plugin_source;
 mod plugins;
 mod process;
@@ -40,6 +41,7 @@ use clap::{Parser, Subcommand};
 
 pub use exit::ExitStatus;
 use exit::Failure;
+pub use logging::LogFormat;
 
 /// wasmq: a task queue whose tasks are sandboxed WebAssembly components, Celery-compatible.
 #[derive(Debug, Parser)]
@@ -47,6 +49,11 @@ use exit::Failure;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines (on stderr) are written: `text` for people, `json` for a log pipeline
+    /// (one object a line, with the task's id, name, workflow and trace ids on every line
+    /// its run emits).
+    #[arg(long, global = true, value_enum, env = "WASMQ_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 /// The commands, each run by the file named for it.
@@ -135,7 +142,7 @@ pub fn main() -> ExitCode {
         Command::Demo(_) | Command::Bench { .. } => "off",
         _ => "warn,wasmq::guest=info",
     };
-    init_tracing(default_log);
+    logging::init(cli.log_format, default_log);
     match run(cli) {
         Ok(()) => ExitStatus::Success.into(),
         Err(failure) => {
@@ -143,15 +150,6 @@ pub fn main() -> ExitCode {
             failure.status.into()
         }
     }
-}
-
-fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WASMQ_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {

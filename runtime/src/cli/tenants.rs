@@ -109,7 +109,7 @@ pub(super) async fn run(
             &config.worker.node_name,
             &broker,
         )
-        .instrument(tracing::info_span!("tenant", id = %tenant.name))
+        .instrument(tracing::error_span!("tenant", tenant = %tenant.name))
         .await?;
         let registry = Arc::clone(&source.registry);
         for (task, file) in registry.snapshot().tasks() {
@@ -176,13 +176,13 @@ pub(super) async fn run(
     };
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    // Every log line of a tenant's worker carries `tenant{id=…}`.
+    // Every log line of a tenant's worker carries `tenant{tenant=…}` (a JSON line, `"tenant": …`).
     let runs = workers
         .into_iter()
         .zip(&config.tenants)
         .map(|(worker, tenant)| {
             let mut stopped = stopped.clone();
-            let span = tracing::info_span!("tenant", id = %tenant.name);
+            let span = tracing::error_span!("tenant", tenant = %tenant.name);
             tokio::spawn(
                 async move {
                     worker

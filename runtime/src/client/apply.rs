@@ -21,6 +21,7 @@ impl Client {
             parent_id: None,
             reply_to: self.backend.reply_to(),
             origin: Some(self.origin.clone()),
+            trace: None,
         })
     }
 

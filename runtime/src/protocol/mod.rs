@@ -17,6 +17,7 @@ pub mod control;
 pub mod events;
 mod kombu;
 mod options;
+pub mod trace;
 
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,7 @@ use serde_json::{Map, Value};
 pub use control::{ControlCommand, ControlReplyTo};
 pub use kombu::unwrap_kombu_values;
 pub use options::SendOptions;
+pub use trace::{TraceContext, TraceParentError};
 
 /// The only body encoding wasmq reads and writes.
 pub const CONTENT_TYPE_JSON: &str = "application/json";
@@ -128,6 +130,11 @@ pub struct TaskMessage {
     pub reply_to: Option<String>,
     /// `priority` property.
     pub priority: Option<u8>,
+    /// The trace position of whoever publishes the message (a worker's run of the task
+    /// that caused it): [`TaskMessage::encode`] writes it as the `traceparent` header, over
+    /// any in `extra_headers`. [`TaskMessage::decode`] leaves it unset; the header a
+    /// message arrived with stays in `extra_headers`.
+    pub trace: Option<TraceContext>,
 }
 
 /// Why a message could not be decoded.
@@ -196,12 +203,16 @@ impl TaskMessage {
             extra_headers: Map::new(),
             reply_to: None,
             priority: None,
+            trace: None,
         }
     }
 
     /// Encodes the message with the full header set of Celery's `as_task_v2`.
     pub fn encode(&self) -> Envelope {
         let mut headers = self.extra_headers.clone();
+        if let Some(trace) = &self.trace {
+            headers.insert(trace::TRACEPARENT.into(), trace.to_string().into());
+        }
         let opt = |v: &Option<String>| v.as_ref().map_or(Value::Null, |s| Value::String(s.clone()));
         let time =
             |t: &Option<DateTime<Utc>>| t.map_or(Value::Null, |t| Value::String(format_time(&t)));
@@ -387,6 +398,7 @@ impl TaskMessage {
             correlation_id: props.correlation_id.clone(),
             reply_to: props.reply_to.clone(),
             priority: props.priority,
+            trace: None,
         })
     }
 }

@@ -48,6 +48,7 @@ pub mod revoked;
 mod run;
 mod settle;
 mod status;
+mod task_log;
 #[cfg(test)]
 mod tests;
 
@@ -435,7 +436,7 @@ async fn dispatch(
     delivery: Delivery,
     stopped: &mut tokio::sync::watch::Receiver<bool>,
 ) {
-    let message = match TaskMessage::decode(&delivery.envelope) {
+    let mut message = match TaskMessage::decode(&delivery.envelope) {
         Ok(message) => message,
         Err(error) => {
             tracing::error!(task_id = ?error.task_id, queue = %delivery.queue, "malformed message: {error}");
@@ -444,6 +445,7 @@ async fn dispatch(
         }
     };
     observe::received(shared, &message, &delivery.queue);
+    let span = task_log::task_span(&mut message);
     // Looked up once here: the registry's plugin for the task (a release's canary or not,
     // by the workflow's root, so a workflow runs one version) and its resolved policy.
     let task = shared
@@ -481,10 +483,14 @@ async fn dispatch(
             async move {
                 drop(process(&shared_, delivery, message, task, slot, memory).await);
             }
-            .in_current_span(),
+            .instrument(span),
         );
     } else {
-        drop(process(shared, delivery, message, task, slot, memory).await);
+        drop(
+            process(shared, delivery, message, task, slot, memory)
+                .instrument(span)
+                .await,
+        );
     }
 }
 

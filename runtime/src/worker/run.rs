@@ -17,7 +17,7 @@ use super::overrides::hard_limit;
 use crate::broker::Delivery;
 use crate::engine::{
     CallError, CallReport, CallRequest, CancelToken, LimitOverrides, Limits, MessageInfo,
-    MessageProperties, Outcome, Plugin, StateListener, redact,
+    MessageProperties, Plugin, StateListener,
 };
 use crate::protocol::{TaskMessage, format_time, unwrap_kombu_values};
 use crate::results::{ReplyTo, ResultMeta};
@@ -69,7 +69,9 @@ pub(super) async fn run(
         .await;
     shared.running.finish(run);
     match &call {
-        Ok(report) => log_outcome(message, &report.outcome, started.elapsed(), &secrets),
+        Ok(report) => {
+            super::task_log::outcome(message, &report.outcome, started.elapsed(), &secrets)
+        }
         Err(error) => {
             tracing::warn!(task = %message.task, id = %message.id, error = error as &dyn std::error::Error, "the task could not run");
         }
@@ -233,23 +235,6 @@ fn state_listener(shared: &Arc<Shared>, reply: Option<ReplyTo>) -> StateListener
             .in_current_span(),
         );
     })
-}
-
-/// Logs how a task ended, its tenant's secrets replaced (a task may return or fail with one).
-fn log_outcome(message: &TaskMessage, outcome: &Outcome, elapsed: Duration, secrets: &[String]) {
-    let (task, id) = (&message.task, &message.id);
-    match outcome {
-        Outcome::Success(json) => {
-            let json = redact(secrets, json);
-            let shown: String = json.chars().take(200).collect();
-            tracing::info!("task {task}[{id}] succeeded in {elapsed:?}: {shown}");
-        }
-        other => {
-            let other = other.to_string();
-            let other = redact(secrets, &other);
-            tracing::warn!("task {task}[{id}] {other} (after {elapsed:?})");
-        }
-    }
 }
 
 /// A task running now, as remote control reports it (Celery's `Request.info()`).

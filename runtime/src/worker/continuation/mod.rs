@@ -40,6 +40,7 @@ use self::missing::{FollowUp, MissingQueue};
 use super::Shared;
 use crate::canvas::{CanvasError, Declaring, Dispatch, Kind, Signature};
 use crate::protocol::TaskMessage;
+use crate::protocol::trace::TRACESTATE;
 use crate::results::{ChordPart, ExceptionInfo, ReplyTo, ResultMeta, TaskState};
 
 /// On SUCCESS, publishes callbacks and the next chain step (before the result is stored).
@@ -175,8 +176,8 @@ async fn continue_success(
     Ok(children)
 }
 
-/// Publishes on behalf of `message` (the workflow's parent of what it publishes), which
-/// came from `queue`: unrouted tasks go back to that queue. A tenant's worker declares only
+/// Publishes on behalf of `message` (the workflow's parent of what it publishes, in its
+/// run's trace), which came from `queue`: unrouted tasks go back to that queue. A tenant's worker declares only
 /// its own queues; any other must exist in its broker.
 fn dispatch<'a>(shared: &'a Shared, message: &TaskMessage, queue: &str) -> Dispatch<'a> {
     let declaring = match &shared.options.tenant {
@@ -198,6 +199,12 @@ fn dispatch<'a>(shared: &'a Shared, message: &TaskMessage, queue: &str) -> Dispa
         parent_id: Some(message.id.clone()),
         reply_to: message.reply_to.clone(),
         origin: message.origin.clone(),
+        // The run's trace (set when its processing started), and the state that came with
+        // the trace.
+        trace: message.trace.map(|trace| {
+            let state = message.extra_headers.get(TRACESTATE).cloned();
+            (trace, state)
+        }),
     }
 }
 
