@@ -24,6 +24,7 @@ mod exit;
 mod inspect;
 mod keys;
 mod logging;
+mod metrics;
 mod plugin_source;
 mod plugins;
 mod process;

@@ -168,7 +168,7 @@ pub(super) async fn run(
 
     let endpoint = {
         let views = views.clone();
-        super::worker::serve_metrics(metrics, config.worker.metrics.clone(), move || {
+        super::metrics::serve(metrics, config.worker.metrics.clone(), move || {
             let status = combined_status(&views);
             (status["consuming"] == true, status)
         })

@@ -219,7 +219,7 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
     let metrics = options.metrics.clone();
     let worker = Worker::new(broker, backend, Arc::clone(&source.registry), options);
     let view = worker.status_view();
-    let endpoint = serve_metrics(args.metrics, metrics, move || {
+    let endpoint = super::metrics::serve(args.metrics, metrics, move || {
         let status = view.snapshot();
         (status["consuming"] == true, status)
     })
@@ -234,28 +234,6 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
     source.stop().await;
     tracing::info!(?stats, "bye");
     Ok(())
-}
-
-/// Serves `metrics` with `/healthz`, `/readyz` and `/status` (from `status`: whether the
-/// process is ready, and its status JSON) on `address`, until the returned task is aborted;
-/// nothing without an address.
-pub(super) async fn serve_metrics(
-    address: Option<std::net::SocketAddr>,
-    metrics: Option<Arc<Metrics>>,
-    status: impl Fn() -> (bool, serde_json::Value) + Send + Sync + 'static,
-) -> Result<Option<tokio::task::JoinHandle<()>>, Failure> {
-    let (Some(address), Some(metrics)) = (address, metrics) else {
-        return Ok(None);
-    };
-    let endpoints = crate::metrics::http::Endpoints {
-        metrics,
-        status: Arc::new(status),
-    };
-    let (bound, server) = crate::metrics::http::bind(address, endpoints, std::future::pending())
-        .await
-        .map_err(|e| Failure::bad_input(format!("--metrics: {e:#}")))?;
-    tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz and /status");
-    Ok(Some(tokio::spawn(server)))
 }
 
 /// Pool slots: the running tasks plus headroom for describe calls during hot deploys.
