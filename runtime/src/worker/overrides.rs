@@ -11,6 +11,7 @@
 //!   task's own: a wasmq task always runs under a deadline.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ pub(super) struct Overrides {
     /// `Some(None)`: the rate limit is disabled.
     rate_limits: Mutex<HashMap<String, Option<RateLimit>>>,
     time_limits: Mutex<HashMap<String, TimeLimits>>,
+    /// Set once anything was set: until then a lookup (every task's) takes no lock.
+    any: AtomicBool,
 }
 
 impl Overrides {
@@ -40,10 +43,14 @@ impl Overrides {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(task.to_owned(), rate);
+        self.any.store(true, Ordering::Release);
     }
 
     /// Applies what was set for `task` to its resolved `policy`.
     pub(super) fn apply(&self, task: &str, policy: &mut TaskPolicy) {
+        if !self.any.load(Ordering::Acquire) {
+            return;
+        }
         if let Some(rate) = self
             .rate_limits
             .lock()
@@ -69,10 +76,14 @@ impl Overrides {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(task.to_owned(), limits);
+        self.any.store(true, Ordering::Release);
     }
 
     /// The time limits set for `task`, if any.
     pub(super) fn time_limits(&self, task: &str) -> Option<TimeLimits> {
+        if !self.any.load(Ordering::Acquire) {
+            return None;
+        }
         self.time_limits
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
