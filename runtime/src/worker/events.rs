@@ -64,6 +64,10 @@ pub(super) struct Events {
     dropped: AtomicU64,
     /// How long each task that ran took, until its terminal event carries it.
     runtimes: Mutex<HashMap<String, f64>>,
+    /// The worker's runtime, where worker events are published: the broker's events
+    /// connection is opened by whoever publishes first, and must belong to a runtime that
+    /// lives as long as the broker (not the control plane, which stops with the worker).
+    runtime: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 impl Events {
@@ -80,6 +84,7 @@ impl Events {
             pending: Mutex::new(Some(pending)),
             dropped: AtomicU64::new(0),
             runtimes: Mutex::new(HashMap::new()),
+            runtime: std::sync::OnceLock::new(),
         }
     }
 
@@ -231,10 +236,24 @@ impl Events {
         EventMessage::single(self.stamped(Event::new(kind, fields)))
     }
 
-    /// Sends a worker event at once (not through the buffer).
+    /// Publishes worker events on `runtime` from now on (see the field).
+    pub(super) fn bind_runtime(&self, runtime: tokio::runtime::Handle) {
+        let _ = self.runtime.set(runtime);
+    }
+
+    /// Sends a worker event at once (not through the buffer), from the worker's runtime.
     async fn send_worker_event(&self, shared: &Shared, kind: &str, freq: f64) {
         let message = self.worker_event(shared, kind, freq);
-        if let Err(error) = shared.broker.publish_events(&message).await {
+        let broker = Arc::clone(&shared.broker);
+        let publish = async move { broker.publish_events(&message).await };
+        let sent = match self.runtime.get() {
+            Some(runtime) => match runtime.spawn(publish).await {
+                Ok(sent) => sent,
+                Err(_) => return,
+            },
+            None => publish.await,
+        };
+        if let Err(error) = sent {
             tracing::debug!(
                 error = &error as &dyn std::error::Error,
                 kind,

@@ -248,6 +248,11 @@ impl Worker {
             .unwrap_or_else(|| tokio::sync::watch::channel(true).1);
         let status = tokio::spawn(status::report(Arc::clone(&shared), consuming).in_current_span());
         let plane = control_plane::ControlPlane::start().map_err(WorkerError::ControlPlane)?;
+        // Worker events are timed on the control plane but sent from this runtime: the
+        // events connection is shared and must not die with the control plane.
+        shared
+            .events
+            .bind_runtime(tokio::runtime::Handle::current());
         let heartbeats = plane.spawn(events::beat(Arc::clone(&shared)).in_current_span());
         let event_publisher = tokio::spawn(events::publish(Arc::clone(&shared)).in_current_span());
         let sampler = tokio::spawn(observe::sample(Arc::clone(&shared)).in_current_span());
@@ -257,6 +262,7 @@ impl Worker {
         // Listened for on the control plane, so the mailbox's connection is driven there.
         let control = {
             let shared = Arc::clone(&shared);
+            let main = tokio::runtime::Handle::current();
             plane.spawn(
                 async move {
                     match shared
@@ -264,7 +270,9 @@ impl Worker {
                         .control_requests(&shared.options.node_name)
                         .await
                     {
-                        Ok(Some(requests)) => control::serve(Arc::clone(&shared), requests).await,
+                        Ok(Some(requests)) => {
+                            control::serve(Arc::clone(&shared), requests, main).await;
+                        }
                         Ok(None) => {}
                         Err(error) => tracing::error!(
                             error = &error as &dyn std::error::Error,

@@ -56,8 +56,15 @@ impl ControlState {
     }
 }
 
-/// Answers `requests` until the broker stops handing them over.
-pub(super) async fn serve(shared: Arc<Shared>, mut requests: mpsc::Receiver<ControlRequest>) {
+/// Answers `requests` until the broker stops handing them over. It runs on the control
+/// plane; a command that talks to the broker or the result backend (`revoke`,
+/// `terminate`) is answered on the worker's runtime `main`, so the connections it may open
+/// belong to the runtime that outlives the control plane.
+pub(super) async fn serve(
+    shared: Arc<Shared>,
+    mut requests: mpsc::Receiver<ControlRequest>,
+    main: tokio::runtime::Handle,
+) {
     while let Some(ControlRequest { command, reply }) = requests.recv().await {
         shared.control.clock.fetch_add(1, Ordering::Relaxed);
         if command.method == "shutdown" {
@@ -66,7 +73,14 @@ pub(super) async fn serve(shared: Arc<Shared>, mut requests: mpsc::Receiver<Cont
             shared.shutdown_requested.notify_one();
             continue;
         }
-        let answer = answer(&shared, &command).await;
+        let answer = if matches!(command.method.as_str(), "revoke" | "terminate") {
+            let shared = Arc::clone(&shared);
+            main.spawn(async move { answer(&shared, &command).await })
+                .await
+                .unwrap_or_else(|e| error(format!("the command failed: {e}")))
+        } else {
+            answer(&shared, &command).await
+        };
         if let Some(reply) = reply {
             let _ = reply.send(answer);
         }
