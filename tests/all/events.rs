@@ -375,3 +375,49 @@ fn wasmq_events_tails_the_embedded_broker() {
         assert_eq!(kinds.last(), Some(&"worker-offline"), "{kinds:?}");
     });
 }
+
+/// Regression: the first worker's heartbeat used to open the broker's shared events
+/// connection on its control plane, whose runtime dies with the worker; every later
+/// worker's events on that broker then hung. Two workers, one after the other, on one
+/// broker: the second one's events arrive.
+#[test]
+fn a_workers_events_flow_after_an_earlier_worker_on_its_broker_stopped() {
+    let _shared = RABBITMQ
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    runtime().block_on(async {
+        let setup = Setup::rabbitmq("events-twice", AmqpOptions::default());
+        let mut events = setup.broker.events().await.unwrap().unwrap();
+        for round in 0..2 {
+            let node = format!("wasmq-events-twice-{round}@{}", setup.queue);
+            let worker = setup
+                .start(WorkerOptions {
+                    heartbeat: Some(Duration::from_millis(200)),
+                    ..setup.options(&node)
+                })
+                .await;
+            let seen = heartbeat_from(&mut events, &node).await;
+            worker.stop().await;
+            assert!(seen, "no heartbeat from worker {round} ({node})");
+        }
+        setup.cleanup().await;
+    });
+}
+
+/// Whether a heartbeat of `node` arrives on `events` within 10 s.
+async fn heartbeat_from(
+    events: &mut tokio::sync::mpsc::Receiver<EventMessage>,
+    node: &str,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Ok(Some(message)) = tokio::time::timeout_at(deadline, events.recv()).await {
+        let heartbeat = message
+            .events()
+            .iter()
+            .any(|event| event.kind() == "worker-heartbeat");
+        if message.hostname == node && heartbeat {
+            return true;
+        }
+    }
+    false
+}

@@ -260,16 +260,18 @@ impl Worker {
         let listener =
             tokio::spawn(revoked::listen(Arc::clone(&shared), revocations).in_current_span());
         // Listened for on the control plane, so the mailbox's connection is driven there.
+        let (listening, mailbox_ready) = tokio::sync::oneshot::channel::<()>();
         let control = {
             let shared = Arc::clone(&shared);
             let main = tokio::runtime::Handle::current();
             plane.spawn(
                 async move {
-                    match shared
+                    let requests = shared
                         .broker
                         .control_requests(&shared.options.node_name)
-                        .await
-                    {
+                        .await;
+                    let _ = listening.send(());
+                    match requests {
                         Ok(Some(requests)) => {
                             control::serve(Arc::clone(&shared), requests, main).await;
                         }
@@ -283,6 +285,8 @@ impl Worker {
                 .in_current_span(),
             )
         };
+        // As before the control plane: once `run` consumes, commands reach the mailbox.
+        let _ = mailbox_ready.await;
         // One runner per slot takes a delivery and processes it itself, so a short task
         // costs no spawn and no hand-off between tasks; a message that must wait (eta, rate
         // limit) is detached into its own task so its runner carries on.
