@@ -64,9 +64,19 @@ impl Monitor {
 
     /// Waits up to `within` for a line containing `needle`.
     async fn wait_for(&self, needle: &str, within: Duration) -> bool {
+        self.wait_for_line(&[needle], within).await
+    }
+
+    /// Waits up to `within` for one line containing every one of `needles` (other tests'
+    /// workers share the `celeryev` exchange, so a needle alone may match their events).
+    async fn wait_for_line(&self, needles: &[&str], within: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + within;
         while tokio::time::Instant::now() < deadline {
-            if self.output().iter().any(|line| line.contains(needle)) {
+            if self
+                .output()
+                .iter()
+                .any(|line| needles.iter().all(|needle| line.contains(needle)))
+            {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -146,9 +156,11 @@ fn celery_events_dump_shows_a_wasmq_worker_and_its_tasks() {
         );
         worker.stop().await;
         assert!(
-            dump.wait_for(&format!("{node} ["), Duration::from_secs(1))
-                .await
-                && dump.wait_for("shutdown:", Duration::from_secs(10)).await,
+            dump.wait_for_line(
+                &[&format!("{node} ["), "] shutdown:"],
+                Duration::from_secs(10)
+            )
+            .await,
             "no worker-offline event: {:#?}",
             dump.output()
         );
