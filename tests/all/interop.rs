@@ -408,8 +408,33 @@ fn the_worker_reconnects_when_rabbitmq_drops_its_connections_and_every_task_comp
     });
 }
 
+/// The HTTP status of `GET path` on `port` of 127.0.0.1, or none while nothing answers.
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Readiness reflects actual consumption: a worker whose broker is unreachable is alive but
-/// reports "not consuming" (Celery's silent failure mode), one on RabbitMQ reports consuming.
+/// reports "not consuming" (Celery's silent failure mode) and answers `/readyz` with 503
+/// while `/healthz` says it lives; one on RabbitMQ reports consuming and is ready.
 #[test]
 fn wasmq_status_reports_whether_the_worker_is_actually_consuming() {
     let _shared = RABBITMQ
@@ -429,7 +454,7 @@ fn wasmq_status_reports_whether_the_worker_is_actually_consuming() {
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
     };
-    let start = |broker: &str, file: &std::path::Path, queue: &str| {
+    let start = |broker: &str, file: &std::path::Path, queue: &str, metrics: u16| {
         // In the test's folder: the worker keeps its revocations in .wasmq/state/ there,
         // not in the crate directory (bug 2 of issue 11).
         Command::new(env!("CARGO_BIN_EXE_wasmq"))
@@ -449,6 +474,8 @@ fn wasmq_status_reports_whether_the_worker_is_actually_consuming() {
             .arg(&plugins)
             .arg("--status-file")
             .arg(file)
+            .arg("--metrics")
+            .arg(format!("127.0.0.1:{metrics}"))
             .env(
                 "WASMQ_CACHE_DIR",
                 std::env::temp_dir().join("wasmq-test-artifact-cache"),
@@ -474,7 +501,13 @@ fn wasmq_status_reports_whether_the_worker_is_actually_consuming() {
     };
     let queue = unique_queue("status");
     let down = dir.path().join("down.json");
-    let mut unreachable = start("amqp://guest:guest@127.0.0.1:1/%2f", &down, &queue);
+    let down_port = free_port();
+    let mut unreachable = start(
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+        &down,
+        &queue,
+        down_port,
+    );
     // Exit 1 also means "no status file yet": wait until the worker has written one (it
     // loads its plugins first, which takes a while on a loaded machine).
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -488,9 +521,16 @@ fn wasmq_status_reports_whether_the_worker_is_actually_consuming() {
         unreachable.try_wait().unwrap().is_none(),
         "the worker stays up and keeps retrying"
     );
+    assert_eq!(http_status(down_port, "/readyz"), Some(503));
+    assert_eq!(http_status(down_port, "/healthz"), Some(200));
     let up = dir.path().join("up.json");
-    let mut healthy = start(AMQP_URL, &up, &queue);
+    let up_port = free_port();
+    let mut healthy = start(AMQP_URL, &up, &queue, up_port);
     wait_for(&up, 0);
+    assert_eq!(http_status(up_port, "/readyz"), Some(200));
+    assert_eq!(http_status(up_port, "/healthz"), Some(200));
+    // Still not ready: it never reached its broker.
+    assert_eq!(http_status(down_port, "/readyz"), Some(503));
     for child in [&mut unreachable, &mut healthy] {
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])

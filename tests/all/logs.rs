@@ -3,17 +3,23 @@
 //! guest's own lines — carry the task's ids and the W3C trace its message's `traceparent`
 //! named; what the run publishes (the next chain step, a retry) names the run's span as its
 //! parent, so the trace follows the workflow; a malformed `traceparent` starts a new trace
-//! and the task runs anyway.
+//! and the task runs anyway. A Python Celery client traced by OpenTelemetry's own Celery
+//! instrumentation sends a chain to a wasmq worker on RabbitMQ: both runs log the trace of
+//! the client's request, so one trace covers the workflow across Python and wasmq.
 
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
+use wasmq::broker::Broker;
+use wasmq::broker::amqp::AmqpBroker;
 use wasmq::canvas::{Signature, chain};
 use wasmq::client::SendOptions;
 
 use crate::processes::{signal, wait_exit, wait_for_log, wasmq};
-use crate::support::{Queue, runtime};
+use crate::support::{
+    AMQP_URL, KOMBU_AMQP_URL, Queue, RABBITMQ, REDIS_URL, python, python_dir, runtime, unique_queue,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -206,4 +212,90 @@ fn json_logs_carry_each_task_and_its_trace_through_a_chain_and_a_retry() {
         assert!(trace.len() == 32 && ![CHAIN_TRACE, RETRY_TRACE, GUEST_TRACE].contains(&trace));
         assert!(fresh["parent_span_id"].is_null(), "{fresh}");
     });
+}
+
+#[test]
+fn a_python_clients_opentelemetry_trace_continues_through_a_wasmq_chain() {
+    let _shared = RABBITMQ
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let queue = Queue::new();
+    let log = queue.dir.path().join("worker.log");
+    let amqp_queue = unique_queue("otel");
+    let node = format!("wasmq-otel@{amqp_queue}");
+    let plugins = queue.plugin_folder(&["math"]);
+    let mut worker = wasmq(queue.dir.path())
+        .args(["worker", "--log-format", "json", "--broker", AMQP_URL])
+        .args([
+            "--result-backend",
+            REDIS_URL,
+            "-Q",
+            &amqp_queue,
+            "--name",
+            &node,
+        ])
+        .arg("--plugins")
+        .arg(plugins)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start wasmq worker");
+    wait_for_log(&log, "worker ready");
+
+    let output = std::process::Command::new(python())
+        .arg(python_dir().join("otel_client.py"))
+        .env("BROKER", KOMBU_AMQP_URL)
+        .env("BACKEND", REDIS_URL)
+        .env("QUEUE", &amqp_queue)
+        .output()
+        .expect("run the traced Python client");
+    signal(&worker, "-TERM");
+    assert!(wait_exit(&mut worker, Duration::from_secs(20)).success());
+    runtime().block_on(async {
+        let broker = AmqpBroker::new(AMQP_URL).unwrap();
+        broker.delete_queue(&amqp_queue).await.unwrap();
+        broker.forget_node(&node).await.unwrap();
+    });
+    assert!(
+        output.status.success(),
+        "the traced client failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["value"], 40, "{report:#}");
+    let trace = report["trace_id"].as_str().unwrap();
+    assert_eq!(trace.len(), 32, "{report:#}");
+    // The instrumentation's producer span is in the request's trace and named the message's
+    // parent: the first run's parent span is one of the client's producer spans.
+    let producers: Vec<&str> = report["producer_span_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(!producers.is_empty(), "no producer span: {report:#}");
+    for producer_trace in report["producer_trace_ids"].as_array().unwrap() {
+        assert_eq!(producer_trace, trace, "{report:#}");
+    }
+
+    let lines = json_lines(&log);
+    let ids: Vec<&str> = report["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let first = lines_of(&lines, ids[0]);
+    let second = lines_of(&lines, ids[1]);
+    for line in first.iter().chain(&second) {
+        assert_eq!(line["trace_id"], trace, "{line:?}");
+    }
+    let added = outcome(&first, "succeeded");
+    assert!(
+        producers.contains(&added["parent_span_id"].as_str().unwrap_or_default()),
+        "the first run's parent is the client's producer span: {added:?} {report:#}"
+    );
+    let multiplied = outcome(&second, "succeeded");
+    assert_eq!(multiplied["parent_span_id"], added["span_id"]);
 }

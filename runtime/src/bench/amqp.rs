@@ -52,6 +52,9 @@ struct Plan {
     round_trips: usize,
     /// `math.fib(25)` tasks per CPU-bound drain.
     fib_tasks: usize,
+    /// `math.add` tasks per drain of the task-events rows (long enough that a drain is not
+    /// mostly its start and end).
+    event_tasks: usize,
 }
 
 impl Plan {
@@ -61,12 +64,14 @@ impl Plan {
                 tasks: 2_000,
                 round_trips: 200,
                 fib_tasks: 200,
+                event_tasks: 10_000,
             }
         } else {
             Self {
                 tasks: 20_000,
                 round_trips: 1_000,
                 fib_tasks: 2_000,
+                event_tasks: 20_000,
             }
         }
     }
@@ -110,7 +115,10 @@ pub(crate) async fn run(options: AmqpOptions) -> anyhow::Result<()> {
     let wasmq = measure_wasmq(&h, &plan, &progress).await?;
     if options.wasmq_only {
         wasmq.print_terse(&h.cpu_per_task());
-        print_events(&measure_events(&h, &plan, &progress).await?);
+        print_events(
+            &measure_events(&h, &plan, &progress).await?,
+            plan.event_tasks,
+        );
         return Ok(());
     }
     let celery = measure_celery(&h, &python, &plan, &progress).await?;
@@ -129,7 +137,7 @@ pub(crate) async fn run(options: AmqpOptions) -> anyhow::Result<()> {
         cpu_per_task: h.cpu_per_task(),
     };
     amqp_table::print(&run, &wasmq, &celery, &fib);
-    print_events(&events);
+    print_events(&events, plan.event_tasks);
     if !options.quick {
         // The full mode also runs the memory soak and the scaling rows.
         println!();
@@ -242,7 +250,7 @@ async fn measure_wasmq(h: &Harness, plan: &Plan, progress: &Progress) -> anyhow:
 type EventRows = Vec<(&'static str, Vec<f64>, Vec<f64>, Vec<f64>)>;
 
 /// Alternations of the events-off and events-on drains.
-const EVENT_ROUNDS: usize = 3;
+const EVENT_ROUNDS: usize = 5;
 
 /// Task events' cost at full drain: the same drain (results off, and Redis results) with the
 /// worker's task events off and on, alternated, while a receiver bound to `celeryev` takes
@@ -252,7 +260,7 @@ async fn measure_events(
     plan: &Plan,
     progress: &Progress,
 ) -> anyhow::Result<EventRows> {
-    let n = plan.tasks;
+    let n = plan.event_tasks;
     let mut rows: EventRows = vec![
         ("results off", Vec::new(), Vec::new(), Vec::new()),
         ("Redis results", Vec::new(), Vec::new(), Vec::new()),
@@ -266,7 +274,8 @@ async fn measure_events(
     let counter = Arc::clone(&received);
     let counting = tokio::spawn(async move {
         while let Some(message) = receiver.recv().await {
-            let events = message.events().len() as u64;
+            // Counted, not built: a monitor would run elsewhere.
+            let events = message.count() as u64;
             counter.fetch_add(events, std::sync::atomic::Ordering::Relaxed);
         }
     });
@@ -303,10 +312,10 @@ fn median(values: &[f64]) -> f64 {
     sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn print_events(rows: &EventRows) {
+fn print_events(rows: &EventRows, tasks: usize) {
     println!();
     println!(
-        "Task events at full drain (math.add, a receiver bound to celeryev; {EVENT_ROUNDS} alternated rounds, tasks/s):"
+        "Task events at full drain ({tasks} math.add a drain, a receiver bound to celeryev; {EVENT_ROUNDS} alternated rounds, tasks/s):"
     );
     println!();
     println!("| drain | events off | events on | on / off (medians) | events received/s |");

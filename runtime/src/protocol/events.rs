@@ -11,7 +11,12 @@
 //! message holding a JSON *list* of events, routing key `task.multi`. Messages are transient
 //! and carry the node in a `hostname` header. Receivers accept a single object or a list
 //! ([`EventMessage::events`]).
+//!
+//! A worker builds its task events straight into their JSON ([`EncodedEvent`], from typed
+//! fields such as [`TaskSucceeded`]), so a busy worker spends one serialization per event
+//! and no map; receivers read them back as [`Event`] maps.
 
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use super::control::python_repr;
@@ -76,6 +81,103 @@ impl Event {
     }
 }
 
+/// The fields every event carries, for one event.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Stamp<'a> {
+    /// The node.
+    pub hostname: &'a str,
+    /// Unix seconds.
+    pub timestamp: f64,
+    /// Hours west of UTC ([`utc_offset_hours`]).
+    pub utcoffset: i64,
+    /// The worker's process id.
+    pub pid: u32,
+    /// The Lamport clock.
+    pub clock: u64,
+}
+
+/// One event already in its JSON form, as a worker buffers it until its batch is sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedEvent {
+    kind: &'static str,
+    json: Vec<u8>,
+}
+
+impl EncodedEvent {
+    /// The event of `kind` with `fields` (a struct or a JSON object) and `stamp`'s common
+    /// fields, serialized once.
+    pub fn new<T: Serialize>(kind: &'static str, fields: &T, stamp: &Stamp<'_>) -> Self {
+        #[derive(Serialize)]
+        struct Envelope<'a, T> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            #[serde(flatten)]
+            fields: &'a T,
+            #[serde(flatten)]
+            stamp: &'a Stamp<'a>,
+        }
+        let json = serde_json::to_vec(&Envelope {
+            kind,
+            fields,
+            stamp,
+        })
+        .unwrap_or_default();
+        Self { kind, json }
+    }
+
+    /// Its type.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+}
+
+/// `task-received`'s fields.
+#[derive(Debug, Serialize)]
+pub struct TaskReceived<'a> {
+    /// The task id.
+    pub uuid: &'a str,
+    /// The task name.
+    pub name: &'a str,
+    /// [`args_repr`] of its arguments.
+    pub args: String,
+    /// [`kwargs_repr`] of its keyword arguments.
+    pub kwargs: String,
+    /// The workflow's first task.
+    pub root_id: Option<&'a str>,
+    /// The task that sent it.
+    pub parent_id: Option<&'a str>,
+    /// Retries so far.
+    pub retries: u32,
+    /// When it may run (ISO 8601).
+    pub eta: Option<String>,
+    /// When it expires (ISO 8601).
+    pub expires: Option<String>,
+    /// The queue it came from (what celery-exporter labels `queue_name`).
+    pub queue: &'a str,
+    /// The exchange it was published to (`""`: the default exchange).
+    pub exchange: &'a str,
+    /// Its routing key.
+    pub routing_key: &'a str,
+}
+
+/// `task-started`'s and other single-id events' fields.
+#[derive(Debug, Serialize)]
+pub struct TaskId<'a> {
+    /// The task id.
+    pub uuid: &'a str,
+}
+
+/// `task-succeeded`'s fields.
+#[derive(Debug, Serialize)]
+pub struct TaskSucceeded<'a> {
+    /// The task id.
+    pub uuid: &'a str,
+    /// [`result_repr`] of the result.
+    pub result: String,
+    /// Seconds the task ran.
+    pub runtime: f64,
+}
+
 /// One broker message of events: a single event, or a batch of task events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventMessage {
@@ -99,20 +201,45 @@ impl EventMessage {
         }
     }
 
-    /// A message carrying `events` as one list (`task.multi`); one event travels alone, as
-    /// kombu sends it.
-    pub fn batch(mut events: Vec<Event>) -> Self {
+    /// A message carrying encoded `events` from `hostname` as one list (`task.multi`); one
+    /// event travels alone, as kombu sends it.
+    pub fn encoded(hostname: &str, mut events: Vec<EncodedEvent>) -> Self {
         if events.len() == 1
             && let Some(event) = events.pop()
         {
-            return Self::single(event);
+            return Self {
+                routing_key: event.kind.replace('-', "."),
+                hostname: hostname.to_owned(),
+                body: event.json,
+            };
         }
-        let hostname = events.first().map(hostname_of).unwrap_or_default();
-        let list: Vec<Value> = events.into_iter().map(Event::into_value).collect();
+        let length = events.iter().map(|e| e.json.len() + 1).sum::<usize>() + 1;
+        let mut body = Vec::with_capacity(length);
+        body.push(b'[');
+        for (index, event) in events.iter().enumerate() {
+            if index > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&event.json);
+        }
+        body.push(b']');
         Self {
             routing_key: MULTI_ROUTING_KEY.to_owned(),
-            hostname,
-            body: serde_json::to_vec(&list).unwrap_or_default(),
+            hostname: hostname.to_owned(),
+            body,
+        }
+    }
+
+    /// How many events it holds, counted without building them (what a receiver that only
+    /// counts needs).
+    pub fn count(&self) -> usize {
+        use serde::de::IgnoredAny;
+        match self.body.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'[') => {
+                serde_json::from_slice::<Vec<IgnoredAny>>(&self.body).map_or(0, |l| l.len())
+            }
+            Some(b'{') => 1,
+            _ => 0,
         }
     }
 
@@ -273,26 +400,58 @@ mod tests {
 
     #[test]
     fn a_batch_is_a_list_under_task_multi_and_one_event_travels_alone() {
-        let event = |id: &str| {
-            let mut event = Event::new("task-started", json!({ "uuid": id }));
-            event.stamp("w@h", 1.0, 1, 1);
-            event
+        let stamp = |clock| Stamp {
+            hostname: "w@h",
+            timestamp: 1.5,
+            utcoffset: 0,
+            pid: 7,
+            clock,
         };
-        let batch = EventMessage::batch(vec![event("a"), event("b")]);
+        let event = |id: &str, clock| {
+            EncodedEvent::new("task-started", &TaskId { uuid: id }, &stamp(clock))
+        };
+        let batch = EventMessage::encoded("w@h", vec![event("a", 1), event("b", 2)]);
         assert_eq!(batch.routing_key, MULTI_ROUTING_KEY);
-        let body: Value = serde_json::from_slice(&batch.body).unwrap();
-        assert_eq!(body.as_array().unwrap().len(), 2);
-        assert_eq!(batch.events().len(), 2);
-        assert_eq!(
-            EventMessage::batch(vec![event("c")]).routing_key,
-            "task.started"
+        assert_eq!(batch.hostname, "w@h");
+        assert_eq!(batch.count(), 2);
+        let events = batch.events();
+        assert_eq!(events.len(), 2);
+        let mut expected = Event::new("task-started", json!({"uuid": "b"}));
+        expected.stamp("w@h", 1.5, 7, 2);
+        let mut second = events[1].fields().clone();
+        // The offset is stamped from the machine's zone by `Event::stamp`, 0 above.
+        second.insert("utcoffset".into(), expected.fields()["utcoffset"].clone());
+        assert_eq!(second, *expected.fields());
+        let alone = EventMessage::encoded(
+            "w@h",
+            vec![EncodedEvent::new(
+                "task-succeeded",
+                &TaskSucceeded {
+                    uuid: "c",
+                    result: "5".into(),
+                    runtime: 0.25,
+                },
+                &stamp(3),
+            )],
         );
+        assert_eq!(alone.routing_key, "task.succeeded");
+        assert_eq!(alone.count(), 1);
+        let fields = alone.events()[0].fields().clone();
+        assert_eq!(fields["result"], "5");
+        assert_eq!(fields["runtime"], 0.25);
+        assert_eq!(fields["type"], "task-succeeded");
+        assert_eq!(fields["clock"], 3);
         let junk = EventMessage {
             routing_key: "x".into(),
             hostname: "h".into(),
             body: b"[1, \"no\"]".to_vec(),
         };
         assert!(junk.events().is_empty());
+        let broken = EventMessage {
+            body: b"not json".to_vec(),
+            ..junk
+        };
+        assert_eq!(broken.count(), 0);
     }
 
     #[test]

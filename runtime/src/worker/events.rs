@@ -18,23 +18,25 @@
 //! full buffer or busy slots never make a live worker look dead.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::Shared;
 use crate::protocol::TaskMessage;
 use crate::protocol::events::{
-    Event, EventMessage, args_repr, exception_of_result, kwargs_repr, result_repr, worker_fields,
+    EncodedEvent, Event, EventMessage, Stamp, TaskId, TaskReceived, TaskSucceeded, args_repr,
+    exception_of_result, kwargs_repr, result_repr, utc_offset_hours, worker_fields,
 };
 use crate::protocol::format_time;
 use crate::results::{ResultMeta, TaskState};
 
-/// Most events in one published batch (Celery's buffer limit is 24; wasmq drains faster).
-const BATCH: usize = 64;
+/// Most events in one published batch (Celery's buffer limit is 24; wasmq drains faster,
+/// and a receiver takes a list of any length).
+const BATCH: usize = 256;
 
 /// Longest a task event waits in the buffer before it is published.
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
@@ -56,10 +58,19 @@ pub(super) struct Events {
     task_events: AtomicBool,
     /// Heartbeat interval; none: no worker events at all.
     heartbeat: Option<Duration>,
+    /// The worker's process id.
+    pid: u32,
+    /// Hours west of UTC, refreshed with each heartbeat (it moves at a DST change).
+    utcoffset: AtomicI64,
     /// Task events waiting to be published.
-    buffer: mpsc::Sender<Event>,
+    buffer: mpsc::Sender<EncodedEvent>,
     /// The other end of `buffer`, taken by the publisher when the worker starts.
-    pending: Mutex<Option<mpsc::Receiver<Event>>>,
+    pending: Mutex<Option<mpsc::Receiver<EncodedEvent>>>,
+    /// Wakes the publisher before its flush interval once a full batch waits, so it is not
+    /// woken by every event.
+    batch_ready: Notify,
+    /// Tells the publisher the worker stops: publish what waits, then end.
+    closing: Notify,
     /// Task events dropped because the buffer was full.
     dropped: AtomicU64,
     /// How long each task that ran took, until its terminal event carries it.
@@ -80,8 +91,12 @@ impl Events {
             clock: AtomicU64::new(0),
             task_events: AtomicBool::new(task_events),
             heartbeat,
+            pid: std::process::id(),
+            utcoffset: AtomicI64::new(utc_offset_hours()),
             buffer,
             pending: Mutex::new(Some(pending)),
+            batch_ready: Notify::new(),
+            closing: Notify::new(),
             dropped: AtomicU64::new(0),
             runtimes: Mutex::new(HashMap::new()),
             runtime: std::sync::OnceLock::new(),
@@ -107,18 +122,36 @@ impl Events {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// The common fields of the next event: the clock advances.
+    fn stamp(&self) -> Stamp<'_> {
+        Stamp {
+            hostname: &self.node,
+            timestamp: chrono::Utc::now().timestamp_micros() as f64 / 1e6,
+            utcoffset: self.utcoffset.load(Ordering::Relaxed),
+            pid: self.pid,
+            clock: self.clock.fetch_add(1, Ordering::Relaxed) + 1,
+        }
+    }
+
     /// Stamps `event` with the common fields.
     fn stamped(&self, mut event: Event) -> Event {
-        let clock = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
-        let now = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
-        event.stamp(&self.node, now, std::process::id(), clock);
+        let stamp = self.stamp();
+        event.stamp(stamp.hostname, stamp.timestamp, stamp.pid, stamp.clock);
         event
     }
 
-    /// Buffers a task event for the publisher, or counts it dropped.
-    fn emit(&self, event: Event) {
-        if self.buffer.try_send(self.stamped(event)).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+    /// Encodes a task event and buffers it for the publisher, or counts it dropped.
+    fn emit<T: serde::Serialize>(&self, kind: &'static str, fields: &T) {
+        let event = EncodedEvent::new(kind, fields, &self.stamp());
+        match self.buffer.try_send(event) {
+            Ok(()) => {
+                if self.buffer.max_capacity() - self.buffer.capacity() >= BATCH {
+                    self.batch_ready.notify_one();
+                }
+            }
+            Err(_) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -127,24 +160,24 @@ impl Events {
         if !self.task_events() {
             return;
         }
-        self.emit(Event::new(
+        self.emit(
             "task-received",
-            json!({
-                "uuid": message.id,
-                "name": message.task,
-                "args": args_repr(&message.args),
-                "kwargs": kwargs_repr(&message.kwargs),
-                "root_id": message.root_id,
-                "parent_id": message.parent_id,
-                "retries": message.retries,
-                "eta": message.eta.as_ref().map(format_time),
-                "expires": message.expires.as_ref().map(format_time),
+            &TaskReceived {
+                uuid: &message.id,
+                name: &message.task,
+                args: args_repr(&message.args),
+                kwargs: kwargs_repr(&message.kwargs),
+                root_id: message.root_id.as_deref(),
+                parent_id: message.parent_id.as_deref(),
+                retries: message.retries,
+                eta: message.eta.as_ref().map(format_time),
+                expires: message.expires.as_ref().map(format_time),
                 // What celery-exporter labels queue_name (Celery sends it with task-sent).
-                "queue": queue,
-                "exchange": "",
-                "routing_key": queue,
-            }),
-        ));
+                queue,
+                exchange: "",
+                routing_key: queue,
+            },
+        );
     }
 
     /// `task-started`: the task is about to run in its sandbox.
@@ -152,7 +185,7 @@ impl Events {
         if !self.task_events() {
             return;
         }
-        self.emit(Event::new("task-started", json!({ "uuid": task_id })));
+        self.emit("task-started", &TaskId { uuid: task_id });
     }
 
     /// Remembers how long the task ran, for its terminal event.
@@ -178,51 +211,50 @@ impl Events {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&meta.task_id);
-        let uuid = &meta.task_id;
-        let traceback = meta.traceback.clone().unwrap_or_default();
-        let event = match &meta.status {
-            TaskState::Success => Event::new(
+        let uuid = meta.task_id.as_str();
+        let traceback = || meta.traceback.clone().unwrap_or_default();
+        match &meta.status {
+            TaskState::Success => self.emit(
                 "task-succeeded",
-                json!({
-                    "uuid": uuid,
-                    "result": result_repr(&meta.result),
-                    "runtime": runtime.unwrap_or(0.0),
-                }),
+                &TaskSucceeded {
+                    uuid,
+                    result: result_repr(&meta.result),
+                    runtime: runtime.unwrap_or(0.0),
+                },
             ),
-            TaskState::Retry => Event::new(
+            TaskState::Retry => self.emit(
                 "task-retried",
-                json!({
+                &json!({
                     "uuid": uuid,
                     "exception": exception_of_result(&meta.result),
-                    "traceback": traceback,
+                    "traceback": traceback(),
                 }),
             ),
             TaskState::Revoked => {
                 let reason = reason_of(&meta.result);
-                Event::new(
+                self.emit(
                     "task-revoked",
-                    json!({
+                    &json!({
                         "uuid": uuid,
                         "terminated": reason == "terminated",
                         "signum": (reason == "terminated").then_some(15),
                         "expired": reason == "expired",
                     }),
-                )
+                );
             }
             _ if meta.result.get("exc_type").and_then(Value::as_str) == Some("Reject") => {
-                Event::new("task-rejected", json!({ "uuid": uuid, "requeue": false }))
+                self.emit("task-rejected", &json!({ "uuid": uuid, "requeue": false }));
             }
-            _ => Event::new(
+            _ => self.emit(
                 "task-failed",
-                json!({
+                &json!({
                     "uuid": uuid,
                     "exception": exception_of_result(&meta.result),
-                    "traceback": traceback,
+                    "traceback": traceback(),
                     "runtime": runtime,
                 }),
             ),
-        };
-        self.emit(event);
+        }
     }
 
     /// A worker event (`worker-online`, `-heartbeat`, `-offline`) now.
@@ -270,18 +302,16 @@ impl Events {
         }
     }
 
-    /// Waits (up to a second) for buffered task events to be published, when the worker
-    /// stops.
-    pub(super) async fn flush(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        while self.buffer.capacity() < self.buffer.max_capacity()
-            && tokio::time::Instant::now() < deadline
+    /// When the worker stops: has `publisher` (the [`publish`] task) send every buffered
+    /// task event at once and waits for it to end, up to a second (then it is aborted).
+    pub(super) async fn flush(&self, mut publisher: tokio::task::JoinHandle<()>) {
+        self.closing.notify_one();
+        if tokio::time::timeout(Duration::from_secs(1), &mut publisher)
+            .await
+            .is_err()
         {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        if self.task_events() {
-            // The publisher's last batch waits out its flush interval before it is sent.
-            tokio::time::sleep(FLUSH_EVERY + Duration::from_millis(50)).await;
+            tracing::debug!("task events still buffered after 1 s; dropping them");
+            publisher.abort();
         }
     }
 
@@ -317,13 +347,16 @@ pub(super) async fn beat(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         events
+            .utcoffset
+            .store(utc_offset_hours(), Ordering::Relaxed);
+        events
             .send_worker_event(&shared, "worker-heartbeat", freq)
             .await;
     }
 }
 
-/// Publishes buffered task events in batches until the buffer closes or the task is
-/// aborted.
+/// Publishes buffered task events in batches until the worker stops ([`Events::flush`]),
+/// the buffer closes, or the task is aborted.
 pub(super) async fn publish(shared: Arc<Shared>) {
     let Some(mut pending) = shared
         .events
@@ -334,35 +367,48 @@ pub(super) async fn publish(shared: Arc<Shared>) {
     else {
         return;
     };
-    let mut batch = Vec::with_capacity(BATCH);
+    let events = &shared.events;
+    let mut waiting = Vec::with_capacity(BATCH);
     let mut failures = 0_u64;
-    loop {
-        let Some(first) = pending.recv().await else {
-            return;
-        };
-        batch.push(first);
-        let deadline = tokio::time::Instant::now() + FLUSH_EVERY;
-        while batch.len() < BATCH {
-            match tokio::time::timeout_at(deadline, pending.recv()).await {
-                Ok(Some(event)) => batch.push(event),
-                Ok(None) | Err(_) => break,
+    let mut closing = false;
+    while !closing {
+        // Parked only while no event waits; then the first event of a batch waits at most
+        // the flush interval, and the publisher wakes once per full batch, not per event.
+        tokio::select! {
+            received = pending.recv_many(&mut waiting, BATCH) => if received == 0 {
+                return;
+            },
+            () = events.closing.notified() => closing = true,
+        }
+        if !closing && waiting.len() < BATCH {
+            tokio::select! {
+                () = tokio::time::sleep(FLUSH_EVERY) => {}
+                () = events.batch_ready.notified() => {}
+                () = events.closing.notified() => closing = true,
             }
         }
-        let count = batch.len() as u64;
-        let message = EventMessage::batch(std::mem::take(&mut batch));
-        if let Err(error) = shared.broker.publish_events(&message).await {
-            shared.events.dropped.fetch_add(count, Ordering::Relaxed);
-            failures += 1;
-            // One line when events start failing, then one per hundred failed batches.
-            if failures % 100 == 1 {
-                tracing::warn!(
-                    error = &error as &dyn std::error::Error,
-                    dropped = shared.events.dropped(),
-                    "cannot publish task events; dropping them"
-                );
+        while let Ok(event) = pending.try_recv() {
+            waiting.push(event);
+        }
+        while !waiting.is_empty() {
+            let rest = waiting.split_off(waiting.len().min(BATCH));
+            let batch = std::mem::replace(&mut waiting, rest);
+            let count = batch.len() as u64;
+            let message = EventMessage::encoded(&events.node, batch);
+            if let Err(error) = shared.broker.publish_events(&message).await {
+                events.dropped.fetch_add(count, Ordering::Relaxed);
+                failures += 1;
+                // One line when events start failing, then one per hundred failed batches.
+                if failures % 100 == 1 {
+                    tracing::warn!(
+                        error = &error as &dyn std::error::Error,
+                        dropped = events.dropped(),
+                        "cannot publish task events; dropping them"
+                    );
+                }
+            } else {
+                failures = 0;
             }
-        } else {
-            failures = 0;
         }
     }
 }

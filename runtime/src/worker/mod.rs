@@ -339,8 +339,7 @@ impl Worker {
         consumer.flush_acks().await;
         drop(consumer);
         heartbeats.abort();
-        shared.events.flush().await;
-        event_publisher.abort();
+        shared.events.flush(event_publisher).await;
         shared.events.offline(&shared).await;
         sampler.abort();
         status.abort();
