@@ -40,7 +40,11 @@ fn replies(url: &str, args: &[&str]) -> Value {
 
 /// Starts worker `node` on the file (the test's own broker and backend), one queue.
 async fn start(queue: &Queue, node: &str, slots: usize) -> WorkerProcess {
-    let (url, node, dir) = (queue.url.clone(), node.to_owned(), queue.dir.path().to_owned());
+    let (url, node, dir) = (
+        queue.url.clone(),
+        node.to_owned(),
+        queue.dir.path().to_owned(),
+    );
     tokio::task::spawn_blocking(move || {
         WorkerProcess::start_on(&url, &url, "celery", &node, slots, &dir)
     })
@@ -95,7 +99,10 @@ fn wasmq_inspect_and_control_a_worker_on_the_embedded_broker() {
             "{out}"
         );
         assert!(out.contains("1 node online."), "{out}");
-        assert!(worker.child.try_wait().unwrap().is_none(), "the worker died");
+        assert!(
+            worker.child.try_wait().unwrap().is_none(),
+            "the worker died"
+        );
         assert!(
             worker
                 .log_text()
@@ -117,7 +124,16 @@ fn wasmq_inspect_and_control_a_worker_on_the_embedded_broker() {
         // rate_limit: then five math.add at 2/s take at least 1.5 s (at once without it).
         let limited = wasmq(
             &url,
-            &["control", "rate_limit", "math.add", "2/s", "-d", node, "-t", "5"],
+            &[
+                "control",
+                "rate_limit",
+                "math.add",
+                "2/s",
+                "-d",
+                node,
+                "-t",
+                "5",
+            ],
         );
         assert!(
             text(&limited.stdout).contains("new rate limit set successfully"),
@@ -129,16 +145,27 @@ fn wasmq_inspect_and_control_a_worker_on_the_embedded_broker() {
             results.push(
                 queue
                     .client
-                    .send_task("math.add", vec![json!(i), json!(i)], Map::new(), SendOptions::default())
+                    .send_task(
+                        "math.add",
+                        vec![json!(i), json!(i)],
+                        Map::new(),
+                        SendOptions::default(),
+                    )
                     .await
                     .unwrap(),
             );
         }
         for (i, result) in results.iter().enumerate() {
-            assert_eq!(result.get(Duration::from_secs(30)).await.unwrap(), json!(2 * i));
+            assert_eq!(
+                result.get(Duration::from_secs(30)).await.unwrap(),
+                json!(2 * i)
+            );
         }
         let took = sent.elapsed();
-        assert!(took >= Duration::from_millis(1_500), "5 runs at 2/s took {took:?}");
+        assert!(
+            took >= Duration::from_millis(1_500),
+            "5 runs at 2/s took {took:?}"
+        );
         let rated = replies(
             &url,
             &["inspect", "registered", "rate_limit", "-d", node, "-t", "5"],
@@ -156,7 +183,12 @@ fn wasmq_inspect_and_control_a_worker_on_the_embedded_broker() {
             spinning.push(
                 queue
                     .client
-                    .send_task("hostile.spin", Vec::new(), Map::new(), SendOptions::default())
+                    .send_task(
+                        "hostile.spin",
+                        Vec::new(),
+                        Map::new(),
+                        SendOptions::default(),
+                    )
                     .await
                     .unwrap(),
             );
@@ -182,7 +214,11 @@ fn wasmq_inspect_and_control_a_worker_on_the_embedded_broker() {
             .iter()
             .map(|task| &task["name"])
             .collect();
-        assert_eq!(names, [&json!("hostile.spin"), &json!("hostile.spin")], "{active:#}");
+        assert_eq!(
+            names,
+            [&json!("hostile.spin"), &json!("hostile.spin")],
+            "{active:#}"
+        );
         let mut round_trips = Vec::new();
         for _ in 0..10 {
             let asked = Instant::now();
@@ -253,7 +289,11 @@ fn two_workers_on_one_file_answer_a_broadcast_and_a_destination_reaches_one() {
             let only_a = replies(&url, &["inspect", "ping", "-d", a, "-t", "10"]);
             assert_eq!(only_a, json!({a: {"ok": "pong"}}));
             // Collection stops at the one node named, long before the timeout.
-            assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
+            assert!(
+                asked.elapsed() < Duration::from_secs(5),
+                "{:?}",
+                asked.elapsed()
+            );
         }
         let after = clock(&replies(&url, &["inspect", "clock", "-d", b, "-t", "5"]));
         assert_eq!(after, before + 1, "b was handed commands for a");
@@ -266,7 +306,14 @@ fn two_workers_on_one_file_answer_a_broadcast_and_a_destination_reaches_one() {
             timeout: Duration::from_secs(5),
             limit: None,
         };
-        assert!(queue.broker.broadcast_control(&cast).await.unwrap().is_empty());
+        assert!(
+            queue
+                .broker
+                .broadcast_control(&cast)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(reply_rows(&queue), 0, "a cast got a reply");
         let enabled = ask(queue.broker.as_ref(), b, "enable_events").await;

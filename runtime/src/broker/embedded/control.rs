@@ -445,7 +445,13 @@ mod tests {
         .unwrap();
         insert_reply(&conn, "mine", "d@h", &json!(1), i64::MAX).unwrap();
         let (_, later) = replies_after(&conn, "mine", newest).unwrap();
-        assert_eq!(later, [ControlReply { node: "d@h".into(), reply: json!(1) }]);
+        assert_eq!(
+            later,
+            [ControlReply {
+                node: "d@h".into(),
+                reply: json!(1)
+            }]
+        );
     }
 
     #[test]
@@ -457,12 +463,28 @@ mod tests {
         };
         let now = 1_000;
         let to_a = ping(Some(vec!["a@h".into()]));
-        assert!(matches!(row(now + 1, Some(&to_a)).verdict("a@h", now), Verdict::Run(_)));
+        assert!(matches!(
+            row(now + 1, Some(&to_a)).verdict("a@h", now),
+            Verdict::Run(_)
+        ));
         assert_eq!(row(now + 1, Some(&to_a)).verdict("b@h", now), Verdict::Skip);
-        assert_eq!(row(now - 1, Some(&to_a)).verdict("a@h", now), Verdict::Skip, "expired");
-        assert!(matches!(row(0, Some(&to_a)).verdict("a@h", now), Verdict::Run(_)), "0: never");
-        assert!(matches!(row(now, Some(b"{nope")).verdict("a@h", now), Verdict::Malformed(_)));
-        assert!(matches!(row(now, None).verdict("a@h", now), Verdict::Malformed(_)));
+        assert_eq!(
+            row(now - 1, Some(&to_a)).verdict("a@h", now),
+            Verdict::Skip,
+            "expired"
+        );
+        assert!(
+            matches!(row(0, Some(&to_a)).verdict("a@h", now), Verdict::Run(_)),
+            "0: never"
+        );
+        assert!(matches!(
+            row(now, Some(b"{nope")).verdict("a@h", now),
+            Verdict::Malformed(_)
+        ));
+        assert!(matches!(
+            row(now, None).verdict("a@h", now),
+            Verdict::Malformed(_)
+        ));
 
         // Whatever the columns hold, reading the rows does not fail.
         let conn = conn();
