@@ -1,7 +1,9 @@
 //! Remote control from Celery's own tools: an unmodified Python client's `inspect()` and
-//! `control`, and the `celery inspect ping` CLI, against a wasmq worker on RabbitMQ.
+//! `control`, and the `celery inspect ping` CLI, against a wasmq worker on RabbitMQ; and
+//! `wasmq inspect`/`control` on both brokers (`cli`, `embedded`).
 
 mod cli;
+mod embedded;
 
 use serde_json::{Value, json};
 use wasmq::broker::amqp::{AmqpOptions, CELERY_PIDBOX_EXCHANGE, revoke_queue};

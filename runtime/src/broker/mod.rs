@@ -381,8 +381,9 @@ pub trait Broker: Send + Sync {
 
     /// The remote-control commands addressed to worker `node` from now on (RabbitMQ: its
     /// `<node>.celery.pidbox` queue on `celery.pidbox`, where Python's `inspect()` and
-    /// `control` and the `celery` CLI send them), until the receiver is dropped; `None`
-    /// when this broker carries no remote control.
+    /// `control` and the `celery` CLI send them; embedded: the file's `control_commands`
+    /// table, polled), until the receiver is dropped; `None` when this broker carries no
+    /// remote control.
     ///
     /// # Errors
     /// When the broker cannot start listening.
@@ -396,7 +397,8 @@ pub trait Broker: Send + Sync {
 
     /// Broadcasts a remote-control command as Celery's `app.control.broadcast` does and
     /// collects the replies that arrive within its timeout (or until its limit), in arrival
-    /// order; replies to other commands are ignored.
+    /// order; replies to other commands are ignored. RabbitMQ and the embedded broker carry
+    /// it (see [`embedded`] for how the file does).
     ///
     /// # Errors
     /// [`BrokerError::NoRemoteControl`] when this broker carries none; otherwise when the

@@ -4,7 +4,9 @@
 //! replies that arrive within `--timeout` are printed, `-> node: OK` and the reply, then
 //! `N nodes online.`; with `--json`, one JSON object `{node: reply}`. No reply at all ends
 //! with exit status 69, as Celery's CLI does (a liveness probe's `inspect ping` relies on
-//! it). The embedded broker carries no remote control yet: the command says so (exit 2).
+//! it). Both brokers carry remote control (RabbitMQ through Celery's pidbox exchanges, the
+//! embedded file through its control tables); a broker that carries none is refused with
+//! exit status 2.
 //!
 //! Positional arguments become the command's arguments in the order Celery's CLI takes
 //! them, e.g. `control rate_limit math.add 2/s`, `control time_limit math.sleep 0.5 1`,
@@ -75,12 +77,7 @@ pub(super) async fn run(kind: Kind, args: RemoteArgs) -> Result<(), Failure> {
     let replies = broker
         .broadcast_control(&broadcast)
         .await
-        .map_err(|e| match e {
-            BrokerError::NoRemoteControl(broker) => Failure::bad_input(format!(
-                "remote control needs RabbitMQ (--broker amqp://…): {broker} carries none yet"
-            )),
-            e => Failure::internal(anyhow::anyhow!("cannot send {}: {e:#}", args.method)),
-        })?;
+        .map_err(|e| broadcast_failure(&args.method, e))?;
     if replies.is_empty() {
         return Err(Failure::new(
             ExitStatus::Unavailable,
@@ -101,6 +98,18 @@ pub(super) async fn run(kind: Kind, args: RemoteArgs) -> Result<(), Failure> {
     let n = replies.len();
     println!("\n{n} {} online.", if n == 1 { "node" } else { "nodes" });
     Ok(())
+}
+
+/// Why `method` could not be sent: a broker without remote control is the user's choice to
+/// change (exit 2), anything else a failure of the broker.
+fn broadcast_failure(method: &str, error: BrokerError) -> Failure {
+    match error {
+        BrokerError::NoRemoteControl(broker) => Failure::bad_input(format!(
+            "remote control is not available: {broker} carries none \
+             (the embedded sqlite:// and RabbitMQ amqp:// brokers do)"
+        )),
+        e => Failure::internal(anyhow::anyhow!("cannot send {method}: {e:#}")),
+    }
 }
 
 /// `-> node: OK` (or `ERROR`) and the reply indented, as Celery's CLI prints it.
@@ -233,5 +242,22 @@ mod tests {
         assert!(bad(Kind::Control, "rate_limit", &["math.add"]));
         assert!(bad(Kind::Control, "time_limit", &["math.sleep", "soon"]));
         assert!(bad(Kind::Inspect, "ping", &["extra"]));
+    }
+
+    #[test]
+    fn a_broker_without_remote_control_is_bad_input_and_says_which_brokers_have_it() {
+        let refused = broadcast_failure(
+            "ping",
+            BrokerError::NoRemoteControl("memory://nowhere".into()),
+        );
+        assert_eq!(refused.status, ExitStatus::BadInput);
+        let shown = refused.error.to_string();
+        assert!(
+            shown.contains("memory://nowhere carries none") && shown.contains("sqlite://"),
+            "{shown}"
+        );
+        let failed = broadcast_failure("ping", BrokerError::Closed);
+        assert_eq!(failed.status, ExitStatus::Internal);
+        assert!(failed.error.to_string().starts_with("cannot send ping"));
     }
 }

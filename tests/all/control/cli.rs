@@ -36,24 +36,32 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A `wasmq worker` process on RabbitMQ; killed when dropped if still running.
-struct WorkerProcess {
-    child: Child,
+/// A `wasmq worker` process; killed when dropped if still running.
+pub(super) struct WorkerProcess {
+    pub(super) child: Child,
     log: std::path::PathBuf,
 }
 
 impl WorkerProcess {
+    /// A worker on RabbitMQ with Redis results, two slots.
     fn start(queue: &str, node: &str, dir: &std::path::Path) -> Self {
-        let log = dir.join("worker.log");
+        Self::start_on(AMQP_URL, REDIS_URL, queue, node, 2, dir)
+    }
+
+    /// A worker on `broker` with results in `backend`, consuming `queue` with `slots`
+    /// slots, logging to `<dir>/<node>.log`; returns once it is ready.
+    pub(super) fn start_on(
+        broker: &str,
+        backend: &str,
+        queue: &str,
+        node: &str,
+        slots: usize,
+        dir: &std::path::Path,
+    ) -> Self {
+        let log = dir.join(format!("{node}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_wasmq"))
-            .args([
-                "worker",
-                "--broker",
-                AMQP_URL,
-                "--result-backend",
-                REDIS_URL,
-            ])
-            .args(["-Q", queue, "-c", "2", "-n", node])
+            .args(["worker", "--broker", broker, "--result-backend", backend])
+            .args(["-Q", queue, "-c", &slots.to_string(), "-n", node])
             // Spinning tasks run for seconds: a large fuel budget, a short enough deadline.
             .args(["--fuel", "100000000000", "--timeout", "20s"])
             .stdout(Stdio::null())
@@ -73,12 +81,12 @@ impl WorkerProcess {
         worker
     }
 
-    fn log_text(&self) -> String {
+    pub(super) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The exit code once it exits within `within`; none if it is still running.
-    fn exit_code_within(&mut self, within: Duration) -> Option<i32> {
+    pub(super) fn exit_code_within(&mut self, within: Duration) -> Option<i32> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -98,7 +106,7 @@ impl Drop for WorkerProcess {
 }
 
 /// `method` sent to `node` only, through the broker as `wasmq inspect` sends it.
-async fn ask(broker: &dyn Broker, node: &str, method: &str) -> Vec<ControlReply> {
+pub(super) async fn ask(broker: &dyn Broker, node: &str, method: &str) -> Vec<ControlReply> {
     let broadcast = ControlBroadcast {
         command: ControlCommand::new(method, Map::new(), Some(vec![node.to_owned()])),
         reply: true,
@@ -260,19 +268,4 @@ fn wasmq_inspect_ping_reaches_a_python_worker_and_exits_69_when_nobody_answers()
         let broker = wasmq::broker::amqp::AmqpBroker::new(AMQP_URL).unwrap();
         broker.delete_queue(&queue).await.unwrap();
     });
-}
-
-#[test]
-fn wasmq_inspect_on_the_embedded_broker_says_it_needs_rabbitmq() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("wasmq.db").display());
-    let output = Command::new(env!("CARGO_BIN_EXE_wasmq"))
-        .args(["inspect", "ping", "--broker", &url])
-        .output()
-        .expect("run wasmq");
-    assert_eq!(output.status.code(), Some(2), "{output:?}");
-    assert!(
-        text(&output.stderr).contains("remote control needs RabbitMQ"),
-        "{output:?}"
-    );
 }

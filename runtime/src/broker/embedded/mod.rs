@@ -5,6 +5,8 @@
 //! rows and settle them (see `leases`). Dead letters are rows of `dead_letters`, and
 //! revocations rows of `revocations`: one table that is both the broadcast and the memory,
 //! read by every worker on the file. Celery's events are rows of `events` (see `events`).
+//! Remote control (`wasmq inspect`/`control`) is rows of `control_commands`, which every
+//! worker polls, and `control_replies`, which the sender polls (see `control`).
 //!
 //! Which queues exist — what a tenant's follow-ups may be published into — is `queues`.
 
@@ -17,12 +19,16 @@ use async_trait::async_trait;
 use rusqlite::params;
 use tokio::sync::Notify;
 
+mod control;
 mod events;
 mod leases;
 mod queues;
 
 use self::leases::SqliteConsumer;
-use super::{Broker, BrokerError, Consumer, DeadLetter, REVOKE_EXPIRES, Revocation};
+use super::{
+    Broker, BrokerError, Consumer, ControlBroadcast, ControlReply, ControlRequest, DeadLetter,
+    REVOKE_EXPIRES, Revocation,
+};
 use crate::db::{Db, now_ms};
 use crate::protocol::Envelope;
 
@@ -122,6 +128,7 @@ impl SqliteBroker {
     pub fn open(path: &Path, options: SqliteBrokerOptions) -> Result<Self, BrokerError> {
         let db = Db::open(path, SCHEMA)?;
         Db::open(path, events::SCHEMA)?;
+        Db::open(path, control::SCHEMA)?;
         let host = gethostname::gethostname().to_string_lossy().into_owned();
         let pid = std::process::id();
         let id = format!("{host}:{pid}:{}", uuid::Uuid::new_v4().simple());
@@ -379,6 +386,20 @@ impl Broker for SqliteBroker {
             }
         });
         Ok(receiver)
+    }
+
+    async fn control_requests(
+        &self,
+        node: &str,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<ControlRequest>>, BrokerError> {
+        control::listen(&self.db, node).await.map(Some)
+    }
+
+    async fn broadcast_control(
+        &self,
+        broadcast: &ControlBroadcast,
+    ) -> Result<Vec<ControlReply>, BrokerError> {
+        control::broadcast(&self.db, broadcast).await
     }
 
     async fn publish_events(
