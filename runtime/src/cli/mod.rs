@@ -84,12 +84,13 @@ enum Command {
     Chord(workflow::ChordArgs),
     /// Ask workers (wasmq's and Celery's) for information, as `celery inspect` does:
     /// ping, stats, active, reserved, scheduled, registered, active_queues, revoked,
-    /// query_task ID…, conf, clock, report. Exit 69 when no worker replies in time.
+    /// query_task ID…, conf, clock, report; on RabbitMQ or the embedded broker. Exit 69 when
+    /// no worker replies in time.
     Inspect(inspect::RemoteArgs),
     /// Change running workers (wasmq's and Celery's), as `celery control` does:
     /// rate_limit TASK RATE, time_limit TASK SOFT HARD, add_consumer QUEUE,
-    /// cancel_consumer QUEUE, pool_grow N, pool_shrink N, revoke ID…, shutdown. Exit 69
-    /// when no worker replies in time.
+    /// cancel_consumer QUEUE, pool_grow N, pool_shrink N, revoke ID…, shutdown; on RabbitMQ
+    /// or the embedded broker. Exit 69 when no worker replies in time.
     Control(inspect::RemoteArgs),
     /// Report whether a worker is running and consuming (exit 0) or not (exit 1), from the
     /// status file it writes.

@@ -298,6 +298,20 @@ pub(super) fn hello(shared: &Shared, arguments: &Map<String, Value>) -> Value {
 /// credentials): `amqp://host:port/vhost` or `sqlite://path`.
 fn broker_info(described: &str) -> Value {
     let (transport, rest) = described.split_once("://").unwrap_or(("", described));
+    if transport == "sqlite" {
+        // A file, not a server: its path is where the broker is.
+        return json!({
+            "transport": transport,
+            "hostname": "localhost",
+            "port": null,
+            "virtual_host": rest,
+            "ssl": false,
+            "uri_prefix": null,
+            "insist": false,
+            "login_method": null,
+            "userid": null,
+        });
+    }
     let (authority, vhost) = rest.split_once('/').unwrap_or((rest, ""));
     let (hostname, port) = match authority.rsplit_once(':') {
         Some((host, port)) => (host, port.parse::<u16>().ok()),
@@ -396,9 +410,9 @@ mod tests {
         assert_eq!(info["port"], 5672);
         assert_eq!(info["virtual_host"], "/");
         assert_eq!(info["userid"], Value::Null);
-        assert_eq!(
-            broker_info("sqlite://.wasmq/wasmq.db")["transport"],
-            "sqlite"
-        );
+        let file = broker_info("sqlite://.wasmq/wasmq.db");
+        assert_eq!(file["transport"], "sqlite");
+        assert_eq!(file["hostname"], "localhost");
+        assert_eq!(file["virtual_host"], ".wasmq/wasmq.db");
     }
 }
