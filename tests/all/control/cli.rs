@@ -116,6 +116,24 @@ pub(super) async fn ask(broker: &dyn Broker, node: &str, method: &str) -> Vec<Co
     broker.broadcast_control(&broadcast).await.unwrap()
 }
 
+/// Waits (up to 20 s) until `node` reports `count` active tasks.
+pub(super) async fn until_active(broker: &dyn Broker, node: &str, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let active = ask(broker, node, "active").await;
+        if active
+            .first()
+            .and_then(|r| r.reply.as_array())
+            .map(Vec::len)
+            == Some(count)
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the tasks never ran: {active:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[test]
 fn wasmq_inspect_and_control_a_worker_process_whose_slots_all_spin() {
     let _shared = RABBITMQ
@@ -178,20 +196,7 @@ fn wasmq_inspect_and_control_a_worker_process_whose_slots_all_spin() {
             (0..2).map(|_| setup.send("hostile.spin", json!([]), SendOptions::default())),
         )
         .await;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let active = ask(setup.broker.as_ref(), &node, "active").await;
-            if active
-                .first()
-                .and_then(|r| r.reply.as_array())
-                .map(Vec::len)
-                == Some(2)
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the spins never ran: {active:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_active(setup.broker.as_ref(), &node, 2).await;
         let mut slowest = Duration::ZERO;
         for _ in 0..5 {
             let asked = Instant::now();

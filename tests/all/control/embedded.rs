@@ -13,7 +13,7 @@ use wasmq::broker::{Broker, ControlBroadcast};
 use wasmq::client::SendOptions;
 use wasmq::protocol::ControlCommand;
 
-use super::cli::{WorkerProcess, ask};
+use super::cli::{WorkerProcess, ask, until_active};
 use crate::support::{Queue, runtime};
 
 /// `wasmq <args> --broker <url>`.
@@ -193,20 +193,7 @@ fn wasmq_inspect_and_control_a_worker_on_the_embedded_broker() {
                     .unwrap(),
             );
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let active = ask(queue.broker.as_ref(), node, "active").await;
-            if active
-                .first()
-                .and_then(|r| r.reply.as_array())
-                .map(Vec::len)
-                == Some(2)
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the spins never ran: {active:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_active(queue.broker.as_ref(), node, 2).await;
         let active = replies(&url, &["inspect", "active", "-d", node, "-t", "5"]);
         let names: Vec<&Value> = active[node]
             .as_array()
