@@ -1,0 +1,649 @@
+//! The dashboard's picture of the cluster, kept in memory as Flower keeps its own: every
+//! Celery event updates it (workers from their heartbeats, tasks from `task-*` events),
+//! inspect replies add what events do not carry (a worker's concurrency, the queues it
+//! consumes, the tasks it runs now), and the poller adds queue lengths and dead letters.
+//!
+//! It is bounded: the latest [`State::new`]`(kept)` tasks, the last [`SERIES_SECONDS`]
+//! seconds of throughput and runtime, and workers gone for [`FORGET_OFFLINE_AFTER`]
+//! seconds are dropped (Flower keeps a stopped worker listed forever).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+
+use crate::broker::DeadLetter;
+use crate::protocol::events::Event;
+
+/// Seconds of throughput and runtime the charts show, one bucket a second.
+pub(super) const SERIES_SECONDS: i64 = 120;
+
+/// A worker offline (or silent) this many seconds is no longer listed.
+pub(super) const FORGET_OFFLINE_AFTER: f64 = 300.0;
+
+/// Exception types of a failed task that mean a wasmq sandbox limit stopped it, and which
+/// limit (`worker/decision.rs` maps each `LimitKind` to one of them). `TimeLimitExceeded`
+/// is both the wall-time limit and running out of fuel; the fuel one's message says fuel.
+const LIMIT_EXCEPTIONS: [(&str, &str); 4] = [
+    ("TimeLimitExceeded", "time"),
+    ("MemoryError", "memory"),
+    ("RecursionError", "stack"),
+    ("OutputLimitExceeded", "output"),
+];
+
+/// One worker, as its events and inspect replies describe it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(super) struct WorkerView {
+    /// The node name, `wasmq@host` or `celery@host`.
+    hostname: String,
+    /// `wasmq` or `py-celery`, from its worker events.
+    sw_ident: String,
+    /// Its version.
+    sw_ver: String,
+    /// Tasks running, from its latest heartbeat.
+    active: u64,
+    /// Tasks it processed since it started, from its latest heartbeat.
+    processed: u64,
+    /// Its host's 1, 5 and 15 minute load averages.
+    loadavg: Vec<f64>,
+    /// Seconds between its heartbeats (0: it sends none).
+    freq: f64,
+    /// When it was last heard of (events or an inspect reply), Unix seconds.
+    last_seen: f64,
+    /// It said `worker-offline`.
+    offline: bool,
+    /// Its task slots, from `inspect stats` (none until it answered one).
+    concurrency: Option<u64>,
+    /// The queues it consumes, from `inspect active_queues`.
+    queues: Vec<String>,
+    /// Task ids it runs now, from `inspect active` (events add and remove their own).
+    inspected_running: Vec<Value>,
+    /// Tasks that succeeded / failed on it, as the dashboard saw their events.
+    succeeded: u64,
+    /// See `succeeded`.
+    failed: u64,
+    /// Failures that were a sandbox limit, by limit (`fuel`, `time`, `memory`, `stack`,
+    /// `output`).
+    limit_hits: BTreeMap<String, u64>,
+}
+
+/// One task, merged from its events.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(super) struct TaskView {
+    uuid: String,
+    name: Option<String>,
+    /// Celery's state name: PENDING (sent), RECEIVED, STARTED, SUCCESS, FAILURE, RETRY,
+    /// REVOKED, REJECTED.
+    state: String,
+    args: Option<String>,
+    kwargs: Option<String>,
+    /// The result's Python repr.
+    result: Option<String>,
+    /// The exception's repr: `ZeroDivisionError('division by zero')`.
+    exception: Option<String>,
+    /// Seconds the task ran.
+    runtime: Option<f64>,
+    /// The worker (or client, for PENDING) that sent its latest event.
+    hostname: Option<String>,
+    queue: Option<String>,
+    retries: Option<u64>,
+    received: Option<f64>,
+    started: Option<f64>,
+    /// When its latest event happened, Unix seconds.
+    timestamp: f64,
+}
+
+/// One second of the charts.
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    succeeded: u32,
+    failed: u32,
+    runtime_sum: f64,
+    runtime_max: f64,
+    runtimes: u32,
+}
+
+/// A queue the dashboard shows, with what the poller last read.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(super) struct QueueView {
+    name: String,
+    /// Messages waiting (none: not read yet, or the broker could not say).
+    length: Option<u64>,
+    /// Dead letters (at most the poller's limit), when read.
+    dead: Option<usize>,
+    /// Workers consuming it, from `inspect active_queues`.
+    consumers: Vec<String>,
+}
+
+/// The whole picture.
+#[derive(Debug, Default)]
+pub(super) struct State {
+    workers: BTreeMap<String, WorkerView>,
+    tasks: HashMap<String, TaskView>,
+    /// Task ids, oldest first, for eviction.
+    order: VecDeque<String>,
+    kept: usize,
+    buckets: BTreeMap<i64, Bucket>,
+    /// Queues named by flags, workers and events.
+    queue_names: BTreeSet<String>,
+    lengths: HashMap<String, u64>,
+    dead_counts: HashMap<String, usize>,
+    dead_letters: Vec<DeadLetter>,
+    events_seen: u64,
+    /// What went wrong last, by source (`events`, `queues`, `inspect`…).
+    errors: BTreeMap<String, String>,
+}
+
+impl State {
+    /// An empty picture keeping the latest `kept` tasks, showing `queues` always.
+    pub(super) fn new(kept: usize, queues: &[String]) -> Self {
+        Self {
+            kept: kept.max(1),
+            queue_names: queues.iter().cloned().collect(),
+            ..Self::default()
+        }
+    }
+
+    /// The queues to poll.
+    pub(super) fn queue_names(&self) -> Vec<String> {
+        self.queue_names.iter().cloned().collect()
+    }
+
+    /// Shows `queue` from now on.
+    pub(super) fn add_queue(&mut self, queue: &str) {
+        if !queue.is_empty() && !self.queue_names.contains(queue) {
+            self.queue_names.insert(queue.to_owned());
+        }
+    }
+
+    /// Records the length of `queue`.
+    pub(super) fn set_length(&mut self, queue: &str, length: u64) {
+        self.lengths.insert(queue.to_owned(), length);
+    }
+
+    /// Records `letters`, the newest dead letters of `queue` (a look up to the limit).
+    pub(super) fn set_dead_letters(&mut self, queue: &str, letters: Vec<DeadLetter>) {
+        self.dead_counts.insert(queue.to_owned(), letters.len());
+        self.dead_letters.retain(|letter| letter.queue != queue);
+        self.dead_letters.extend(letters);
+        self.dead_letters
+            .sort_by(|a, b| b.dead_at_ms.cmp(&a.dead_at_ms));
+        self.dead_letters.truncate(50);
+    }
+
+    /// Records (or clears, with `None`) what went wrong last reading `source`.
+    pub(super) fn set_error(&mut self, source: &str, error: Option<String>) {
+        match error {
+            Some(error) => self.errors.insert(source.to_owned(), error),
+            None => self.errors.remove(source),
+        };
+    }
+
+    fn worker(&mut self, hostname: &str) -> &mut WorkerView {
+        self.workers
+            .entry(hostname.to_owned())
+            .or_insert_with(|| WorkerView {
+                hostname: hostname.to_owned(),
+                ..WorkerView::default()
+            })
+    }
+
+    /// Applies one event.
+    pub(super) fn apply(&mut self, event: &Event) {
+        self.events_seen += 1;
+        let fields = event.fields();
+        let hostname = text(fields, "hostname").unwrap_or_default();
+        let timestamp = fields.get("timestamp").and_then(Value::as_f64).unwrap_or(0.0);
+        let kind = event.kind();
+        if kind.starts_with("worker-") {
+            self.apply_worker(kind, &hostname, timestamp, fields);
+        } else if kind.starts_with("task-") {
+            if kind != "task-sent" && !hostname.is_empty() {
+                let worker = self.worker(&hostname);
+                worker.last_seen = worker.last_seen.max(timestamp);
+            }
+            self.apply_task(kind, &hostname, timestamp, fields);
+        }
+    }
+
+    fn apply_worker(&mut self, kind: &str, hostname: &str, at: f64, fields: &Map<String, Value>) {
+        if hostname.is_empty() {
+            return;
+        }
+        let worker = self.worker(hostname);
+        worker.last_seen = worker.last_seen.max(at);
+        worker.offline = kind == "worker-offline";
+        if let Some(ident) = text(fields, "sw_ident") {
+            worker.sw_ident = ident;
+        }
+        if let Some(version) = text(fields, "sw_ver") {
+            worker.sw_ver = version;
+        }
+        if let Some(freq) = fields.get("freq").and_then(Value::as_f64) {
+            worker.freq = freq;
+        }
+        if let Some(active) = fields.get("active").and_then(Value::as_u64) {
+            worker.active = active;
+        }
+        if let Some(processed) = fields.get("processed").and_then(Value::as_u64) {
+            worker.processed = processed;
+        }
+        if let Some(load) = fields.get("loadavg").and_then(Value::as_array) {
+            worker.loadavg = load.iter().filter_map(Value::as_f64).collect();
+        }
+    }
+
+    fn apply_task(&mut self, kind: &str, hostname: &str, at: f64, fields: &Map<String, Value>) {
+        let Some(uuid) = text(fields, "uuid") else {
+            return;
+        };
+        let state = match kind {
+            "task-sent" => "PENDING",
+            "task-received" => "RECEIVED",
+            "task-started" => "STARTED",
+            "task-succeeded" => "SUCCESS",
+            "task-failed" => "FAILURE",
+            "task-retried" => "RETRY",
+            "task-revoked" => "REVOKED",
+            "task-rejected" => "REJECTED",
+            _ => return,
+        };
+        if !self.tasks.contains_key(&uuid) {
+            self.order.push_back(uuid.clone());
+            while self.order.len() > self.kept {
+                if let Some(old) = self.order.pop_front() {
+                    self.tasks.remove(&old);
+                }
+            }
+        }
+        let task = self.tasks.entry(uuid.clone()).or_insert_with(|| TaskView {
+            uuid,
+            ..TaskView::default()
+        });
+        // Events of one task may arrive out of order (batches, two brokers' clocks): an
+        // ended task is not taken back to RECEIVED or STARTED by an older event.
+        let ended = matches!(task.state.as_str(), "SUCCESS" | "FAILURE" | "REVOKED" | "REJECTED");
+        let progress = matches!(state, "PENDING" | "RECEIVED" | "STARTED");
+        if !(ended && progress && at <= task.timestamp) {
+            task.state = state.to_owned();
+            task.timestamp = task.timestamp.max(at);
+        }
+        if !hostname.is_empty() && state != "PENDING" {
+            task.hostname = Some(hostname.to_owned());
+        }
+        let mut set = |slot: &mut Option<String>, key: &str| {
+            if let Some(value) = text(fields, key) {
+                *slot = Some(value);
+            }
+        };
+        set(&mut task.name, "name");
+        set(&mut task.args, "args");
+        set(&mut task.kwargs, "kwargs");
+        set(&mut task.result, "result");
+        set(&mut task.exception, "exception");
+        set(&mut task.queue, "queue");
+        if let Some(retries) = fields.get("retries").and_then(Value::as_u64) {
+            task.retries = Some(retries);
+        }
+        match state {
+            "RECEIVED" => task.received = Some(at),
+            "STARTED" => task.started = Some(at),
+            _ => {}
+        }
+        let runtime = fields.get("runtime").and_then(Value::as_f64);
+        if runtime.is_some() {
+            task.runtime = runtime;
+        }
+        let queue = task.queue.clone();
+        let exception = task.exception.clone();
+        if let Some(queue) = queue {
+            self.add_queue(&queue);
+        }
+        if state == "SUCCESS" || state == "FAILURE" {
+            self.count(state, at, runtime);
+            if !hostname.is_empty() {
+                let worker = self.worker(hostname);
+                if state == "SUCCESS" {
+                    worker.succeeded += 1;
+                } else {
+                    worker.failed += 1;
+                    let known_other = !worker.sw_ident.is_empty() && worker.sw_ident != "wasmq";
+                    if let Some(limit) = exception.as_deref().and_then(limit_of)
+                        && !known_other
+                    {
+                        *worker.limit_hits.entry(limit.to_owned()).or_default() += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    fn count(&mut self, state: &str, at: f64, runtime: Option<f64>) {
+        let second = at.floor() as i64;
+        let bucket = self.buckets.entry(second).or_default();
+        if state == "SUCCESS" {
+            bucket.succeeded += 1;
+        } else {
+            bucket.failed += 1;
+        }
+        if let Some(runtime) = runtime {
+            bucket.runtime_sum += runtime;
+            bucket.runtime_max = bucket.runtime_max.max(runtime);
+            bucket.runtimes += 1;
+        }
+    }
+
+    /// Applies `node`'s reply to `inspect stats`, `active_queues` or `active`, received at
+    /// `now`.
+    pub(super) fn apply_inspect(&mut self, method: &str, node: &str, reply: &Value, now: f64) {
+        let worker = self.worker(node);
+        worker.last_seen = worker.last_seen.max(now);
+        match method {
+            "stats" => {
+                worker.concurrency = reply
+                    .pointer("/pool/max-concurrency")
+                    .and_then(Value::as_u64);
+            }
+            "active_queues" => {
+                worker.queues = reply
+                    .as_array()
+                    .map(|queues| {
+                        queues
+                            .iter()
+                            .filter_map(|q| q.get("name").and_then(Value::as_str))
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for queue in worker.queues.clone() {
+                    self.add_queue(&queue);
+                }
+            }
+            "active" => {
+                worker.inspected_running = reply.as_array().cloned().unwrap_or_default();
+            }
+            _ => {}
+        }
+    }
+
+    /// Drops workers gone for [`FORGET_OFFLINE_AFTER`] and chart seconds out of the window.
+    pub(super) fn prune(&mut self, now: f64) {
+        self.workers
+            .retain(|_, worker| now - worker.last_seen < FORGET_OFFLINE_AFTER);
+        let oldest = now.floor() as i64 - SERIES_SECONDS;
+        self.buckets.retain(|second, _| *second > oldest);
+    }
+
+    /// The picture as `/api/state` serves it, at `now` (Unix seconds), with the newest
+    /// `tasks` tasks.
+    pub(super) fn snapshot(&self, now: f64, tasks: usize) -> Value {
+        let mut newest: Vec<&TaskView> = self.tasks.values().collect();
+        newest.sort_by(|a, b| b.timestamp.total_cmp(&a.timestamp));
+        let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+        for task in self.tasks.values() {
+            *counts.entry(task.state.as_str()).or_default() += 1;
+        }
+        let workers: Vec<Value> = self
+            .workers
+            .values()
+            .map(|worker| self.worker_json(worker, now))
+            .collect();
+        let queues: Vec<QueueView> = self
+            .queue_names
+            .iter()
+            .map(|name| QueueView {
+                name: name.clone(),
+                length: self.lengths.get(name).copied(),
+                dead: self.dead_counts.get(name).copied(),
+                consumers: self
+                    .workers
+                    .values()
+                    .filter(|w| w.queues.contains(name))
+                    .map(|w| w.hostname.clone())
+                    .collect(),
+            })
+            .collect();
+        let dead_letters: Vec<Value> = self
+            .dead_letters
+            .iter()
+            .map(|letter| {
+                json!({
+                    "queue": letter.queue,
+                    "task_id": letter.task_id,
+                    "task": letter.envelope.headers.get("task").and_then(Value::as_str),
+                    "reason": letter.reason,
+                    "deliveries": letter.delivery_count,
+                    "dead_at": letter.dead_at_ms as f64 / 1000.0,
+                })
+            })
+            .collect();
+        json!({
+            "now": now,
+            "events_seen": self.events_seen,
+            "workers": workers,
+            "queues": queues,
+            "tasks": newest.into_iter().take(tasks).collect::<Vec<_>>(),
+            "task_counts": counts,
+            "tasks_kept": self.tasks.len(),
+            "dead_letters": dead_letters,
+            "series": self.series(now),
+            "errors": self.errors,
+        })
+    }
+
+    fn worker_json(&self, worker: &WorkerView, now: f64) -> Value {
+        // Celery's rule (`heartbeat_expires`): alive while the last heartbeat is younger than
+        // twice its interval; a worker without heartbeats counts as alive for a minute after
+        // it was last heard of (an inspect reply, a task event).
+        let window = if worker.freq > 0.0 { 2.0 * worker.freq } else { 60.0 };
+        let online = !worker.offline && now - worker.last_seen <= window.max(2.0);
+        let mut running: Vec<Value> = self
+            .tasks
+            .values()
+            .filter(|t| t.state == "STARTED" && t.hostname.as_deref() == Some(&worker.hostname))
+            .map(|t| json!({"id": t.uuid, "name": t.name, "args": t.args, "started": t.started}))
+            .collect();
+        for task in &worker.inspected_running {
+            let Some(id) = task.get("id").and_then(Value::as_str) else {
+                continue;
+            };
+            let known = self.tasks.get(id);
+            let ended = known.is_some_and(|t| t.state != "STARTED" && t.state != "RECEIVED");
+            let listed = running.iter().any(|r| r["id"] == id);
+            if !ended && !listed {
+                running.push(json!({
+                    "id": id,
+                    "name": task.get("name"),
+                    "args": task.get("args").map(|a| match a {
+                        Value::String(s) => Value::from(s.clone()),
+                        other => Value::from(other.to_string()),
+                    }),
+                    "started": task.get("time_start"),
+                }));
+            }
+        }
+        let mut view = serde_json::to_value(worker).unwrap_or(Value::Null);
+        if let Value::Object(map) = &mut view {
+            map.remove("inspected_running");
+            map.insert("online".into(), online.into());
+            map.insert("running".into(), Value::Array(running));
+            map.insert(
+                "limit_hits_total".into(),
+                worker.limit_hits.values().sum::<u64>().into(),
+            );
+        }
+        view
+    }
+
+    /// One value a second for the last [`SERIES_SECONDS`] seconds, oldest first.
+    fn series(&self, now: f64) -> Value {
+        let end = now.floor() as i64;
+        let start = end - SERIES_SECONDS + 1;
+        let (mut throughput, mut failed, mut mean, mut max) = (vec![], vec![], vec![], vec![]);
+        for second in start..=end {
+            let bucket = self.buckets.get(&second).copied().unwrap_or_default();
+            throughput.push(bucket.succeeded + bucket.failed);
+            failed.push(bucket.failed);
+            let ms = |s: f64| (s * 1e6).round() / 1e3;
+            if bucket.runtimes > 0 {
+                mean.push(Value::from(ms(bucket.runtime_sum / f64::from(bucket.runtimes))));
+                max.push(Value::from(ms(bucket.runtime_max)));
+            } else {
+                mean.push(Value::Null);
+                max.push(Value::Null);
+            }
+        }
+        json!({
+            "start": start,
+            "step": 1,
+            "throughput": throughput,
+            "failed": failed,
+            "runtime_mean_ms": mean,
+            "runtime_max_ms": max,
+        })
+    }
+}
+
+/// Which sandbox limit a failed task's exception (`TimeLimitExceeded('… fuel …')`) means,
+/// if any.
+fn limit_of(exception: &str) -> Option<&'static str> {
+    let kind = exception.split('(').next().unwrap_or_default();
+    let (_, limit) = LIMIT_EXCEPTIONS.iter().find(|(name, _)| *name == kind)?;
+    if *limit == "time" && exception.contains("fuel") {
+        return Some("fuel");
+    }
+    Some(limit)
+}
+
+fn text(fields: &Map<String, Value>, key: &str) -> Option<String> {
+    match fields.get(key)? {
+        Value::String(text) => Some(text.clone()),
+        Value::Null => None,
+        other => Some(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: &str, host: &str, at: f64, fields: Value) -> Event {
+        let mut event = Event::new(kind, fields);
+        event.stamp(host, at, 1, 1);
+        event
+    }
+
+    #[test]
+    fn a_task_is_merged_from_its_events_and_counted_on_its_worker() {
+        let mut state = State::new(10, &["celery".into()]);
+        state.apply(&event(
+            "worker-heartbeat",
+            "wasmq@a",
+            100.0,
+            json!({"freq": 2.0, "active": 1, "processed": 7, "loadavg": [0.5, 0.25, 0.1], "sw_ident": "wasmq"}),
+        ));
+        state.apply(&event(
+            "task-received",
+            "wasmq@a",
+            100.1,
+            json!({"uuid": "t1", "name": "math.add", "args": "(2, 3)", "kwargs": "{}", "queue": "q1"}),
+        ));
+        state.apply(&event("task-started", "wasmq@a", 100.2, json!({"uuid": "t1"})));
+        let running = state.snapshot(100.3, 10);
+        assert_eq!(running["workers"][0]["running"][0]["id"], "t1");
+        state.apply(&event(
+            "task-succeeded",
+            "wasmq@a",
+            100.4,
+            json!({"uuid": "t1", "result": "5", "runtime": 0.002}),
+        ));
+        // An older event arriving late does not take it back.
+        state.apply(&event("task-started", "wasmq@a", 100.2, json!({"uuid": "t1"})));
+        let snapshot = state.snapshot(101.0, 10);
+        let task = &snapshot["tasks"][0];
+        assert_eq!(task["state"], "SUCCESS");
+        assert_eq!(task["name"], "math.add");
+        assert_eq!(task["args"], "(2, 3)");
+        assert_eq!(task["result"], "5");
+        assert_eq!(task["runtime"], 0.002);
+        let worker = &snapshot["workers"][0];
+        assert_eq!(worker["online"], true);
+        assert_eq!(worker["succeeded"], 1);
+        assert_eq!(worker["running"].as_array().unwrap().len(), 0);
+        let queues: Vec<&str> = snapshot["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| q["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(queues, ["celery", "q1"]);
+        let series = &snapshot["series"];
+        assert_eq!(series["throughput"].as_array().unwrap().len(), 120);
+        assert_eq!(series["throughput"][118], 1, "{series}");
+        assert_eq!(series["runtime_mean_ms"][118], 2.0);
+        // Past twice its heartbeat interval, a silent worker is offline; later it goes.
+        assert_eq!(state.snapshot(104.5, 10)["workers"][0]["online"], false);
+        state.prune(100.0 + FORGET_OFFLINE_AFTER + 1.0);
+        assert!(state.snapshot(500.0, 10)["workers"].as_array().unwrap().is_empty());
+    }
+
+    #[test]
+    fn limit_failures_are_counted_by_limit_and_only_for_wasmq_workers() {
+        let mut state = State::new(10, &[]);
+        state.apply(&event("worker-online", "wasmq@a", 1.0, json!({"sw_ident": "wasmq", "freq": 2.0})));
+        state.apply(&event("worker-online", "celery@py", 1.0, json!({"sw_ident": "py-celery", "freq": 2.0})));
+        let fail = |id: &str, host: &str, exception: &str| {
+            event("task-failed", host, 2.0, json!({"uuid": id, "exception": exception}))
+        };
+        state.apply(&fail("a", "wasmq@a", "TimeLimitExceeded('hostile.spin ran out of fuel (budget 1)')"));
+        state.apply(&fail("b", "wasmq@a", "TimeLimitExceeded(0.2)"));
+        state.apply(&fail("c", "wasmq@a", "MemoryError('hostile.hog exceeded its memory limit')"));
+        state.apply(&fail("d", "wasmq@a", "ZeroDivisionError('division by zero')"));
+        state.apply(&fail("e", "celery@py", "TimeLimitExceeded(1.0)"));
+        let snapshot = state.snapshot(2.5, 10);
+        let wasmq = &snapshot["workers"][1];
+        assert_eq!(wasmq["hostname"], "wasmq@a");
+        assert_eq!(wasmq["limit_hits"], json!({"fuel": 1, "time": 1, "memory": 1}));
+        assert_eq!(wasmq["limit_hits_total"], 3);
+        assert_eq!(wasmq["failed"], 4);
+        assert_eq!(snapshot["workers"][0]["limit_hits_total"], 0);
+    }
+
+    #[test]
+    fn only_the_latest_tasks_are_kept_and_inspect_replies_fill_in_workers() {
+        let mut state = State::new(3, &[]);
+        for i in 0..5 {
+            state.apply(&event(
+                "task-received",
+                "wasmq@a",
+                f64::from(i),
+                json!({"uuid": format!("t{i}"), "name": "math.add"}),
+            ));
+        }
+        let snapshot = state.snapshot(5.0, 10);
+        let ids: Vec<&str> = snapshot["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["uuid"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["t4", "t3", "t2"]);
+        state.apply_inspect("stats", "celery@py", &json!({"pool": {"max-concurrency": 4}}), 5.0);
+        state.apply_inspect("active_queues", "celery@py", &json!([{"name": "reports"}]), 5.0);
+        state.apply_inspect(
+            "active",
+            "celery@py",
+            &json!([{"id": "x", "name": "proj.slow", "args": [1], "time_start": 4.0}]),
+            5.0,
+        );
+        let snapshot = state.snapshot(5.5, 10);
+        let py = &snapshot["workers"][0];
+        assert_eq!(py["hostname"], "celery@py");
+        assert_eq!(py["online"], true);
+        assert_eq!(py["concurrency"], 4);
+        assert_eq!(py["running"][0]["id"], "x");
+        assert_eq!(py["running"][0]["args"], "[1]");
+        assert_eq!(snapshot["queues"][0]["name"], "reports");
+        assert_eq!(snapshot["queues"][0]["consumers"][0], "celery@py");
+    }
+}
