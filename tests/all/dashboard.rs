@@ -87,7 +87,9 @@ fn get(url: &str) -> String {
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let mut stream = std::net::TcpStream::connect(host).expect("connect to the dashboard");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
@@ -122,7 +124,10 @@ fn task<'a>(state: &'a Value, id: &str) -> Option<&'a Value> {
 }
 
 fn worker<'a>(state: &'a Value, node: &str) -> Option<&'a Value> {
-    state["workers"].as_array()?.iter().find(|w| w["hostname"] == node)
+    state["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["hostname"] == node)
 }
 
 /// Publishes a probe heartbeat until the dashboard lists it: its event queue is then bound
@@ -215,7 +220,13 @@ fn the_dashboard_lists_a_rabbitmq_worker_and_its_task_in_chromium() {
         let dir = tempfile::tempdir().unwrap();
         // --no-enable-events: other tests' workers share this RabbitMQ.
         let (_dashboard, url) = start_dashboard(
-            &["--broker", AMQP_URL, "--queue", &setup.queue, "--no-enable-events"],
+            &[
+                "--broker",
+                AMQP_URL,
+                "--queue",
+                &setup.queue,
+                "--no-enable-events",
+            ],
             dir.path(),
         );
         until_listening(setup.broker.as_ref(), &url).await;
@@ -242,7 +253,10 @@ fn the_dashboard_lists_a_rabbitmq_worker_and_its_task_in_chromium() {
         let shown = task(&state, &add.id).expect("the task in the state");
         assert_eq!(shown["result"], "5", "{shown:#}");
         assert_eq!(shown["args"], "(2, 3)", "{shown:#}");
-        assert!(shown["runtime"].as_f64().is_some_and(|r| r > 0.0), "{shown:#}");
+        assert!(
+            shown["runtime"].as_f64().is_some_and(|r| r > 0.0),
+            "{shown:#}"
+        );
         let me = worker(&state, &node).expect("the worker in the state");
         assert_eq!(me["online"], true, "{me:#}");
         assert_eq!(me["sw_ident"], "wasmq", "{me:#}");
@@ -257,8 +271,12 @@ fn the_dashboard_lists_a_rabbitmq_worker_and_its_task_in_chromium() {
         assert_eq!(queue["length"], 0, "{queue:#}");
 
         let dom = render(&chromium, &url, None).await;
-        assert!(dom.contains("data-rendered=\"1\""), "the script did not run:\n{dom}");
-        let worker_row = row(&dom, "workers", &node).unwrap_or_else(|| panic!("no worker row:\n{dom}"));
+        assert!(
+            dom.contains("data-rendered=\"1\""),
+            "the script did not run:\n{dom}"
+        );
+        let worker_row =
+            row(&dom, "workers", &node).unwrap_or_else(|| panic!("no worker row:\n{dom}"));
         assert!(worker_row.contains("online"), "{worker_row}");
         let task_row = row(&dom, "tasks", &add.id).unwrap_or_else(|| panic!("no task row:\n{dom}"));
         for needle in ["math.add", "SUCCESS", "(2, 3)", &node] {
@@ -269,7 +287,10 @@ fn the_dashboard_lists_a_rabbitmq_worker_and_its_task_in_chromium() {
             failed.contains("FAILURE") && failed.contains("ZeroDivisionError"),
             "{failed}"
         );
-        assert!(row(&dom, "queues", &setup.queue).is_some(), "no queue row:\n{dom}");
+        assert!(
+            row(&dom, "queues", &setup.queue).is_some(),
+            "no queue row:\n{dom}"
+        );
 
         running.stop().await;
         let state = wait_for_state(&url, Duration::from_secs(10), |s| {
@@ -308,7 +329,12 @@ fn the_dashboard_reads_the_embedded_database_in_chromium() {
             let client = queue.client.clone();
             async move {
                 client
-                    .send_task(task, args.as_array().cloned().unwrap(), serde_json::Map::new(), options)
+                    .send_task(
+                        task,
+                        args.as_array().cloned().unwrap(),
+                        serde_json::Map::new(),
+                        options,
+                    )
                     .await
                     .unwrap()
             }
@@ -318,7 +344,12 @@ fn the_dashboard_reads_the_embedded_database_in_chromium() {
         assert_eq!(add.get(Duration::from_secs(30)).await.unwrap(), json!(42));
         let (_dashboard, url) = start_dashboard(&["--broker", &queue.url], queue.dir.path());
         // One more while it watches, and one the sandbox stops at its time limit.
-        let upper = send("text.slugify", json!(["Hello Wasm"]), SendOptions::default()).await;
+        let upper = send(
+            "text.slugify",
+            json!(["Hello Wasm"]),
+            SendOptions::default(),
+        )
+        .await;
         let spin = send(
             "hostile.spin",
             json!([]),
@@ -328,7 +359,10 @@ fn the_dashboard_reads_the_embedded_database_in_chromium() {
             },
         )
         .await;
-        assert_eq!(upper.get(Duration::from_secs(30)).await.unwrap(), json!("hello-wasm"));
+        assert_eq!(
+            upper.get(Duration::from_secs(30)).await.unwrap(),
+            json!("hello-wasm")
+        );
         assert!(spin.get(Duration::from_secs(30)).await.is_err());
         let state = wait_for_state(&url, Duration::from_secs(20), |s| {
             task(s, &upper.id).is_some_and(|t| t["state"] == "SUCCESS")
@@ -347,15 +381,23 @@ fn the_dashboard_reads_the_embedded_database_in_chromium() {
 
         let screenshot = std::env::var_os("WASMQ_DASHBOARD_SCREENSHOT").map(PathBuf::from);
         let dom = render(&chromium, &url, screenshot.as_deref()).await;
-        assert!(dom.contains("data-rendered=\"1\""), "the script did not run:\n{dom}");
-        let worker_row = row(&dom, "workers", node).unwrap_or_else(|| panic!("no worker row:\n{dom}"));
-        assert!(worker_row.contains("online") && worker_row.contains("time 1"), "{worker_row}");
+        assert!(
+            dom.contains("data-rendered=\"1\""),
+            "the script did not run:\n{dom}"
+        );
+        let worker_row =
+            row(&dom, "workers", node).unwrap_or_else(|| panic!("no worker row:\n{dom}"));
+        assert!(
+            worker_row.contains("online") && worker_row.contains("time 1"),
+            "{worker_row}"
+        );
         for (id, needles) in [
             (&add.id, ["math.add", "SUCCESS", "42"]),
             (&upper.id, ["text.slugify", "SUCCESS", "hello-wasm"]),
             (&spin.id, ["hostile.spin", "FAILURE", "TimeLimitExceeded"]),
         ] {
-            let task_row = row(&dom, "tasks", id).unwrap_or_else(|| panic!("no row for {id}:\n{dom}"));
+            let task_row =
+                row(&dom, "tasks", id).unwrap_or_else(|| panic!("no row for {id}:\n{dom}"));
             for needle in needles {
                 assert!(task_row.contains(needle), "{needle} missing: {task_row}");
             }

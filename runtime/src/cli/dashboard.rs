@@ -55,12 +55,12 @@ pub(super) async fn run(args: DashboardArgs) -> Result<(), Failure> {
     let (bound, server) = crate::dashboard::bind(args.listen, broker, options, async {
         super::process::wait_for_signal().await;
     })
-        .await
-        .map_err(|e| match e {
-            DashboardError::Bind { .. } => Failure::bad_input(format!("--listen: {e:#}")),
-            DashboardError::NoEvents(_) => Failure::bad_input(e),
-            DashboardError::Events(_) => Failure::internal(anyhow::Error::new(e)),
-        })?;
+    .await
+    .map_err(|e| match e {
+        DashboardError::Bind { .. } => Failure::bad_input(format!("--listen: {e:#}")),
+        DashboardError::NoEvents(_) => Failure::bad_input(e),
+        DashboardError::Events(_) => Failure::internal(anyhow::Error::new(e)),
+    })?;
     println!("dashboard: http://{bound}/");
     server.await;
     Ok(())

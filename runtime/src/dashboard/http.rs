@@ -37,8 +37,14 @@ pub(super) struct Shared {
 pub(super) fn router(shared: Shared) -> Router {
     Router::new()
         .route("/", get(|| async { Html(INDEX) }))
-        .route("/app.js", get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }))
-        .route("/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE) }))
+        .route(
+            "/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }),
+        )
+        .route(
+            "/style.css",
+            get(|| async { asset("text/css; charset=utf-8", STYLE) }),
+        )
         .route("/api/state", get(api_state))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(shared)

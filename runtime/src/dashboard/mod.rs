@@ -8,12 +8,12 @@
 //! * **events** ([`Broker::events_with_backlog`]): on RabbitMQ a `celeryev.<uuid>` queue of
 //!   its own, as Celery's `EventReceiver`; on the embedded broker the database's `events`
 //!   table, read from the newest [`EVENT_BACKLOG`] messages on, so the recent past shows
-//!   after a restart. They feed the in-memory [`state`] (bounded: the latest N tasks, two
+//!   after a restart. They feed the in-memory picture (`state.rs`) (bounded: the latest N tasks, two
 //!   minutes of charts);
-//! * **polling** ([`poll`]): queue lengths and dead letters from the broker (the embedded
+//! * **polling** (`poll.rs`): queue lengths and dead letters from the broker (the embedded
 //!   file's tables, or passive declares and a look on RabbitMQ), and on RabbitMQ Celery's
 //!   `inspect stats|active_queues|active` and Flower's `enable_events` broadcast;
-//! * **the page** ([`http`]): one HTML file, a stylesheet and ~250 lines of script compiled
+//! * **the page** (`http.rs`): one HTML file, a stylesheet and ~250 lines of script compiled
 //!   into the binary (`include_str!`), no build step and nothing fetched from elsewhere;
 //!   the script polls `/api/state` every two seconds and draws tables and SVG charts.
 //!
@@ -27,6 +27,7 @@
 
 mod http;
 mod poll;
+mod series;
 mod state;
 
 use std::future::Future;
@@ -125,11 +126,7 @@ pub async fn bind(
             }
         })
     };
-    let polling = tokio::spawn(poll::run(
-        Arc::clone(&broker),
-        Arc::clone(&state),
-        options,
-    ));
+    let polling = tokio::spawn(poll::run(Arc::clone(&broker), Arc::clone(&state), options));
     let app = http::router(http::Shared {
         state,
         broker: broker.describe(),

@@ -1,9 +1,10 @@
 //! What the dashboard asks for rather than hears: queue lengths (a passive declare on
-//! RabbitMQ, a count in the embedded file), dead letters (a look that gives every message
-//! back), and — where the broker carries remote control — Celery's `inspect stats`,
-//! `active_queues` and `active`, answered by wasmq and Python workers alike. Like Flower,
-//! it also broadcasts `enable_events` (unless told not to), so workers started without
-//! `-E` send task events too.
+//! RabbitMQ, a count in the embedded file), dead letters (on RabbitMQ a look that takes
+//! each message and gives it back, so only of the queues named to the dashboard; on the
+//! embedded broker of every queue in the file), and — where the broker carries remote
+//! control — Celery's `inspect stats`, `active_queues` and `active`, answered by wasmq and
+//! Python workers alike. Like Flower, it also broadcasts `enable_events` (unless told not
+//! to), so workers started without `-E` send task events too.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +22,11 @@ const DEAD_LETTERS_SHOWN: usize = 50;
 /// Polls until the task is aborted: queue lengths every `refresh`, the rest every third
 /// round (dead letters are a look at every message; inspect is a broadcast every worker
 /// answers).
-pub(super) async fn run(broker: Arc<dyn Broker>, state: Arc<Mutex<State>>, options: DashboardOptions) {
+pub(super) async fn run(
+    broker: Arc<dyn Broker>,
+    state: Arc<Mutex<State>>,
+    options: DashboardOptions,
+) {
     let mut remote_control = true;
     for round in 0_u64.. {
         let queues = {
@@ -36,7 +41,11 @@ pub(super) async fn run(broker: Arc<dyn Broker>, state: Arc<Mutex<State>>, optio
             for queue in &more {
                 state.add_queue(queue);
             }
-            if more.is_empty() { queues } else { state.queue_names() }
+            if more.is_empty() {
+                queues
+            } else {
+                state.queue_names()
+            }
         };
         let mut failure = None;
         for queue in &queues {
@@ -47,8 +56,13 @@ pub(super) async fn run(broker: Arc<dyn Broker>, state: Arc<Mutex<State>>, optio
         }
         record(&state, "queue lengths", failure);
         if round % 3 == 0 {
+            // On RabbitMQ a look at dead letters takes each message and gives it back: only
+            // the queues named to the dashboard are looked at, not every queue a worker
+            // consumes. The embedded broker's list is a read of its own table.
+            let mut named = options.queues.clone();
+            named.extend(more.iter().filter(|q| !options.queues.contains(q)).cloned());
             let mut failure = None;
-            for queue in &queues {
+            for queue in &named {
                 if let Err(error) = dead_letters(broker.as_ref(), &state, queue).await {
                     failure = Some(format!("{queue}: {error}"));
                 }
@@ -107,7 +121,8 @@ async fn inspect(broker: &dyn Broker, state: &Mutex<State>, options: &DashboardO
         };
         async move { (method, broker.broadcast_control(&broadcast).await) }
     };
-    let answers = futures_util::future::join_all([ask("stats"), ask("active_queues"), ask("active")]).await;
+    let answers =
+        futures_util::future::join_all([ask("stats"), ask("active_queues"), ask("active")]).await;
     let mut failure = None;
     for (method, answer) in answers {
         match answer {
@@ -133,5 +148,7 @@ fn record(state: &Mutex<State>, source: &str, error: Option<String>) {
 /// The state, even after a panic elsewhere poisoned its lock (it stays consistent: every
 /// update is a few field writes).
 pub(super) fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -3,8 +3,8 @@
 //! inspect replies add what events do not carry (a worker's concurrency, the queues it
 //! consumes, the tasks it runs now), and the poller adds queue lengths and dead letters.
 //!
-//! It is bounded: the latest [`State::new`]`(kept)` tasks, the last [`SERIES_SECONDS`]
-//! seconds of throughput and runtime, and workers gone for [`FORGET_OFFLINE_AFTER`]
+//! It is bounded: the latest [`State::new`]`(kept)` tasks, the last two minutes of
+//! throughput and runtime, and workers gone for [`FORGET_OFFLINE_AFTER`]
 //! seconds are dropped (Flower keeps a stopped worker listed forever).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -12,11 +12,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
+use super::series::Series;
 use crate::broker::DeadLetter;
 use crate::protocol::events::Event;
-
-/// Seconds of throughput and runtime the charts show, one bucket a second.
-pub(super) const SERIES_SECONDS: i64 = 120;
 
 /// A worker offline (or silent) this many seconds is no longer listed.
 pub(super) const FORGET_OFFLINE_AFTER: f64 = 300.0;
@@ -93,16 +91,6 @@ pub(super) struct TaskView {
     timestamp: f64,
 }
 
-/// One second of the charts.
-#[derive(Debug, Clone, Copy, Default)]
-struct Bucket {
-    succeeded: u32,
-    failed: u32,
-    runtime_sum: f64,
-    runtime_max: f64,
-    runtimes: u32,
-}
-
 /// A queue the dashboard shows, with what the poller last read.
 #[derive(Debug, Clone, Default, Serialize)]
 pub(super) struct QueueView {
@@ -123,7 +111,7 @@ pub(super) struct State {
     /// Task ids, oldest first, for eviction.
     order: VecDeque<String>,
     kept: usize,
-    buckets: BTreeMap<i64, Bucket>,
+    series: Series,
     /// Queues named by flags, workers and events.
     queue_names: BTreeSet<String>,
     lengths: HashMap<String, u64>,
@@ -193,7 +181,10 @@ impl State {
         self.events_seen += 1;
         let fields = event.fields();
         let hostname = text(fields, "hostname").unwrap_or_default();
-        let timestamp = fields.get("timestamp").and_then(Value::as_f64).unwrap_or(0.0);
+        let timestamp = fields
+            .get("timestamp")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0);
         let kind = event.kind();
         if kind.starts_with("worker-") {
             self.apply_worker(kind, &hostname, timestamp, fields);
@@ -262,7 +253,10 @@ impl State {
         });
         // Events of one task may arrive out of order (batches, two brokers' clocks): an
         // ended task is not taken back to RECEIVED or STARTED by an older event.
-        let ended = matches!(task.state.as_str(), "SUCCESS" | "FAILURE" | "REVOKED" | "REJECTED");
+        let ended = matches!(
+            task.state.as_str(),
+            "SUCCESS" | "FAILURE" | "REVOKED" | "REJECTED"
+        );
         let progress = matches!(state, "PENDING" | "RECEIVED" | "STARTED");
         if !(ended && progress && at <= task.timestamp) {
             task.state = state.to_owned();
@@ -271,7 +265,7 @@ impl State {
         if !hostname.is_empty() && state != "PENDING" {
             task.hostname = Some(hostname.to_owned());
         }
-        let mut set = |slot: &mut Option<String>, key: &str| {
+        let set = |slot: &mut Option<String>, key: &str| {
             if let Some(value) = text(fields, key) {
                 *slot = Some(value);
             }
@@ -300,7 +294,7 @@ impl State {
             self.add_queue(&queue);
         }
         if state == "SUCCESS" || state == "FAILURE" {
-            self.count(state, at, runtime);
+            self.series.count(state == "SUCCESS", at, runtime);
             if !hostname.is_empty() {
                 let worker = self.worker(hostname);
                 if state == "SUCCESS" {
@@ -315,21 +309,6 @@ impl State {
                     }
                 }
             }
-        }
-    }
-
-    fn count(&mut self, state: &str, at: f64, runtime: Option<f64>) {
-        let second = at.floor() as i64;
-        let bucket = self.buckets.entry(second).or_default();
-        if state == "SUCCESS" {
-            bucket.succeeded += 1;
-        } else {
-            bucket.failed += 1;
-        }
-        if let Some(runtime) = runtime {
-            bucket.runtime_sum += runtime;
-            bucket.runtime_max = bucket.runtime_max.max(runtime);
-            bucket.runtimes += 1;
         }
     }
 
@@ -370,8 +349,7 @@ impl State {
     pub(super) fn prune(&mut self, now: f64) {
         self.workers
             .retain(|_, worker| now - worker.last_seen < FORGET_OFFLINE_AFTER);
-        let oldest = now.floor() as i64 - SERIES_SECONDS;
-        self.buckets.retain(|second, _| *second > oldest);
+        self.series.prune(now);
     }
 
     /// The picture as `/api/state` serves it, at `now` (Unix seconds), with the newest
@@ -426,7 +404,7 @@ impl State {
             "task_counts": counts,
             "tasks_kept": self.tasks.len(),
             "dead_letters": dead_letters,
-            "series": self.series(now),
+            "series": self.series.to_json(now),
             "errors": self.errors,
         })
     }
@@ -435,12 +413,18 @@ impl State {
         // Celery's rule (`heartbeat_expires`): alive while the last heartbeat is younger than
         // twice its interval; a worker without heartbeats counts as alive for a minute after
         // it was last heard of (an inspect reply, a task event).
-        let window = if worker.freq > 0.0 { 2.0 * worker.freq } else { 60.0 };
+        let window = if worker.freq > 0.0 {
+            2.0 * worker.freq
+        } else {
+            60.0
+        };
         let online = !worker.offline && now - worker.last_seen <= window.max(2.0);
         let mut running: Vec<Value> = self
             .tasks
             .values()
-            .filter(|t| t.state == "STARTED" && t.hostname.as_deref() == Some(&worker.hostname))
+            .filter(|t| {
+                t.state == "STARTED" && t.hostname.as_deref() == Some(worker.hostname.as_str())
+            })
             .map(|t| json!({"id": t.uuid, "name": t.name, "args": t.args, "started": t.started}))
             .collect();
         for task in &worker.inspected_running {
@@ -474,42 +458,17 @@ impl State {
         }
         view
     }
-
-    /// One value a second for the last [`SERIES_SECONDS`] seconds, oldest first.
-    fn series(&self, now: f64) -> Value {
-        let end = now.floor() as i64;
-        let start = end - SERIES_SECONDS + 1;
-        let (mut throughput, mut failed, mut mean, mut max) = (vec![], vec![], vec![], vec![]);
-        for second in start..=end {
-            let bucket = self.buckets.get(&second).copied().unwrap_or_default();
-            throughput.push(bucket.succeeded + bucket.failed);
-            failed.push(bucket.failed);
-            let ms = |s: f64| (s * 1e6).round() / 1e3;
-            if bucket.runtimes > 0 {
-                mean.push(Value::from(ms(bucket.runtime_sum / f64::from(bucket.runtimes))));
-                max.push(Value::from(ms(bucket.runtime_max)));
-            } else {
-                mean.push(Value::Null);
-                max.push(Value::Null);
-            }
-        }
-        json!({
-            "start": start,
-            "step": 1,
-            "throughput": throughput,
-            "failed": failed,
-            "runtime_mean_ms": mean,
-            "runtime_max_ms": max,
-        })
-    }
 }
 
 /// Which sandbox limit a failed task's exception (`TimeLimitExceeded('… fuel …')`) means,
 /// if any.
 fn limit_of(exception: &str) -> Option<&'static str> {
     let kind = exception.split('(').next().unwrap_or_default();
-    let (_, limit) = LIMIT_EXCEPTIONS.iter().find(|(name, _)| *name == kind)?;
-    if *limit == "time" && exception.contains("fuel") {
+    let limit = LIMIT_EXCEPTIONS
+        .iter()
+        .find(|(name, _)| *name == kind)
+        .map(|(_, limit)| *limit)?;
+    if limit == "time" && exception.contains("fuel") {
         return Some("fuel");
     }
     Some(limit)
@@ -524,126 +483,4 @@ fn text(fields: &Map<String, Value>, key: &str) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn event(kind: &str, host: &str, at: f64, fields: Value) -> Event {
-        let mut event = Event::new(kind, fields);
-        event.stamp(host, at, 1, 1);
-        event
-    }
-
-    #[test]
-    fn a_task_is_merged_from_its_events_and_counted_on_its_worker() {
-        let mut state = State::new(10, &["celery".into()]);
-        state.apply(&event(
-            "worker-heartbeat",
-            "wasmq@a",
-            100.0,
-            json!({"freq": 2.0, "active": 1, "processed": 7, "loadavg": [0.5, 0.25, 0.1], "sw_ident": "wasmq"}),
-        ));
-        state.apply(&event(
-            "task-received",
-            "wasmq@a",
-            100.1,
-            json!({"uuid": "t1", "name": "math.add", "args": "(2, 3)", "kwargs": "{}", "queue": "q1"}),
-        ));
-        state.apply(&event("task-started", "wasmq@a", 100.2, json!({"uuid": "t1"})));
-        let running = state.snapshot(100.3, 10);
-        assert_eq!(running["workers"][0]["running"][0]["id"], "t1");
-        state.apply(&event(
-            "task-succeeded",
-            "wasmq@a",
-            100.4,
-            json!({"uuid": "t1", "result": "5", "runtime": 0.002}),
-        ));
-        // An older event arriving late does not take it back.
-        state.apply(&event("task-started", "wasmq@a", 100.2, json!({"uuid": "t1"})));
-        let snapshot = state.snapshot(101.0, 10);
-        let task = &snapshot["tasks"][0];
-        assert_eq!(task["state"], "SUCCESS");
-        assert_eq!(task["name"], "math.add");
-        assert_eq!(task["args"], "(2, 3)");
-        assert_eq!(task["result"], "5");
-        assert_eq!(task["runtime"], 0.002);
-        let worker = &snapshot["workers"][0];
-        assert_eq!(worker["online"], true);
-        assert_eq!(worker["succeeded"], 1);
-        assert_eq!(worker["running"].as_array().unwrap().len(), 0);
-        let queues: Vec<&str> = snapshot["queues"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|q| q["name"].as_str().unwrap())
-            .collect();
-        assert_eq!(queues, ["celery", "q1"]);
-        let series = &snapshot["series"];
-        assert_eq!(series["throughput"].as_array().unwrap().len(), 120);
-        assert_eq!(series["throughput"][118], 1, "{series}");
-        assert_eq!(series["runtime_mean_ms"][118], 2.0);
-        // Past twice its heartbeat interval, a silent worker is offline; later it goes.
-        assert_eq!(state.snapshot(104.5, 10)["workers"][0]["online"], false);
-        state.prune(100.0 + FORGET_OFFLINE_AFTER + 1.0);
-        assert!(state.snapshot(500.0, 10)["workers"].as_array().unwrap().is_empty());
-    }
-
-    #[test]
-    fn limit_failures_are_counted_by_limit_and_only_for_wasmq_workers() {
-        let mut state = State::new(10, &[]);
-        state.apply(&event("worker-online", "wasmq@a", 1.0, json!({"sw_ident": "wasmq", "freq": 2.0})));
-        state.apply(&event("worker-online", "celery@py", 1.0, json!({"sw_ident": "py-celery", "freq": 2.0})));
-        let fail = |id: &str, host: &str, exception: &str| {
-            event("task-failed", host, 2.0, json!({"uuid": id, "exception": exception}))
-        };
-        state.apply(&fail("a", "wasmq@a", "TimeLimitExceeded('hostile.spin ran out of fuel (budget 1)')"));
-        state.apply(&fail("b", "wasmq@a", "TimeLimitExceeded(0.2)"));
-        state.apply(&fail("c", "wasmq@a", "MemoryError('hostile.hog exceeded its memory limit')"));
-        state.apply(&fail("d", "wasmq@a", "ZeroDivisionError('division by zero')"));
-        state.apply(&fail("e", "celery@py", "TimeLimitExceeded(1.0)"));
-        let snapshot = state.snapshot(2.5, 10);
-        let wasmq = &snapshot["workers"][1];
-        assert_eq!(wasmq["hostname"], "wasmq@a");
-        assert_eq!(wasmq["limit_hits"], json!({"fuel": 1, "time": 1, "memory": 1}));
-        assert_eq!(wasmq["limit_hits_total"], 3);
-        assert_eq!(wasmq["failed"], 4);
-        assert_eq!(snapshot["workers"][0]["limit_hits_total"], 0);
-    }
-
-    #[test]
-    fn only_the_latest_tasks_are_kept_and_inspect_replies_fill_in_workers() {
-        let mut state = State::new(3, &[]);
-        for i in 0..5 {
-            state.apply(&event(
-                "task-received",
-                "wasmq@a",
-                f64::from(i),
-                json!({"uuid": format!("t{i}"), "name": "math.add"}),
-            ));
-        }
-        let snapshot = state.snapshot(5.0, 10);
-        let ids: Vec<&str> = snapshot["tasks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t["uuid"].as_str().unwrap())
-            .collect();
-        assert_eq!(ids, ["t4", "t3", "t2"]);
-        state.apply_inspect("stats", "celery@py", &json!({"pool": {"max-concurrency": 4}}), 5.0);
-        state.apply_inspect("active_queues", "celery@py", &json!([{"name": "reports"}]), 5.0);
-        state.apply_inspect(
-            "active",
-            "celery@py",
-            &json!([{"id": "x", "name": "proj.slow", "args": [1], "time_start": 4.0}]),
-            5.0,
-        );
-        let snapshot = state.snapshot(5.5, 10);
-        let py = &snapshot["workers"][0];
-        assert_eq!(py["hostname"], "celery@py");
-        assert_eq!(py["online"], true);
-        assert_eq!(py["concurrency"], 4);
-        assert_eq!(py["running"][0]["id"], "x");
-        assert_eq!(py["running"][0]["args"], "[1]");
-        assert_eq!(snapshot["queues"][0]["name"], "reports");
-        assert_eq!(snapshot["queues"][0]["consumers"][0], "celery@py");
-    }
-}
+mod tests;

@@ -58,7 +58,9 @@ pub(super) async fn listen(
     let newest: i64 = db
         .run(|conn| conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0)))
         .await?;
-    let mut after = newest.saturating_sub(i64::try_from(backlog).unwrap_or(i64::MAX)).max(0);
+    let mut after = newest
+        .saturating_sub(i64::try_from(backlog).unwrap_or(i64::MAX))
+        .max(0);
     let (sender, receiver) = mpsc::channel(1024);
     let db = db.clone();
     tokio::spawn(async move {
