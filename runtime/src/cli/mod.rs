@@ -145,6 +145,8 @@ pub fn main() -> ExitCode {
         // publishes follow-ups and rpc replies `mandatory` and logs a returned one itself.
         Command::Worker(_) => "info,lapin::returned_messages=error",
         Command::Demo(_) | Command::Bench { .. } => "off",
+        // lapin logs every passive declare of a queue that does not exist (yet) as an error.
+        Command::Dashboard(_) => "warn,lapin::channel=off",
         _ => "warn,wasmq::guest=info",
     };
     logging::init(cli.log_format, default_log);

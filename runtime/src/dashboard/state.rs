@@ -155,7 +155,7 @@ impl State {
         self.dead_letters.retain(|letter| letter.queue != queue);
         self.dead_letters.extend(letters);
         self.dead_letters
-            .sort_by(|a, b| b.dead_at_ms.cmp(&a.dead_at_ms));
+            .sort_by_key(|letter| std::cmp::Reverse(letter.dead_at_ms));
         self.dead_letters.truncate(50);
     }
 
