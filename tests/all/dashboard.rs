@@ -244,6 +244,15 @@ fn the_dashboard_lists_a_rabbitmq_worker_and_its_task_in_chromium() {
             .await;
         assert_eq!(add.get(Duration::from_secs(30)).await.unwrap(), json!(5));
         assert!(div.get(Duration::from_secs(30)).await.is_err());
+        let finished = std::time::Instant::now();
+        wait_for_state(&url, Duration::from_secs(20), |s| {
+            task(s, &div.id).is_some_and(|t| t["state"] == "FAILURE")
+        })
+        .await;
+        eprintln!(
+            "the dashboard showed the failure {:?} after the client had it",
+            finished.elapsed()
+        );
         let state = wait_for_state(&url, Duration::from_secs(20), |s| {
             task(s, &add.id).is_some_and(|t| t["state"] == "SUCCESS")
                 && task(s, &div.id).is_some_and(|t| t["state"] == "FAILURE")

@@ -373,12 +373,7 @@ impl State {
                 name: name.clone(),
                 length: self.lengths.get(name).copied(),
                 dead: self.dead_counts.get(name).copied(),
-                consumers: self
-                    .workers
-                    .values()
-                    .filter(|w| w.queues.contains(name))
-                    .map(|w| w.hostname.clone())
-                    .collect(),
+                consumers: self.consumers(name),
             })
             .collect();
         let dead_letters: Vec<Value> = self
@@ -407,6 +402,26 @@ impl State {
             "series": self.series.to_json(now),
             "errors": self.errors,
         })
+    }
+
+    /// The listed workers that consume `queue`: by their `active_queues` reply, or (where
+    /// there is no remote control) because they received one of its kept tasks.
+    fn consumers(&self, queue: &str) -> Vec<String> {
+        let mut names: BTreeSet<&str> = self
+            .workers
+            .values()
+            .filter(|w| w.queues.iter().any(|q| q == queue))
+            .map(|w| w.hostname.as_str())
+            .collect();
+        for task in self.tasks.values() {
+            if task.queue.as_deref() == Some(queue)
+                && let Some(host) = task.hostname.as_deref()
+                && self.workers.contains_key(host)
+            {
+                names.insert(host);
+            }
+        }
+        names.into_iter().map(str::to_owned).collect()
     }
 
     fn worker_json(&self, worker: &WorkerView, now: f64) -> Value {

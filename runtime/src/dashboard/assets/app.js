@@ -60,7 +60,8 @@ function renderWorkers(state) {
       td(pill(w.online ? "online" : "offline")),
       td((w.sw_ident || "?") + " " + (w.sw_ver || "")),
       td(w.active, "num"),
-      td(w.concurrency === null || w.concurrency === undefined ? "" : w.concurrency, "num"),
+      td(w.concurrency === null || w.concurrency === undefined ? "–" : w.concurrency, "num",
+        "task slots, from inspect stats (none on the embedded broker)"),
       td(w.processed, "num"),
       td((w.loadavg || []).map((x) => x.toFixed(2)).join(" "), "num"),
       td(running.length ? running.join(", ") : "idle", "mono clip", running.join("\n")),
@@ -122,7 +123,7 @@ function renderCards(state) {
     [online + " / " + state.workers.length, "workers online"],
     [waiting, "messages waiting"],
     [rate.toFixed(1) + "/s", "throughput, last 10 s"],
-    [(counts.SUCCESS || 0) + " / " + (counts.FAILURE || 0), "succeeded / failed (latest " + state.tasks_kept + ")"],
+    [(counts.SUCCESS || 0) + " / " + (counts.FAILURE || 0), "succeeded / failed, latest " + state.tasks_kept],
     [hits, "sandbox limit hits"],
     [state.dead_letters.length, "dead letters"],
   ];

@@ -62,6 +62,7 @@ fn a_task_is_merged_from_its_events_and_counted_on_its_worker() {
         .map(|q| q["name"].as_str().unwrap())
         .collect();
     assert_eq!(queues, ["celery", "q1"]);
+    assert_eq!(snapshot["queues"][1]["consumers"], json!(["wasmq@a"]));
     let series = &snapshot["series"];
     assert_eq!(series["throughput"].as_array().unwrap().len(), 120);
     assert_eq!(series["throughput"][118], 1, "{series}");
