@@ -4,8 +4,9 @@
 //! * `GET /` — the page (`assets/index.html`);
 //! * `GET /app.js`, `GET /style.css` — its script (tables and SVG charts, no library) and
 //!   style;
-//! * `GET /api/state?tasks=N` — the whole picture as JSON, with the newest N tasks (default
-//!   100);
+//! * `GET /api/state?tasks=N&search=TEXT` — the whole picture as JSON, with the newest N
+//!   tasks (default 100), only those with TEXT in their id, name, state, worker, arguments,
+//!   result or error when a search is given;
 //! * `GET /healthz` — 200 while the process answers.
 
 use std::sync::{Arc, Mutex};
@@ -62,14 +63,18 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 async fn api_state(With(shared): With<Shared>, uri: Uri) -> Response {
-    let tasks = uri
-        .query()
-        .unwrap_or_default()
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("tasks="))
+    let parameter = |name: &str| {
+        uri.query()
+            .unwrap_or_default()
+            .split('&')
+            .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+            .map(percent_decoded)
+    };
+    let tasks = parameter("tasks")
         .and_then(|n| n.parse().ok())
         .unwrap_or(100);
-    let mut snapshot = lock(&shared.state).snapshot(now(), tasks);
+    let search = parameter("search").filter(|text| !text.is_empty());
+    let mut snapshot = lock(&shared.state).snapshot(now(), tasks, search.as_deref());
     if let serde_json::Value::Object(map) = &mut snapshot {
         map.insert("broker".into(), shared.broker.clone().into());
         map.insert("version".into(), env!("CARGO_PKG_VERSION").into());
@@ -82,4 +87,41 @@ async fn api_state(With(shared): With<Shared>, uri: Uri) -> Response {
         snapshot.to_string(),
     )
         .into_response()
+}
+
+/// A query-string value decoded: `+` is a space, `%XX` a byte (invalid UTF-8 replaced).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |at: usize| {
+            bytes
+                .get(at)
+                .and_then(|b| char::from(*b).to_digit(16))
+                .map(|d| d as u8)
+        };
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if hex(i + 1).is_some() && hex(i + 2).is_some() => {
+                out.push(hex(i + 1).unwrap_or(0) * 16 + hex(i + 2).unwrap_or(0));
+                i += 2;
+            }
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decoded;
+
+    #[test]
+    fn query_values_are_decoded() {
+        assert_eq!(percent_decoded("wasmq%40host+1"), "wasmq@host 1");
+        assert_eq!(percent_decoded("100%"), "100%");
+        assert_eq!(percent_decoded("%C3%A9"), "é");
+    }
 }

@@ -13,7 +13,7 @@
 //! * **polling** (`poll.rs`): queue lengths and dead letters from the broker (the embedded
 //!   file's tables, or passive declares and a look on RabbitMQ), and on RabbitMQ Celery's
 //!   `inspect stats|active_queues|active` and Flower's `enable_events` broadcast;
-//! * **the page** (`http.rs`): one HTML file, a stylesheet and ~250 lines of script compiled
+//! * **the page** (`http.rs`): one HTML file, a stylesheet and about 200 lines of script compiled
 //!   into the binary (`include_str!`), no build step and nothing fetched from elsewhere;
 //!   the script polls `/api/state` every two seconds and draws tables and SVG charts.
 //!

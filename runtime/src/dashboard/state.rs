@@ -91,6 +91,27 @@ pub(super) struct TaskView {
     timestamp: f64,
 }
 
+impl TaskView {
+    /// Whether `text` is part of its id, name, state, worker, arguments, result or error
+    /// (the page's search box).
+    fn matches(&self, text: &str) -> bool {
+        let fields = [
+            Some(&self.uuid),
+            self.name.as_ref(),
+            Some(&self.state),
+            self.hostname.as_ref(),
+            self.args.as_ref(),
+            self.kwargs.as_ref(),
+            self.result.as_ref(),
+            self.exception.as_ref(),
+        ];
+        fields
+            .into_iter()
+            .flatten()
+            .any(|field| field.contains(text))
+    }
+}
+
 /// A queue the dashboard shows, with what the poller last read.
 #[derive(Debug, Clone, Default, Serialize)]
 pub(super) struct QueueView {
@@ -354,8 +375,12 @@ impl State {
 
     /// The picture as `/api/state` serves it, at `now` (Unix seconds), with the newest
     /// `tasks` tasks.
-    pub(super) fn snapshot(&self, now: f64, tasks: usize) -> Value {
-        let mut newest: Vec<&TaskView> = self.tasks.values().collect();
+    pub(super) fn snapshot(&self, now: f64, tasks: usize, search: Option<&str>) -> Value {
+        let mut newest: Vec<&TaskView> = self
+            .tasks
+            .values()
+            .filter(|task| search.is_none_or(|text| task.matches(text)))
+            .collect();
         newest.sort_by(|a, b| b.timestamp.total_cmp(&a.timestamp));
         let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
         for task in self.tasks.values() {

@@ -96,7 +96,7 @@ function renderTasks(state) {
       td(ago(t.timestamp, state.now)),
     ];
   });
-  fill(document.getElementById("tasks"), rows, 8,
+  fill(document.getElementById("tasks"), rows, 8, search.value ? "No task matches." :
     "No task events yet (workers send them with -E, or once the dashboard switched them on).");
 }
 
@@ -194,9 +194,19 @@ function render(state) {
   document.body.dataset.rendered = "1";
 }
 
+// The search box filters the tasks; `/?search=TEXT` opens the page with it filled in.
+const search = document.getElementById("search");
+search.value = new URLSearchParams(location.search).get("search") || "";
+search.addEventListener("change", () => {
+  const url = new URL(location.href);
+  if (search.value) url.searchParams.set("search", search.value); else url.searchParams.delete("search");
+  history.replaceState(null, "", url);
+});
+
 async function refresh() {
   try {
-    const response = await fetch("/api/state?tasks=100", { cache: "no-store" });
+    const query = "tasks=100" + (search.value ? "&search=" + encodeURIComponent(search.value) : "");
+    const response = await fetch("/api/state?" + query, { cache: "no-store" });
     if (!response.ok) throw new Error("HTTP " + response.status);
     render(await response.json());
   } catch (error) {

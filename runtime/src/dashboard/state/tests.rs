@@ -29,7 +29,7 @@ fn a_task_is_merged_from_its_events_and_counted_on_its_worker() {
         100.2,
         json!({"uuid": "t1"}),
     ));
-    let running = state.snapshot(100.3, 10);
+    let running = state.snapshot(100.3, 10, None);
     assert_eq!(running["workers"][0]["running"][0]["id"], "t1");
     state.apply(&event(
         "task-succeeded",
@@ -44,7 +44,7 @@ fn a_task_is_merged_from_its_events_and_counted_on_its_worker() {
         100.2,
         json!({"uuid": "t1"}),
     ));
-    let snapshot = state.snapshot(101.0, 10);
+    let snapshot = state.snapshot(101.0, 10, None);
     let task = &snapshot["tasks"][0];
     assert_eq!(task["state"], "SUCCESS");
     assert_eq!(task["name"], "math.add");
@@ -68,10 +68,13 @@ fn a_task_is_merged_from_its_events_and_counted_on_its_worker() {
     assert_eq!(series["throughput"][118], 1, "{series}");
     assert_eq!(series["runtime_mean_ms"][118], 2.0);
     // Past twice its heartbeat interval, a silent worker is offline; later it goes.
-    assert_eq!(state.snapshot(104.5, 10)["workers"][0]["online"], false);
+    assert_eq!(
+        state.snapshot(104.5, 10, None)["workers"][0]["online"],
+        false
+    );
     state.prune(100.0 + FORGET_OFFLINE_AFTER + 1.0);
     assert!(
-        state.snapshot(500.0, 10)["workers"]
+        state.snapshot(500.0, 10, None)["workers"]
             .as_array()
             .unwrap()
             .is_empty()
@@ -118,7 +121,7 @@ fn limit_failures_are_counted_by_limit_and_only_for_wasmq_workers() {
         "ZeroDivisionError('division by zero')",
     ));
     state.apply(&fail("e", "celery@py", "TimeLimitExceeded(1.0)"));
-    let snapshot = state.snapshot(2.5, 10);
+    let snapshot = state.snapshot(2.5, 10, None);
     let wasmq = &snapshot["workers"][1];
     assert_eq!(wasmq["hostname"], "wasmq@a");
     assert_eq!(
@@ -141,7 +144,7 @@ fn only_the_latest_tasks_are_kept_and_inspect_replies_fill_in_workers() {
             json!({"uuid": format!("t{i}"), "name": "math.add"}),
         ));
     }
-    let snapshot = state.snapshot(5.0, 10);
+    let snapshot = state.snapshot(5.0, 10, None);
     let ids: Vec<&str> = snapshot["tasks"]
         .as_array()
         .unwrap()
@@ -149,6 +152,9 @@ fn only_the_latest_tasks_are_kept_and_inspect_replies_fill_in_workers() {
         .map(|t| t["uuid"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["t4", "t3", "t2"]);
+    let found = state.snapshot(5.0, 10, Some("t3"));
+    assert_eq!(found["tasks"].as_array().unwrap().len(), 1);
+    assert_eq!(found["tasks"][0]["uuid"], "t3");
     state.apply_inspect(
         "stats",
         "celery@py",
@@ -167,7 +173,7 @@ fn only_the_latest_tasks_are_kept_and_inspect_replies_fill_in_workers() {
         &json!([{"id": "x", "name": "proj.slow", "args": [1], "time_start": 4.0}]),
         5.0,
     );
-    let snapshot = state.snapshot(5.5, 10);
+    let snapshot = state.snapshot(5.5, 10, None);
     let py = &snapshot["workers"][0];
     assert_eq!(py["hostname"], "celery@py");
     assert_eq!(py["online"], true);
