@@ -10,6 +10,7 @@
 //! config     config.rs          raw flags/env/TOML → a validated WorkerConfig
 //!            tenancy.rs         [tenants.<id>]: a tenant's broker, plugins, share and grants
 //! client     client/            send, call, submit; AsyncResult; starting workflows
+//!            dashboard/         the web dashboard: events and inspect replies → a page
 //! worker     worker/            admit → run → decide → settle → continue the workflow;
 //!                               answers remote control (control.rs); Celery events
 //!                               (events.rs) and metrics fed from one set of hooks
@@ -65,6 +66,7 @@ pub mod canvas;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod dashboard;
 mod db;
 pub mod deploy;
 pub mod engine;

@@ -6,6 +6,7 @@ mod cache;
 mod canvas;
 mod cli;
 mod control;
+mod dashboard;
 mod delays;
 mod deploy;
 mod events;

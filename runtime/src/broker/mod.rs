@@ -458,6 +458,32 @@ pub trait Broker: Send + Sync {
         Ok(None)
     }
 
+    /// Like [`Broker::events`], but first the newest `backlog` event messages the broker
+    /// still keeps, oldest first, so a monitor started late (`wasmq dashboard`) sees the
+    /// recent past: the embedded file's `events` table keeps the newest 100,000; RabbitMQ
+    /// keeps none (events live only in the queues of the receivers listening). Default: no
+    /// backlog.
+    ///
+    /// # Errors
+    /// When the broker cannot start listening.
+    async fn events_with_backlog(
+        &self,
+        backlog: usize,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<EventMessage>>, BrokerError> {
+        let _ = backlog;
+        self.events().await
+    }
+
+    /// The work queues this broker knows of, for monitors: on the embedded file, every
+    /// queue declared in it; none on RabbitMQ, which lists its queues only through the
+    /// management plugin (a monitor learns them from the workers instead). Default: none.
+    ///
+    /// # Errors
+    /// When the broker cannot be asked.
+    async fn known_queues(&self) -> Result<Vec<String>, BrokerError> {
+        Ok(Vec::new())
+    }
+
     /// Drops what the broker holds for worker `node` (on RabbitMQ its revocation queue,
     /// where revocations would otherwise wait for it for a week; nothing on the embedded
     /// broker, whose revocations are one table every worker reads). For a node that is gone

@@ -15,6 +15,7 @@
 mod args;
 mod bench;
 mod call;
+mod dashboard;
 mod dead_letters;
 mod demo;
 mod deploy;
@@ -100,6 +101,9 @@ enum Command {
     Events(events::EventsArgs),
     /// List dead-lettered messages with the reason each was set aside.
     DeadLetters(dead_letters::DeadLettersArgs),
+    /// Serve a web dashboard: workers (wasmq's and Celery's), queues, the latest tasks,
+    /// dead letters and live charts, from events and inspect replies.
+    Dashboard(dashboard::DashboardArgs),
     /// Run one task of a plugin in a fresh sandbox and print its JSON result.
     ///
     /// Exit codes: 0 success, 1 the task failed (or trapped, or asked for a retry or
@@ -142,6 +146,8 @@ pub fn main() -> ExitCode {
         // publishes follow-ups and rpc replies `mandatory` and logs a returned one itself.
         Command::Worker(_) => "info,lapin::returned_messages=error",
         Command::Demo(_) | Command::Bench { .. } => "off",
+        // lapin logs every passive declare of a queue that does not exist (yet) as an error.
+        Command::Dashboard(_) => "warn,lapin::channel=off",
         _ => "warn,wasmq::guest=info",
     };
     logging::init(cli.log_format, default_log);
@@ -182,6 +188,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Command::DeadLetters(args) => dead_letters::run(args).await,
             Command::Status(args) => status::run(args).await,
             Command::Events(args) => events::run(args).await,
+            Command::Dashboard(args) => dashboard::run(args).await,
             Command::Inspect(args) => inspect::run(inspect::Kind::Inspect, args).await,
             Command::Control(args) => inspect::run(inspect::Kind::Control, args).await,
             Command::Call(args) => call::call(args).await,

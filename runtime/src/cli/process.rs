@@ -15,7 +15,8 @@ pub(super) async fn shutdown_signal() {
     });
 }
 
-async fn wait_for_signal() -> &'static str {
+/// Completes at the next SIGINT or SIGTERM, naming it.
+pub(super) async fn wait_for_signal() -> &'static str {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -49,11 +49,18 @@ pub(super) async fn publish(db: &Db, message: &EventMessage) -> Result<(), Broke
     Ok(())
 }
 
-/// The event messages appended from now on, until the receiver is dropped.
-pub(super) async fn listen(db: &Db) -> Result<mpsc::Receiver<EventMessage>, BrokerError> {
-    let mut after: i64 = db
+/// The newest `backlog` event messages still kept, then those appended from now on, until
+/// the receiver is dropped.
+pub(super) async fn listen(
+    db: &Db,
+    backlog: usize,
+) -> Result<mpsc::Receiver<EventMessage>, BrokerError> {
+    let newest: i64 = db
         .run(|conn| conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0)))
         .await?;
+    let mut after = newest
+        .saturating_sub(i64::try_from(backlog).unwrap_or(i64::MAX))
+        .max(0);
     let (sender, receiver) = mpsc::channel(1024);
     let db = db.clone();
     tokio::spawn(async move {

@@ -415,7 +415,28 @@ impl Broker for SqliteBroker {
         Option<tokio::sync::mpsc::Receiver<crate::protocol::events::EventMessage>>,
         BrokerError,
     > {
-        events::listen(&self.db).await.map(Some)
+        events::listen(&self.db, 0).await.map(Some)
+    }
+
+    async fn events_with_backlog(
+        &self,
+        backlog: usize,
+    ) -> Result<
+        Option<tokio::sync::mpsc::Receiver<crate::protocol::events::EventMessage>>,
+        BrokerError,
+    > {
+        events::listen(&self.db, backlog).await.map(Some)
+    }
+
+    async fn known_queues(&self) -> Result<Vec<String>, BrokerError> {
+        Ok(self
+            .db
+            .run(|conn| {
+                let mut stmt = conn.prepare_cached("SELECT name FROM queues ORDER BY name")?;
+                let names = stmt.query_map([], |r| r.get::<_, String>(0))?;
+                names.collect::<Result<Vec<_>, _>>()
+            })
+            .await?)
     }
 
     async fn forget_node(&self, _node: &str) -> Result<(), BrokerError> {

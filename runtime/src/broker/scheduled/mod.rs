@@ -236,6 +236,20 @@ impl Broker for ScheduledBroker {
         self.inner.events().await
     }
 
+    async fn events_with_backlog(
+        &self,
+        backlog: usize,
+    ) -> Result<
+        Option<tokio::sync::mpsc::Receiver<crate::protocol::events::EventMessage>>,
+        BrokerError,
+    > {
+        self.inner.events_with_backlog(backlog).await
+    }
+
+    async fn known_queues(&self) -> Result<Vec<String>, BrokerError> {
+        self.inner.known_queues().await
+    }
+
     async fn forget_node(&self, node: &str) -> Result<(), BrokerError> {
         self.inner.forget_node(node).await
     }
