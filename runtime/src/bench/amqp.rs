@@ -245,9 +245,24 @@ async fn measure_wasmq(h: &Harness, plan: &Plan, progress: &Progress) -> anyhow:
     })
 }
 
-/// The drains with task events off and on, alternated [`EVENT_ROUNDS`] times, each as
-/// (results, off, on, events received per second while on).
-type EventRows = Vec<(&'static str, Vec<f64>, Vec<f64>, Vec<f64>)>;
+/// One drain's rows of task events off and on, alternated [`EVENT_ROUNDS`] times.
+#[derive(Default)]
+struct EventRow {
+    /// The results backend (`results off`, `Redis results`).
+    results: &'static str,
+    /// Tasks/s with task events off, a round each.
+    off: Vec<f64>,
+    /// Tasks/s with task events on.
+    on: Vec<f64>,
+    /// The bench process's CPU µs a task, events off (the worker and the event receiver).
+    cpu_off: Vec<f64>,
+    /// The same, events on.
+    cpu_on: Vec<f64>,
+    /// Events received a second while on.
+    rate: Vec<f64>,
+}
+
+type EventRows = Vec<EventRow>;
 
 /// Alternations of the events-off and events-on drains.
 const EVENT_ROUNDS: usize = 5;
@@ -262,8 +277,14 @@ async fn measure_events(
 ) -> anyhow::Result<EventRows> {
     let n = plan.event_tasks;
     let mut rows: EventRows = vec![
-        ("results off", Vec::new(), Vec::new(), Vec::new()),
-        ("Redis results", Vec::new(), Vec::new(), Vec::new()),
+        EventRow {
+            results: "results off",
+            ..EventRow::default()
+        },
+        EventRow {
+            results: "Redis results",
+            ..EventRow::default()
+        },
     ];
     let mut receiver = h
         .broker
@@ -282,24 +303,28 @@ async fn measure_events(
     // Let the receiver's queue be bound before the first drain.
     tokio::time::sleep(Duration::from_millis(500)).await;
     for round in 1..=EVENT_ROUNDS {
-        for (results, off, on, rate) in &mut rows {
-            let backend = (*results == "Redis results").then_some(h.redis_url.as_str());
+        for row in &mut rows {
+            let results = row.results;
+            let backend = (results == "Redis results").then_some(h.redis_url.as_str());
+            let last_cpu = || h.cpu_per_task().last().copied().unwrap_or(0.0);
             progress.step(&format!("task events: {results}, off (round {round})"));
-            off.push(
+            row.off.push(
                 h.wasmq_drain_with("math.add", n, add_args, backend, false)
                     .await?,
             );
+            row.cpu_off.push(last_cpu());
             progress.step(&format!("task events: {results}, on (round {round})"));
             let before = received.load(std::sync::atomic::Ordering::Relaxed);
             let started = Instant::now();
-            on.push(
+            row.on.push(
                 h.wasmq_drain_with("math.add", n, add_args, backend, true)
                     .await?,
             );
+            row.cpu_on.push(last_cpu());
             // Events still in flight after the drain are counted over the same window.
             tokio::time::sleep(Duration::from_millis(300)).await;
             let got = received.load(std::sync::atomic::Ordering::Relaxed) - before;
-            rate.push(got as f64 / started.elapsed().as_secs_f64());
+            row.rate.push(got as f64 / started.elapsed().as_secs_f64());
         }
     }
     counting.abort();
@@ -318,8 +343,10 @@ fn print_events(rows: &EventRows, tasks: usize) {
         "Task events at full drain ({tasks} math.add a drain, a receiver bound to celeryev; {EVENT_ROUNDS} alternated rounds, tasks/s):"
     );
     println!();
-    println!("| drain | events off | events on | on / off (medians) | events received/s |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| drain | events off | events on | on / off (medians) | CPU µs/task off → on (medians) | events received/s |"
+    );
+    println!("|---|---|---|---|---|---|");
     let list = |values: &[f64]| {
         values
             .iter()
@@ -327,13 +354,16 @@ fn print_events(rows: &EventRows, tasks: usize) {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    for (results, off, on, rate) in rows {
+    for row in rows {
         println!(
-            "| {results} | {} | {} | **{:.2}** | {:.0} |",
-            list(off),
-            list(on),
-            median(on) / median(off),
-            median(rate)
+            "| {} | {} | {} | **{:.2}** | {:.0} → {:.0} | {:.0} |",
+            row.results,
+            list(&row.off),
+            list(&row.on),
+            median(&row.on) / median(&row.off),
+            median(&row.cpu_off),
+            median(&row.cpu_on),
+            median(&row.rate)
         );
     }
 }
