@@ -508,15 +508,24 @@ async fn delete(queue: &str) {
     broker.forget_node(&options(queue).node_name).await.unwrap();
 }
 
-/// The chord's Redis keys, as Celery names them.
+/// The chord's Redis keys, as Celery names them: the group's meta key and every suffix
+/// wasmq's chord counter writes (`results::redis::group_key`). Asked for by name, not with `KEYS`, which scans the whole database and times
+/// out once benchmarks have left hundreds of thousands of results in it.
 async fn chord_keys(group_id: &str) -> Vec<String> {
     let client = redis::Client::open(REDIS_URL).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("celery-taskset-meta-{group_id}*"))
-        .query_async(&mut connection)
-        .await
-        .unwrap();
+    let mut keys = Vec::new();
+    for suffix in ["", ".s", ".j", ".t", ".d", ".c"] {
+        let key = format!("celery-taskset-meta-{group_id}{suffix}");
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&key)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        if exists {
+            keys.push(key);
+        }
+    }
     keys
 }
 
