@@ -893,6 +893,9 @@ fn a_fleet_of_three_workers_on_rabbitmq_follows_signed_releases_from_redis() {
         store.forget_tenant(&tenant).await.unwrap();
         let broker = wasmq::broker::connect(amqp).unwrap();
         let _ = broker.delete_queue(&queue).await;
+        for node in ["node1", "node2", "node3"] {
+            broker.forget_node(node).await.unwrap();
+        }
     });
     assert!(times.iter().all(|t| *t < 5.0), "{times:?}");
 }

@@ -40,6 +40,10 @@ pub(crate) struct AmqpOptions {
     pub(crate) redis: String,
     /// Only the raw ceiling and wasmq's own rows (no Celery), in a terse table.
     pub(crate) wasmq_only: bool,
+    /// Only the task-events rows.
+    pub(crate) events_only: bool,
+    /// Alternations of the events-off and events-on drains.
+    pub(crate) event_rounds: usize,
     /// The sandbox of the in-process workers (and of the soak of a full run).
     pub(crate) sandbox: SandboxConfig,
 }
@@ -55,16 +59,19 @@ struct Plan {
     /// `math.add` tasks per drain of the task-events rows (long enough that a drain is not
     /// mostly its start and end).
     event_tasks: usize,
+    /// Alternations of the events-off and events-on drains.
+    event_rounds: usize,
 }
 
 impl Plan {
-    fn new(quick: bool) -> Self {
+    fn new(quick: bool, event_rounds: usize) -> Self {
         if quick {
             Self {
                 tasks: 2_000,
                 round_trips: 200,
                 fib_tasks: 200,
                 event_tasks: 10_000,
+                event_rounds,
             }
         } else {
             Self {
@@ -72,6 +79,7 @@ impl Plan {
                 round_trips: 1_000,
                 fib_tasks: 2_000,
                 event_tasks: 20_000,
+                event_rounds,
             }
         }
     }
@@ -99,7 +107,7 @@ fn add_args(i: usize) -> Vec<Value> {
 pub(crate) async fn run(options: AmqpOptions) -> anyhow::Result<()> {
     only_local(&options.broker)?;
     only_local(&options.redis)?;
-    let plan = Plan::new(options.quick);
+    let plan = Plan::new(options.quick, options.event_rounds);
     let python = celery::python()?;
     let version = celery::version(&python);
     let stall_limit = Duration::from_secs(if options.quick { 20 } else { 120 });
@@ -112,13 +120,15 @@ pub(crate) async fn run(options: AmqpOptions) -> anyhow::Result<()> {
     .await?;
     let progress = Progress(Instant::now());
 
+    if options.events_only {
+        let events = measure_events(&h, &plan, &progress).await?;
+        print_events(&events, &plan);
+        return Ok(());
+    }
     let wasmq = measure_wasmq(&h, &plan, &progress).await?;
     if options.wasmq_only {
         wasmq.print_terse(&h.cpu_per_task());
-        print_events(
-            &measure_events(&h, &plan, &progress).await?,
-            plan.event_tasks,
-        );
+        print_events(&measure_events(&h, &plan, &progress).await?, &plan);
         return Ok(());
     }
     let celery = measure_celery(&h, &python, &plan, &progress).await?;
@@ -137,7 +147,7 @@ pub(crate) async fn run(options: AmqpOptions) -> anyhow::Result<()> {
         cpu_per_task: h.cpu_per_task(),
     };
     amqp_table::print(&run, &wasmq, &celery, &fib);
-    print_events(&events, plan.event_tasks);
+    print_events(&events, &plan);
     if !options.quick {
         // The full mode also runs the memory soak and the scaling rows.
         println!();
@@ -245,7 +255,7 @@ async fn measure_wasmq(h: &Harness, plan: &Plan, progress: &Progress) -> anyhow:
     })
 }
 
-/// One drain's rows of task events off and on, alternated [`EVENT_ROUNDS`] times.
+/// One drain's rows of task events off and on, alternated `event_rounds` times.
 #[derive(Default)]
 struct EventRow {
     /// The results backend (`results off`, `Redis results`).
@@ -258,14 +268,12 @@ struct EventRow {
     cpu_off: Vec<f64>,
     /// The same, events on.
     cpu_on: Vec<f64>,
-    /// Events received a second while on.
-    rate: Vec<f64>,
+    /// Events received per task while on (3 when none is dropped: received, started,
+    /// succeeded).
+    per_task: Vec<f64>,
 }
 
 type EventRows = Vec<EventRow>;
-
-/// Alternations of the events-off and events-on drains.
-const EVENT_ROUNDS: usize = 5;
 
 /// Task events' cost at full drain: the same drain (results off, and Redis results) with the
 /// worker's task events off and on, alternated, while a receiver bound to `celeryev` takes
@@ -302,7 +310,7 @@ async fn measure_events(
     });
     // Let the receiver's queue be bound before the first drain.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    for round in 1..=EVENT_ROUNDS {
+    for round in 1..=plan.event_rounds {
         for row in &mut rows {
             let results = row.results;
             let backend = (results == "Redis results").then_some(h.redis_url.as_str());
@@ -315,16 +323,15 @@ async fn measure_events(
             row.cpu_off.push(last_cpu());
             progress.step(&format!("task events: {results}, on (round {round})"));
             let before = received.load(std::sync::atomic::Ordering::Relaxed);
-            let started = Instant::now();
             row.on.push(
                 h.wasmq_drain_with("math.add", n, add_args, backend, true)
                     .await?,
             );
             row.cpu_on.push(last_cpu());
-            // Events still in flight after the drain are counted over the same window.
+            // Events still in flight after the drain are counted too.
             tokio::time::sleep(Duration::from_millis(300)).await;
             let got = received.load(std::sync::atomic::Ordering::Relaxed) - before;
-            row.rate.push(got as f64 / started.elapsed().as_secs_f64());
+            row.per_task.push(got as f64 / n as f64);
         }
     }
     counting.abort();
@@ -337,14 +344,15 @@ fn median(values: &[f64]) -> f64 {
     sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn print_events(rows: &EventRows, tasks: usize) {
+fn print_events(rows: &EventRows, plan: &Plan) {
+    let (tasks, rounds) = (plan.event_tasks, plan.event_rounds);
     println!();
     println!(
-        "Task events at full drain ({tasks} math.add a drain, a receiver bound to celeryev; {EVENT_ROUNDS} alternated rounds, tasks/s):"
+        "Task events at full drain ({tasks} math.add a drain, a receiver bound to celeryev; {rounds} alternated rounds, tasks/s):"
     );
     println!();
     println!(
-        "| drain | events off | events on | on / off (medians) | CPU µs/task off → on (medians) | events received/s |"
+        "| drain | events off | events on | on / off (medians) | CPU µs/task off → on (medians) | events received a task (fewest) |"
     );
     println!("|---|---|---|---|---|---|");
     let list = |values: &[f64]| {
@@ -356,14 +364,14 @@ fn print_events(rows: &EventRows, tasks: usize) {
     };
     for row in rows {
         println!(
-            "| {} | {} | {} | **{:.2}** | {:.0} → {:.0} | {:.0} |",
+            "| {} | {} | {} | **{:.2}** | {:.0} → {:.0} | {:.2} |",
             row.results,
             list(&row.off),
             list(&row.on),
             median(&row.on) / median(&row.off),
             median(&row.cpu_off),
             median(&row.cpu_on),
-            median(&row.rate)
+            row.per_task.iter().copied().fold(f64::INFINITY, f64::min)
         );
     }
 }

@@ -42,6 +42,10 @@ impl Drop for BenchProcess {
 /// A wasmq worker running in this process until [`InProcessWorker::stop`].
 pub(super) struct InProcessWorker {
     stop: tokio::sync::oneshot::Sender<()>,
+    /// Its broker, to forget the node once it has stopped.
+    broker: Arc<dyn Broker>,
+    /// Its node name.
+    node: String,
     handle: tokio::task::JoinHandle<()>,
     /// Its counters, read while it runs to time drains.
     pub(super) stats: Arc<WorkerStats>,
@@ -55,7 +59,8 @@ impl InProcessWorker {
         registry: Arc<Registry>,
         options: WorkerOptions,
     ) -> Self {
-        let worker = Worker::new(broker, backend, registry, options);
+        let node = options.node_name.clone();
+        let worker = Worker::new(Arc::clone(&broker), backend, registry, options);
         let stats = worker.stats();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
@@ -67,14 +72,21 @@ impl InProcessWorker {
         });
         Self {
             stop,
+            broker,
+            node,
             handle,
             stats,
         }
     }
 
-    /// Asks the worker to shut down and waits until it has.
+    /// Asks the worker to shut down, waits until it has, and drops what the broker kept
+    /// for its node (on RabbitMQ its durable revocation queue): a bench's node never comes
+    /// back.
     pub(super) async fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.handle.await;
+        if let Err(error) = self.broker.forget_node(&self.node).await {
+            eprintln!("        could not remove node {}'s queues: {error}", self.node);
+        }
     }
 }

@@ -102,6 +102,13 @@ pub(super) struct AmqpArgs {
     /// development.
     #[arg(long, hide = true)]
     wasmq_only: bool,
+    /// Only the task-events rows (the same drain with task events off and on, alternated):
+    /// what task events cost on this machine.
+    #[arg(long)]
+    events_only: bool,
+    /// Alternations of the events-off and events-on drains.
+    #[arg(long, default_value_t = 5)]
+    event_rounds: usize,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -151,6 +158,8 @@ pub(super) async fn run(command: BenchCommand) -> Result<(), Failure> {
                 broker: args.broker,
                 redis: args.redis,
                 wasmq_only: args.wasmq_only,
+                events_only: args.events_only,
+                event_rounds: args.event_rounds.max(1),
                 sandbox: args.engine.sandbox_config(AMQP_POOL_SIZE),
             })
             .await

@@ -22,6 +22,9 @@ use crate::registry::Registry;
 use crate::results::{ResultBackend, ResultMeta, TaskState};
 use crate::worker::{Worker, WorkerOptions};
 
+/// The demo worker's node name.
+const DEMO_NODE: &str = "wasmq-demo@localhost";
+
 #[derive(Debug, clap::Args)]
 pub(super) struct DemoArgs {
     /// Run on this broker instead of a fresh embedded one, e.g. amqp://guest:guest@127.0.0.1:5672/%2f.
@@ -210,7 +213,7 @@ pub(super) async fn run(args: DemoArgs) -> Result<(), Failure> {
         concurrency: args
             .concurrency
             .unwrap_or_else(|| WorkerOptions::default().concurrency),
-        node_name: "wasmq-demo@localhost".into(),
+        node_name: DEMO_NODE.into(),
         ..WorkerOptions::default()
     };
     let sandbox = Arc::new(
@@ -333,6 +336,11 @@ pub(super) async fn run(args: DemoArgs) -> Result<(), Failure> {
     if args.broker.is_some() {
         broker
             .delete_queue(&queue)
+            .await
+            .map_err(Failure::internal)?;
+        // The demo's node does not come back: its revocation queue goes too.
+        broker
+            .forget_node(DEMO_NODE)
             .await
             .map_err(Failure::internal)?;
     }

@@ -232,6 +232,7 @@ fn wasmq_inspect_and_control_a_worker_process_whose_slots_all_spin() {
         .await
         .unwrap();
         assert_eq!(code.0, Some(0), "{}", code.1);
+        setup.broker.forget_node(&node).await.unwrap();
         setup.cleanup().await;
     });
 }
