@@ -186,6 +186,28 @@ fn metrics_count_the_tasks_a_worker_ran() {
             ),
             20.0
         );
+        // `inspect stats` carries the same count, by limit, for monitors without Prometheus
+        // (the dashboard shows it).
+        let stats = Command::new(env!("CARGO_BIN_EXE_wasmq"))
+            .args([
+                "inspect",
+                "stats",
+                "-d",
+                "wasmq@metrics-box",
+                "-t",
+                "5",
+                "--json",
+            ])
+            .args(["--broker", &queue.url])
+            .output()
+            .unwrap();
+        let stats: Value =
+            serde_json::from_slice(&stats.stdout).unwrap_or_else(|e| panic!("{e}: {stats:?}"));
+        assert_eq!(
+            stats["wasmq@metrics-box"]["wasmq"]["limit_hits"],
+            json!({"fuel": 1, "memory": 0, "output": 0, "stack": 0, "time": 0}),
+            "{stats:#}"
+        );
         assert_eq!(sample(&report, "celery_queue_length", &[celery]), 0.0);
         assert!(sample(&report, "wasmq_task_fuel_used_count", &[add]) >= 20.0);
         assert_eq!(sample(&report, "wasmq_plugins_served", &[]), 2.0);

@@ -86,7 +86,10 @@ impl InProcessWorker {
         let _ = self.stop.send(());
         let _ = self.handle.await;
         if let Err(error) = self.broker.forget_node(&self.node).await {
-            eprintln!("        could not remove node {}'s queues: {error}", self.node);
+            eprintln!(
+                "        could not remove node {}'s queues: {error}",
+                self.node
+            );
         }
     }
 }

@@ -17,11 +17,12 @@
 //!   into the binary (`include_str!`), no build step and nothing fetched from elsewhere;
 //!   the script polls `/api/state` every two seconds and draws tables and SVG charts.
 //!
-//! Sandbox limit hits are task failures whose exception is one wasmq's sandbox raises for
-//! a limit (`TimeLimitExceeded` for time — and fuel, when its message says so —,
-//! `MemoryError`, `RecursionError` for the stack, `OutputLimitExceeded`), counted for
-//! wasmq workers only. A task raising `MemoryError` itself would count too; the exact
-//! figure is the worker's `wasmq_sandbox_limit_exceeded_total` metric.
+//! Sandbox limit hits are the worker's own count by limit, from `inspect stats`
+//! (`wasmq.limit_hits`, the same figure as its `wasmq_sandbox_limit_exceeded_total`).
+//! Before a worker's first stats reply they are inferred from task-failed events whose
+//! exception wasmq's sandbox raises for a limit (`TimeLimitExceeded` for time — and fuel,
+//! when its message says so —, `MemoryError`, `RecursionError` for the stack,
+//! `OutputLimitExceeded`), for wasmq workers only.
 //!
 //! Read-only: it sends no command that changes a worker beyond `enable_events`.
 

@@ -63,6 +63,10 @@ pub(super) struct WorkerView {
     /// Failures that were a sandbox limit, by limit (`fuel`, `time`, `memory`, `stack`,
     /// `output`).
     limit_hits: BTreeMap<String, u64>,
+    /// Whether `limit_hits` is the worker's own count (from `inspect stats`), which task
+    /// events then no longer add to.
+    #[serde(skip)]
+    limits_counted: bool,
 }
 
 /// One task, merged from its events.
@@ -325,6 +329,7 @@ impl State {
                     let known_other = !worker.sw_ident.is_empty() && worker.sw_ident != "wasmq";
                     if let Some(limit) = exception.as_deref().and_then(limit_of)
                         && !known_other
+                        && !worker.limits_counted
                     {
                         *worker.limit_hits.entry(limit.to_owned()).or_default() += 1;
                     }
@@ -343,6 +348,19 @@ impl State {
                 worker.concurrency = reply
                     .pointer("/pool/max-concurrency")
                     .and_then(Value::as_u64);
+                // A wasmq worker counts its own limit hits, events on or off, since it
+                // started: those replace what the dashboard inferred from task events.
+                if let Some(hits) = reply
+                    .pointer("/wasmq/limit_hits")
+                    .and_then(Value::as_object)
+                {
+                    worker.limit_hits = hits
+                        .iter()
+                        .filter_map(|(limit, count)| Some((limit.clone(), count.as_u64()?)))
+                        .filter(|(_, count)| *count > 0)
+                        .collect();
+                    worker.limits_counted = true;
+                }
             }
             "active_queues" => {
                 worker.queues = reply

@@ -243,6 +243,34 @@ pub enum LimitKind {
     Output,
 }
 
+impl LimitKind {
+    /// Every kind, in the order of [`LimitKind::index`].
+    pub const ALL: [LimitKind; 5] = [
+        LimitKind::Fuel,
+        LimitKind::Memory,
+        LimitKind::WallTime,
+        LimitKind::Stack,
+        LimitKind::Output,
+    ];
+
+    /// Its short name in metrics, `inspect stats` and the dashboard: `fuel`, `memory`,
+    /// `time`, `stack`, `output`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LimitKind::Fuel => "fuel",
+            LimitKind::Memory => "memory",
+            LimitKind::WallTime => "time",
+            LimitKind::Stack => "stack",
+            LimitKind::Output => "output",
+        }
+    }
+
+    /// Its position in [`LimitKind::ALL`], for counters kept in an array.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// A limit hit, with a message that names the limit and its value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitExceeded {

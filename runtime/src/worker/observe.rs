@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::Shared;
-use crate::engine::{CallReport, LimitKind, Outcome};
+use crate::engine::{CallReport, Outcome};
 use crate::metrics::{Metrics, TaskEnd};
 use crate::protocol::TaskMessage;
 use crate::results::{ResultMeta, TaskState};
@@ -41,15 +41,12 @@ pub(super) fn started(shared: &Shared, message: &TaskMessage, queue: &str) {
 /// The task's sandbox call ended as `report` says.
 pub(super) fn ran(shared: &Shared, message: &TaskMessage, queue: &str, report: &CallReport) {
     shared.events.task_ran(&message.id, report.elapsed);
+    if let Outcome::LimitExceeded(limit) = &report.outcome {
+        shared.stats.count_limit_hit(limit.kind);
+    }
     if let Some(metrics) = metrics(shared) {
         let limit = match &report.outcome {
-            Outcome::LimitExceeded(limit) => Some(match limit.kind {
-                LimitKind::Fuel => "fuel",
-                LimitKind::Memory => "memory",
-                LimitKind::WallTime => "time",
-                LimitKind::Stack => "stack",
-                LimitKind::Output => "output",
-            }),
+            Outcome::LimitExceeded(limit) => Some(limit.kind.name()),
             _ => None,
         };
         metrics.task_ran(

@@ -10,6 +10,7 @@ use std::time::Duration;
 use chrono::Utc;
 
 use super::Shared;
+use crate::engine::LimitKind;
 
 /// Counters of what a worker did.
 #[derive(Debug, Default)]
@@ -35,9 +36,30 @@ pub struct WorkerStats {
     pub settled: AtomicU64,
     /// Tasks started, per task name (Celery's `total` in `inspect stats`).
     started_by_task: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Sandbox calls a limit stopped, by [`LimitKind::index`].
+    limit_hits: [AtomicU64; LimitKind::ALL.len()],
 }
 
 impl WorkerStats {
+    /// Counts a sandbox call stopped by a `kind` limit.
+    pub(super) fn count_limit_hit(&self, kind: LimitKind) {
+        self.limit_hits[kind.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sandbox calls a limit stopped so far, by limit name (`fuel`, `memory`, `time`,
+    /// `stack`, `output`), every kind listed.
+    pub fn limit_hits(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        LimitKind::ALL
+            .iter()
+            .map(|kind| {
+                (
+                    kind.name(),
+                    self.limit_hits[kind.index()].load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
     /// Counts a start of task `name`.
     pub(super) fn count_start(&self, name: &str) {
         let mut started = self
@@ -131,6 +153,7 @@ pub(super) fn snapshot(shared: &Shared, consuming: bool, state: &str) -> serde_j
         "dead_lettered": load(&stats.dead_lettered),
         "revoked": load(&stats.revoked),
         "deferred": load(&stats.deferred),
+        "limit_hits": stats.limit_hits(),
         "plugins": plugins(&shared.registry.snapshot()),
     })
 }

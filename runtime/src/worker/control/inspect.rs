@@ -210,6 +210,7 @@ pub(super) fn stats(shared: &Shared) -> Value {
                 "revoked": count(&counters.revoked),
                 "deferred": count(&counters.deferred),
             },
+            "limit_hits": counters.limit_hits(),
         },
     })
 }
