@@ -46,7 +46,7 @@
 //! "/data" = { host = "/srv/acme/data" }                  # read-only
 //! "/scratch" = { host = "/srv/acme/scratch", mode = "rw" }
 //! [tenants.acme.network]
-//! allow = ["10.20.0.0/24:5432", "203.0.113.7:443"]     # IPs or CIDRs, and a port or *
+//! allow = ["10.20.0.0/24:5432", "203.0.113.7:443"]     # IPs, CIDRs or host names, and a port or *
 //! dns = false
 //! [tenants.acme.variables]
 //! api_url = "https://api.acme.example"
@@ -144,7 +144,7 @@ pub struct RawDir {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RawNetwork {
-    /// Rules `ip:port`, `cidr:port`, `[v6]:port`, with `*` for any port.
+    /// Rules `ip:port`, `cidr:port`, `[v6]:port`, `host:port`, with `*` for any port.
     pub allow: Vec<String>,
     /// Whether granted tasks may resolve names. Default: false.
     pub dns: Option<bool>,

@@ -695,6 +695,45 @@ fn name_lookups_only_with_the_dns_grant() {
 }
 
 #[test]
+fn a_host_name_rule_reaches_what_the_worker_resolves_the_name_to() {
+    runtime().block_on(async {
+        let f = Fixture::new().await;
+        let server = EchoServer::start();
+        let other = EchoServer::start();
+        let port = server.addr.port();
+        // `localhost` resolves (on the worker) to loopback: the rule names it.
+        let granted = network(&[&format!("localhost:{port}")], true);
+        for target in [server.addr.to_string(), format!("localhost:{port}")] {
+            let answer = f
+                .ok("grants.tcp_request", json!([target, "ping"]), &granted)
+                .await;
+            assert_eq!(answer, "echo: ping", "{target}");
+        }
+        assert_eq!(server.accepted(), 2);
+        // Only its port: another port of the same host, and the broker, stay refused.
+        let other_addr = other.addr.to_string();
+        f.denied(
+            "grants.tcp_request",
+            json!([other_addr, "ping"]),
+            &granted,
+            "PermissionError",
+            &format!("cannot connect to {other_addr}: "),
+        )
+        .await;
+        f.denied(
+            "hostile.connect",
+            json!([]),
+            &granted,
+            "ConnectionRefusedError",
+            "cannot connect to 127.0.0.1:5672: ",
+        )
+        .await;
+        assert_eq!(other.accepted(), 0);
+        assert_eq!(server.accepted(), 2);
+    });
+}
+
+#[test]
 fn variables_are_served_only_as_granted_and_never_as_environment() {
     runtime().block_on(async {
         let f = Fixture::new().await;

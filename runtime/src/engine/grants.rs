@@ -14,10 +14,13 @@
 //!   folder is bounded by the host filesystem only.
 //! - **Network** ([`NetworkGrant`]): outbound TCP connections to the addresses its
 //!   [`NetworkRule`]s allow, nothing else. Binding to a chosen address, listening, accepting
-//!   and UDP are always refused. Rules name IP addresses or CIDR networks, never host names
-//!   (the operator resolves names); an address in a loopback, private, link-local,
+//!   and UDP are always refused. Rules name IP addresses, CIDR networks or host names; a
+//!   host name rule allows the addresses the *worker* resolves the name to when the guest
+//!   connects (cached for [`HOST_TTL`]), never what the guest's own lookup said. An
+//!   address in a loopback, private, link-local,
 //!   unspecified, multicast, reserved or CGNAT range is reached only by a rule that names
-//!   that range, never by a catch-all such as `0.0.0.0/0:443`, so the worker's own broker
+//!   that range or a host name that resolves into it, never by a catch-all such as
+//!   `0.0.0.0/0:443`, so the worker's own broker
 //!   on 127.0.0.1:5672 stays out of reach unless listed. DNS lookups (the host's resolver)
 //!   only with `dns = true`.
 //! - **Variables**: named text values served through `wasi:config/store` (the SDK's
@@ -31,12 +34,13 @@
 //! arithmetic the network rules need; about half of it is the unit tests of rule parsing
 //! and matching.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
@@ -106,12 +110,15 @@ impl Grants {
             let network = Arc::new(self.network.clone());
             let task_id: Arc<str> = Arc::from(task_id);
             wasi.socket_addr_check(move |addr, usage| {
-                let allowed = network.permits(addr, usage);
-                if !allowed {
-                    tracing::debug!(task_id = %task_id, %addr, usage = ?usage,
-                        "the task's network grant refused a socket address");
-                }
-                Box::pin(async move { allowed })
+                let (network, task_id) = (Arc::clone(&network), Arc::clone(&task_id));
+                Box::pin(async move {
+                    let allowed = network.permits(addr, usage).await;
+                    if !allowed {
+                        tracing::debug!(task_id = %task_id, %addr, usage = ?usage,
+                            "the task's network grant refused a socket address");
+                    }
+                    allowed
+                })
             });
         }
         if self.dirs.is_empty() {
@@ -226,9 +233,29 @@ pub struct NetworkGrant {
 }
 
 impl NetworkGrant {
-    /// Whether a TCP connection to `addr` is allowed.
+    /// Whether a TCP connection to `addr` is allowed by an address rule (host name rules
+    /// need a lookup: see [`NetworkGrant::allows_resolving`]).
     pub fn allows(&self, addr: SocketAddr) -> bool {
         self.allow.iter().any(|rule| rule.allows(addr))
+    }
+
+    /// Whether a TCP connection to `addr` is allowed by any rule: an address rule, or a
+    /// host name rule whose name the worker resolves (now, or within [`HOST_TTL`]) to
+    /// `addr`'s address. A name that does not resolve allows nothing.
+    pub async fn allows_resolving(&self, addr: SocketAddr) -> bool {
+        if self.allows(addr) {
+            return true;
+        }
+        let ip = addr.ip().to_canonical();
+        for rule in &self.allow {
+            if let Target::Host(name) = &rule.target
+                && rule.port.is_none_or(|port| port == addr.port())
+                && resolve(name).await.contains(&ip)
+            {
+                return true;
+            }
+        }
+        false
     }
 
     /// True when it grants nothing: no rule and no name lookups.
@@ -243,9 +270,9 @@ impl NetworkGrant {
     /// Only those two steps are ever allowed: an explicit bind to 0.0.0.0:0 passes too (it
     /// is the same ephemeral bind), but a socket bound that way cannot listen, since
     /// `TcpListen` is always refused.
-    pub(super) fn permits(&self, addr: SocketAddr, usage: SocketAddrUse) -> bool {
+    pub(super) async fn permits(&self, addr: SocketAddr, usage: SocketAddrUse) -> bool {
         match usage {
-            SocketAddrUse::TcpConnect => self.allows(addr),
+            SocketAddrUse::TcpConnect => self.allows_resolving(addr).await,
             SocketAddrUse::TcpBind => addr.ip().is_unspecified() && addr.port() == 0,
             SocketAddrUse::TcpListen
             | SocketAddrUse::TcpAccept
@@ -256,9 +283,98 @@ impl NetworkGrant {
     }
 }
 
-/// One allow rule: an IP network and a port (or any port), parsed from text:
-/// `127.0.0.1:6380`, `10.0.0.0/8:5432`, `[::1]:80`, `[fc00::/7]:*`, `192.168.1.5:*`,
-/// `0.0.0.0/0:443`. Host names are not accepted: the operator writes addresses.
+/// How long the worker trusts its lookup of a host name rule's name.
+pub(crate) const HOST_TTL: Duration = Duration::from_secs(30);
+
+/// Host names looked up for host name rules: when, and the addresses they resolved to.
+type Lookups = Mutex<HashMap<String, (Instant, Arc<[IpAddr]>)>>;
+
+/// Names looked up for host name rules: one lookup per name and [`HOST_TTL`], shared by
+/// every call of the process.
+fn resolved() -> &'static Lookups {
+    static RESOLVED: OnceLock<Lookups> = OnceLock::new();
+    RESOLVED.get_or_init(Lookups::default)
+}
+
+/// The addresses `name` resolves to with the worker's resolver (cached for [`HOST_TTL`]);
+/// none when it does not resolve.
+async fn resolve(name: &str) -> Arc<[IpAddr]> {
+    let cache = resolved();
+    if let Some((at, ips)) = cache
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(name)
+        && at.elapsed() < HOST_TTL
+    {
+        return Arc::clone(ips);
+    }
+    let lookup = name.to_owned();
+    let ips: Arc<[IpAddr]> = tokio::task::spawn_blocking(move || {
+        (lookup.as_str(), 0)
+            .to_socket_addrs()
+            .map(|addrs| addrs.map(|a| a.ip().to_canonical()).collect::<Vec<_>>())
+    })
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .unwrap_or_default()
+    .into();
+    if ips.is_empty() {
+        tracing::debug!(host = name, "a host name rule's name does not resolve");
+    }
+    let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+    // Bounded: rules name few hosts; a runaway set starts over.
+    if cache.len() >= 1024 {
+        cache.clear();
+    }
+    cache.insert(name.to_owned(), (Instant::now(), Arc::clone(&ips)));
+    ips
+}
+
+/// Whether `name` is a DNS host name: dot-separated labels of ASCII letters, digits and
+/// inner hyphens, at most 63 bytes each and 253 in all, the last not all digits.
+fn is_host_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let labels: Vec<&str> = name.split('.').collect();
+    !name.is_empty()
+        && name.len() <= 253
+        && labels.iter().all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        && labels
+            .last()
+            .is_some_and(|last| !last.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// What a rule names: an IP network, or a host name the worker resolves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    /// An IP network.
+    Net {
+        /// The network.
+        net: IpNet,
+        /// The whole network lies inside a special range: the rule names it.
+        names_special: bool,
+    },
+    /// A host name, lower case.
+    Host(String),
+}
+
+/// One allow rule: an IP network or a host name, and a port (or any port), parsed from
+/// text: `127.0.0.1:6380`, `10.0.0.0/8:5432`, `[::1]:80`, `[fc00::/7]:*`,
+/// `192.168.1.5:*`, `0.0.0.0/0:443`, `api.example.com:443`, `db.internal:*`.
+///
+/// A host name rule allows the addresses the worker's resolver gives for the name when the
+/// guest connects (looked up by the worker, cached for [`HOST_TTL`]), including special
+/// ones: naming a host is naming what it resolves to. The guest's own lookup (granted by
+/// `dns`) decides nothing: it may connect by address, and only an address the worker's
+/// lookup returned passes. Grant names whose DNS the operator trusts.
 ///
 /// A rule allows a connection when the address is in its network and the port matches,
 /// with one exception: an address in a special range — loopback (127/8, ::1), private
@@ -269,12 +385,12 @@ impl NetworkGrant {
 /// inside one of those ranges. So `0.0.0.0/0:443` reaches the public internet but not the
 /// broker on 127.0.0.1, while `127.0.0.1:5672` or `10.0.0.0/8:*` reach what they name.
 /// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are matched as the IPv4 address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkRule {
-    net: IpNet,
+    /// The network or host.
+    target: Target,
+    /// The port, or any.
     port: Option<u16>,
-    /// The whole network lies inside a special range: the rule names it.
-    names_special: bool,
 }
 
 impl NetworkRule {
@@ -325,20 +441,57 @@ impl NetworkRule {
         }
         let names_special = SPECIAL.iter().any(|range| net.within(&range.net()));
         Ok(Self {
-            net,
+            target: Target::Net { net, names_special },
             port,
-            names_special,
         })
     }
 
-    /// The network's address.
-    pub fn ip(&self) -> IpAddr {
-        self.net.addr
+    /// A rule for the host `name` and `port` (`None`: any port).
+    ///
+    /// # Errors
+    /// [`GrantError::Rule`] when `name` is not a DNS host name or the port is 0.
+    pub fn host(name: &str, port: Option<u16>) -> Result<Self, GrantError> {
+        let bad = |reason: &str| GrantError::Rule {
+            rule: format!("{name}:{}", port.map_or("*".to_owned(), |p| p.to_string())),
+            reason: reason.to_owned(),
+        };
+        if port == Some(0) {
+            return Err(bad("port 0 is not a destination; write a port or *"));
+        }
+        if !is_host_name(name) {
+            return Err(bad(
+                "not an IP address, a CIDR network or a host name (letters, digits, - and .)",
+            ));
+        }
+        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        Ok(Self {
+            target: Target::Host(name),
+            port,
+        })
     }
 
-    /// The network's prefix length (32 or 128 for one address).
-    pub fn prefix_len(&self) -> u8 {
-        self.net.prefix
+    /// The network's address; none for a host name rule.
+    pub fn ip(&self) -> Option<IpAddr> {
+        match &self.target {
+            Target::Net { net, .. } => Some(net.addr),
+            Target::Host(_) => None,
+        }
+    }
+
+    /// The network's prefix length (32 or 128 for one address); none for a host name rule.
+    pub fn prefix_len(&self) -> Option<u8> {
+        match &self.target {
+            Target::Net { net, .. } => Some(net.prefix),
+            Target::Host(_) => None,
+        }
+    }
+
+    /// The host name of a host name rule (lower case).
+    pub fn host_name(&self) -> Option<&str> {
+        match &self.target {
+            Target::Host(name) => Some(name),
+            Target::Net { .. } => None,
+        }
     }
 
     /// The port, or `None` for any port.
@@ -346,25 +499,36 @@ impl NetworkRule {
         self.port
     }
 
-    /// Whether this rule allows a TCP connection to `addr` (see [`NetworkRule`] for the
-    /// special ranges a catch-all never matches).
+    /// Whether this address rule allows a TCP connection to `addr` (see [`NetworkRule`]
+    /// for the special ranges a catch-all never matches). A host name rule answers false
+    /// here: it needs a lookup ([`NetworkGrant::allows_resolving`]).
     pub fn allows(&self, addr: SocketAddr) -> bool {
         if self.port.is_some_and(|port| port != addr.port()) {
             return false;
         }
         let ip = addr.ip().to_canonical();
-        self.net.contains(ip) && (self.names_special || !is_special(ip))
+        match &self.target {
+            Target::Net { net, names_special } => {
+                net.contains(ip) && (*names_special || !is_special(ip))
+            }
+            Target::Host(_) => false,
+        }
     }
 }
 
 impl fmt::Display for NetworkRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let full = self.net.prefix == self.net.max_prefix();
-        match (self.net.addr, full) {
-            (IpAddr::V4(ip), true) => write!(f, "{ip}")?,
-            (IpAddr::V4(ip), false) => write!(f, "{ip}/{}", self.net.prefix)?,
-            (IpAddr::V6(ip), true) => write!(f, "[{ip}]")?,
-            (IpAddr::V6(ip), false) => write!(f, "[{ip}/{}]", self.net.prefix)?,
+        match &self.target {
+            Target::Host(name) => f.write_str(name)?,
+            Target::Net { net, .. } => {
+                let full = net.prefix == net.max_prefix();
+                match (net.addr, full) {
+                    (IpAddr::V4(ip), true) => write!(f, "{ip}")?,
+                    (IpAddr::V4(ip), false) => write!(f, "{ip}/{}", net.prefix)?,
+                    (IpAddr::V6(ip), true) => write!(f, "[{ip}]")?,
+                    (IpAddr::V6(ip), false) => write!(f, "[{ip}/{}]", net.prefix)?,
+                }
+            }
         }
         match self.port {
             Some(port) => write!(f, ":{port}"),
@@ -412,13 +576,29 @@ impl FromStr for NetworkRule {
             Some((ip, prefix)) => (ip, Some(prefix)),
             None => (network.as_str(), None),
         };
-        let ip: IpAddr = ip.parse().map_err(|_| {
-            if ip.chars().any(|c| c.is_ascii_alphabetic()) && !ip.contains(':') {
-                bad("host names are not supported: write an IP address or a CIDR network")
-            } else {
-                bad("not an IP address")
+        let port_of = |port: &str| match port {
+            "*" => Ok(None),
+            port => port
+                .parse::<u16>()
+                .map(Some)
+                .map_err(|_| bad("the port is not a number from 1 to 65535 or *")),
+        };
+        let ip: IpAddr = match ip.parse() {
+            Ok(ip) => ip,
+            Err(_) if !trimmed.starts_with('[') && ip.bytes().any(|b| b.is_ascii_alphabetic()) => {
+                if prefix.is_some() {
+                    return Err(bad("a host name takes no /prefix"));
+                }
+                return NetworkRule::host(ip, port_of(port)?).map_err(|error| match error {
+                    GrantError::Rule { reason, .. } => GrantError::Rule {
+                        rule: text.to_owned(),
+                        reason,
+                    },
+                    other => other,
+                });
             }
-        })?;
+            Err(_) => return Err(bad("not an IP address")),
+        };
         let prefix_len = match prefix {
             None => match ip {
                 IpAddr::V4(_) => 32,
@@ -428,13 +608,7 @@ impl FromStr for NetworkRule {
                 .parse::<u8>()
                 .map_err(|_| bad("the prefix length after / is not a number"))?,
         };
-        let port = match port {
-            "*" => None,
-            port => Some(
-                port.parse::<u16>()
-                    .map_err(|_| bad("the port is not a number from 1 to 65535 or *"))?,
-            ),
-        };
+        let port = port_of(port)?;
         NetworkRule::new(ip, prefix_len, port).map_err(|error| match error {
             GrantError::Rule { reason, .. } => GrantError::Rule {
                 rule: text.to_owned(),
@@ -635,20 +809,20 @@ mod tests {
         let r = rule("127.0.0.1:6380");
         assert_eq!(
             (r.ip(), r.prefix_len(), r.port()),
-            ("127.0.0.1".parse().unwrap(), 32, Some(6380))
+            (Some("127.0.0.1".parse().unwrap()), Some(32), Some(6380))
         );
         let r = rule("10.0.0.0/8:5432");
-        assert_eq!((r.prefix_len(), r.port()), (8, Some(5432)));
+        assert_eq!((r.prefix_len(), r.port()), (Some(8), Some(5432)));
         let r = rule("[::1]:80");
         assert_eq!(
             (r.ip(), r.prefix_len(), r.port()),
-            ("::1".parse().unwrap(), 128, Some(80))
+            (Some("::1".parse().unwrap()), Some(128), Some(80))
         );
         assert_eq!(rule("192.168.1.5:*").port(), None);
-        assert_eq!(rule("0.0.0.0/0:443").prefix_len(), 0);
-        assert_eq!(rule("[fc00::/7]:*").prefix_len(), 7);
-        assert_eq!(rule("[fc00::]/7:*").prefix_len(), 7);
-        assert_eq!(rule(" [::]/0:443 ").prefix_len(), 0);
+        assert_eq!(rule("0.0.0.0/0:443").prefix_len(), Some(0));
+        assert_eq!(rule("[fc00::/7]:*").prefix_len(), Some(7));
+        assert_eq!(rule("[fc00::]/7:*").prefix_len(), Some(7));
+        assert_eq!(rule(" [::]/0:443 ").prefix_len(), Some(0));
         // Display writes the canonical text back, which parses to the same rule.
         for text in [
             "127.0.0.1:6380",
@@ -661,14 +835,48 @@ mod tests {
             assert_eq!(rule(text).to_string(), text);
             assert_eq!(rule(&rule(text).to_string()), rule(text));
         }
+        // Host names, lower-cased, with a port or any.
+        let r = rule("API.Example.com:443");
+        assert_eq!(
+            (r.host_name(), r.ip(), r.port()),
+            (Some("api.example.com"), None, Some(443))
+        );
+        assert_eq!(rule("localhost:*").host_name(), Some("localhost"));
+        assert_eq!(
+            rule("db-1.internal.:5432").to_string(),
+            "db-1.internal:5432"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_host_name_rule_allows_what_the_worker_resolves_the_name_to() {
+        let grant = NetworkGrant {
+            allow: vec![rule("localhost:6380")],
+            dns: false,
+        };
+        // A host name rule never matches without a lookup.
+        assert!(!grant.allows(addr("127.0.0.1:6380")));
+        // localhost resolves to loopback: the rule names it, so it is reached, on its
+        // port only.
+        assert!(grant.allows_resolving(addr("127.0.0.1:6380")).await);
+        assert!(!grant.allows_resolving(addr("127.0.0.1:6381")).await);
+        assert!(!grant.allows_resolving(addr("10.0.0.1:6380")).await);
+        // (A name that does not resolve is not tried here: its lookup would leave this
+        // machine.)
     }
 
     #[test]
     fn bad_rules_say_what_is_wrong() {
         for (text, fragment) in [
             ("127.0.0.1", "no port"),
-            ("example.com:443", "host names are not supported"),
-            ("localhost:*", "host names are not supported"),
+            (
+                "exa_mple.com:443",
+                "not an IP address, a CIDR network or a host name",
+            ),
+            ("-bad.example.com:443", "host name"),
+            ("example.com/24:443", "a host name takes no /prefix"),
+            ("example.com:0", "port 0"),
+            ("example.com:https", "1 to 65535"),
             ("::1:80", "goes in brackets"),
             ("[::1]", "no port"),
             ("[::1:80", "without its closing ]"),
@@ -795,8 +1003,8 @@ mod tests {
         assert!(!rule("10.0.0.0/8:*").allows(addr("127.0.0.1:80")));
     }
 
-    #[test]
-    fn the_grant_allows_only_outbound_connects() {
+    #[tokio::test]
+    async fn the_grant_allows_only_outbound_connects() {
         let grant = NetworkGrant {
             allow: vec![rule("127.0.0.1:6380"), rule("0.0.0.0/0:443")],
             dns: false,
@@ -807,14 +1015,30 @@ mod tests {
         assert!(!grant.allows(addr("127.0.0.1:5672")), "the broker");
         assert!(!grant.allows(addr("127.0.0.1:443")));
         let connect = SocketAddrUse::TcpConnect;
-        assert!(grant.permits(addr("127.0.0.1:6380"), connect));
-        assert!(!grant.permits(addr("127.0.0.1:5672"), connect));
+        assert!(grant.permits(addr("127.0.0.1:6380"), connect).await);
+        assert!(!grant.permits(addr("127.0.0.1:5672"), connect).await);
         // The implicit bind an outbound connect reports, and nothing else.
-        assert!(grant.permits(addr("0.0.0.0:0"), SocketAddrUse::TcpBind));
-        assert!(grant.permits(addr("[::]:0"), SocketAddrUse::TcpBind));
-        assert!(!grant.permits(addr("0.0.0.0:6380"), SocketAddrUse::TcpBind));
-        assert!(!grant.permits(addr("127.0.0.1:6380"), SocketAddrUse::TcpBind));
-        assert!(!grant.permits(addr("127.0.0.1:0"), SocketAddrUse::TcpBind));
+        assert!(
+            grant
+                .permits(addr("0.0.0.0:0"), SocketAddrUse::TcpBind)
+                .await
+        );
+        assert!(grant.permits(addr("[::]:0"), SocketAddrUse::TcpBind).await);
+        assert!(
+            !grant
+                .permits(addr("0.0.0.0:6380"), SocketAddrUse::TcpBind)
+                .await
+        );
+        assert!(
+            !grant
+                .permits(addr("127.0.0.1:6380"), SocketAddrUse::TcpBind)
+                .await
+        );
+        assert!(
+            !grant
+                .permits(addr("127.0.0.1:0"), SocketAddrUse::TcpBind)
+                .await
+        );
         for usage in [
             SocketAddrUse::TcpListen,
             SocketAddrUse::TcpAccept,
@@ -823,7 +1047,7 @@ mod tests {
             SocketAddrUse::UdpReceive,
         ] {
             for a in ["0.0.0.0:0", "127.0.0.1:6380", "1.1.1.1:443"] {
-                assert!(!grant.permits(addr(a), usage), "{usage:?} {a}");
+                assert!(!grant.permits(addr(a), usage).await, "{usage:?} {a}");
             }
         }
         assert!(NetworkGrant::default().is_empty());
