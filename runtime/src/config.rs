@@ -383,6 +383,7 @@ impl WorkerConfig {
                     concurrency,
                     ceiling,
                     raw.plugin_store.as_deref(),
+                    raw.scheduler.as_deref(),
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -395,12 +396,6 @@ impl WorkerConfig {
                 ("trusted_keys", raw.trusted_keys.is_some()),
                 ("require_signatures", raw.require_signatures.is_some()),
             ];
-            if raw.scheduler.is_some() {
-                return Err(ConfigError::Invalid {
-                    key: "scheduler",
-                    message: "a Redis delay scheduler is not shared by tenants yet: their brokers hold their delayed messages".into(),
-                });
-            }
             if let Some((key, _)) = top_level.iter().find(|(_, said)| *said) {
                 return Err(ConfigError::Invalid {
                     key,

@@ -38,6 +38,9 @@
 //! require_signatures = true               # refuse a plugin file without a valid .wasm.sig
 //! plugin_store = "redis://127.0.0.1:6379/0"  # serve its signed releases (default: the
 //!                                          # worker's plugin_store; none: its folder)
+//! scheduler = "redis://127.0.0.1:6379/0"   # its delayed messages wait in Redis under
+//!                                          # wasmq.scheduler.acme (default: the worker's
+//!                                          # scheduler; none: its broker holds them)
 //! [tenants.acme.limits]                    # defaults for its tasks
 //! timeout = "10s"
 //! [tenants.acme.ceiling]                   # never exceeded (nor is the worker's)
@@ -128,6 +131,9 @@ pub struct RawTenant {
     /// The plugin store whose releases it serves (default: the worker's `plugin_store`;
     /// none: its folder).
     pub plugin_store: Option<String>,
+    /// Redis URL of the scheduler holding its delayed messages, under its own key prefix
+    /// (default: the worker's `scheduler`; none: its broker holds them).
+    pub scheduler: Option<String>,
 }
 
 /// A folder a tenant may grant.
@@ -213,6 +219,9 @@ pub struct TenantConfig {
     pub trust: TrustPolicy,
     /// The plugin store whose releases it serves (none: its plugin folder).
     pub plugin_store: Option<String>,
+    /// Redis URL of the scheduler holding its delayed messages (none: its broker holds
+    /// them), under [`TenantConfig::scheduler_prefix`].
+    pub scheduler: Option<String>,
     dirs: BTreeMap<String, DirGrant>,
     network: NetworkGrant,
     /// Variables and secrets, resolved.
@@ -267,6 +276,13 @@ fn overrides(
 }
 
 impl TenantConfig {
+    /// The Redis key prefix of its delayed messages in the scheduler:
+    /// `wasmq.scheduler.<id>`, so tenants sharing one Redis never take each other's (and a
+    /// Redis ACL user can be fenced to `wasmq.scheduler.<id>:*`).
+    pub fn scheduler_prefix(&self) -> String {
+        format!("wasmq.scheduler.{}", self.name)
+    }
+
     /// Validates tenant `name` of a worker with `concurrency` slots and the given `ceiling`.
     ///
     /// # Errors
@@ -279,6 +295,7 @@ impl TenantConfig {
         concurrency: usize,
         ceiling: Limits,
         worker_plugin_store: Option<&str>,
+        worker_scheduler: Option<&str>,
     ) -> Result<Self, TenantError> {
         if name.is_empty()
             || !name
@@ -492,6 +509,9 @@ impl TenantConfig {
             ceiling,
             trust,
             plugin_store,
+            scheduler: raw
+                .scheduler
+                .or_else(|| worker_scheduler.map(str::to_owned)),
             dirs,
             network,
             values,
@@ -546,7 +566,7 @@ mod tests {
 
     fn tenant(toml_text: &str) -> Result<TenantConfig, TenantError> {
         let raw: RawTenant = toml::from_str(toml_text).expect("valid TOML");
-        TenantConfig::resolve("acme", raw, 4, Limits::DEFAULT, None)
+        TenantConfig::resolve("acme", raw, 4, Limits::DEFAULT, None, None)
     }
 
     const BASE: &str = "broker = \"sqlite://a.db\"\nplugins = \"p\"\n";

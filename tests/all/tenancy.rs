@@ -882,6 +882,78 @@ fn a_follow_up_naming_another_tenants_queue_fails_for_its_sender_on_the_embedded
 }
 
 #[test]
+fn each_tenants_delayed_messages_wait_in_the_shared_scheduler_under_its_own_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let (a, b) = (format!("sched_a_{id}"), format!("sched_b_{id}"));
+    let url_a = format!("sqlite://{}", dir.path().join("a.db").display());
+    let url_b = format!("sqlite://{}", dir.path().join("b.db").display());
+    let config = format!(
+        "concurrency = 2\nscheduler = \"{redis}\"\n\
+         [tenants.{a}]\nbroker = \"{url_a}\"\nplugins = \"{}\"\n\
+         [tenants.{b}]\nbroker = \"{url_b}\"\nplugins = \"{}\"\n",
+        plugin_folder(dir.path(), "a", &["math"]).display(),
+        plugin_folder(dir.path(), "b", &["math"]).display(),
+        redis = crate::support::REDIS_URL,
+    );
+    let (due_a, due_b) = (
+        format!("wasmq.scheduler.{a}:due"),
+        format!("wasmq.scheduler.{b}:due"),
+    );
+    let client_a = client(&url_a, &url_a, None);
+    runtime().block_on(async {
+        let worker = WorkerProcess::start(dir.path(), &config);
+        let mut redis = admin_redis().await;
+        // Ten tasks that each ask for three retries 100 ms apart: every retry is a delayed
+        // publish by tenant a's worker, which its scheduler holds until due.
+        let mut sent = Vec::new();
+        for _ in 0..10 {
+            sent.push(
+                client_a
+                    .send_task(
+                        "math.flaky",
+                        vec![json!(3)],
+                        Map::new(),
+                        SendOptions::default(),
+                    )
+                    .await
+                    .unwrap(),
+            );
+        }
+        let (mut most_a, mut most_b) = (0_u64, 0_u64);
+        let watching = Instant::now();
+        while watching.elapsed() < Duration::from_millis(600) {
+            let (in_a, in_b): (u64, u64) = redis::pipe()
+                .zcard(&due_a)
+                .zcard(&due_b)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            most_a = most_a.max(in_a);
+            most_b = most_b.max(in_b);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for result in sent {
+            assert_eq!(result.get(WAIT).await.unwrap(), json!(3));
+        }
+        assert!(
+            most_a > 0,
+            "tenant a's retries never waited in its scheduler"
+        );
+        assert_eq!(most_b, 0, "tenant a's retries reached tenant b's prefix");
+        worker.stop();
+        let _: () = redis::cmd("DEL")
+            .arg(&due_a)
+            .arg(format!("wasmq.scheduler.{a}:claimed"))
+            .arg(&due_b)
+            .arg(format!("wasmq.scheduler.{b}:claimed"))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
 fn the_example_tenants_file_is_valid() {
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tenants.toml");
     let raw = wasmq::config::RawConfig::from_file(&file).unwrap();

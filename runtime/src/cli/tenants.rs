@@ -98,8 +98,13 @@ pub(super) async fn run(
         for dir in tenant.host_dirs() {
             ensure_folder(&tenant.name, "folder", &dir.host)?;
         }
-        let broker = crate::broker::scheduled::connect(&tenant.broker, None, amqp)
-            .map_err(|e| Failure::bad_input(format!("tenant {:?}: {e:#}", tenant.name)))?;
+        let broker = crate::broker::scheduled::connect_prefixed(
+            &tenant.broker,
+            tenant.scheduler.as_deref(),
+            &tenant.scheduler_prefix(),
+            amqp,
+        )
+        .map_err(|e| Failure::bad_input(format!("tenant {:?}: {e:#}", tenant.name)))?;
         let backend = backend(tenant, config.result_expires)?;
         let source = super::plugin_source::serve_plugins(
             Arc::clone(&sandbox),

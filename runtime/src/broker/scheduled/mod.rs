@@ -92,11 +92,34 @@ pub fn connect(
     scheduler_url: Option<&str>,
     amqp: super::amqp::AmqpOptions,
 ) -> Result<Arc<dyn Broker>, BrokerError> {
+    connect_prefixed(
+        broker_url,
+        scheduler_url,
+        &RedisSchedulerOptions::default().prefix,
+        amqp,
+    )
+}
+
+/// [`connect`], with the scheduler's sets under `prefix` (a tenant's own, so tenants
+/// sharing one Redis never take each other's messages).
+///
+/// # Errors
+/// As [`connect`].
+pub fn connect_prefixed(
+    broker_url: &str,
+    scheduler_url: Option<&str>,
+    prefix: &str,
+    amqp: super::amqp::AmqpOptions,
+) -> Result<Arc<dyn Broker>, BrokerError> {
     let broker = super::connect_with(broker_url, amqp)?;
     match scheduler_url {
         None => Ok(broker),
         Some(url) => {
-            let scheduler = RedisScheduler::new(url, RedisSchedulerOptions::default())?;
+            let options = RedisSchedulerOptions {
+                prefix: prefix.to_owned(),
+                ..RedisSchedulerOptions::default()
+            };
+            let scheduler = RedisScheduler::new(url, options)?;
             Ok(Arc::new(ScheduledBroker::new(broker, Arc::new(scheduler))))
         }
     }
