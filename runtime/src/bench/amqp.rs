@@ -352,9 +352,9 @@ fn print_events(rows: &EventRows, plan: &Plan) {
     );
     println!();
     println!(
-        "| drain | events off | events on | on / off (medians) | CPU µs/task off → on (medians) | events received a task (fewest) |"
+        "| drain | events off | events on | on / off (medians) | on / off, each round after its off drain (median) | CPU µs/task off → on (medians) | events received a task (fewest) |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     let list = |values: &[f64]| {
         values
             .iter()
@@ -363,12 +363,26 @@ fn print_events(rows: &EventRows, plan: &Plan) {
             .join(", ")
     };
     for row in rows {
+        // Each on drain against the off drain just before it: paired, so a slow stretch of
+        // the machine weighs on both sides of a ratio.
+        let paired: Vec<f64> = row
+            .on
+            .iter()
+            .zip(&row.off)
+            .map(|(on, off)| on / off)
+            .collect();
         println!(
-            "| {} | {} | {} | **{:.2}** | {:.0} → {:.0} | {:.2} |",
+            "| {} | {} | {} | **{:.2}** | {} (**{:.2}**) | {:.0} → {:.0} | {:.2} |",
             row.results,
             list(&row.off),
             list(&row.on),
             median(&row.on) / median(&row.off),
+            paired
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            median(&paired),
             median(&row.cpu_off),
             median(&row.cpu_on),
             row.per_task.iter().copied().fold(f64::INFINITY, f64::min)

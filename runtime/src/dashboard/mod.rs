@@ -19,10 +19,10 @@
 //!
 //! Sandbox limit hits are the worker's own count by limit, from `inspect stats`
 //! (`wasmq.limit_hits`, the same figure as its `wasmq_sandbox_limit_exceeded_total`).
-//! Before a worker's first stats reply they are inferred from task-failed events whose
+//! Between stats polls they are also inferred from task-failed events whose
 //! exception wasmq's sandbox raises for a limit (`TimeLimitExceeded` for time — and fuel,
 //! when its message says so —, `MemoryError`, `RecursionError` for the stack,
-//! `OutputLimitExceeded`), for wasmq workers only.
+//! `OutputLimitExceeded`), for wasmq workers only; the larger figure per limit is shown.
 //!
 //! Read-only: it sends no command that changes a worker beyond `enable_events`.
 

@@ -63,10 +63,28 @@ pub(super) struct WorkerView {
     /// Failures that were a sandbox limit, by limit (`fuel`, `time`, `memory`, `stack`,
     /// `output`).
     limit_hits: BTreeMap<String, u64>,
-    /// Whether `limit_hits` is the worker's own count (from `inspect stats`), which task
-    /// events then no longer add to.
+    /// The worker's own count of limit hits, from its latest `inspect stats` reply.
     #[serde(skip)]
-    limits_counted: bool,
+    counted_hits: BTreeMap<String, u64>,
+    /// Limit hits inferred from the task-failed events seen since the dashboard started.
+    #[serde(skip)]
+    inferred_hits: BTreeMap<String, u64>,
+}
+
+impl WorkerView {
+    /// Shows, per limit, the larger of the worker's own count and what events showed.
+    /// Each is exact as far as it goes — the count since the worker started as of its last
+    /// stats reply (which may be a poll old), and the hits seen in events since the
+    /// dashboard started — so the larger is the freshest and never counts a hit twice.
+    fn merge_limit_hits(&mut self) {
+        let mut hits = self.counted_hits.clone();
+        for (limit, count) in &self.inferred_hits {
+            let shown = hits.entry(limit.clone()).or_default();
+            *shown = (*shown).max(*count);
+        }
+        hits.retain(|_, count| *count > 0);
+        self.limit_hits = hits;
+    }
 }
 
 /// One task, merged from its events.
@@ -329,9 +347,9 @@ impl State {
                     let known_other = !worker.sw_ident.is_empty() && worker.sw_ident != "wasmq";
                     if let Some(limit) = exception.as_deref().and_then(limit_of)
                         && !known_other
-                        && !worker.limits_counted
                     {
-                        *worker.limit_hits.entry(limit.to_owned()).or_default() += 1;
+                        *worker.inferred_hits.entry(limit.to_owned()).or_default() += 1;
+                        worker.merge_limit_hits();
                     }
                 }
             }
@@ -348,18 +366,17 @@ impl State {
                 worker.concurrency = reply
                     .pointer("/pool/max-concurrency")
                     .and_then(Value::as_u64);
-                // A wasmq worker counts its own limit hits, events on or off, since it
-                // started: those replace what the dashboard inferred from task events.
+                // A wasmq worker counts its own limit hits since it started, events on or
+                // off.
                 if let Some(hits) = reply
                     .pointer("/wasmq/limit_hits")
                     .and_then(Value::as_object)
                 {
-                    worker.limit_hits = hits
+                    worker.counted_hits = hits
                         .iter()
                         .filter_map(|(limit, count)| Some((limit.clone(), count.as_u64()?)))
-                        .filter(|(_, count)| *count > 0)
                         .collect();
-                    worker.limits_counted = true;
+                    worker.merge_limit_hits();
                 }
             }
             "active_queues" => {

@@ -60,6 +60,9 @@ impl WorkerProcess {
     ) -> Self {
         let log = dir.join(format!("{node}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_wasmq"))
+            // Its default plugin folder and state files go in the test's folder, never
+            // the crate's (cli::regression_spawned_commands_write_nothing_into_the_crate_directory).
+            .current_dir(dir)
             .args(["worker", "--broker", broker, "--result-backend", backend])
             .args(["-Q", queue, "-c", &slots.to_string(), "-n", node])
             // Spinning tasks run for seconds: a large fuel budget, a short enough deadline.

@@ -132,19 +132,34 @@ fn limit_failures_are_counted_by_limit_and_only_for_wasmq_workers() {
     assert_eq!(wasmq["failed"], 4);
     assert_eq!(snapshot["workers"][0]["limit_hits_total"], 0);
 
-    // The worker's own count (inspect stats) replaces the inferred one, and task events
-    // no longer add to it.
+    // The worker's own count (inspect stats, since it started) shows where it is larger;
+    // a stale reply (taken before the last hit's event) never hides what events showed.
     state.apply_inspect(
         "stats",
         "wasmq@a",
-        &json!({"wasmq": {"limit_hits": {"fuel": 7, "memory": 0, "time": 2}}}),
+        &json!({"wasmq": {"limit_hits": {"fuel": 7, "memory": 0, "time": 0}}}),
         3.0,
     );
-    state.apply(&fail("f", "wasmq@a", "TimeLimitExceeded(0.2)"));
     let snapshot = state.snapshot(3.5, 10, None);
     let wasmq = &snapshot["workers"][1];
-    assert_eq!(wasmq["limit_hits"], json!({"fuel": 7, "time": 2}));
+    assert_eq!(
+        wasmq["limit_hits"],
+        json!({"fuel": 7, "time": 1, "memory": 1})
+    );
     assert_eq!(wasmq["limit_hits_total"], 9);
+    // One more time limit: its event and the next stats reply count it once.
+    state.apply(&fail("f", "wasmq@a", "TimeLimitExceeded(0.2)"));
+    state.apply_inspect(
+        "stats",
+        "wasmq@a",
+        &json!({"wasmq": {"limit_hits": {"fuel": 7, "memory": 1, "time": 2}}}),
+        4.0,
+    );
+    let snapshot = state.snapshot(4.5, 10, None);
+    assert_eq!(
+        snapshot["workers"][1]["limit_hits"],
+        json!({"fuel": 7, "time": 2, "memory": 1})
+    );
 }
 
 #[test]
