@@ -199,7 +199,14 @@ fn check_ids(entry: &str, ids: &[(String, Instant)], since: DateTime<Utc>) -> Ve
 struct Lease {
     args: Vec<String>,
     prefix: String,
-    redis: bool,
+    store: Store,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Store {
+    Embedded,
+    Redis,
+    RabbitMq,
 }
 
 impl Lease {
@@ -208,7 +215,16 @@ impl Lease {
         Self {
             args: vec!["--beat-prefix".into(), prefix.into()],
             prefix: prefix.into(),
-            redis: false,
+            store: Store::Embedded,
+        }
+    }
+
+    fn rabbitmq(prefix: &str) -> Self {
+        // The beat's default with a RabbitMQ broker and rpc results: an exclusive queue.
+        Self {
+            args: vec!["--beat-prefix".into(), prefix.into()],
+            prefix: prefix.into(),
+            store: Store::RabbitMq,
         }
     }
 
@@ -221,29 +237,48 @@ impl Lease {
                 prefix.into(),
             ],
             prefix: prefix.into(),
-            redis: true,
+            store: Store::Redis,
         }
     }
 
     /// Deletes the lease under its holder's feet.
     async fn steal(&self, db_url: &str) {
-        if self.redis {
-            redis_del(&[format!("{}:leader", self.prefix)]).await;
-        } else {
-            let path = db_url.strip_prefix("sqlite://").unwrap();
-            wasmq::beat::lease::embedded::EmbeddedLease::open(Path::new(path), &self.prefix)
-                .unwrap()
-                .break_lease()
-                .await
-                .unwrap();
+        match self.store {
+            Store::Redis => redis_del(&[format!("{}:leader", self.prefix)]).await,
+            Store::Embedded => {
+                let path = db_url.strip_prefix("sqlite://").unwrap();
+                wasmq::beat::lease::embedded::EmbeddedLease::open(Path::new(path), &self.prefix)
+                    .unwrap()
+                    .break_lease()
+                    .await
+                    .unwrap();
+            }
+            Store::RabbitMq => {
+                // Only its own connection may delete an exclusive queue; the operator can.
+                let queue = format!("{}.leader", self.prefix);
+                let status = Command::new("rabbitmqctl")
+                    .args(["-q", "delete_queue", &queue])
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "rabbitmqctl delete_queue {queue}");
+            }
         }
     }
 
-    async fn clean(&self) {
-        if self.redis {
-            let keys =
-                ["leader", "last_run", "last_id", "runs"].map(|k| format!("{}:{k}", self.prefix));
-            redis_del(&keys).await;
+    async fn clean(&self, entry: &str) {
+        match self.store {
+            Store::Redis => {
+                let keys = ["leader", "last_run", "last_id", "runs"]
+                    .map(|k| format!("{}:{k}", self.prefix));
+                redis_del(&keys).await;
+            }
+            Store::RabbitMq => {
+                let broker = wasmq::broker::connect(AMQP_URL).unwrap();
+                let _ = broker
+                    .delete_queue(&format!("{}.runs.{entry}", self.prefix))
+                    .await;
+            }
+            Store::Embedded => {}
         }
     }
 }
@@ -262,15 +297,39 @@ async fn redis_del(keys: &[String]) {
 struct Setup {
     dir: tempfile::TempDir,
     db: String,
+    /// The broker and result backend the beats are given.
+    endpoints: (String, String),
     schedule: PathBuf,
     queue: String,
     broker: Arc<dyn Broker>,
 }
 
 impl Setup {
+    /// On the embedded database.
     fn new(entry: &str, body: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let db = format!("sqlite://{}", dir.path().join("wasmq.db").display());
+        Self::with(dir, db.clone(), (db.clone(), db), entry, body)
+    }
+
+    /// On `store`'s broker: RabbitMQ (with rpc results) for its lease, else the embedded one.
+    fn for_store(store: Store, entry: &str, body: &str) -> Self {
+        if store != Store::RabbitMq {
+            return Self::new(entry, body);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let db = format!("sqlite://{}", dir.path().join("wasmq.db").display());
+        let endpoints = (AMQP_URL.to_owned(), "rpc://".to_owned());
+        Self::with(dir, db, endpoints, entry, body)
+    }
+
+    fn with(
+        dir: tempfile::TempDir,
+        db: String,
+        endpoints: (String, String),
+        entry: &str,
+        body: &str,
+    ) -> Self {
         let queue = unique_queue("beat");
         let schedule = dir.path().join("beat.toml");
         std::fs::write(
@@ -278,19 +337,27 @@ impl Setup {
             format!("[beat.{entry}]\nqueue = \"{queue}\"\n{body}\n"),
         )
         .unwrap();
-        let broker = wasmq::broker::connect(&db).unwrap();
+        let broker = wasmq::broker::connect(&endpoints.0).unwrap();
         Self {
             dir,
             db,
+            endpoints,
             schedule,
             queue,
             broker,
         }
     }
 
+    /// Deletes the work queue from RabbitMQ (the embedded one goes with its folder).
+    async fn clean(&self) {
+        if self.endpoints.0 == AMQP_URL {
+            self.broker.delete_queue(&self.queue).await.unwrap();
+        }
+    }
+
     fn beat(&self, name: &str, lease: &Lease) -> Process {
-        let db = self.db.as_str();
-        let mut args = vec!["--broker", db, "--result-backend", db];
+        let (broker, backend) = (self.endpoints.0.as_str(), self.endpoints.1.as_str());
+        let mut args = vec!["--broker", broker, "--result-backend", backend];
         args.extend(lease.args.iter().map(String::as_str));
         Process::beat(self.dir.path(), name, &self.schedule, &args)
     }
@@ -315,26 +382,42 @@ fn leader<'a>(beats: &'a [&'a Process]) -> Option<&'a Process> {
 }
 
 fn two_beats_send_each_run_once(lease: Lease) {
-    let setup = Setup::new("tick", ONE_SECOND);
+    let _shared = RABBITMQ
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let setup = Setup::for_store(lease.store, "tick", ONE_SECOND);
     runtime().block_on(async {
         let arrivals = Arrivals::collect(Arc::clone(&setup.broker), &setup.queue).await;
         let started = Utc::now();
         let mut a = setup.beat("beat-a", &lease);
         let mut b = setup.beat("beat-b", &lease);
         let first = arrivals.wait_for(1, Duration::from_secs(30)).await[0].1;
-        tokio::time::sleep_until((first + Duration::from_millis(10_500)).into()).await;
+        // Ten seconds, starting half-way between two runs.
+        let (from, to) = (
+            first + Duration::from_millis(500),
+            first + Duration::from_millis(10_500),
+        );
+        tokio::time::sleep_until((to + Duration::from_millis(200)).into()).await;
         let window: Vec<_> = arrivals
             .all()
             .into_iter()
-            .filter(|(_, at)| *at >= first && *at < first + Duration::from_secs(10))
+            .filter(|(_, at)| *at >= from && *at < to)
             .collect();
         assert!(a.alive() && b.alive(), "{}\n{}", a.text(), b.text());
+        // Before stopping: the leader gives its lease up on SIGTERM, and the other may then
+        // lead for a moment.
+        let leaders = [&a, &b]
+            .iter()
+            .filter(|beat| !beat.said("leading the beat").is_empty())
+            .count();
+        assert_eq!(leaders, 1, "one leader:\n{}\n{}", a.text(), b.text());
         a.stop();
         b.stop();
         tokio::time::sleep(Duration::from_millis(300)).await;
         let seconds = check_ids("tick", &arrivals.all(), started);
         println!(
-            "two beats, 10 s: {} runs, {} in all, instants {seconds:?}",
+            "two beats ({:?}), 10 s: {} runs, {} in all, instants {seconds:?}",
+            lease.store,
             window.len(),
             seconds.len()
         );
@@ -347,14 +430,10 @@ fn two_beats_send_each_run_once(lease: Lease) {
             seconds.windows(2).all(|w| w[1] - w[0] == 1),
             "one run a second, none skipped: {seconds:?}"
         );
-        let leaders = [&a, &b]
-            .iter()
-            .filter(|beat| !beat.said("leading the beat").is_empty())
-            .count();
-        assert_eq!(leaders, 1, "one leader:\n{}\n{}", a.text(), b.text());
         let sent: usize = [&a, &b].iter().map(|beat| beat.said("sent").len()).sum();
         assert_eq!(sent, seconds.len(), "every run sent was received, once");
-        lease.clean().await;
+        lease.clean("tick").await;
+        setup.clean().await;
     });
 }
 
@@ -368,10 +447,18 @@ fn two_beats_with_a_redis_lease_send_each_run_once() {
     two_beats_send_each_run_once(Lease::redis(&unique_queue("beat-lease")));
 }
 
+#[test]
+fn two_beats_on_rabbitmq_alone_send_each_run_once() {
+    two_beats_send_each_run_once(Lease::rabbitmq(&unique_queue("beat-lease")));
+}
+
 /// SIGKILL the leader: the follower takes over within the lease TTL (+ 1 s), the run
 /// missed meanwhile fires once, and no id arrives twice.
 fn the_follower_takes_over_from_a_killed_leader(lease: Lease) {
-    let setup = Setup::new("tick", ONE_SECOND);
+    let _shared = RABBITMQ
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let setup = Setup::for_store(lease.store, "tick", ONE_SECOND);
     let ttl = Duration::from_secs(2);
     let mut lease = lease;
     lease.args.extend(["--beat-lease-ttl".into(), "2s".into()]);
@@ -386,6 +473,7 @@ fn the_follower_takes_over_from_a_killed_leader(lease: Lease) {
         let follower = if leader.name == a.name { &b } else { &a };
         leader.signal("-KILL");
         let killed = Instant::now();
+        let killed_at = Utc::now();
         let after = arrivals.wait_for(before + 4, Duration::from_secs(15)).await;
         let first_after = after
             .iter()
@@ -396,10 +484,22 @@ fn the_follower_takes_over_from_a_killed_leader(lease: Lease) {
         let gaps: Vec<Duration> = after.windows(2).map(|w| w[1].1 - w[0].1).collect();
         let longest = gaps.iter().max().copied().unwrap_or_default();
         let seconds = check_ids("tick", &after, started);
+        let took_over = follower
+            .said("leading the beat")
+            .iter()
+            .filter_map(|line| line["timestamp"].as_str())
+            .filter_map(|at| DateTime::parse_from_rfc3339(at).ok())
+            .map(|at| {
+                (at.with_timezone(&Utc) - killed_at)
+                    .to_std()
+                    .unwrap_or_default()
+            })
+            .next_back();
         println!(
-            "failover after SIGKILL ({}): {failover:?} (lease TTL {ttl:?}); longest gap \
-             between runs {longest:?}; {} runs, no duplicate",
-            if lease.redis { "redis" } else { "embedded" },
+            "SIGKILL of the leader ({:?}, lease TTL {ttl:?}): the follower led after \
+             {took_over:?}, the first run arrived after {failover:?}; longest gap between runs \
+             {longest:?}; {} runs, no duplicate",
+            lease.store,
             seconds.len()
         );
         assert!(
@@ -418,7 +518,8 @@ fn the_follower_takes_over_from_a_killed_leader(lease: Lease) {
         );
         drop(a);
         drop(b);
-        lease.clean().await;
+        lease.clean("tick").await;
+        setup.clean().await;
     });
 }
 
@@ -432,10 +533,18 @@ fn the_follower_takes_over_from_a_killed_leader_on_redis() {
     the_follower_takes_over_from_a_killed_leader(Lease::redis(&unique_queue("beat-lease")));
 }
 
+#[test]
+fn the_follower_takes_over_from_a_killed_leader_on_rabbitmq() {
+    the_follower_takes_over_from_a_killed_leader(Lease::rabbitmq(&unique_queue("beat-lease")));
+}
+
 /// The lease deleted under the leader (RedBeat #230 crashed here): the leader notices at its
 /// next renewal or claim, steps down, and the beats carry on with no run twice.
 fn a_leader_whose_lease_is_deleted_steps_down(lease: Lease) {
-    let setup = Setup::new("tick", ONE_SECOND);
+    let _shared = RABBITMQ
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let setup = Setup::for_store(lease.store, "tick", ONE_SECOND);
     let mut lease = lease;
     lease.args.extend(["--beat-lease-ttl".into(), "2s".into()]);
     runtime().block_on(async {
@@ -473,10 +582,14 @@ fn a_leader_whose_lease_is_deleted_steps_down(lease: Lease) {
             a.text(),
             b.text()
         );
-        println!("after the lease was deleted: runs {seconds:?}");
+        println!(
+            "{:?}: after the lease was deleted: runs {seconds:?}",
+            lease.store
+        );
         a.stop();
         b.stop();
-        lease.clean().await;
+        lease.clean("tick").await;
+        setup.clean().await;
     });
 }
 
@@ -488,6 +601,11 @@ fn a_leader_whose_lease_is_deleted_steps_down_on_the_embedded_database() {
 #[test]
 fn a_leader_whose_lease_is_deleted_steps_down_on_redis() {
     a_leader_whose_lease_is_deleted_steps_down(Lease::redis(&unique_queue("beat-lease")));
+}
+
+#[test]
+fn a_leader_whose_lease_queue_is_deleted_steps_down_on_rabbitmq() {
+    a_leader_whose_lease_is_deleted_steps_down(Lease::rabbitmq(&unique_queue("beat-lease")));
 }
 
 /// The runs a beat's log says it sent: (id, scheduled instant).
@@ -562,7 +680,7 @@ fn a_python_celery_worker_runs_what_a_wasmq_beat_sends() {
             .delete_queue(&queue)
             .await
             .unwrap();
-        Lease::redis(&prefix).clean().await;
+        Lease::redis(&prefix).clean("py-add").await;
     });
 }
 

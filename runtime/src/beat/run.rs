@@ -297,7 +297,14 @@ impl State {
                 });
                 self.stats.terms += 1;
                 self.said_following = false;
-                match self.beat.store.last_runs().await {
+                let names: Vec<String> = self
+                    .beat
+                    .schedule
+                    .entries
+                    .iter()
+                    .map(|e| e.name.clone())
+                    .collect();
+                match self.beat.store.last_runs(&names).await {
                     Ok(runs) => {
                         self.last = runs.into_iter().map(|(name, run)| (name, run.at)).collect();
                     }

@@ -125,7 +125,7 @@ fn missed_runs_fire_once_unless_catch_up_is_none() {
         assert!(fixture.ids("skip").await.is_empty());
         assert!(fixture.ids("fresh").await.is_empty());
         assert_eq!((stats.sent, stats.skipped, stats.terms), (1, 1, 1));
-        let runs = store.last_runs().await.unwrap();
+        let runs = store.last_runs(&[]).await.unwrap();
         assert_eq!(runs["catch"].at, latest);
         assert_eq!(runs["catch"].runs, 2);
         assert_eq!(runs["skip"].at, long_ago, "a skipped run is not claimed");

@@ -38,9 +38,10 @@ pub(super) struct BeatArgs {
 /// Where beats agree on a leader and on each run; shared by `beat` and `worker --beat`.
 #[derive(Debug, Clone, clap::Args)]
 pub(super) struct LeaseArgs {
-    /// Where the beats hold their lease and claim each run: redis://HOST:PORT/DB or
-    /// sqlite://PATH. Default: the Redis scheduler or result backend, else the embedded
-    /// database file of the broker or result backend.
+    /// Where the beats hold their lease and claim each run: redis://HOST:PORT/DB,
+    /// sqlite://PATH or amqp://… (an exclusive queue). Default: the Redis scheduler or result
+    /// backend, else the embedded database file of the broker or result backend, else the
+    /// RabbitMQ broker.
     #[arg(long = "beat-lease", env = "WASMQ_BEAT_LEASE", value_name = "URL")]
     url: Option<String>,
     /// How long the lease lasts unless renewed (a follower replaces a dead leader within
@@ -69,10 +70,16 @@ impl LeaseArgs {
             .or_else(|| redis(&config.result_backend).then(|| config.result_backend.clone()))
             .or_else(|| sqlite(&config.broker).then(|| config.broker.clone()))
             .or_else(|| sqlite(&config.result_backend).then(|| config.result_backend.clone()))
+            .or_else(|| {
+                config
+                    .broker
+                    .starts_with("amqp")
+                    .then(|| config.broker.clone())
+            })
             .ok_or_else(|| {
                 Failure::bad_input(
                     "beat needs a lease store every beat shares: pass --beat-lease \
-                     redis://HOST:PORT/DB or sqlite://PATH",
+                     redis://HOST:PORT/DB, sqlite://PATH or amqp://…",
                 )
             })?;
         let prefix = self.prefix.as_deref().unwrap_or(lease::DEFAULT_PREFIX);
@@ -143,7 +150,8 @@ pub(super) async fn run(args: BeatArgs) -> Result<(), Failure> {
 
 /// Prints each entry's schedule, next run and last run, and the lease's holder.
 async fn list(schedule: &Schedule, store: &dyn LeaseStore) -> Result<(), Failure> {
-    let last = store.last_runs().await.map_err(Failure::internal)?;
+    let names: Vec<String> = schedule.entries.iter().map(|e| e.name.clone()).collect();
+    let last = store.last_runs(&names).await.map_err(Failure::internal)?;
     let holder = store.holder().await.map_err(Failure::internal)?;
     let now = Utc::now();
     let time = |at: chrono::DateTime<Utc>| at.to_rfc3339_opts(SecondsFormat::Secs, true);

@@ -180,7 +180,7 @@ impl LeaseStore for EmbeddedLease {
             .await?)
     }
 
-    async fn last_runs(&self) -> Result<HashMap<String, LastRun>, LeaseError> {
+    async fn last_runs(&self, _entries: &[String]) -> Result<HashMap<String, LastRun>, LeaseError> {
         let name = self.name.clone();
         Ok(self
             .db
@@ -290,7 +290,7 @@ mod tests {
             );
             assert_eq!(store.acquire("b", ttl).await.unwrap(), Acquired::Held);
             assert_eq!(store.claim("b", &at(20), "id20").await.unwrap(), Claim::Won);
-            let last = &store.last_runs().await.unwrap()["ping"];
+            let last = &store.last_runs(&[]).await.unwrap()["ping"];
             assert_eq!(
                 (last.at, last.task_id.as_str(), last.runs),
                 (at(20).at, "id20", 2)

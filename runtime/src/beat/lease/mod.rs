@@ -13,8 +13,11 @@
 //! new leader starts from (a missed run fires once) and `wasmq beat --list` shows.
 //!
 //! * [`redis`] — `SET NX PX` + a compare script, `wasmq.beat:leader` and three hashes;
-//! * [`embedded`] — two tables in the embedded database file.
+//! * [`embedded`] — two tables in the embedded database file;
+//! * [`amqp`] — RabbitMQ alone: an exclusive queue, and each entry's last run as the one
+//!   message of a queue only the lock's connection writes.
 
+pub mod amqp;
 pub mod embedded;
 pub mod redis;
 
@@ -48,6 +51,9 @@ pub enum LeaseError {
     /// The embedded database failed.
     #[error("beat lease store")]
     Db(#[from] crate::db::DbError),
+    /// RabbitMQ failed (the exclusive-queue lease).
+    #[error("beat lease store")]
+    Amqp(#[from] crate::broker::BrokerError),
 }
 
 impl LeaseError {
@@ -56,6 +62,7 @@ impl LeaseError {
         match self {
             LeaseError::Redis { source, .. } => crate::redis_client::is_transient(source),
             LeaseError::Db(error) => error.is_transient(),
+            LeaseError::Amqp(error) => error.is_transient(),
             LeaseError::UnsupportedUrl(_) => false,
         }
     }
@@ -116,8 +123,8 @@ pub trait LeaseStore: Send + Sync {
         task_id: &str,
     ) -> Result<Claim, LeaseError>;
 
-    /// Every entry's last claimed run, by entry name.
-    async fn last_runs(&self) -> Result<HashMap<String, LastRun>, LeaseError>;
+    /// The last claimed run of each of `entries` that has one, by entry name.
+    async fn last_runs(&self, entries: &[String]) -> Result<HashMap<String, LastRun>, LeaseError>;
 
     /// Who holds the lease now, if anyone.
     async fn holder(&self) -> Result<Option<String>, LeaseError>;
@@ -126,13 +133,17 @@ pub trait LeaseStore: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// Opens the lease store at `url` (`redis://…` or `sqlite://PATH`) under `prefix`.
+/// Opens the lease store at `url` (`redis://…`, `sqlite://PATH` or `amqp://…`) under
+/// `prefix`.
 ///
 /// # Errors
 /// [`LeaseError::UnsupportedUrl`], or the database cannot be opened.
 pub fn connect(url: &str, prefix: &str) -> Result<Arc<dyn LeaseStore>, LeaseError> {
     if url.starts_with("redis://") || url.starts_with("rediss://") {
         return Ok(Arc::new(redis::RedisLease::new(url, prefix)?));
+    }
+    if url.starts_with("amqp://") || url.starts_with("amqps://") {
+        return Ok(Arc::new(amqp::AmqpLease::new(url, prefix)?));
     }
     if let Some(path) = crate::db::parse_url(url) {
         return Ok(Arc::new(embedded::EmbeddedLease::open(&path, prefix)?));

@@ -190,7 +190,7 @@ impl LeaseStore for RedisLease {
         })
     }
 
-    async fn last_runs(&self) -> Result<HashMap<String, LastRun>, LeaseError> {
+    async fn last_runs(&self, _entries: &[String]) -> Result<HashMap<String, LastRun>, LeaseError> {
         let mut connection = self.connection().await?;
         let (at, ids, runs): (
             HashMap<String, i64>,
