@@ -48,6 +48,7 @@
 //!
 //! ```text
 //! client     Client::send_task: SendOptions → TaskMessage, routed    client/, protocol/options.rs
+//!            (a periodic task: the leading beat claims the run, sends) beat/
 //!            (a workflow: canvas::Dispatch publishes its first tasks) canvas/dispatch.rs
 //! broker     publish; a worker's consumer delivers it, prefetched     broker/
 //! worker     decode the Celery v2 envelope                            protocol/
