@@ -1,4 +1,6 @@
-//! [`Beat`]: the loop every beat runs, as follower or leader.
+//! [`Beat`]: the loop every beat runs, as follower or leader. One idea — when to renew, when
+//! to try for the lease, which runs are due, and what a claim's answer means — hence a file
+//! longer than 400 lines.
 //!
 //! **Follower**: try to take the lease; when another holder has it, try again when it is due
 //! to expire (the store says when), so a dead leader is replaced within the lease's TTL.
