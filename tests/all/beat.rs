@@ -735,8 +735,9 @@ fn a_bad_schedule_is_one_line_and_exit_2() {
     );
 }
 
-/// A running beat follows its file: an entry added is sent within a couple of seconds, a
-/// disabled one stops; `--list` then shows each entry's schedule, next and last run.
+/// A running beat follows its file: one that no longer validates is logged and ignored, an
+/// entry added is sent within a couple of seconds, a disabled one stops; `--list` then shows
+/// each entry's schedule, next and last run.
 #[test]
 fn a_changed_schedule_is_picked_up_and_list_shows_next_and_last_runs() {
     let setup = Setup::new("first", ONE_SECOND);
@@ -748,6 +749,21 @@ fn a_changed_schedule_is_picked_up_and_list_shows_next_and_last_runs() {
             assert!(Instant::now() < deadline, "no run sent: {}", beat.text());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // A file that no longer validates is logged and ignored: the beat runs on.
+        let valid = std::fs::read_to_string(&setup.schedule).unwrap();
+        std::fs::write(&setup.schedule, format!("{valid}evry = \"1s\"\n")).unwrap();
+        let before = sent(&beat).len();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(beat.alive(), "{}", beat.text());
+        let refused = beat.said("the schedule file no longer validates");
+        assert_eq!(refused.len(), 1, "{}", beat.text());
+        assert!(
+            refused[0]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("unknown field `evry`")),
+            "{refused:?}"
+        );
+        assert!(sent(&beat).len() >= before + 2, "{}", beat.text());
         std::fs::write(
             &setup.schedule,
             format!(
