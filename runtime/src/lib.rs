@@ -9,6 +9,9 @@
 //! edge       cli/ (one file per command)   bench/ (the side-by-side harness)
 //! config     config.rs          raw flags/env/TOML → a validated WorkerConfig
 //!            tenancy.rs         [tenants.<id>]: a tenant's broker, plugins, share and grants
+//! periodic   beat/              periodic tasks: a schedule file (every / cron in a zone), a
+//!                               lease and a claim per run (Redis or the embedded file), sent
+//!                               through the client
 //! client     client/            send, call, submit; AsyncResult; starting workflows
 //!            dashboard/         the web dashboard: events and inspect replies → a page
 //! worker     worker/            admit → run → decide → settle → continue the workflow;
@@ -45,6 +48,7 @@
 //!
 //! ```text
 //! client     Client::send_task: SendOptions → TaskMessage, routed    client/, protocol/options.rs
+//!            (a periodic task: the leading beat claims the run, sends) beat/
 //!            (a workflow: canvas::Dispatch publishes its first tasks) canvas/dispatch.rs
 //! broker     publish; a worker's consumer delivers it, prefetched     broker/
 //! worker     decode the Celery v2 envelope                            protocol/
@@ -59,6 +63,7 @@
 //! results    the client's AsyncResult::get reads the stored meta      results/, client/result.rs
 //! ```
 
+pub mod beat;
 pub(crate) mod bench;
 pub mod broker;
 pub mod bundled;

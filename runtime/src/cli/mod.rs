@@ -13,6 +13,7 @@
 //! (`inspect`, `control`), 70 internal error.
 
 mod args;
+mod beat;
 mod bench;
 mod call;
 mod dashboard;
@@ -66,6 +67,10 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a worker: consume tasks, run them in sandboxes, store results.
     Worker(Box<worker::WorkerArgs>),
+    /// Send periodic tasks from a schedule file (Celery's beat). Run as many as you like:
+    /// they elect one leader and never send a run twice. --list shows each entry's next and
+    /// last run.
+    Beat(beat::BeatArgs),
     /// Send a task (prints its id, or its result with --wait).
     Send(send::SendArgs),
     /// Revoke tasks: workers will not run them (their result becomes REVOKED); with
@@ -145,6 +150,8 @@ pub fn main() -> ExitCode {
         // lapin warns of every message RabbitMQ returns, body and all; a tenant's worker
         // publishes follow-ups and rpc replies `mandatory` and logs a returned one itself.
         Command::Worker(_) => "info,lapin::returned_messages=error",
+        // A beat's log is what it sent and who leads.
+        Command::Beat(_) => "info",
         Command::Demo(_) | Command::Bench { .. } => "off",
         // lapin logs every passive declare of a queue that does not exist (yet) as an error.
         Command::Dashboard(_) => "warn,lapin::channel=off",
@@ -179,6 +186,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Worker(args) => worker::run(*args).await,
+            Command::Beat(args) => beat::run(args).await,
             Command::Send(args) => send::run(args).await,
             Command::Result(args) => result::run(args).await,
             Command::Revoke(args) => revoke::run(args).await,

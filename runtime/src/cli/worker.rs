@@ -6,10 +6,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
+
 use super::args::EngineArgs;
 use super::endpoints::{Endpoints, connect_broker};
 use super::exit::Failure;
 use super::process::{default_state_file, shutdown_signal};
+use crate::client::Client;
 use crate::config::{RawConfig, RawLimits};
 use crate::engine::Sandbox;
 use crate::metrics::Metrics;
@@ -106,6 +109,12 @@ pub(super) struct WorkerArgs {
     /// address, e.g. 127.0.0.1:9808. Default: off.
     #[arg(long, env = "WASMQ_METRICS")]
     metrics: Option<std::net::SocketAddr>,
+    /// Also send the periodic tasks of this schedule file (see `wasmq beat`). Safe on every
+    /// worker: the beats elect one leader and never send a run twice.
+    #[arg(long, env = "WASMQ_BEAT", value_name = "SCHEDULE")]
+    beat: Option<PathBuf>,
+    #[command(flatten)]
+    beat_lease: super::beat::LeaseArgs,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -160,6 +169,8 @@ impl WorkerArgs {
 /// Runs a worker until the first SIGINT or SIGTERM, once its running tasks have finished.
 pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
     let mut config = args.endpoints.resolve(args.raw())?;
+    // A bad schedule file stops the worker before it connects to anything.
+    let schedule = args.beat.as_deref().map(super::beat::load).transpose()?;
     if args.metrics.is_some() {
         config.worker.metrics = Some(Arc::new(Metrics::new(&config.worker.node_name)));
     }
@@ -175,6 +186,11 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
     }
     let sandbox = Arc::new(Sandbox::new(sandbox_config).map_err(Failure::internal)?);
     if !config.tenants.is_empty() {
+        if schedule.is_some() {
+            return Err(Failure::bad_input(
+                "--beat: a worker serving [tenants] cannot run a beat yet; run `wasmq beat` per tenant",
+            ));
+        }
         return super::tenants::run(
             config,
             sandbox,
@@ -209,6 +225,21 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
     for (task, file) in source.registry.snapshot().tasks() {
         tracing::info!(task, plugin = %file.display(), "registered");
     }
+    let beat = schedule
+        .zip(args.beat.as_deref())
+        .map(|(schedule, path)| {
+            let client = Client::new(Arc::clone(&broker), Arc::clone(&backend))
+                .with_routes(config.routes.clone());
+            super::beat::prepare(
+                schedule,
+                path,
+                &args.beat_lease,
+                &config,
+                client,
+                Some(config.worker.node_name.clone()),
+            )
+        })
+        .transpose()?;
     let mut options = config.worker;
     options.status_file.clone_from(&args.status_file);
     options.state_file = Some(
@@ -224,10 +255,23 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
         (status["consuming"] == true, status)
     })
     .await?;
-    let stats = worker
-        .run(shutdown_signal())
-        .await
-        .map_err(Failure::internal)?;
+    // One stop for the worker and its beat: the first signal, or the worker ending.
+    let stop = CancellationToken::new();
+    let signal = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            stop.cancel();
+        })
+    };
+    let beat = beat.map(|beat| tokio::spawn(beat.run(stop.clone().cancelled_owned())));
+    let stats = worker.run(stop.clone().cancelled_owned()).await;
+    stop.cancel();
+    signal.abort();
+    if let Some(beat) = beat {
+        let _ = beat.await;
+    }
+    let stats = stats.map_err(Failure::internal)?;
     if let Some(endpoint) = endpoint {
         endpoint.abort();
     }

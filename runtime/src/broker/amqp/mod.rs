@@ -25,6 +25,8 @@
 //! * `control_client` — the sending side of remote control (`wasmq inspect`/`control`):
 //!   broadcast on `celery.pidbox`, collect the replies on a reply queue of its own;
 //! * `reply` — the transport of the rpc result backend (`results::rpc`);
+//! * `lock` — [`ExclusiveLock`], a mutex held as an exclusive queue, and records only its
+//!   holder writes (the beat's lease on RabbitMQ alone);
 //! * `codec` — envelopes ⇄ AMQP properties and field tables.
 
 use std::sync::Arc;
@@ -43,6 +45,7 @@ mod control_client;
 mod dead_letters;
 pub mod delayed;
 mod events;
+mod lock;
 mod publish;
 mod release_bell;
 mod reply;
@@ -57,6 +60,7 @@ pub use self::consumer::AmqpConsumer;
 pub use self::control::control_queue;
 pub use self::control_client::{CELERY_REPLY_EXCHANGE, reply_queue};
 pub use self::dead_letters::{DEAD_DELIVERIES_HEADER, DEAD_REASON_HEADER, dead_letter_queue};
+pub use self::lock::ExclusiveLock;
 pub use self::revoke::{CELERY_PIDBOX_EXCHANGE, REVOKE_EXCHANGE, revoke_queue};
 use self::session::Session;
 pub(crate) use self::transient::is_transient;
