@@ -25,6 +25,13 @@
 //! * **Shrink when idle** (Celery's keepalive): when the demand stayed below the current
 //!   size for `keepalive`, down to the highest demand seen meanwhile (at least `min`).
 //!
+//! * **Try what the CPU rule refuses.** Aggregate CPU figures cannot tell a slot that
+//!   sleeps in a host call beside a saturated CPU from one more CPU-bound task, so when
+//!   tasks wait and the CPU rule says no, the size grows by half on trial (when the
+//!   finished-task count is known): kept if the tasks finished per second rise by 10 %
+//!   within `trial`, undone otherwise, and not tried again for `keepalive`. A size a trial
+//!   proved useful is not shrunk by the CPU rule.
+//!
 //! Growth needs the CPU under `cpu_high`, a shrink needs it over `cpu_saturated`, higher:
 //! between the two the size holds, so it does not flap.
 
@@ -57,6 +64,8 @@ pub struct AutoscalePolicy {
     /// Whether the CPU is considered (false: the size follows the demand within the
     /// bounds and the memory, as Celery's autoscaler). Default: true.
     pub cpu_aware: bool,
+    /// How long a trial growth runs before its throughput is judged. Default: 3 s.
+    pub trial: Duration,
 }
 
 impl AutoscalePolicy {
@@ -73,6 +82,7 @@ impl AutoscalePolicy {
             saturated_for: Duration::from_secs(3),
             memory_budget: None,
             cpu_aware: true,
+            trial: Duration::from_secs(3),
         }
     }
 }
@@ -116,6 +126,9 @@ pub struct Sample {
     pub cpu: Option<CpuSample>,
     /// The machine's available memory, 0–1 of its total, when known.
     pub memory_available: Option<f64>,
+    /// Tasks finished so far (a running count), when known: growth the CPU rule refuses
+    /// is then tried, and kept only if the throughput shows it helped.
+    pub completed: Option<u64>,
 }
 
 impl Sample {
@@ -138,6 +151,10 @@ pub enum Reason {
     Memory,
     /// The bounds changed (remote control's `autoscale`).
     Bounds,
+    /// A growth on trial: the CPU rule saw no room, the throughput will say.
+    Trial,
+    /// A trial growth that did not raise the throughput, undone.
+    NoGain,
 }
 
 /// A change of size.
@@ -158,6 +175,19 @@ const INITIAL_SHARE: f64 = 1.0;
 const SHARE_SMOOTHING: f64 = 0.5;
 /// The smallest per-slot share believed (a slot that sleeps still costs a little).
 const MIN_SHARE: f64 = 0.02;
+/// Tasks that must finish in a window for its throughput to be judged.
+const MIN_JUDGED: u64 = 20;
+/// The throughput gain a trial growth must show to be kept.
+const GAIN: f64 = 0.10;
+
+/// A growth on trial.
+#[derive(Debug, Clone, Copy)]
+struct Trial {
+    /// The size before it.
+    from: usize,
+    /// Tasks finished per second at that size.
+    rate_before: f64,
+}
 
 /// The decision: feed it [`Sample`]s in time order with [`decide`](Self::decide).
 #[derive(Debug, Clone)]
@@ -174,6 +204,14 @@ pub struct Autoscaler {
     memory_short_since: Option<Duration>,
     /// The last sample's demand (for `stats`: Celery's `qty`).
     demand: usize,
+    /// Tasks finished, as of the last sample, and as of the last change (when known).
+    completed: Option<u64>,
+    completed_at_change: Option<u64>,
+    /// The growth on trial, if any; no new trial before `no_trial_until`.
+    trial: Option<Trial>,
+    no_trial_until: Duration,
+    /// The largest size a trial showed useful: the CPU rule does not shrink below it.
+    proven: usize,
 }
 
 impl Autoscaler {
@@ -188,7 +226,25 @@ impl Autoscaler {
             cpu_saturated_since: None,
             memory_short_since: None,
             demand: 0,
+            completed: None,
+            completed_at_change: None,
+            trial: None,
+            no_trial_until: Duration::ZERO,
+            proven: 0,
         }
+    }
+
+    /// Tasks finished per second since the last change, and how many, once `trial` has
+    /// passed since it (none when the count is unknown).
+    fn rate_since_change(&self, now: Duration) -> Option<(f64, u64)> {
+        let elapsed = now.saturating_sub(self.changed_at);
+        if elapsed < self.policy.trial || elapsed.is_zero() {
+            return None;
+        }
+        let finished = self
+            .completed?
+            .saturating_sub(self.completed_at_change.unwrap_or(0));
+        Some((finished as f64 / elapsed.as_secs_f64(), finished))
     }
 
     /// The size now.
@@ -251,6 +307,10 @@ impl Autoscaler {
         let policy = self.policy.clone();
         let demand = sample.demand();
         self.demand = demand;
+        self.completed = sample.completed;
+        if self.completed_at_change.is_none() {
+            self.completed_at_change = sample.completed;
+        }
         self.peak = self.peak.max(demand);
         let ceiling = policy.max.min(self.memory_cap(sample)).max(1);
         let floor = policy.min.min(ceiling);
@@ -305,21 +365,60 @@ impl Autoscaler {
             let to = current.saturating_sub((current / 4).max(1)).max(floor);
             return self.change(now, to, Reason::Memory);
         }
-        if lasted(self.cpu_saturated_since) && cpu_cap < current && current > floor {
+        // A growth on trial: judged by the throughput once enough tasks finished (or
+        // kept when too few finish to tell, after four trial periods).
+        if let Some(trial) = self.trial {
+            let Some((rate, finished)) = self.rate_since_change(now) else {
+                return None;
+            };
+            let waited = now.saturating_sub(self.changed_at) >= policy.trial * 4;
+            if finished < MIN_JUDGED && !waited {
+                return None;
+            }
+            self.trial = None;
+            if finished >= MIN_JUDGED && rate < trial.rate_before * (1.0 + GAIN) {
+                self.no_trial_until = now + policy.keepalive;
+                return self.change(now, trial.from.max(floor), Reason::NoGain);
+            }
+            self.proven = self.proven.max(current);
+        }
+        let cpu_floor = floor.max(self.proven.min(current));
+        if lasted(self.cpu_saturated_since) && cpu_cap < current && current > cpu_floor {
             self.cpu_saturated_since = Some(now);
-            return self.change(now, cpu_cap.max(floor), Reason::Cpu);
+            return self.change(now, cpu_cap.max(cpu_floor), Reason::Cpu);
         }
         let budget_room = policy.memory_budget.is_none_or(|budget| {
             sample.memory_committed.saturating_add(sample.task_memory) <= budget
         });
-        if demand > current && cpu_room && !memory_short && budget_room {
-            let to = demand.min(ceiling).min(cpu_cap.max(current));
+        if demand > current && !memory_short && budget_room {
+            let to = if cpu_room {
+                demand.min(ceiling).min(cpu_cap.max(current))
+            } else {
+                current
+            };
             if to > current {
                 return self.change(now, to, Reason::Demand);
+            }
+            // The CPU rule sees no room, but more slots may still finish more tasks (slots
+            // waiting in host calls beside CPU-bound ones): try half as many again, and
+            // keep them only if the throughput rises.
+            if now >= self.no_trial_until
+                && let Some((rate, finished)) = self.rate_since_change(now)
+                && finished >= MIN_JUDGED
+            {
+                let to = (current + (current / 2).max(1)).min(demand).min(ceiling);
+                if to > current {
+                    self.trial = Some(Trial {
+                        from: current,
+                        rate_before: rate,
+                    });
+                    return self.change(now, to, Reason::Trial);
+                }
             }
         }
         if now.saturating_sub(self.changed_at) >= policy.keepalive {
             if self.peak < current {
+                self.proven = 0;
                 return self.change(now, self.peak.max(floor), Reason::Idle);
             }
             // The size was needed: start a new window.
@@ -331,9 +430,11 @@ impl Autoscaler {
 
     fn change(&mut self, now: Duration, to: usize, reason: Reason) -> Option<Change> {
         let from = self.current;
-        // A new keepalive window: the demand that made this change is not counted in it.
+        // A new keepalive window: the demand that made this change is not counted in it;
+        // the throughput is measured afresh.
         self.changed_at = now;
         self.peak = 0;
+        self.completed_at_change = self.completed;
         if to == from {
             return None;
         }

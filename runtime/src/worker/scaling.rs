@@ -13,6 +13,7 @@
 //! ({max, min, current, qty}). The loop costs nothing per task: with autoscaling off
 //! there is no loop at all.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -105,6 +106,7 @@ pub(super) async fn run(shared: Arc<Shared>) {
             task_memory: shared.registry.sandbox().config().defaults.memory_bytes,
             cpu: figures.cpu,
             memory_available: figures.memory_available,
+            completed: Some(shared.stats.settled.load(Ordering::Relaxed)),
         };
         let change = scaling.scaler().decide(scaling.origin.elapsed(), &sample);
         if let Some(change) = change {
