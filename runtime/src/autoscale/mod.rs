@@ -27,7 +27,7 @@
 //!
 //! * **Try what the CPU rule refuses.** Aggregate CPU figures cannot tell a slot that
 //!   sleeps in a host call beside a saturated CPU from one more CPU-bound task, so when
-//!   tasks wait and the CPU rule says no, the size grows by half on trial (when the
+//!   tasks wait and the CPU rule says no, the size doubles on trial (when the
 //!   finished-task count is known): kept if the tasks finished per second rise by 10 %
 //!   within `trial`, undone otherwise, and not tried again for `keepalive`. A size a trial
 //!   proved useful is not shrunk by the CPU rule.
@@ -64,7 +64,7 @@ pub struct AutoscalePolicy {
     /// Whether the CPU is considered (false: the size follows the demand within the
     /// bounds and the memory, as Celery's autoscaler). Default: true.
     pub cpu_aware: bool,
-    /// How long a trial growth runs before its throughput is judged. Default: 3 s.
+    /// How long a trial growth runs before its throughput is judged. Default: 2 s.
     pub trial: Duration,
 }
 
@@ -82,7 +82,7 @@ impl AutoscalePolicy {
             saturated_for: Duration::from_secs(3),
             memory_budget: None,
             cpu_aware: true,
-            trial: Duration::from_secs(3),
+            trial: Duration::from_secs(2),
         }
     }
 }
@@ -368,9 +368,8 @@ impl Autoscaler {
         // A growth on trial: judged by the throughput once enough tasks finished (or
         // kept when too few finish to tell, after four trial periods).
         if let Some(trial) = self.trial {
-            let Some((rate, finished)) = self.rate_since_change(now) else {
-                return None;
-            };
+            // Not judged yet: nothing else changes meanwhile.
+            let (rate, finished) = self.rate_since_change(now)?;
             let waited = now.saturating_sub(self.changed_at) >= policy.trial * 4;
             if finished < MIN_JUDGED && !waited {
                 return None;
@@ -400,13 +399,13 @@ impl Autoscaler {
                 return self.change(now, to, Reason::Demand);
             }
             // The CPU rule sees no room, but more slots may still finish more tasks (slots
-            // waiting in host calls beside CPU-bound ones): try half as many again, and
-            // keep them only if the throughput rises.
+            // waiting in host calls beside CPU-bound ones): try twice as many, and keep
+            // them only if the throughput rises.
             if now >= self.no_trial_until
                 && let Some((rate, finished)) = self.rate_since_change(now)
                 && finished >= MIN_JUDGED
             {
-                let to = (current + (current / 2).max(1)).min(demand).min(ceiling);
+                let to = current.saturating_mul(2).min(demand).min(ceiling);
                 if to > current {
                     self.trial = Some(Trial {
                         from: current,

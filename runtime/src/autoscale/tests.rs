@@ -166,9 +166,12 @@ fn cpu_bound_tasks_settle_near_the_cores() {
     let mut sim = Sim::auto(2, policy(16, 1));
     sim.queue(100_000, cpu_bound);
     sim.run(30.0);
+    // At the cores; a trial doubling now and then (every keepalive) is undone, as it
+    // finishes no more tasks.
     let settled = &sim.sizes[10..];
+    assert!(settled.iter().all(|&size| size <= 4), "{:?}", sim.sizes);
     assert!(
-        settled.iter().all(|size| (2..=3).contains(size)),
+        settled.iter().filter(|&&size| size == 2).count() * 4 >= settled.len() * 3,
         "{:?}",
         sim.sizes
     );

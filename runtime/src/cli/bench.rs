@@ -37,11 +37,11 @@ pub(super) enum BenchCommand {
 
 #[derive(Debug, clap::Args)]
 pub(super) struct AutoscaleArgs {
-    /// How long each run may last, e.g. 20s.
-    #[arg(long, default_value = "20s")]
+    /// How long each run may last, e.g. 40s.
+    #[arg(long, default_value = "40s")]
     window: String,
     /// Tasks queued for each run.
-    #[arg(long, default_value_t = 3_000)]
+    #[arg(long, default_value_t = 4_000)]
     tasks: usize,
     /// The fixed concurrencies to compare with, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
