@@ -29,6 +29,12 @@
 //! task_events = false                          # WASMQ_TASK_EVENTS, --task-events/-E (Celery events)
 //! heartbeat_interval = "2s"                    # WASMQ_HEARTBEAT_INTERVAL, --heartbeat-interval;
 //!                                              # "off" (--without-heartbeat): no worker events
+//! autoscale = "16,2"                           # WASMQ_AUTOSCALE, --autoscale MAX,MIN; "auto"
+//!                                              # (--concurrency auto): 8 per CPU (8-64), min 1 per CPU
+//! autoscale_keepalive = "30s"                  # WASMQ_AUTOSCALE_KEEPALIVE, --autoscale-keepalive
+//! autoscale_memory = "4GiB"                    # WASMQ_AUTOSCALE_MEMORY, --autoscale-memory: what
+//!                                              # the running tasks' memory limits may add up to
+//!                                              # (default: none; with auto, half the machine's)
 //!
 //! [tasks."math.flaky"]   # per-task policy (Celery's task_annotations); a key may be a glob
 //! autoretry_for = ["ConnectionError"]
@@ -67,6 +73,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::autoscale::AutoscalePolicy;
 use crate::engine::Limits;
 use crate::policy::{PolicyOverrides, RetryPolicy, TaskAnnotations};
 use crate::routes::TaskRoutes;
@@ -139,6 +146,12 @@ pub struct RawConfig {
     pub task_events: Option<bool>,
     /// The worker heartbeat interval (`2s`), or `off` for no worker events.
     pub heartbeat_interval: Option<String>,
+    /// Autoscaling bounds, `MAX,MIN` (or `MAX`), or `auto`.
+    pub autoscale: Option<String>,
+    /// How long the demand must stay lower before the autoscaler shrinks.
+    pub autoscale_keepalive: Option<String>,
+    /// What the running tasks' memory limits may add up to while autoscaling.
+    pub autoscale_memory: Option<String>,
 }
 
 /// Errors loading configuration.
@@ -228,6 +241,9 @@ impl RawConfig {
             plugin_store: self.plugin_store.or(lower.plugin_store),
             task_events: self.task_events.or(lower.task_events),
             heartbeat_interval: self.heartbeat_interval.or(lower.heartbeat_interval),
+            autoscale: self.autoscale.or(lower.autoscale),
+            autoscale_keepalive: self.autoscale_keepalive.or(lower.autoscale_keepalive),
+            autoscale_memory: self.autoscale_memory.or(lower.autoscale_memory),
         }
     }
 }
@@ -324,6 +340,52 @@ fn limits(
     })
 }
 
+/// The autoscaling policy `autoscale` (`MAX,MIN`, `MAX` or `auto`) asks for, with its
+/// keepalive and memory budget; none without `autoscale`.
+fn autoscale(
+    text: Option<&str>,
+    keepalive: Option<String>,
+    memory: Option<String>,
+) -> Result<Option<AutoscalePolicy>, ConfigError> {
+    let Some(text) = text.map(str::trim) else {
+        return Ok(None);
+    };
+    let invalid = |message: String| ConfigError::Invalid {
+        key: "autoscale",
+        message,
+    };
+    let auto = text.eq_ignore_ascii_case("auto");
+    let mut policy = if auto {
+        AutoscalePolicy::auto()
+    } else {
+        let number = |part: &str| {
+            part.trim().parse::<usize>().map_err(|_| {
+                invalid(format!(
+                    "expected MAX,MIN (e.g. 10,3), MAX or auto, not {text:?}"
+                ))
+            })
+        };
+        let (max, min) = match text.split_once(',') {
+            Some((max, min)) => (number(max)?, number(min)?),
+            None => (number(text)?, 1),
+        };
+        if max == 0 || min > max {
+            return Err(invalid(format!(
+                "the maximum must be at least 1 and at least the minimum, not {text:?}"
+            )));
+        }
+        AutoscalePolicy::new(max, min)
+    };
+    policy.keepalive = duration("autoscale_keepalive", keepalive, policy.keepalive)?;
+    if let Some(text) = memory {
+        policy.memory_budget = Some(parse_bytes(&text).map_err(|e| ConfigError::Invalid {
+            key: "autoscale_memory",
+            message: e.to_string(),
+        })?);
+    }
+    Ok(Some(policy))
+}
+
 impl WorkerConfig {
     /// Validates merged raw configuration, applying defaults.
     ///
@@ -338,6 +400,13 @@ impl WorkerConfig {
                 message: "must be at least 1".into(),
             });
         }
+        let autoscale = autoscale(
+            raw.autoscale.as_deref(),
+            raw.autoscale_keepalive,
+            raw.autoscale_memory,
+        )?;
+        // Autoscaling: the worker's slots are the maximum's.
+        let concurrency = autoscale.as_ref().map_or(concurrency, |policy| policy.max);
         let queues_said = raw.queues.is_some();
         let queues = raw.queues.unwrap_or(defaults.queues);
         if queues.is_empty() || queues.iter().any(|q| q.trim().is_empty()) {
@@ -387,6 +456,12 @@ impl WorkerConfig {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if !tenants.is_empty() && autoscale.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "autoscale",
+                message: "tenants share fixed slots; autoscaling a worker with [tenants] is not supported yet".into(),
+            });
+        }
         if !tenants.is_empty() {
             let top_level = [
                 ("broker", raw.broker.is_some()),
@@ -482,6 +557,8 @@ impl WorkerConfig {
                     None => defaults.heartbeat,
                 },
                 metrics: None,
+                hooks: crate::worker::Hooks::default(),
+                autoscale,
             },
             tenants,
             trust,
@@ -655,6 +732,48 @@ mod tests {
         assert_eq!(
             WorkerConfig::resolve(raw).unwrap_err().to_string(),
             "concurrency: must be at least 1"
+        );
+    }
+
+    #[test]
+    fn autoscale_takes_celerys_bounds_or_auto() {
+        let resolve = |autoscale: &str| {
+            WorkerConfig::resolve(RawConfig {
+                concurrency: Some(3),
+                autoscale: Some(autoscale.into()),
+                autoscale_keepalive: Some("5s".into()),
+                ..RawConfig::default()
+            })
+        };
+        let config = resolve("10,3").unwrap();
+        let policy = config.worker.autoscale.clone().unwrap();
+        assert_eq!((policy.max, policy.min), (10, 3));
+        assert_eq!(policy.keepalive, Duration::from_secs(5));
+        assert_eq!(policy.memory_budget, None);
+        assert_eq!(config.worker.concurrency, 10, "the slots of the maximum");
+        let policy = resolve("6").unwrap().worker.autoscale.unwrap();
+        assert_eq!((policy.max, policy.min), (6, 1));
+        let policy = resolve("auto").unwrap().worker.autoscale.unwrap();
+        assert!(policy.max >= 8 && policy.min >= 1 && policy.min <= policy.max);
+        if cfg!(target_os = "linux") {
+            assert!(
+                policy.memory_budget.is_some(),
+                "auto: half the machine's memory"
+            );
+        }
+        for bad in ["", "0", "2,5", "ten", "4,x"] {
+            let error = resolve(bad).unwrap_err().to_string();
+            assert!(error.starts_with("autoscale: "), "{bad:?}: {error}");
+        }
+        let budget = WorkerConfig::resolve(RawConfig {
+            autoscale: Some("4,1".into()),
+            autoscale_memory: Some("1GiB".into()),
+            ..RawConfig::default()
+        })
+        .unwrap();
+        assert_eq!(
+            budget.worker.autoscale.unwrap().memory_budget,
+            Some(1 << 30)
         );
     }
 }

@@ -574,6 +574,14 @@ impl SlotArbiter {
         self.inner.lock().queue.waiting(tenant)
     }
 
+    /// The memory `tenant`'s running tasks asked for, in all.
+    ///
+    /// # Panics
+    /// When `tenant` is not an index into the shares.
+    pub fn memory_in_use(&self, tenant: usize) -> u64 {
+        self.inner.lock().queue.memory_in_use(tenant)
+    }
+
     /// All the slots.
     pub fn slots(&self) -> usize {
         self.inner.slots

@@ -16,8 +16,9 @@
 //!            dashboard/         the web dashboard: events and inspect replies → a page
 //! worker     worker/            admit → run → decide → settle → continue the workflow;
 //!                               answers remote control (control.rs); Celery events
-//!                               (events.rs) and metrics fed from one set of hooks
-//!                               (observe.rs)
+//!                               (events.rs), metrics and the embedder's hooks (hooks.rs)
+//!                               fed from one set of observation points (observe.rs);
+//!                               sizing itself (scaling.rs)
 //!            registry/          task name → plugin: a folder's signed files, or a release
 //!                               and its canary
 //!            deploy.rs          following a tenant's signed releases in a plugin store
@@ -37,6 +38,8 @@
 //!                               prometheus-client and axum
 //!            policy.rs          retry and rate-limit policy
 //!            fair.rs            fair task slots across tenants (start-time fair queuing)
+//!            autoscale/         how many slots to use now (a pure decision, tested by
+//!                               simulation) and the machine's CPU and memory from /proc
 //!            signing.rs         Ed25519 keys, plugin statements, trust policies
 //!            routes.rs          task name → queue
 //!            units.rs           sizes and durations
@@ -63,6 +66,7 @@
 //! results    the client's AsyncResult::get reads the stored meta      results/, client/result.rs
 //! ```
 
+pub mod autoscale;
 pub mod beat;
 pub(crate) mod bench;
 pub mod broker;

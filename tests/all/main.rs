@@ -1,6 +1,7 @@
 //! wasmq's integration tests: one binary, a module per topic. Every test uses the real
 //! plugins built from `plugins/` by `wasmq-test-artifacts`.
 
+mod autoscale;
 mod bad_plugins;
 mod beat;
 mod cache;

@@ -13,6 +13,7 @@
 //! scale      drains with 1, 2 and 4 `wasmq worker` processes              (scale.rs)
 //! tenants    the noisy neighbour: B's probe latency while A floods         (tenants.rs)
 //! deploy     what a release swap costs a running worker's tasks            (deploy.rs)
+//! autoscale  `--concurrency auto` against fixed sizes: throughput, memory  (autoscale.rs)
 //! ```
 //!
 //! What the runs share sits here (the only-this-machine guard, queue names, the concurrent
@@ -28,6 +29,7 @@
 
 pub(crate) mod amqp;
 mod amqp_table;
+pub(crate) mod autoscale;
 mod ceiling;
 mod celery;
 pub(crate) mod deploy;

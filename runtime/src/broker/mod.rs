@@ -16,6 +16,7 @@
 pub mod amqp;
 pub mod embedded;
 mod error;
+mod prefetch;
 pub mod scheduled;
 mod subscriptions;
 
@@ -26,6 +27,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use self::error::BrokerError;
+pub use self::prefetch::PrefetchLimit;
 pub use self::subscriptions::Subscriptions;
 use crate::protocol::events::EventMessage;
 use crate::protocol::{ControlCommand, Envelope};
@@ -207,6 +209,13 @@ pub trait Consumer: Send {
     /// The queues this consumer consumes, to change while it runs (Celery's
     /// `add_consumer`/`cancel_consumer`); `None` when its queues are fixed.
     fn subscriptions(&self) -> Option<Subscriptions> {
+        None
+    }
+
+    /// The consumer's prefetch window, to change while it runs (the worker's autoscaler);
+    /// `None` when it is fixed for the consumer's life (RabbitMQ applies a new `basic.qos`
+    /// only to consumers started after it).
+    fn prefetch_limit(&self) -> Option<PrefetchLimit> {
         None
     }
 }

@@ -3,7 +3,7 @@
 
 use super::args::EngineArgs;
 use super::exit::{ExitStatus, Failure};
-use crate::bench::{NotLocal, amqp, deploy, embedded, scale, soak, tenants};
+use crate::bench::{NotLocal, amqp, autoscale, deploy, embedded, scale, soak, tenants};
 use crate::engine::Limits;
 use crate::engine::PluginError;
 use crate::worker::WorkerOptions;
@@ -30,6 +30,36 @@ pub(super) enum BenchCommand {
     /// A fleet deploy's cost to a running worker: publish → served, and its tasks' round
     /// trips while releases are swapped in.
     Deploy(DeployArgs),
+    /// `--concurrency auto` against fixed concurrencies: throughput on a mix of sleeping and
+    /// CPU-bound tasks, and the memory committed on a memory-heavy mix under a budget.
+    Autoscale(AutoscaleArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct AutoscaleArgs {
+    /// How long each run may last, e.g. 40s.
+    #[arg(long, default_value = "40s")]
+    window: String,
+    /// Tasks queued for each run.
+    #[arg(long, default_value_t = 4_000)]
+    tasks: usize,
+    /// The fixed concurrencies to compare with, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    fixed: Vec<usize>,
+    /// Seconds each I/O-bound task sleeps.
+    #[arg(long, default_value_t = 0.25)]
+    sleep: f64,
+    /// The CPU-bound tasks' math.fib argument (34: about 45 ms of CPU here).
+    #[arg(long, default_value_t = 34)]
+    fib: u32,
+    /// Every task's memory limit, e.g. 64MiB.
+    #[arg(long, default_value = "64MiB")]
+    memory: String,
+    /// The memory budget of auto in the memory run, e.g. 256MiB.
+    #[arg(long, default_value = "256MiB")]
+    budget: String,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -205,6 +235,39 @@ pub(super) async fn run(command: BenchCommand) -> Result<(), Failure> {
             deploy::run(deploy::DeployOptions {
                 deploys: args.deploys.max(1),
                 sandbox: args.engine.sandbox_config(8),
+            })
+            .await
+        }
+        BenchCommand::Autoscale(args) => {
+            let window = crate::units::parse_duration(&args.window)
+                .map_err(|e| Failure::bad_input(format!("--window: {e}")))?;
+            let bytes = |flag: &str, text: &str| {
+                crate::units::parse_bytes(text)
+                    .map_err(|e| Failure::bad_input(format!("--{flag}: {e}")))
+            };
+            let (memory, budget) = (
+                bytes("memory", &args.memory)?,
+                bytes("budget", &args.budget)?,
+            );
+            if args.fixed.is_empty() || args.fixed.contains(&0) || args.tasks == 0 {
+                return Err(Failure::bad_input(
+                    "bench autoscale needs tasks and fixed concurrencies of at least 1",
+                ));
+            }
+            let auto = crate::autoscale::AutoscalePolicy::auto().max;
+            let largest = args.fixed.iter().copied().max().unwrap_or(1).max(auto);
+            let mut sandbox = args
+                .engine
+                .sandbox_config(u32::try_from(largest + 4).unwrap_or(u32::MAX));
+            sandbox.defaults.memory_bytes = memory;
+            autoscale::run(autoscale::AutoscaleOptions {
+                window,
+                tasks: args.tasks,
+                fixed: args.fixed,
+                sleep: args.sleep,
+                fib: args.fib,
+                budget,
+                sandbox,
             })
             .await
         }

@@ -29,9 +29,24 @@ pub(super) struct WorkerArgs {
     /// Queues to consume, comma-separated. Default: celery.
     #[arg(long, short = 'Q', env = "WASMQ_QUEUES", value_delimiter = ',')]
     queues: Option<Vec<String>>,
-    /// Tasks run at once. Default: the number of CPUs.
+    /// Tasks run at once, or `auto`: sized to the load (as `--autoscale` with 8 slots per
+    /// CPU at most, one per CPU at least, and half the machine's memory as the budget).
+    /// Default: the number of CPUs.
     #[arg(long, short = 'c', env = "WASMQ_CONCURRENCY")]
-    concurrency: Option<usize>,
+    concurrency: Option<Concurrency>,
+    /// Size the task slots to the load between MAX and MIN (Celery's `--autoscale`): grow
+    /// when tasks wait and the CPU and memory have room, shrink when idle or when the
+    /// machine is saturated. E.g. 16,2. Default: off.
+    #[arg(long, env = "WASMQ_AUTOSCALE", value_name = "MAX,MIN")]
+    autoscale: Option<String>,
+    /// How long the demand must stay lower before the autoscaler shrinks, e.g. 30s.
+    /// Default: 30s.
+    #[arg(long, env = "WASMQ_AUTOSCALE_KEEPALIVE")]
+    autoscale_keepalive: Option<String>,
+    /// What the memory limits of the running tasks may add up to while autoscaling, e.g.
+    /// 4GiB. Default: none (with `--concurrency auto`: half the machine's memory).
+    #[arg(long, env = "WASMQ_AUTOSCALE_MEMORY")]
+    autoscale_memory: Option<String>,
     /// Unacknowledged messages held per concurrency slot. Default: 64 (short wasm tasks);
     /// lower it for long tasks so one worker does not hold back messages others could run.
     #[arg(long, env = "WASMQ_PREFETCH_MULTIPLIER")]
@@ -119,6 +134,27 @@ pub(super) struct WorkerArgs {
     engine: EngineArgs,
 }
 
+/// `--concurrency`: a number of slots, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Concurrency {
+    Slots(usize),
+    Auto,
+}
+
+impl std::str::FromStr for Concurrency {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.trim().eq_ignore_ascii_case("auto") {
+            return Ok(Self::Auto);
+        }
+        text.trim()
+            .parse()
+            .map(Self::Slots)
+            .map_err(|_| format!("expected a number of task slots or auto, not {text:?}"))
+    }
+}
+
 impl WorkerArgs {
     fn raw(&self) -> RawConfig {
         let limits =
@@ -137,7 +173,16 @@ impl WorkerArgs {
             scheduler: None,
             plugins: self.plugins.clone(),
             queues: self.queues.clone(),
-            concurrency: self.concurrency,
+            concurrency: match self.concurrency {
+                Some(Concurrency::Slots(n)) => Some(n),
+                _ => None,
+            },
+            autoscale: match self.concurrency {
+                Some(Concurrency::Auto) => Some("auto".into()),
+                _ => self.autoscale.clone(),
+            },
+            autoscale_keepalive: self.autoscale_keepalive.clone(),
+            autoscale_memory: self.autoscale_memory.clone(),
             prefetch_multiplier: self.prefetch_multiplier,
             node_name: self.node_name.clone(),
             shutdown_timeout: self.shutdown_timeout.clone(),
@@ -174,9 +219,10 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
     if args.metrics.is_some() {
         config.worker.metrics = Some(Arc::new(Metrics::new(&config.worker.node_name)));
     }
+    // Autoscaling: the pool is sized for the maximum.
     let mut sandbox_config = args
         .engine
-        .sandbox_config(pool_size(config.worker.concurrency));
+        .sandbox_config(pool_size(config.worker.max_concurrency()));
     sandbox_config.defaults = config.limits;
     sandbox_config.ceiling = config.ceiling;
     if let Some(dir) = &config.cache_dir

@@ -87,6 +87,12 @@ struct TenantTaskLabels {
     state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SlotLabels {
+    hostname: String,
+    tenant: String,
+}
+
 fn runtime_histogram() -> Histogram {
     Histogram::new(RUNTIME_BUCKETS)
 }
@@ -145,6 +151,8 @@ pub struct Metrics {
     consuming: Gauge<i64, AtomicI64>,
     plugins_served: Gauge<i64, AtomicI64>,
     plugins_refused: Gauge<i64, AtomicI64>,
+    concurrency: Family<SlotLabels, Gauge>,
+    concurrency_max: Family<SlotLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -185,6 +193,8 @@ impl Metrics {
             consuming: Gauge::default(),
             plugins_served: Gauge::default(),
             plugins_refused: Gauge::default(),
+            concurrency: Family::default(),
+            concurrency_max: Family::default(),
         };
         metrics.register();
         metrics
@@ -281,6 +291,16 @@ impl Metrics {
             "wasmq_plugins_served",
             "Plugins the worker serves",
             self.plugins_served.clone(),
+        );
+        r.register(
+            "wasmq_worker_concurrency",
+            "Task slots the worker may use now (moved by the autoscaler and pool_grow/shrink)",
+            self.concurrency.clone(),
+        );
+        r.register(
+            "wasmq_worker_concurrency_max",
+            "Task slots the worker was started with (the autoscaler's maximum)",
+            self.concurrency_max.clone(),
         );
         r.register(
             "wasmq_plugins_refused",
@@ -384,6 +404,20 @@ impl Metrics {
         self.worker_up.get_or_create(&host).set(i64::from(up));
         self.tasks_active.get_or_create(&host).set(active as i64);
         self.consuming.set(i64::from(consuming));
+    }
+
+    /// The task slots `tenant`'s worker may use now, and the most it was started with.
+    pub fn set_concurrency(&self, tenant: &str, now: usize, max: usize) {
+        let labels = SlotLabels {
+            hostname: self.hostname.clone(),
+            tenant: tenant.to_owned(),
+        };
+        self.concurrency
+            .get_or_create(&labels)
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
+        self.concurrency_max
+            .get_or_create(&labels)
+            .set(i64::try_from(max).unwrap_or(i64::MAX));
     }
 
     /// Plugins served and refused now.

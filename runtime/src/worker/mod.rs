@@ -11,7 +11,8 @@
 //! * [`revoked`] — revoked task ids and stamps, and listening for revocations;
 //! * `control` — answers to remote control (Celery's `inspect` and `control`);
 //! * `events` — Celery events: heartbeats always, task events when switched on;
-//! * `observe` — the hooks that feed events and metrics;
+//! * `observe` — the observation points that feed events, metrics and hooks;
+//! * `hooks` — the embedder's callbacks ([`Hooks`]: Celery's signals);
 //! * `control_plane` — the thread where remote control and heartbeats run, never behind a
 //!   busy slot;
 //! * `held` — deliveries held before they run (an eta, a rate-limit turn);
@@ -41,11 +42,13 @@ mod control_plane;
 pub mod decision;
 mod events;
 mod held;
+mod hooks;
 mod observe;
 mod options;
 mod overrides;
 pub mod revoked;
 mod run;
+mod scaling;
 mod settle;
 mod status;
 mod task_log;
@@ -70,6 +73,7 @@ use crate::protocol::TaskMessage;
 use crate::registry::Registry;
 use crate::results::{ResultBackend, ResultMeta};
 use admit::{Admission, RateTurns};
+pub use hooks::{Hooks, TaskEnded, TaskStarting, WorkerInfo};
 pub use options::{GrantsFor, TenantOptions, WorkerOptions, default_node_name};
 use revoked::RevokedSet;
 use run::RunningTasks;
@@ -125,13 +129,18 @@ struct Shared {
     stopped: AtomicBool,
     /// Celery events about the worker and its tasks.
     events: events::Events,
+    /// The autoscaler, when the worker sizes itself (`options.autoscale`).
+    scaling: Option<scaling::Scaling>,
 }
 
 impl Shared {
+    /// The prefetch window now: for the slots in use when autoscaling.
     fn prefetch(&self) -> usize {
-        self.options.prefetch.unwrap_or_else(|| {
-            self.options.concurrency.max(1) * self.options.prefetch_multiplier.max(1)
-        })
+        let slots = self
+            .scaling
+            .as_ref()
+            .map_or(self.options.max_concurrency(), scaling::Scaling::current);
+        scaling::prefetch_for(self, slots)
     }
 
     /// Waits for a task slot for a task limited to `memory` bytes (charged to the tenant's
@@ -160,7 +169,19 @@ impl Worker {
         registry: Arc<Registry>,
         options: WorkerOptions,
     ) -> Self {
-        let slots = SlotArbiter::single(options.concurrency.max(1));
+        let slots = match &options.autoscale {
+            // Slots for the maximum; the autoscaler moves the cap. A memory budget is
+            // enforced by the arbiter whatever the size.
+            Some(policy) => {
+                let max = policy.max.max(1);
+                let mut share = crate::fair::TenantShare::new("default").with_max_concurrency(max);
+                if let Some(budget) = policy.memory_budget {
+                    share = share.with_memory_budget(budget);
+                }
+                SlotArbiter::new(max, vec![share]).unwrap_or_else(|_| SlotArbiter::single(max))
+            }
+            None => SlotArbiter::single(options.concurrency.max(1)),
+        };
         Self::sharing(broker, backend, registry, options, slots, 0)
     }
 
@@ -175,9 +196,13 @@ impl Worker {
         slots: SlotArbiter,
         seat: usize,
     ) -> Self {
-        let prefetch = options
-            .prefetch
-            .unwrap_or_else(|| options.concurrency.max(1) * options.prefetch_multiplier.max(1));
+        let prefetch = options.prefetch.unwrap_or_else(|| {
+            options.max_concurrency().max(1) * options.prefetch_multiplier.max(1)
+        });
+        let scaling = options.autoscale.clone().map(|policy| {
+            slots.set_max_concurrency(seat, policy.min);
+            scaling::Scaling::new(policy)
+        });
         let events =
             events::Events::new(&options.node_name, options.task_events, options.heartbeat);
         Self {
@@ -200,6 +225,7 @@ impl Worker {
                 consuming: AtomicBool::new(false),
                 stopped: AtomicBool::new(false),
                 events,
+                scaling,
             }),
         }
     }
@@ -226,17 +252,24 @@ impl Worker {
     ) -> Result<Arc<WorkerStats>, WorkerError> {
         let shared = self.shared;
         let options = &shared.options;
-        let consumer = shared
-            .broker
-            .consume(&options.queues, shared.prefetch())
-            .await?;
+        // Autoscaling: consume with the window of the maximum (a broker that cannot move
+        // it keeps that, as Celery does), then narrow it to the size now where it can.
+        let window = scaling::prefetch_for(&shared, options.max_concurrency());
+        let consumer = shared.broker.consume(&options.queues, window).await?;
+        if let Some(scaling) = &shared.scaling
+            && let Some(limit) = consumer.prefetch_limit()
+        {
+            limit.set(shared.prefetch());
+            let _ = scaling.prefetch.set(limit);
+        }
         tracing::info!(
             node = %options.node_name,
             tenant = options.tenant_name(),
             broker = %shared.broker.describe(),
             results = %shared.backend.describe(),
             queues = %options.queues.join(","),
-            concurrency = options.concurrency,
+            concurrency = shared.slots.max_concurrency(shared.seat),
+            autoscale = ?options.autoscale.as_ref().map(|p| (p.max, p.min)),
             tasks = shared.registry.snapshot().tasks().len(),
             "worker ready: consuming"
         );
@@ -256,6 +289,7 @@ impl Worker {
         let heartbeats = plane.spawn(events::beat(Arc::clone(&shared)).in_current_span());
         let event_publisher = tokio::spawn(events::publish(Arc::clone(&shared)).in_current_span());
         let sampler = tokio::spawn(observe::sample(Arc::clone(&shared)).in_current_span());
+        let scaler = tokio::spawn(scaling::run(Arc::clone(&shared)).in_current_span());
         let revocations = shared.broker.revocations(&options.node_name).await?;
         let listener =
             tokio::spawn(revoked::listen(Arc::clone(&shared), revocations).in_current_span());
@@ -287,13 +321,18 @@ impl Worker {
         };
         // As before the control plane: once `run` consumes, commands reach the mailbox.
         let _ = mailbox_ready.await;
+        if let Some(set) = options.hooks.active() {
+            set.worker_ready(&worker_info(&shared));
+        }
         // One runner per slot takes a delivery and processes it itself, so a short task
         // costs no spawn and no hand-off between tasks; a message that must wait (eta, rate
         // limit) is detached into its own task so its runner carries on.
         let consumer = Arc::new(tokio::sync::Mutex::new(consumer));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut runners = JoinSet::new();
-        for _ in 0..options.concurrency.max(1) {
+        // Autoscaling: a runner per slot of the maximum; those beyond the size wait for a
+        // slot with the delivery they took, which the autoscaler counts as demand.
+        for _ in 0..options.max_concurrency().max(1) {
             runners.spawn(
                 run_slot(Arc::clone(&shared), Arc::clone(&consumer), stopped.clone())
                     .in_current_span(),
@@ -342,6 +381,7 @@ impl Worker {
         shared.events.flush(event_publisher).await;
         shared.events.offline(&shared).await;
         sampler.abort();
+        scaler.abort();
         status.abort();
         listener.abort();
         control.abort();
@@ -353,6 +393,9 @@ impl Worker {
             status::write(path, &shared, false, "stopped");
         }
         tracing::info!(tenant = options.tenant_name(), "worker stopped");
+        if let Some(set) = options.hooks.active() {
+            set.worker_shutdown(&worker_info(&shared));
+        }
         Ok(Arc::clone(&shared.stats))
     }
 }
@@ -381,6 +424,16 @@ impl StatusView {
 /// Writes `status` (JSON) to `path` atomically, as a worker writes its status file.
 pub fn write_status_file(path: &std::path::Path, status: &serde_json::Value) {
     status::write_json(path, status);
+}
+
+/// The worker as its `worker_ready`/`worker_shutdown` hooks see it.
+fn worker_info(shared: &Shared) -> WorkerInfo<'_> {
+    WorkerInfo {
+        node: &shared.options.node_name,
+        tenant: shared.options.tenant.as_ref().map(|t| t.name.as_str()),
+        queues: &shared.options.queues,
+        concurrency: shared.slots.max_concurrency(shared.seat),
+    }
 }
 
 async fn purge_expired(shared: &Shared) {
@@ -601,7 +654,7 @@ async fn process(
         started.parent_id.clone_from(&message.parent_id);
         settle::store(shared, &started, reply.as_ref()).await;
     }
-    observe::started(shared, &message, &delivery.queue);
+    observe::started(shared, &message, &delivery);
     let ran = match &builtin {
         Some(Ok(call)) => call.run(shared, &delivery, &message, &plugin, reply).await,
         _ => run::run(shared, &delivery, &message, &plugin, reply).await,
@@ -610,8 +663,11 @@ async fn process(
         observe::ran(shared, &message, &delivery.queue, report);
     }
     let decision = decision::after_run(&message, &ran.call, ran.interruption, &policy.retry);
+    let ran = Some(hooks::Ran(
+        ran.call.as_ref().ok().map(|report| report.elapsed),
+    ));
     if settle::settles_locally(&message, &decision) {
-        settle::finish(shared, delivery, Some(&message), decision).await;
+        settle::finish_ran(shared, delivery, Some(&message), decision, ran).await;
     } else {
         // Storing the result (a Redis round trip, a confirmed rpc reply) and any canvas or
         // retry publishing wait on the network: do it beside the slot, not in it, so the
@@ -620,7 +676,7 @@ async fn process(
         let shared_ = Arc::clone(shared);
         shared.detached.spawn(
             async move {
-                settle::finish(&shared_, delivery, Some(&message), decision).await;
+                settle::finish_ran(&shared_, delivery, Some(&message), decision, ran).await;
             }
             .in_current_span(),
         );

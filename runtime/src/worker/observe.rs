@@ -1,7 +1,8 @@
 //! What the worker tells its observers about each task, from one set of hooks: Celery
-//! events (`events`, when switched on) and Prometheus metrics (when the process serves
-//! them, [`crate::metrics`]). Each hook is cheap when its observer is off: an atomic load
-//! for events, an `Option` check for metrics.
+//! events (`events`, when switched on), Prometheus metrics (when the process serves
+//! them, [`crate::metrics`]) and the embedder's callbacks (`hooks`, when registered). Each
+//! hook is cheap when its observer is off: an atomic load for events, an `Option` check for
+//! metrics and for callbacks.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,6 +11,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::Shared;
+use super::hooks::{self, Ran, TaskEnded, TaskStarting};
+use crate::broker::Delivery;
 use crate::engine::{CallReport, Outcome};
 use crate::metrics::{Metrics, TaskEnd};
 use crate::protocol::TaskMessage;
@@ -30,9 +33,20 @@ pub(super) fn received(shared: &Shared, message: &TaskMessage, queue: &str) {
     }
 }
 
-/// The task is about to run in its sandbox.
-pub(super) fn started(shared: &Shared, message: &TaskMessage, queue: &str) {
+/// The task, delivered as `delivery`, is about to run in its sandbox.
+pub(super) fn started(shared: &Shared, message: &TaskMessage, delivery: &Delivery) {
+    let queue = delivery.queue.as_str();
     shared.events.task_started(&message.id);
+    if let Some(set) = shared.options.hooks.active() {
+        set.before_task(&TaskStarting {
+            id: &message.id,
+            name: &message.task,
+            tenant: shared.options.tenant.as_ref().map(|t| t.name.as_str()),
+            queue,
+            args_size: delivery.envelope.body.len(),
+            retries: message.retries,
+        });
+    }
     if let Some(metrics) = metrics(shared) {
         metrics.task_started(&message.task, queue);
     }
@@ -60,15 +74,33 @@ pub(super) fn ran(shared: &Shared, message: &TaskMessage, queue: &str, report: &
     }
 }
 
-/// The task's outcome `meta` is stored (or deliberately not) and its message about to be
-/// settled; `message` is none when it could not be decoded.
+/// The task's outcome `meta` is stored (or deliberately not) and its message, delivered as
+/// `delivery`, about to be settled; `message` is none when it could not be decoded, `ran`
+/// says whether it went through its sandbox call.
 pub(super) fn finished(
     shared: &Shared,
     message: Option<&TaskMessage>,
-    queue: &str,
+    delivery: &Delivery,
     meta: &ResultMeta,
+    ran: Option<Ran>,
 ) {
+    let queue = delivery.queue.as_str();
     shared.events.task_finished(meta);
+    if let (Some(set), Some(message)) = (shared.options.hooks.active(), message) {
+        let task = TaskEnded {
+            id: &message.id,
+            name: &message.task,
+            tenant: shared.options.tenant.as_ref().map(|t| t.name.as_str()),
+            queue,
+            args_size: delivery.envelope.body.len(),
+            retries: message.retries,
+            state: &meta.status,
+            exception: hooks::exception_of(meta),
+            result: &meta.result,
+            runtime: ran.and_then(|ran| ran.0),
+        };
+        set.finished(&task, ran.is_some());
+    }
     if let Some(metrics) = metrics(shared) {
         let exception = meta
             .result
@@ -129,6 +161,18 @@ pub(super) fn gauges(shared: &Shared, metrics: &Metrics, up: bool) {
     let snapshot = shared.registry.snapshot();
     metrics.set_plugins(snapshot.plugins().len(), snapshot.broken().len());
     metrics.set_events_dropped(shared.events.dropped());
+    concurrency(shared);
+}
+
+/// The worker's task slots changed (or are sampled): its gauges follow.
+pub(super) fn concurrency(shared: &Shared) {
+    if let Some(metrics) = metrics(shared) {
+        metrics.set_concurrency(
+            shared.options.tenant_name(),
+            shared.slots.max_concurrency(shared.seat),
+            shared.options.max_concurrency(),
+        );
+    }
 }
 
 /// The worker stopped: its gauges say so.

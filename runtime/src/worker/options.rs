@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
+use crate::autoscale::AutoscalePolicy;
 use crate::engine::{Grants, TenantLimits};
 use crate::policy::{RetryPolicy, TaskAnnotations};
 use crate::routes::TaskRoutes;
@@ -13,7 +14,8 @@ use crate::routes::TaskRoutes;
 pub struct WorkerOptions {
     /// Queues to consume. Default: `["celery"]`.
     pub queues: Vec<String>,
-    /// Tasks run at once. Default: the number of CPUs.
+    /// Tasks run at once. Default: the number of CPUs. With [`autoscale`](Self::autoscale),
+    /// the autoscaler's bounds are used instead.
     pub concurrency: usize,
     /// Messages held per running slot (prefetch = concurrency × this). Default: 64 — wasm
     /// tasks are short, acks are batched up to half the prefetch, and a deep prefetch hides
@@ -62,9 +64,24 @@ pub struct WorkerOptions {
     /// The tenant this worker serves, when the process serves several. Default: none (the
     /// one implicit tenant).
     pub tenant: Option<TenantOptions>,
+    /// Callbacks for an embedding program: before and after each task, on failures and
+    /// retries, when the worker is ready and when it has stopped (Celery's signals).
+    /// Default: none.
+    pub hooks: super::Hooks,
+    /// Size the task slots to the load between a minimum and a maximum (Celery's
+    /// `--autoscale MAX,MIN`, see [`crate::autoscale`]); the slots, slot runners and
+    /// prefetch window are made for the maximum. Default: none (`concurrency` slots).
+    pub autoscale: Option<AutoscalePolicy>,
 }
 
 impl WorkerOptions {
+    /// The most tasks it may run at once: the autoscaler's maximum, else `concurrency`.
+    pub fn max_concurrency(&self) -> usize {
+        self.autoscale
+            .as_ref()
+            .map_or(self.concurrency, |policy| policy.max)
+    }
+
     /// The tenant's name, or `-` for the implicit one (for logs).
     pub fn tenant_name(&self) -> &str {
         self.tenant.as_ref().map_or("-", |t| t.name.as_str())
@@ -125,6 +142,8 @@ impl Default for WorkerOptions {
             task_events: false,
             heartbeat: Some(Duration::from_secs(2)),
             metrics: None,
+            hooks: super::Hooks::default(),
+            autoscale: None,
         }
     }
 }

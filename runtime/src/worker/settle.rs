@@ -12,6 +12,7 @@ use serde_json::Value;
 use super::Shared;
 use super::continuation;
 use super::decision::{Decision, NextAttempt, Settlement};
+use super::hooks::Ran;
 use crate::broker::Delivery;
 use crate::protocol::{Envelope, TaskMessage};
 use crate::results::{ReplyTo, ResultMeta, TaskState};
@@ -25,8 +26,20 @@ pub(super) async fn finish(
     message: Option<&TaskMessage>,
     decision: Decision,
 ) {
+    finish_ran(shared, delivery, message, decision, None).await;
+}
+
+/// [`finish`] for a task that went through its sandbox call (`ran`), which its observers
+/// are told.
+pub(super) async fn finish_ran(
+    shared: &Arc<Shared>,
+    delivery: Delivery,
+    message: Option<&TaskMessage>,
+    decision: Decision,
+    ran: Option<Ran>,
+) {
     if let Some(meta) = decision.meta
-        && !store_and_continue(shared, &delivery, message, meta, &decision.settlement).await
+        && !store_and_continue(shared, &delivery, message, meta, &decision.settlement, ran).await
     {
         release(shared, delivery).await;
         return;
@@ -101,6 +114,7 @@ async fn store_and_continue(
     message: Option<&TaskMessage>,
     mut meta: ResultMeta,
     settlement: &Settlement,
+    ran: Option<Ran>,
 ) -> bool {
     if let Some(message) = message {
         meta.parent_id.clone_from(&message.parent_id);
@@ -132,7 +146,7 @@ async fn store_and_continue(
         _ => &stats.failed,
     };
     counter.fetch_add(1, Ordering::Relaxed);
-    super::observe::finished(shared, message, &delivery.queue, &meta);
+    super::observe::finished(shared, message, delivery, &meta, ran);
     true
 }
 

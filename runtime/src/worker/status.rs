@@ -142,6 +142,8 @@ pub(super) fn snapshot(shared: &Shared, consuming: bool, state: &str) -> serde_j
         "broker": shared.broker.describe(),
         "updated": crate::protocol::format_time(&Utc::now()),
         "running": running,
+        // Task slots it may use now (the autoscaler moves it).
+        "concurrency": shared.slots.max_concurrency(shared.seat),
         // Taken from the broker and not settled yet, less the running ones: prefetched,
         // waiting for a slot, or waiting out an eta or a rate limit.
         "queued": received.saturating_sub(settled).saturating_sub(running),

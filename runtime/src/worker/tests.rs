@@ -804,3 +804,96 @@ async fn a_tenants_errback_to_a_missing_queue_is_failed_under_its_own_id() {
     );
     assert_eq!(answered.parent_id.as_deref(), Some(failing.id.as_str()));
 }
+
+/// A worker whose hooks write one line per call into the returned log.
+async fn hooked_harness(
+    hooks: impl FnOnce(Arc<Mutex<Vec<String>>>) -> super::Hooks,
+) -> (Harness, Arc<Mutex<Vec<String>>>) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let harness = Harness::with(WorkerOptions {
+        concurrency: 1,
+        node_name: "unit@test".into(),
+        hooks: hooks(Arc::clone(&log)),
+        ..WorkerOptions::default()
+    })
+    .await;
+    (harness, log)
+}
+
+#[tokio::test]
+async fn hooks_see_each_task_before_and_after_with_its_outcome() {
+    let (harness, log) = hooked_harness(|log| {
+        let (a, b, c, d) = (Arc::clone(&log), Arc::clone(&log), Arc::clone(&log), log);
+        super::Hooks::new()
+            .before_task(move |t| {
+                assert!(t.args_size > 0, "the body's size");
+                a.lock()
+                    .unwrap()
+                    .push(format!("before {} {}", t.name, t.id));
+            })
+            .after_task(move |t| {
+                let ran = t.runtime.is_some_and(|r| r > Duration::ZERO);
+                b.lock().unwrap().push(format!(
+                    "after {} {} {} ran={ran}",
+                    t.name,
+                    t.id,
+                    t.state.as_str()
+                ));
+            })
+            .on_failure(move |t| {
+                let ran = t.runtime.is_some();
+                c.lock()
+                    .unwrap()
+                    .push(format!("failure {} {:?} ran={ran}", t.name, t.exception));
+            })
+            .on_retry(move |t| {
+                d.lock()
+                    .unwrap()
+                    .push(format!("retry {} {}", t.name, t.retries))
+            })
+    })
+    .await;
+    let add = message("math.add", json!([2, 3]));
+    harness.deliver(&add).await;
+    let div = message("math.div", json!([1, 0]));
+    harness.deliver(&div).await;
+    let flaky = message("math.flaky", json!([1]));
+    harness.deliver(&flaky).await;
+    harness.deliver(&message("no.such_task", json!([]))).await;
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            format!("before math.add {}", add.id),
+            format!("after math.add {} SUCCESS ran=true", add.id),
+            format!("before math.div {}", div.id),
+            format!("after math.div {} FAILURE ran=true", div.id),
+            "failure math.div Some(\"ZeroDivisionError\") ran=true".to_owned(),
+            format!("before math.flaky {}", flaky.id),
+            format!("after math.flaky {} RETRY ran=true", flaky.id),
+            "retry math.flaky 0".to_owned(),
+            "failure no.such_task Some(\"NotRegistered\") ran=false".to_owned(),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_hook_is_logged_and_the_task_carries_on() {
+    let (harness, log) = hooked_harness(|log| {
+        super::Hooks::new()
+            .before_task(|_| panic!("a broken before_task"))
+            .after_task(|_| panic!("a broken after_task"))
+            .after_task(move |t| log.lock().unwrap().push(t.state.as_str().to_owned()))
+    })
+    .await;
+    for x in 0..2 {
+        let ending = harness.deliver(&message("math.add", json!([x, 1]))).await;
+        assert_eq!(ending.settled, Settled::Ack);
+        assert_eq!(ending.last().result, json!(x + 1));
+    }
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["SUCCESS", "SUCCESS"],
+        "the next hook still ran"
+    );
+    assert_eq!(harness.shared.stats.succeeded.load(Ordering::Relaxed), 2);
+}

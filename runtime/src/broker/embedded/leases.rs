@@ -21,7 +21,7 @@ use rusqlite::{OptionalExtension, params, params_from_iter};
 use tokio::sync::Notify;
 
 use super::{LOCAL_PUBLISH, Owner, SqliteBroker};
-use crate::broker::{BrokerError, Consumer, Delivery, Settle, Subscriptions};
+use crate::broker::{BrokerError, Consumer, Delivery, PrefetchLimit, Settle, Subscriptions};
 use crate::db::{Db, now_ms};
 use crate::protocol::{Envelope, Properties};
 
@@ -282,7 +282,8 @@ pub(super) struct SqliteConsumer {
     /// The queues to consume, changeable while it runs (declared when added).
     subscriptions: Subscriptions,
     wanted: tokio::sync::watch::Receiver<Vec<String>>,
-    prefetch: usize,
+    /// At most this many unsettled deliveries (changeable while it runs).
+    prefetch: PrefetchLimit,
     buffer: VecDeque<Delivery>,
     settler: Arc<SqliteSettler>,
     renewer: tokio::task::JoinHandle<()>,
@@ -323,7 +324,7 @@ impl SqliteConsumer {
             queues: subscriptions.current(),
             wanted: subscriptions.watch(),
             subscriptions,
-            prefetch: prefetch.max(1),
+            prefetch: PrefetchLimit::new(prefetch),
             buffer: VecDeque::new(),
             settler,
             renewer,
@@ -371,6 +372,7 @@ impl Consumer for SqliteConsumer {
             }
             let free = self
                 .prefetch
+                .get()
                 .saturating_sub(self.settler.outstanding.load(Ordering::Acquire));
             if free == 0 {
                 let _ = tokio::time::timeout(
@@ -427,5 +429,9 @@ impl Consumer for SqliteConsumer {
 
     fn subscriptions(&self) -> Option<Subscriptions> {
         Some(self.subscriptions.clone())
+    }
+
+    fn prefetch_limit(&self) -> Option<PrefetchLimit> {
+        Some(self.prefetch.clone())
     }
 }

@@ -317,6 +317,7 @@ pub(super) fn pool_resize(shared: &Shared, arguments: &Map<String, Value>, grow:
         ));
     }
     let cap = shared.slots.set_max_concurrency(shared.seat, wanted);
+    super::super::observe::concurrency(shared);
     tracing::info!(slots = cap, "task slots changed (remote control)");
     ok(if grow {
         "pool will grow"

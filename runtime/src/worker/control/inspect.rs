@@ -174,7 +174,7 @@ pub(super) fn stats(shared: &Shared) -> Value {
     let snapshot = shared.registry.snapshot();
     let counters = &shared.stats;
     let count = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
-    json!({
+    let mut stats = json!({
         "total": counters.started_by_task(),
         "pid": pid,
         "clock": shared.control.clock.load(Ordering::Relaxed).to_string(),
@@ -212,7 +212,12 @@ pub(super) fn stats(shared: &Shared) -> Value {
             },
             "limit_hits": counters.limit_hits(),
         },
-    })
+    });
+    // Celery's `autoscaler` section, only when it autoscales (as Celery).
+    if let Some(scaling) = &shared.scaling {
+        stats["autoscaler"] = scaling.info();
+    }
+    stats
 }
 
 /// Sandbox limits as JSON.

@@ -143,10 +143,14 @@ async fn answer(shared: &Shared, command: &ControlCommand) -> Value {
         "time_limit" => commands::time_limit(shared, arguments),
         "add_consumer" => commands::add_consumer(shared, arguments),
         "cancel_consumer" => commands::cancel_consumer(shared, arguments),
+        method @ ("pool_grow" | "pool_shrink") if shared.scaling.is_some() => error(format!(
+            "{method} is not supported with autoscale. Adjust autoscale range instead."
+        )),
         "pool_grow" => commands::pool_resize(shared, arguments, true),
         "pool_shrink" => commands::pool_resize(shared, arguments, false),
-        // wasmq has no autoscaler: Celery's reply when it is not enabled.
-        "autoscale" => error("ValueError('Autoscale not enabled')"),
+        // Celery's reply when the worker does not autoscale.
+        "autoscale" => super::scaling::set_bounds(shared, arguments)
+            .unwrap_or_else(|| error("ValueError('Autoscale not enabled')")),
         // Plugins are reloaded as their folder or release changes; there is no pool of
         // processes to restart. Celery's reply when restarts are not enabled.
         "pool_restart" => error("ValueError('Pool restarts not enabled')"),
