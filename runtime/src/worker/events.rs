@@ -17,7 +17,6 @@
 //! ([`Events::dropped`]), never waited for. Heartbeats are sent by their own task, so a
 //! full buffer or busy slots never make a live worker look dead.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -44,10 +43,6 @@ const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// Task events buffered before new ones are dropped.
 const BUFFER: usize = 8192;
 
-/// Run times kept for task events still to come; beyond this the oldest are forgotten (a
-/// run whose message was released never gets its terminal event).
-const RUNTIMES_KEPT: usize = 16_384;
-
 /// A worker's event dispatcher.
 pub(super) struct Events {
     /// The node the events come from.
@@ -73,8 +68,6 @@ pub(super) struct Events {
     closing: Notify,
     /// Task events dropped because the buffer was full.
     dropped: AtomicU64,
-    /// How long each task that ran took, until its terminal event carries it.
-    runtimes: Mutex<HashMap<String, f64>>,
     /// The worker's runtime, where worker events are published: the broker's events
     /// connection is opened by whoever publishes first, and must belong to a runtime that
     /// lives as long as the broker (not the control plane, which stops with the worker).
@@ -98,7 +91,6 @@ impl Events {
             batch_ready: Notify::new(),
             closing: Notify::new(),
             dropped: AtomicU64::new(0),
-            runtimes: Mutex::new(HashMap::new()),
             runtime: std::sync::OnceLock::new(),
         }
     }
@@ -188,29 +180,14 @@ impl Events {
         self.emit("task-started", &TaskId { uuid: task_id });
     }
 
-    /// Remembers how long the task ran, for its terminal event.
-    pub(super) fn task_ran(&self, task_id: &str, runtime: Duration) {
-        if !self.task_events() {
-            return;
-        }
-        let mut runtimes = self.runtimes.lock().unwrap_or_else(PoisonError::into_inner);
-        if runtimes.len() >= RUNTIMES_KEPT {
-            runtimes.clear();
-        }
-        runtimes.insert(task_id.to_owned(), runtime.as_secs_f64());
-    }
-
     /// The terminal event of a task whose outcome `meta` was settled: `task-succeeded`,
-    /// `-failed`, `-retried`, `-revoked`, or `-rejected` (the task rejected its message).
-    pub(super) fn task_finished(&self, meta: &ResultMeta) {
+    /// `-failed`, `-retried`, `-revoked`, or `-rejected` (the task rejected its message),
+    /// with how long its sandbox call took (`runtime`; none when it never ran).
+    pub(super) fn task_finished(&self, meta: &ResultMeta, runtime: Option<Duration>) {
         if !self.task_events() {
             return;
         }
-        let runtime = self
-            .runtimes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&meta.task_id);
+        let runtime = runtime.map(|r| r.as_secs_f64());
         let uuid = meta.task_id.as_str();
         let traceback = || meta.traceback.clone().unwrap_or_default();
         match &meta.status {

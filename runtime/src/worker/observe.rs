@@ -54,7 +54,6 @@ pub(super) fn started(shared: &Shared, message: &TaskMessage, delivery: &Deliver
 
 /// The task's sandbox call ended as `report` says.
 pub(super) fn ran(shared: &Shared, message: &TaskMessage, queue: &str, report: &CallReport) {
-    shared.events.task_ran(&message.id, report.elapsed);
     if let Outcome::LimitExceeded(limit) = &report.outcome {
         shared.stats.count_limit_hit(limit.kind);
     }
@@ -85,7 +84,7 @@ pub(super) fn finished(
     ran: Option<Ran>,
 ) {
     let queue = delivery.queue.as_str();
-    shared.events.task_finished(meta);
+    shared.events.task_finished(meta, ran.and_then(|ran| ran.0));
     if let (Some(set), Some(message)) = (shared.options.hooks.active(), message) {
         let task = TaskEnded {
             id: &message.id,
