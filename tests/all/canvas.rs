@@ -407,9 +407,13 @@ fn workflow_steps_follow_task_routes() {
         );
         let client = queue.client.clone().with_routes(routes());
         let wait = Duration::from_secs(15);
+        // A step's result is stored after the steps that follow it are published (as
+        // Celery does, so `children` is filled in): wait for it, the chain's end may come
+        // first.
         let ran_on = |id: String| {
             let client = client.clone();
             async move {
+                client.result(&id).get(wait).await.expect("the step finished");
                 let meta = client.result(&id).meta().await.unwrap().unwrap();
                 meta.worker.unwrap_or_default()
             }
@@ -426,7 +430,6 @@ fn workflow_steps_follow_task_routes() {
         .unwrap();
         assert_eq!(result.get(wait).await.unwrap(), json!(41));
         assert_eq!(ran_on(add_id).await, "adder@routes");
-        client.result(&mul_id).get(wait).await.unwrap();
         assert_eq!(ran_on(mul_id).await, "multiplier@routes");
 
         let members = group([
