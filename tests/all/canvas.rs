@@ -413,7 +413,11 @@ fn workflow_steps_follow_task_routes() {
         let ran_on = |id: String| {
             let client = client.clone();
             async move {
-                client.result(&id).get(wait).await.expect("the step finished");
+                client
+                    .result(&id)
+                    .get(wait)
+                    .await
+                    .expect("the step finished");
                 let meta = client.result(&id).meta().await.unwrap().unwrap();
                 meta.worker.unwrap_or_default()
             }
