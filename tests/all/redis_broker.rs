@@ -158,6 +158,40 @@ fn python_celery_clients_calls_canvas_and_revokes_are_served_by_a_wasmq_worker_o
             "{report:#}"
         );
         assert_eq!(report["after"], json!({"ok": 4}), "{report:#}");
+
+        // 300 tasks at once from Python, all answered.
+        let script = "import os, json\nfrom celery import Celery\napp = Celery('c', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])\nsent = [app.send_task('math.add', (i, i), queue=os.environ['QUEUE']) for i in range(300)]\nprint(json.dumps([r.get(timeout=60) for r in sent]))\n";
+        let output = Command::new(python())
+            .args(["-c", script])
+            .env("BROKER", BROKER)
+            .env("BACKEND", REDIS_URL)
+            .env("QUEUE", &queue)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        let sums: Vec<f64> = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(sums, (0..300).map(|i| f64::from(2 * i)).collect::<Vec<_>>());
+
+        // The 2-element body that crash-loops Python workers: a FAILURE and a dead letter.
+        let id = format!("poison-{queue}");
+        let mut poison = envelope("math.add", &id, 0);
+        poison.body = b"[[2, 5], {}]".to_vec();
+        broker().publish(&queue, &poison, None).await.unwrap();
+        let results =
+            wasmq::results::connect(REDIS_URL, Duration::from_secs(3600), BROKER).unwrap();
+        let meta = results.wait(&id, WAIT).await.unwrap();
+        assert_eq!(meta.exception().unwrap().exc_type, "DecodeError");
+        let deadline = Instant::now() + WAIT;
+        let dead = loop {
+            let dead = broker().dead_letters(&queue, 10).await.unwrap();
+            if !dead.is_empty() || Instant::now() > deadline {
+                break dead;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(dead.len(), 1);
+        assert!(dead[0].reason.starts_with("malformed message: "), "{}", dead[0].reason);
         worker.stop().await;
         broker().delete_queue(&queue).await.unwrap();
         assert!(keys_of(&queue).await.is_empty());

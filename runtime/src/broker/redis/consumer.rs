@@ -280,11 +280,7 @@ pub(super) struct RedisConsumer {
 
 impl RedisConsumer {
     /// Registers the consumer's lease and starts fetching `queues`.
-    pub(super) async fn start(
-        broker: RedisBroker,
-        queues: &[String],
-        prefetch: usize,
-    ) -> Result<Self, BrokerError> {
+    pub(super) async fn start(broker: RedisBroker, queues: &[String], prefetch: usize) -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let state = Arc::new(ConsumerState {
             broker,
@@ -294,11 +290,17 @@ impl RedisConsumer {
             next_number: AtomicU64::new(1),
             settled: Notify::new(),
         });
-        super::upkeep::renew_lease(&state).await?;
+        if let Err(error) = super::upkeep::renew_lease(&state).await {
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "Redis broker: cannot register the consumer yet; retrying"
+            );
+        }
         let subscriptions = Subscriptions::new(queues);
         let prefetch = PrefetchLimit::new(prefetch);
         let (stop, stopping) = watch::channel(false);
-        let (consuming_sender, consuming) = watch::channel(true);
+        // Consuming once the first fetch succeeds.
+        let (consuming_sender, consuming) = watch::channel(false);
         let (sender, deliveries) = mpsc::unbounded_channel();
         let fetcher = Fetcher {
             state: Arc::clone(&state),
@@ -316,7 +318,7 @@ impl RedisConsumer {
             subscriptions.clone(),
             stopping,
         ));
-        Ok(Self {
+        Self {
             state,
             deliveries,
             stop,
@@ -325,7 +327,7 @@ impl RedisConsumer {
             subscriptions,
             prefetch,
             consuming,
-        })
+        }
     }
 }
 
@@ -423,7 +425,7 @@ impl Fetcher {
                 }
                 continue;
             }
-            let fetched = match self.pop(&lists, room).await {
+            let fetched = match self.declare_and_pop(&lists, room).await {
                 Ok(fetched) if fetched.is_empty() => self.wait(&lists).await,
                 other => other,
             };
@@ -476,6 +478,18 @@ impl Fetcher {
                     .map(move |queue| kombu::queue_key(queue, step))
             })
             .collect()
+    }
+
+    /// Declares the queues consumed (once per process) and pops up to `room` messages.
+    async fn declare_and_pop(
+        &self,
+        lists: &[String],
+        room: usize,
+    ) -> Result<Vec<(String, String, Vec<u8>)>, BrokerError> {
+        for queue in self.subscriptions.current() {
+            self.state.broker.declare(&queue).await?;
+        }
+        self.pop(lists, room).await
     }
 
     async fn pop(

@@ -342,11 +342,10 @@ impl Broker for RedisBroker {
         queues: &[String],
         prefetch: usize,
     ) -> Result<Box<dyn Consumer>, BrokerError> {
-        for queue in queues {
-            self.declare(queue).await?;
-        }
+        // Declared by the fetcher before its first pop (and again after Redis comes back):
+        // a worker started while Redis is down starts, reports not-consuming and retries.
         Ok(Box::new(
-            consumer::RedisConsumer::start(self.clone(), queues, prefetch).await?,
+            consumer::RedisConsumer::start(self.clone(), queues, prefetch).await,
         ))
     }
 
