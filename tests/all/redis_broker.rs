@@ -168,6 +168,26 @@ fn python_celery_clients_calls_canvas_and_revokes_are_served_by_a_wasmq_worker_o
         );
         assert_eq!(report["after"], json!({"ok": 4}), "{report:#}");
 
+        // Celery's inspect: a pidbox broadcast, answered into the client's reply list.
+        let script = "import os, json\nfrom celery import Celery\napp = Celery('c', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])\ni = app.control.inspect(destination=[os.environ['NODE']], timeout=5)\nprint(json.dumps({'ping': i.ping(), 'active_queues': i.active_queues()}))\n";
+        let node = format!("wasmq-test@{queue}");
+        let output = Command::new(python())
+            .args(["-c", script])
+            .env("BROKER", BROKER)
+            .env("BACKEND", REDIS_URL)
+            .env("NODE", &node)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        let inspected: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(inspected["ping"][&node], json!({"ok": "pong"}), "{inspected:#}");
+        assert_eq!(
+            inspected["active_queues"][&node][0]["name"],
+            json!(queue),
+            "{inspected:#}"
+        );
+
         // 300 tasks at once from Python, all answered.
         let script = "import os, json\nfrom celery import Celery\napp = Celery('c', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])\nsent = [app.send_task('math.add', (i, i), queue=os.environ['QUEUE']) for i in range(300)]\nprint(json.dumps([r.get(timeout=60) for r in sent]))\n";
         let output = Command::new(python())
@@ -577,4 +597,75 @@ fn kombus_layout_priorities_dead_letters_malformed_messages_and_broadcasts() {
         broker.delete_queue(&queue).await.unwrap();
         assert!(keys_of(&queue).await.is_empty());
     });
+}
+
+/// Readiness reflects actual consumption on Redis too: a worker whose Redis is unreachable
+/// stays up, retries and reports "not consuming"; one on a live Redis reports consuming.
+#[test]
+fn a_worker_reports_whether_it_is_consuming_from_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    let queue = unique_queue("redis-status");
+    let start = |broker: &str, file: &std::path::Path| {
+        crate::processes::wasmq(dir.path())
+            .args([
+                "worker",
+                "--broker",
+                broker,
+                "--result-backend",
+                REDIS_URL,
+                "-Q",
+                &queue,
+            ])
+            .arg("--plugins")
+            .arg(&plugins)
+            .arg("--status-file")
+            .arg(file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let status = |file: &std::path::Path| {
+        let output = crate::processes::wasmq(dir.path())
+            .args(["status", "--status-file"])
+            .arg(file)
+            .output()
+            .unwrap();
+        (
+            output.status.code().unwrap(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let wait_for = |file: &std::path::Path, code: i32| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (actual, stderr) = status(file);
+            if actual == code && file.exists() {
+                return stderr;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "status stayed {actual}: {stderr}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let down = dir.path().join("down.json");
+    let mut unreachable = start("redis://127.0.0.1:1/0", &down);
+    let stderr = wait_for(&down, 1);
+    assert!(stderr.contains("not consuming"), "{stderr}");
+    assert!(
+        unreachable.try_wait().unwrap().is_none(),
+        "it stays up and retries"
+    );
+    let up = dir.path().join("up.json");
+    let mut healthy = start(BROKER, &up);
+    wait_for(&up, 0);
+    assert_eq!(status(&down).0, 1, "still not consuming");
+    for child in [&mut unreachable, &mut healthy] {
+        crate::processes::signal(child, "-TERM");
+        let _ = child.wait();
+    }
+    runtime().block_on(async { broker().delete_queue(&queue).await.unwrap() });
 }
