@@ -106,6 +106,21 @@ async fn run_python(script: &str, queue: &str) -> Value {
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
+/// Runs `script` with Python (Celery installed) and `env`; returns what it printed.
+fn python_inline(script: &str, env: &[(&str, &str)]) -> Vec<u8> {
+    let output = Command::new(python())
+        .args(["-c", script])
+        .envs(env.iter().copied())
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "the Python script failed:\n{script}"
+    );
+    output.stdout
+}
+
 async fn redis() -> redis::aio::MultiplexedConnection {
     redis::Client::open(BROKER)
         .unwrap()
@@ -171,16 +186,8 @@ fn python_celery_clients_calls_canvas_and_revokes_are_served_by_a_wasmq_worker_o
         // Celery's inspect: a pidbox broadcast, answered into the client's reply list.
         let script = "import os, json\nfrom celery import Celery\napp = Celery('c', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])\ni = app.control.inspect(destination=[os.environ['NODE']], timeout=5)\nprint(json.dumps({'ping': i.ping(), 'active_queues': i.active_queues()}))\n";
         let node = format!("wasmq-test@{queue}");
-        let output = Command::new(python())
-            .args(["-c", script])
-            .env("BROKER", BROKER)
-            .env("BACKEND", REDIS_URL)
-            .env("NODE", &node)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap();
-        assert!(output.status.success());
-        let inspected: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let output = python_inline(script, &[("BROKER", BROKER), ("BACKEND", REDIS_URL), ("NODE", &node)]);
+        let inspected: Value = serde_json::from_slice(&output).unwrap();
         assert_eq!(inspected["ping"][&node], json!({"ok": "pong"}), "{inspected:#}");
         assert_eq!(
             inspected["active_queues"][&node][0]["name"],
@@ -190,16 +197,8 @@ fn python_celery_clients_calls_canvas_and_revokes_are_served_by_a_wasmq_worker_o
 
         // 300 tasks at once from Python, all answered.
         let script = "import os, json\nfrom celery import Celery\napp = Celery('c', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])\nsent = [app.send_task('math.add', (i, i), queue=os.environ['QUEUE']) for i in range(300)]\nprint(json.dumps([r.get(timeout=60) for r in sent]))\n";
-        let output = Command::new(python())
-            .args(["-c", script])
-            .env("BROKER", BROKER)
-            .env("BACKEND", REDIS_URL)
-            .env("QUEUE", &queue)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap();
-        assert!(output.status.success());
-        let sums: Vec<f64> = serde_json::from_slice(&output.stdout).unwrap();
+        let output = python_inline(script, &[("BROKER", BROKER), ("BACKEND", REDIS_URL), ("QUEUE", &queue)]);
+        let sums: Vec<f64> = serde_json::from_slice(&output).unwrap();
         assert_eq!(sums, (0..300).map(|i| f64::from(2 * i)).collect::<Vec<_>>());
 
         // The 2-element body that crash-loops Python workers: a FAILURE and a dead letter.
@@ -342,16 +341,8 @@ fn a_countdown_longer_than_the_visibility_timeout_runs_once() {
             .unwrap();
         // An unmodified Python client's countdown: an `eta` header on a message in the list.
         let script = "import os, sys\nfrom celery import Celery\napp = Celery('c', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])\nprint(app.send_task('math.add', (3, 4), queue=os.environ['QUEUE'], countdown=10).id)\n";
-        let output = Command::new(python())
-            .args(["-c", script])
-            .env("BROKER", SHORT_VISIBILITY_BROKER)
-            .env("BACKEND", REDIS_URL)
-            .env("QUEUE", &queue)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap();
-        assert!(output.status.success());
-        let theirs = client.result(String::from_utf8_lossy(&output.stdout).trim());
+        let output = python_inline(script, &[("BROKER", SHORT_VISIBILITY_BROKER), ("BACKEND", REDIS_URL), ("QUEUE", &queue)]);
+        let theirs = client.result(String::from_utf8_lossy(&output).trim());
         assert_eq!(ours.get(Duration::from_secs(30)).await.unwrap(), json!(3));
         assert_eq!(theirs.get(Duration::from_secs(30)).await.unwrap(), json!(7));
         let waited = sent_at.elapsed();

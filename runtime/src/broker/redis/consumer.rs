@@ -246,6 +246,21 @@ pub(super) async fn restore(
         .map_err(|e| redis_error("cannot put a message back", e))
 }
 
+impl ConsumerState {
+    /// Adds to `pipe` what settling delivery `tag` removes (kombu's `_remove_from_indices`,
+    /// and wasmq's held set and owner).
+    fn forget<'p>(&self, pipe: &'p mut ::redis::Pipeline, tag: &str) -> &'p mut ::redis::Pipeline {
+        pipe.zrem(UNACKED_INDEX, tag)
+            .ignore()
+            .hdel(UNACKED, tag)
+            .ignore()
+            .srem(&self.held_key, tag)
+            .ignore()
+            .hdel(OWNERS, tag)
+            .ignore()
+    }
+}
+
 #[async_trait]
 impl Settle for ConsumerState {
     async fn ack(&self, tag: u64) -> Result<(), BrokerError> {
@@ -253,16 +268,8 @@ impl Settle for ConsumerState {
             return Ok(());
         };
         let mut connection = self.broker.connection().await?;
-        ::redis::pipe()
-            .atomic()
-            .zrem(UNACKED_INDEX, &held.tag)
-            .ignore()
-            .hdel(UNACKED, &held.tag)
-            .ignore()
-            .srem(&self.held_key, &held.tag)
-            .ignore()
-            .hdel(OWNERS, &held.tag)
-            .ignore()
+        let mut pipe = ::redis::pipe();
+        self.forget(pipe.atomic(), &held.tag)
             .query_async::<()>(&mut connection)
             .await
             .map_err(|e| redis_error("cannot acknowledge a message", e))
@@ -287,20 +294,13 @@ impl Settle for ConsumerState {
             held.delivery_count,
         );
         let mut connection = self.broker.connection().await?;
-        ::redis::pipe()
-            .atomic()
+        let mut pipe = ::redis::pipe();
+        pipe.atomic()
             .lpush(dead_key(queue), letter)
             .ignore()
             .ltrim(dead_key(queue), 0, DEAD_LETTERS_KEPT - 1)
-            .ignore()
-            .zrem(UNACKED_INDEX, &held.tag)
-            .ignore()
-            .hdel(UNACKED, &held.tag)
-            .ignore()
-            .srem(&self.held_key, &held.tag)
-            .ignore()
-            .hdel(OWNERS, &held.tag)
-            .ignore()
+            .ignore();
+        self.forget(&mut pipe, &held.tag)
             .query_async::<()>(&mut connection)
             .await
             .map_err(|e| redis_error("cannot dead-letter a message", e))
