@@ -668,55 +668,61 @@ fn python_celery_canvas_is_served_by_a_wasmq_worker() {
         );
         let results: Value =
             serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
-        assert_eq!(results["chain"], json!({"ok": 8}), "{results:#}");
-        assert_eq!(results["chain3"], json!({"ok": 80}), "{results:#}");
-        assert_eq!(results["immutable"], json!({"ok": 20}), "{results:#}");
-        assert_eq!(
-            results["group"],
-            json!({"ok": [0, 2, 4, 6, 8]}),
-            "{results:#}"
-        );
-        assert_eq!(results["chord"], json!({"ok": 90.0}), "{results:#}");
-        assert_eq!(results["link"], json!({"ok": [5, 50]}), "{results:#}");
-        let failed = &results["chord_failure"];
-        assert_eq!(failed["error"], "ChordError", "{results:#}");
-        assert_eq!(failed["is_chord_error"], true, "{results:#}");
-        assert!(
-            failed["message"]
-                .as_str()
-                .unwrap()
-                .contains("raised ZeroDivisionError('division by zero')"),
-            "{results:#}"
-        );
-        let chain_failure = &results["chain_failure"];
-        assert_eq!(chain_failure["error"], "ZeroDivisionError", "{results:#}");
-        // Issue 20's workflows, from an unmodified Python client.
-        assert_eq!(
-            results["chain_after_chord"],
-            json!({"ok": [2.0, 1.0]}),
-            "{results:#}"
-        );
-        let failed = &results["chords_in_chain_failure"];
-        assert_eq!(failed["is_chord_error"], true, "{results:#}");
-        assert_eq!(
-            results["nested_header"],
-            json!({"ok": [[42, 42]]}),
-            "{results:#}"
-        );
-        assert_eq!(
-            results["chord_chain_chord"],
-            json!({"ok": 7}),
-            "{results:#}"
-        );
-        assert_eq!(
-            results["starmap"],
-            json!({"ok": [[2, 4], 6]}),
-            "{results:#}"
-        );
+        check_python_canvas_results(&results);
         let _ = stop.send(());
         worker.await.unwrap();
         delete(&queue).await;
     });
+}
+
+/// What `tests/python/canvas_client.py` must report when a wasmq worker serves it (on any
+/// broker).
+pub(crate) fn check_python_canvas_results(results: &Value) {
+    assert_eq!(results["chain"], json!({"ok": 8}), "{results:#}");
+    assert_eq!(results["chain3"], json!({"ok": 80}), "{results:#}");
+    assert_eq!(results["immutable"], json!({"ok": 20}), "{results:#}");
+    assert_eq!(
+        results["group"],
+        json!({"ok": [0, 2, 4, 6, 8]}),
+        "{results:#}"
+    );
+    assert_eq!(results["chord"], json!({"ok": 90.0}), "{results:#}");
+    assert_eq!(results["link"], json!({"ok": [5, 50]}), "{results:#}");
+    let failed = &results["chord_failure"];
+    assert_eq!(failed["error"], "ChordError", "{results:#}");
+    assert_eq!(failed["is_chord_error"], true, "{results:#}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap()
+            .contains("raised ZeroDivisionError('division by zero')"),
+        "{results:#}"
+    );
+    let chain_failure = &results["chain_failure"];
+    assert_eq!(chain_failure["error"], "ZeroDivisionError", "{results:#}");
+    // Issue 20's workflows, from an unmodified Python client.
+    assert_eq!(
+        results["chain_after_chord"],
+        json!({"ok": [2.0, 1.0]}),
+        "{results:#}"
+    );
+    let failed = &results["chords_in_chain_failure"];
+    assert_eq!(failed["is_chord_error"], true, "{results:#}");
+    assert_eq!(
+        results["nested_header"],
+        json!({"ok": [[42, 42]]}),
+        "{results:#}"
+    );
+    assert_eq!(
+        results["chord_chain_chord"],
+        json!({"ok": 7}),
+        "{results:#}"
+    );
+    assert_eq!(
+        results["starmap"],
+        json!({"ok": [[2, 4], 6]}),
+        "{results:#}"
+    );
 }
 
 /// Runs the `wasmq` binary; returns (exit code, stdout, stderr).

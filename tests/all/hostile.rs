@@ -190,8 +190,10 @@ fn a_spinning_guest_does_not_pin_the_executor_thread() {
         );
         // The ticker shares the only executor thread with the spinning guest; it ran (a
         // pinned thread would leave it at 0). It cannot run more often than every 10 ms
-        // epoch tick, so about 60 times.
+        // epoch tick, so about 60 times on an idle machine; a loaded one (CI with builds
+        // beside it: 16 seen) gives the thread fewer slices, so the bar is well above 0 and
+        // well below 60.
         let ticks = ticks.load(Ordering::Relaxed);
-        assert!(ticks >= 20, "the ticker ran only {ticks} times in {spun:?}");
+        assert!(ticks >= 5, "the ticker ran only {ticks} times in {spun:?}");
     });
 }

@@ -87,7 +87,8 @@ fn run_python_client(queue: &str, backend: &str) -> Value {
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
-fn check_python_client_results(results: &Value) {
+/// What `tests/python/client.py` must report when a wasmq worker serves it (on any broker).
+pub(crate) fn check_python_client_results(results: &Value) {
     assert_eq!(results["add"], json!({"ok": 5}), "{results:#}");
     assert_eq!(results["kwargs"], json!({"ok": 42}), "{results:#}");
     assert_eq!(results["countdown"], json!({"ok": 42}), "{results:#}");
@@ -180,6 +181,16 @@ pub(crate) struct PythonWorker {
 
 impl PythonWorker {
     pub(crate) fn start(queue: &str, backend: &str, dir: &std::path::Path) -> Self {
+        Self::start_on(KOMBU_AMQP_URL, queue, backend, dir)
+    }
+
+    /// A Celery worker (solo pool, `tests/python/tasks.py`) consuming `queue` on `broker`.
+    pub(crate) fn start_on(
+        broker: &str,
+        queue: &str,
+        backend: &str,
+        dir: &std::path::Path,
+    ) -> Self {
         let log = dir.join(format!("{queue}.log"));
         let child = Command::new(python())
             .args([
@@ -202,7 +213,7 @@ impl PythonWorker {
             ])
             .args(["--hostname", &format!("py-{queue}@localhost")])
             .current_dir(python_dir())
-            .env("BROKER", KOMBU_AMQP_URL)
+            .env("BROKER", broker)
             .env("BACKEND", backend)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -221,6 +232,14 @@ impl PythonWorker {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+impl PythonWorker {
+    /// What the worker logged so far (Celery logs `Task <name>[<id>] succeeded in …` for each
+    /// task it ran).
+    pub(crate) fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 

@@ -21,6 +21,7 @@ mod metrics;
 mod plugins;
 mod processes;
 mod queue;
+mod redis_broker;
 mod request;
 mod semantics;
 mod support;

@@ -18,6 +18,12 @@ def add(x, y):
     return x + y
 
 
+@app.task(name="math.add")
+def math_add(a, b):
+    """The wasmq math plugin's `add`, so a Python and a wasmq worker can share one queue."""
+    return a + b
+
+
 @app.task(name="tasks.fail")
 def fail():
     raise ValueError("bad input", 42)

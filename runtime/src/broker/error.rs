@@ -16,6 +16,15 @@ pub enum BrokerError {
         #[source]
         source: lapin::Error,
     },
+    /// A Redis broker command failed.
+    #[error("Redis: {context}")]
+    Redis {
+        /// What the broker was doing.
+        context: String,
+        /// Redis's error.
+        #[source]
+        source: ::redis::RedisError,
+    },
     /// RabbitMQ did not take a message (a negative publisher confirm), e.g. while a
     /// resource alarm blocks publishing.
     #[error("AMQP: the broker refused {0}")]
@@ -43,7 +52,7 @@ pub enum BrokerError {
     },
     /// The broker URL is not understood.
     #[error(
-        "unsupported broker URL {0:?} (expected sqlite://PATH or amqp://user:pass@host:port/vhost)"
+        "unsupported broker URL {0:?} (expected sqlite://PATH, amqp://user:pass@host:port/vhost or redis://host:port/db)"
     )]
     UnsupportedUrl(String),
     /// The consumer was closed.
@@ -80,6 +89,7 @@ impl BrokerError {
         match self {
             BrokerError::Db(error) => error.is_transient(),
             BrokerError::Amqp { source, .. } => super::amqp::is_transient(source),
+            BrokerError::Redis { source, .. } => crate::redis_client::is_transient(source),
             BrokerError::Refused(_) | BrokerError::Cancelled(_) | BrokerError::NoAnswer { .. } => {
                 true
             }

@@ -6,6 +6,8 @@
 //!   one machine share (`sqlite://.wasmq/wasmq.db`);
 //! * [`amqp::AmqpBroker`], RabbitMQ (`amqp://user:pass@host:port/vhost`, `amqps://…`),
 //!   compatible with Celery's topology so Python and wasmq share queues;
+//! * [`redis::RedisBroker`], Redis (`redis://host:port/db`), compatible with kombu's Redis
+//!   transport so Python and wasmq share queues;
 //! * [`scheduled::ScheduledBroker`], a decorator over either that holds delayed messages in
 //!   Redis until they are due.
 //!
@@ -17,6 +19,7 @@ pub mod amqp;
 pub mod embedded;
 mod error;
 mod prefetch;
+pub mod redis;
 pub mod scheduled;
 mod subscriptions;
 
@@ -524,6 +527,12 @@ pub fn connect(url: &str) -> Result<Arc<dyn Broker>, BrokerError> {
 pub fn connect_with(url: &str, amqp: amqp::AmqpOptions) -> Result<Arc<dyn Broker>, BrokerError> {
     if url.starts_with("amqp://") || url.starts_with("amqps://") {
         return Ok(Arc::new(amqp::AmqpBroker::with_options(url, amqp)?));
+    }
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        return Ok(Arc::new(redis::RedisBroker::new(
+            url,
+            redis::RedisBrokerOptions::default(),
+        )?));
     }
     match crate::db::parse_url(url) {
         Some(path) => Ok(Arc::new(embedded::SqliteBroker::open(

@@ -1,0 +1,658 @@
+//! Consuming from Redis: a fetcher task pops messages into the consumer's hands while it has
+//! room under its prefetch limit, and the deliveries it hands out are settled here.
+//!
+//! A message is popped and recorded as unacknowledged in one script ([`POP`]): kombu's
+//! `unacked` hash and `unacked_index`, and this consumer's `wasmq.held.<id>` set, in the
+//! same atomic step as the pop, so no crash can lose it between the two. When every list is
+//! empty the fetcher waits in `BRPOP` (1 s at a time, on a connection of its own) and records
+//! what it gets at once ([`RECORD`]). It never abandons a `BRPOP` in flight: a reply that
+//! arrived for a dropped call would be a message lost, so closing waits for the call to
+//! return (at most a second) and gives back what it brought.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::kombu::{self, UNACKED, UNACKED_INDEX};
+use super::{DEAD_LETTERS_KEPT, RedisBroker, dead_key, dead_letter_json, redis_error};
+use crate::broker::{BrokerError, Consumer, Delivery, PrefetchLimit, Settle, Subscriptions};
+use crate::protocol::Envelope;
+
+/// Records one popped message as unacknowledged; the shared part of [`POP`] and [`RECORD`].
+/// KEYS: unacked, unacked_index, held set, counter of untagged messages. ARGV[2]: now (Unix
+/// seconds), ARGV[3]: the prefix of tags given to messages that carry none.
+const RECORD_FUNCTION: &str = r"
+local function record(payload)
+  local ok, message = pcall(cjson.decode, payload)
+  local tag, ex, rk
+  if ok and type(message) == 'table' and type(message.properties) == 'table' then
+    tag = message.properties.delivery_tag
+    local info = message.properties.delivery_info
+    if type(info) == 'table' then ex = info.exchange; rk = info.routing_key end
+  end
+  if type(tag) ~= 'string' then tag = ARGV[3] .. redis.call('INCR', KEYS[4]) end
+  if type(ex) ~= 'string' then ex = '' end
+  if type(rk) ~= 'string' then rk = '' end
+  local raw = payload
+  if not ok or type(message) ~= 'table' then raw = cjson.encode(payload) end
+  redis.call('HSET', KEYS[1], tag, '[' .. raw .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
+  redis.call('ZADD', KEYS[2], ARGV[2], tag)
+  redis.call('SADD', KEYS[3], tag)
+  return tag
+end
+";
+
+/// Pops up to ARGV[1] messages from KEYS[5..] in order and records each; returns
+/// `{list, tag, message, …}`.
+static POP: LazyLock<::redis::Script> = LazyLock::new(|| {
+    ::redis::Script::new(&format!(
+        "{RECORD_FUNCTION}
+local out = {{}}
+local max = tonumber(ARGV[1]) * 3
+for i = 5, #KEYS do
+  while #out < max do
+    local payload = redis.call('RPOP', KEYS[i])
+    if not payload then break end
+    local tag = record(payload)
+    out[#out + 1] = KEYS[i]
+    out[#out + 1] = tag
+    out[#out + 1] = payload
+  end
+  if #out >= max then break end
+end
+return out
+"
+    ))
+});
+
+/// Records the message ARGV[1] a `BRPOP` returned; returns its tag.
+static RECORD: LazyLock<::redis::Script> =
+    LazyLock::new(|| ::redis::Script::new(&format!("{RECORD_FUNCTION}\nreturn record(ARGV[1])\n")));
+
+/// Puts an unacknowledged message back, if it still is one (whoever removes it from
+/// `unacked` first restores it, once). KEYS: unacked, unacked_index, held set, then the
+/// lists to push to. ARGV: tag, message, 1 to push to the front (consumed next) or 0 to
+/// the back. Returns 1 when restored, 0 when it was no longer unacknowledged.
+pub(super) static RESTORE: LazyLock<::redis::Script> = LazyLock::new(|| {
+    ::redis::Script::new(
+        r"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('SREM', KEYS[3], ARGV[1])
+  return 0
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+for i = 4, #KEYS do
+  if ARGV[3] == '1' then
+    redis.call('RPUSH', KEYS[i], ARGV[2])
+  else
+    redis.call('LPUSH', KEYS[i], ARGV[2])
+  end
+end
+return 1
+",
+    )
+});
+
+/// The counter behind the tags of messages that carry none.
+const UNTAGGED: &str = "wasmq.untagged";
+
+/// How long an idle consumer waits in one `BRPOP`.
+const IDLE_WAIT_SECS: u64 = 1;
+
+/// The set of tags consumer `id` holds.
+pub(super) fn held_key(id: &str) -> String {
+    format!("wasmq.held.{id}")
+}
+
+/// A message handed out and not yet settled.
+#[derive(Debug, Clone)]
+pub(super) struct Held {
+    /// kombu's delivery tag: the message's key in `unacked`.
+    pub(super) tag: String,
+    /// The list it came from.
+    pub(super) list: String,
+    /// The message as it was in the list.
+    pub(super) payload: Vec<u8>,
+    /// Deliveries so far, this one included.
+    pub(super) delivery_count: u32,
+}
+
+/// What the fetcher, the upkeep task and the settler share.
+pub(super) struct ConsumerState {
+    pub(super) broker: RedisBroker,
+    /// This consumer's id (its lease and held set are named after it).
+    pub(super) id: String,
+    pub(super) held_key: String,
+    /// Handed-out deliveries by number.
+    pub(super) held: Mutex<HashMap<u64, Held>>,
+    next_number: AtomicU64,
+    /// Rung when a delivery is settled: the fetcher may have room again.
+    settled: Notify,
+}
+
+impl ConsumerState {
+    fn take(&self, number: u64) -> Option<Held> {
+        let held = self.held.lock().expect("held").remove(&number);
+        self.settled.notify_one();
+        held
+    }
+
+    fn held_count(&self) -> usize {
+        self.held.lock().expect("held").len()
+    }
+
+    /// The tags held now.
+    pub(super) fn held_tags(&self) -> Vec<String> {
+        self.held
+            .lock()
+            .expect("held")
+            .values()
+            .map(|held| held.tag.clone())
+            .collect()
+    }
+
+    /// Puts `held` back into its list: at the front (next out) or at the back.
+    pub(super) async fn put_back(&self, held: &Held, front: bool) -> Result<bool, BrokerError> {
+        let payload = std::str::from_utf8(&held.payload)
+            .ok()
+            .and_then(|text| kombu::mark_redelivered(text, held.delivery_count))
+            .map_or_else(|| held.payload.clone(), String::into_bytes);
+        restore(
+            &self.broker,
+            &held.tag,
+            &self.held_key,
+            std::slice::from_ref(&held.list),
+            &payload,
+            front,
+        )
+        .await
+    }
+}
+
+/// Runs [`RESTORE`] for `tag` into `lists`.
+pub(super) async fn restore(
+    broker: &RedisBroker,
+    tag: &str,
+    held_key: &str,
+    lists: &[String],
+    payload: &[u8],
+    front: bool,
+) -> Result<bool, BrokerError> {
+    let mut connection = broker.connection().await?;
+    let mut invocation = RESTORE.prepare_invoke();
+    invocation.key(UNACKED).key(UNACKED_INDEX).key(held_key);
+    for list in lists {
+        invocation.key(list);
+    }
+    invocation
+        .arg(tag)
+        .arg(payload)
+        .arg(if front { "1" } else { "0" });
+    invocation
+        .invoke_async::<i64>(&mut connection)
+        .await
+        .map(|restored| restored == 1)
+        .map_err(|e| redis_error("cannot put a message back", e))
+}
+
+#[async_trait]
+impl Settle for ConsumerState {
+    async fn ack(&self, tag: u64) -> Result<(), BrokerError> {
+        let Some(held) = self.take(tag) else {
+            return Ok(());
+        };
+        let mut connection = self.broker.connection().await?;
+        ::redis::pipe()
+            .atomic()
+            .zrem(UNACKED_INDEX, &held.tag)
+            .ignore()
+            .hdel(UNACKED, &held.tag)
+            .ignore()
+            .srem(&self.held_key, &held.tag)
+            .ignore()
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|e| redis_error("cannot acknowledge a message", e))
+    }
+
+    async fn dead_letter(
+        &self,
+        tag: u64,
+        reason: &str,
+        envelope: &Envelope,
+    ) -> Result<(), BrokerError> {
+        let Some(held) = self.take(tag) else {
+            return Ok(());
+        };
+        let queue = kombu::queue_of_key(&held.list);
+        let task_id = envelope.headers.get("id").and_then(|v| v.as_str());
+        let letter = dead_letter_json(
+            queue,
+            &String::from_utf8_lossy(&held.payload),
+            task_id,
+            reason,
+            held.delivery_count,
+        );
+        let mut connection = self.broker.connection().await?;
+        ::redis::pipe()
+            .atomic()
+            .lpush(dead_key(queue), letter)
+            .ignore()
+            .ltrim(dead_key(queue), 0, DEAD_LETTERS_KEPT - 1)
+            .ignore()
+            .zrem(UNACKED_INDEX, &held.tag)
+            .ignore()
+            .hdel(UNACKED, &held.tag)
+            .ignore()
+            .srem(&self.held_key, &held.tag)
+            .ignore()
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|e| redis_error("cannot dead-letter a message", e))
+    }
+
+    async fn release(&self, tag: u64) -> Result<(), BrokerError> {
+        let Some(held) = self.take(tag) else {
+            return Ok(());
+        };
+        self.put_back(&held, true).await.map(drop)
+    }
+}
+
+/// A consumer of one or more queues on a Redis broker.
+pub(super) struct RedisConsumer {
+    state: Arc<ConsumerState>,
+    deliveries: mpsc::UnboundedReceiver<Delivery>,
+    stop: watch::Sender<bool>,
+    fetcher: Option<JoinHandle<()>>,
+    upkeep: JoinHandle<()>,
+    subscriptions: Subscriptions,
+    prefetch: PrefetchLimit,
+    consuming: watch::Receiver<bool>,
+}
+
+impl RedisConsumer {
+    /// Registers the consumer's lease and starts fetching `queues`.
+    pub(super) async fn start(broker: RedisBroker, queues: &[String], prefetch: usize) -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let state = Arc::new(ConsumerState {
+            broker,
+            held_key: held_key(&id),
+            id,
+            held: Mutex::new(HashMap::new()),
+            next_number: AtomicU64::new(1),
+            settled: Notify::new(),
+        });
+        if let Err(error) = super::upkeep::renew_lease(&state).await {
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "Redis broker: cannot register the consumer yet; retrying"
+            );
+        }
+        let subscriptions = Subscriptions::new(queues);
+        let prefetch = PrefetchLimit::new(prefetch);
+        let (stop, stopping) = watch::channel(false);
+        // Consuming once the first fetch succeeds.
+        let (consuming_sender, consuming) = watch::channel(false);
+        let (sender, deliveries) = mpsc::unbounded_channel();
+        let fetcher = Fetcher {
+            state: Arc::clone(&state),
+            subscriptions: subscriptions.clone(),
+            prefetch: prefetch.clone(),
+            stopping: stopping.clone(),
+            sender,
+            consuming: consuming_sender,
+            blocking: None,
+            rotation: 0,
+        };
+        let fetcher = tokio::spawn(fetcher.run());
+        let upkeep = tokio::spawn(super::upkeep::run(
+            Arc::clone(&state),
+            subscriptions.clone(),
+            stopping,
+        ));
+        Self {
+            state,
+            deliveries,
+            stop,
+            fetcher: Some(fetcher),
+            upkeep,
+            subscriptions,
+            prefetch,
+            consuming,
+        }
+    }
+}
+
+impl Drop for RedisConsumer {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(fetcher) = &self.fetcher {
+            fetcher.abort();
+        }
+        self.upkeep.abort();
+        // Whatever is still held is put back by whoever sees the lease lapse; a consumer
+        // that holds nothing leaves nothing behind.
+        let state = Arc::clone(&self.state);
+        if state.held_count() == 0
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(async move { super::upkeep::retire(&state).await });
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for RedisConsumer {
+    async fn next(&mut self) -> Result<Delivery, BrokerError> {
+        self.deliveries.recv().await.ok_or(BrokerError::Closed)
+    }
+
+    async fn close(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(fetcher) = self.fetcher.take() {
+            let _ = fetcher.await;
+        }
+        self.deliveries.close();
+        while let Ok(delivery) = self.deliveries.try_recv() {
+            if let Err(error) = delivery.release().await {
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    "cannot give a fetched message back; it returns when this worker's lease lapses"
+                );
+            }
+        }
+    }
+
+    fn consuming(&self) -> Option<watch::Receiver<bool>> {
+        Some(self.consuming.clone())
+    }
+
+    fn subscriptions(&self) -> Option<Subscriptions> {
+        Some(self.subscriptions.clone())
+    }
+
+    fn prefetch_limit(&self) -> Option<PrefetchLimit> {
+        Some(self.prefetch.clone())
+    }
+}
+
+/// The task that fills the consumer's hands.
+struct Fetcher {
+    state: Arc<ConsumerState>,
+    subscriptions: Subscriptions,
+    prefetch: PrefetchLimit,
+    stopping: watch::Receiver<bool>,
+    sender: mpsc::UnboundedSender<Delivery>,
+    consuming: watch::Sender<bool>,
+    /// The connection `BRPOP` waits on (a blocking call would stall the shared one).
+    blocking: Option<::redis::aio::MultiplexedConnection>,
+    /// Round-robin start among the queues (kombu's default `round_robin` order).
+    rotation: usize,
+}
+
+impl Fetcher {
+    async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        let mut watched = self.subscriptions.watch();
+        loop {
+            if *self.stopping.borrow() {
+                return;
+            }
+            let room = self.prefetch.get().saturating_sub(self.state.held_count());
+            if room == 0 {
+                let mut stopping = self.stopping.clone();
+                tokio::select! {
+                    () = self.state.settled.notified() => {}
+                    _ = stopping.changed() => {}
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                continue;
+            }
+            let lists = self.lists();
+            if lists.is_empty() {
+                let mut stopping = self.stopping.clone();
+                tokio::select! {
+                    _ = watched.changed() => {}
+                    _ = stopping.changed() => {}
+                }
+                continue;
+            }
+            let fetched = match self.declare_and_pop(&lists, room).await {
+                Ok(fetched) if fetched.is_empty() => self.wait(&lists).await,
+                other => other,
+            };
+            match fetched {
+                Ok(fetched) => {
+                    self.consuming
+                        .send_if_modified(|up| !std::mem::replace(up, true));
+                    backoff = Duration::from_millis(100);
+                    if !fetched.is_empty() {
+                        self.rotation = self.rotation.wrapping_add(1);
+                    }
+                    for (list, tag, payload) in fetched {
+                        self.hand_out(list, tag, payload);
+                    }
+                }
+                Err(error) => {
+                    self.consuming
+                        .send_if_modified(|up| std::mem::replace(up, false));
+                    tracing::warn!(
+                        error = &error as &dyn std::error::Error,
+                        retry_in = ?backoff,
+                        "Redis broker: cannot fetch messages; retrying"
+                    );
+                    self.blocking = None;
+                    let mut stopping = self.stopping.clone();
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = stopping.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// The lists to pop from, in order: every queue's step-0 list first (round robin among
+    /// the queues), then step 3, and so on.
+    fn lists(&self) -> Vec<String> {
+        let mut queues = self.subscriptions.current();
+        if queues.is_empty() {
+            return Vec::new();
+        }
+        let start = self.rotation % queues.len();
+        queues.rotate_left(start);
+        kombu::PRIORITY_STEPS
+            .iter()
+            .flat_map(|&step| {
+                queues
+                    .iter()
+                    .map(move |queue| kombu::queue_key(queue, step))
+            })
+            .collect()
+    }
+
+    /// Declares the queues consumed (once per process) and pops up to `room` messages.
+    async fn declare_and_pop(
+        &self,
+        lists: &[String],
+        room: usize,
+    ) -> Result<Vec<(String, String, Vec<u8>)>, BrokerError> {
+        for queue in self.subscriptions.current() {
+            self.state.broker.declare(&queue).await?;
+        }
+        self.pop(lists, room).await
+    }
+
+    async fn pop(
+        &self,
+        lists: &[String],
+        room: usize,
+    ) -> Result<Vec<(String, String, Vec<u8>)>, BrokerError> {
+        let mut connection = self.state.broker.connection().await?;
+        let mut invocation = POP.prepare_invoke();
+        invocation
+            .key(UNACKED)
+            .key(UNACKED_INDEX)
+            .key(&self.state.held_key)
+            .key(UNTAGGED);
+        for list in lists {
+            invocation.key(list);
+        }
+        invocation
+            .arg(room)
+            .arg(now_secs())
+            .arg(self.untagged_prefix());
+        let flat: Vec<Vec<u8>> = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| redis_error("cannot fetch messages", e))?;
+        let mut fetched = Vec::with_capacity(flat.len() / 3);
+        let mut fields = flat.into_iter();
+        while let (Some(list), Some(tag), Some(payload)) =
+            (fields.next(), fields.next(), fields.next())
+        {
+            fetched.push((lossy(list), lossy(tag), payload));
+        }
+        Ok(fetched)
+    }
+
+    /// Waits for a message in `BRPOP`, at most [`IDLE_WAIT_SECS`]; records what it gets.
+    async fn wait(
+        &mut self,
+        lists: &[String],
+    ) -> Result<Vec<(String, String, Vec<u8>)>, BrokerError> {
+        if self.blocking.is_none() {
+            let config = ::redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                // Far beyond the wait: a reply given up on would be a message lost.
+                .set_response_timeout(Some(Duration::from_secs(IDLE_WAIT_SECS + 30)));
+            let connection = self
+                .state
+                .broker
+                .inner
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .map_err(|e| redis_error("cannot connect to Redis", e))?;
+            self.blocking = Some(connection);
+        }
+        let Some(connection) = self.blocking.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let popped: Option<(Vec<u8>, Vec<u8>)> = ::redis::cmd("BRPOP")
+            .arg(lists)
+            .arg(IDLE_WAIT_SECS)
+            .query_async(connection)
+            .await
+            .map_err(|e| redis_error("cannot wait for messages", e))?;
+        let Some((list, payload)) = popped else {
+            return Ok(Vec::new());
+        };
+        let list = lossy(list);
+        let tag = self.record(&payload).await;
+        Ok(vec![(list, tag, payload)])
+    }
+
+    /// Records a message `BRPOP` returned as unacknowledged, retrying for a few seconds
+    /// while Redis is unreachable. Returns its tag (a tag of its own when it cannot be
+    /// recorded: the message is still handed out, but a crash now would lose it).
+    async fn record(&self, payload: &[u8]) -> String {
+        let mut wait = Duration::from_millis(50);
+        for _ in 0..8 {
+            let recorded = async {
+                let mut connection = self.state.broker.connection().await?;
+                RECORD
+                    .key(UNACKED)
+                    .key(UNACKED_INDEX)
+                    .key(&self.state.held_key)
+                    .key(UNTAGGED)
+                    .arg(payload)
+                    .arg(now_secs())
+                    .arg(self.untagged_prefix())
+                    .invoke_async::<String>(&mut connection)
+                    .await
+                    .map_err(|e| redis_error("cannot record a delivered message", e))
+            };
+            match recorded.await {
+                Ok(tag) => return tag,
+                Err(error) => {
+                    tracing::warn!(
+                        error = &error as &dyn std::error::Error,
+                        "Redis broker: cannot record a delivered message yet"
+                    );
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+        tracing::error!(
+            "Redis broker: a delivered message could not be recorded as unacknowledged"
+        );
+        format!(
+            "{}unrecorded-{}",
+            self.untagged_prefix(),
+            uuid::Uuid::new_v4().simple()
+        )
+    }
+
+    fn untagged_prefix(&self) -> String {
+        format!("wasmq-{}-", self.state.id)
+    }
+
+    fn hand_out(&self, list: String, tag: String, payload: Vec<u8>) {
+        let number = self.state.next_number.fetch_add(1, Ordering::Relaxed);
+        let queue = kombu::queue_of_key(&list).to_owned();
+        let (envelope, delivery_count) = match kombu::decode(&payload) {
+            Some(received) => {
+                let count = received.delivery_count();
+                (received.envelope, count)
+            }
+            // Not a kombu message: handed on as it is, for the worker to refuse as
+            // malformed (a FAILURE where it can tell the id, and a dead letter).
+            None => (
+                Envelope {
+                    headers: serde_json::Map::new(),
+                    properties: crate::protocol::Properties::default(),
+                    body: payload.clone(),
+                },
+                1,
+            ),
+        };
+        self.state.held.lock().expect("held").insert(
+            number,
+            Held {
+                tag,
+                list,
+                payload,
+                delivery_count,
+            },
+        );
+        let settler: Arc<dyn Settle> = self.state.clone();
+        let delivery = Delivery::new(envelope, queue, delivery_count, number, settler);
+        if let Err(unsent) = self.sender.send(delivery) {
+            // The consumer is gone: give the message back at once.
+            let delivery = unsent.0;
+            tokio::spawn(async move {
+                let _ = delivery.release().await;
+            });
+        }
+    }
+}
+
+/// Unix seconds with a fraction, as kombu scores `unacked_index`.
+pub(super) fn now_secs() -> f64 {
+    crate::db::now_ms() as f64 / 1000.0
+}
+
+fn lossy(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
