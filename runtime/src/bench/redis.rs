@@ -2,19 +2,21 @@
 //! Python Celery on the same Redis, in one run, printed as a markdown table with the ratios
 //! against the goals (`redis_table.rs`).
 //!
-//! Rows: the raw ceiling — N messages of exactly what a Celery client LPUSHes for `add(2, 3)`
-//! (kombu's JSON envelope, `redis_ceiling.rs`), pushed pipelined, then drained by as many raw
-//! `BRPOP` consumers as the wasmq worker has slots, each doing kombu's bookkeeping (receipt,
-//! ack); wasmq's drain of N `math.add` published through its client (results off, and with
-//! Redis results) by an in-process worker; Celery's prefork (-c 2), threads (-c 8) and solo
-//! pools draining the same kombu messages; and sequential round trips with Redis results
-//! (raw, wasmq's `Client::call`, Celery solo).
+//! Rows: the raw ceiling — N messages of exactly what wasmq's client LPUSHes for
+//! `math.add(2, 3)` (kombu's JSON envelope, as a Celery client writes it; `redis_ceiling.rs`),
+//! pushed pipelined, then drained by as many raw `BRPOP` consumers as the wasmq worker has
+//! slots, each doing kombu's bookkeeping (receipt, then ack each, or acks of 100), and for
+//! reference by consumers taking 64 at a time (`RPOP` with a count); wasmq's drain of N
+//! `math.add` published through its client (results off, and with Redis results) by an
+//! in-process worker; Celery's prefork (-c 2), threads (-c 8) and solo pools draining the
+//! same kombu messages (of `tasks.add`); and sequential round trips with Redis results (raw,
+//! wasmq's `Client::call`, Celery solo).
 //!
 //! Everything runs in one Redis database (`redis://127.0.0.1:6379/14` by default), the broker
 //! and the result backend alike, with a queue of its own per measurement; whatever the run
-//! made there is deleted at the end, also when a row failed (`redis_db.rs`). Until
-//! `broker::connect` knows `redis://`, the wasmq rows say why they are missing and the
-//! command fails after printing the rest.
+//! made there is deleted at the end, also when a row failed (`redis_db.rs`). When the wasmq
+//! rows cannot be measured (a broker that cannot be opened, a drain that fails), they say
+//! why and the command fails after printing the rest.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -34,6 +36,12 @@ use crate::worker::WorkerOptions;
 
 /// The default of `--broker`: a database of its own on the local Redis.
 pub(crate) const LOCAL_REDIS: &str = "redis://127.0.0.1:6379/14";
+
+/// Messages the batch-popping raw consumer takes at once: wasmq's prefetch a slot.
+const RAW_POP: usize = 64;
+
+/// Tasks of the wasmq warm-up drain before the measured ones.
+const WARM_UP: usize = 1_000;
 
 /// What `wasmq bench redis` is asked to do.
 #[derive(Debug, Clone)]
@@ -174,24 +182,26 @@ async fn measure_ceiling(
 ) -> anyhow::Result<Ceiling> {
     let n = plan.tasks;
     let client = db.client();
-    let drain = |ack_every: usize| async move {
+    let drain = |pop: usize, ack_every: usize| async move {
         let queue = queue_name("raw");
         let messages = task_messages("math.add", &queue, n);
         let message_bytes = messages.first().map_or(0, Vec::len);
         let pushed = push(client, &queue, &messages).await?;
         drop(messages);
-        let drained = raw_drain(client, &queue, n, plan.consumers, ack_every).await?;
+        let drained = raw_drain(client, &queue, n, plan.consumers, pop, ack_every).await;
         db.drop_queue(&queue).await?;
         anyhow::Ok((
             n as f64 / pushed.as_secs_f64(),
-            n as f64 / drained.as_secs_f64().max(1e-9),
+            n as f64 / drained?.as_secs_f64().max(1e-9),
             message_bytes,
         ))
     };
     progress.step("raw push, then BRPOP drain, ack each");
-    let (push_rate, each, message_bytes) = drain(1).await?;
+    let (push_rate, each, message_bytes) = drain(1, 1).await?;
     progress.step("raw push, then BRPOP drain, acks of 100");
-    let (_, batched, _) = drain(100).await?;
+    let (_, batched, _) = drain(1, 100).await?;
+    progress.step("raw push, then RPOP-64 drain, acks of each 64");
+    let (_, popped, _) = drain(RAW_POP, RAW_POP).await?;
     progress.step("raw Redis round trips");
     let queue = queue_name("raw-rtt");
     let messages = task_messages("math.add", &queue, plan.round_trips + 1);
@@ -202,6 +212,7 @@ async fn measure_ceiling(
         push: push_rate,
         each,
         batched,
+        popped,
         rtt: p50_p95_p99(&rtt?),
     })
 }
@@ -209,6 +220,10 @@ async fn measure_ceiling(
 /// wasmq's drains (results off, Redis results) and its round trips.
 async fn measure_wasmq(h: &Harness, plan: &Plan, progress: &Progress) -> anyhow::Result<WasmqRows> {
     let n = plan.tasks;
+    // The first drain of a run pays for what the worker sets up once (sandbox instances,
+    // the broker's scripts and connections); a short drain takes that off the measured ones.
+    progress.step("wasmq warm-up drain (not counted)");
+    h.wasmq_drain("math.add", WARM_UP, add_args, None).await?;
     progress.step("wasmq drain, results off");
     let off = h.wasmq_drain("math.add", n, add_args, None).await?;
     progress.step("wasmq drain, Redis results");
@@ -223,7 +238,8 @@ async fn measure_wasmq(h: &Harness, plan: &Plan, progress: &Progress) -> anyhow:
         off,
         redis,
         rtt,
-        cpu_per_task: h.cpu_per_task(),
+        // The warm-up's is the first.
+        cpu_per_task: h.cpu_per_task().split_off(1),
     })
 }
 

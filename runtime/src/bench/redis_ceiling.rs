@@ -4,13 +4,15 @@
 //! delivery tag, no work.
 //!
 //! The wire format is kombu's Redis transport (`kombu/transport/redis.py` and
-//! `transport/virtual/base.py`, as Celery 5.x writes it): a list per queue, producers
+//! `transport/virtual/base.py`, as Celery 5.x writes it; the messages are built by wasmq's
+//! own encoder, `broker::redis::kombu`, byte for byte what wasmq LPUSHes): a list per queue, producers
 //! `LPUSH` one JSON object per message — `body` (the Celery v2 body, base64), its content
 //! type and encoding, the task `headers`, and `properties` with the delivery info and a
 //! `delivery_tag` of its own — and consumers `BRPOP`. A consumer must keep what it took
 //! until it acks (kombu's `QoS`): on receipt `ZADD unacked_index tag now` and
 //! `HSET unacked tag [message, exchange, routing_key]` in one pipeline, on ack `ZREM` and
-//! `HDEL` in another. The raw consumer does exactly that.
+//! `HDEL` in another. The raw consumer does exactly that; a second variant takes up to 64
+//! messages at a time (`RPOP` with a count), as wasmq's consumer pops a batch in one script.
 //!
 //! Like `ceiling.rs` for lapin, this file and `redis_db.rs` use the redis crate directly on
 //! purpose: they measure Redis without wasmq, so they must not go through wasmq's broker.
@@ -22,10 +24,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
 use redis::aio::MultiplexedConnection;
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde::Deserialize;
+use serde_json::{Map, json};
 
-use crate::protocol::{Envelope, SendOptions, TaskMessage};
+use crate::broker::redis::kombu;
+use crate::protocol::{SendOptions, TaskMessage};
 
 /// kombu's hash of the messages taken and not yet acked (`unacked_key`), by delivery tag.
 pub(super) const UNACKED: &str = "unacked";
@@ -35,9 +38,10 @@ pub(super) const UNACKED_INDEX: &str = "unacked_index";
 /// Messages per pipeline when pushing a backlog.
 const PUSH_PIPELINE: usize = 1_000;
 
-/// `n` messages of `task(2, 3)` (results off) for `queue` as kombu LPUSHes them: each its own
-/// task id and delivery tag, the headers and body wasmq's client builds (Celery's protocol
-/// 2, the same fields Python's `apply_async` writes).
+/// `n` messages of `task(2, 3)` (results off) for `queue`, exactly as wasmq's client and
+/// Redis broker LPUSH them (`broker::redis::kombu::encode`, Celery's protocol 2 in kombu's
+/// envelope, the fields Python's `apply_async` writes): each its own task id and delivery
+/// tag.
 pub(super) fn task_messages(task: &str, queue: &str, n: usize) -> Vec<Vec<u8>> {
     let origin = format!(
         "gen{}@{}",
@@ -56,84 +60,9 @@ pub(super) fn task_messages(task: &str, queue: &str, n: usize) -> Vec<Vec<u8>> {
                 },
             );
             message.origin = Some(origin.clone());
-            let tag = uuid::Uuid::new_v4().to_string();
-            kombu_json(&message.encode(), queue, &tag)
+            kombu::encode(&message.encode(), "", queue).into_bytes()
         })
         .collect()
-}
-
-/// The JSON kombu LPUSHes for `envelope` published to `queue` through the default exchange.
-pub(super) fn kombu_json(envelope: &Envelope, queue: &str, delivery_tag: &str) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct Message<'a> {
-        body: String,
-        #[serde(rename = "content-encoding")]
-        content_encoding: &'a str,
-        #[serde(rename = "content-type")]
-        content_type: &'a str,
-        headers: &'a Map<String, Value>,
-        properties: Properties<'a>,
-    }
-    #[derive(Serialize)]
-    struct Properties<'a> {
-        correlation_id: &'a str,
-        reply_to: &'a str,
-        delivery_mode: u8,
-        delivery_info: DeliveryInfo<'a>,
-        priority: u8,
-        body_encoding: &'a str,
-        delivery_tag: &'a str,
-    }
-    #[derive(Serialize)]
-    struct DeliveryInfo<'a> {
-        exchange: &'a str,
-        routing_key: &'a str,
-    }
-    let properties = &envelope.properties;
-    let message = Message {
-        body: base64(&envelope.body),
-        content_encoding: properties.content_encoding.as_deref().unwrap_or("utf-8"),
-        content_type: properties
-            .content_type
-            .as_deref()
-            .unwrap_or("application/json"),
-        headers: &envelope.headers,
-        properties: Properties {
-            correlation_id: properties.correlation_id.as_deref().unwrap_or_default(),
-            reply_to: properties.reply_to.as_deref().unwrap_or_default(),
-            delivery_mode: properties.delivery_mode.unwrap_or(2),
-            delivery_info: DeliveryInfo {
-                exchange: "",
-                routing_key: queue,
-            },
-            priority: properties.priority.unwrap_or(0),
-            body_encoding: "base64",
-            delivery_tag,
-        },
-    };
-    serde_json::to_vec(&message).expect("a kombu message always serializes")
-}
-
-/// Standard base64 with padding (RFC 4648 §4), as kombu encodes bodies.
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// The delivery tag of a kombu message: the one field a consumer must read to ack it.
@@ -211,9 +140,11 @@ fn ack(pipe: &mut redis::Pipeline, tags: &[String]) {
 }
 
 /// `consumers` raw consumers, each on a connection of its own, drain `n` queued messages
-/// from `queue`: `BRPOP`, then the receipt pipeline, then the ack pipeline — for each
-/// message (`ack_every` 1), or for every `ack_every`-th with the tags gathered since.
-/// Returns the drain time, from the first message taken to the last ack.
+/// from `queue`. With `pop` 1 each takes one message at a time with `BRPOP`, as kombu does;
+/// with more it takes up to `pop` at once with `RPOP queue pop` (falling back to `BRPOP`
+/// when the list is empty). What it took is recorded in one receipt pipeline, and acked in
+/// one pipeline once `ack_every` tags are gathered (or the drain is done). Returns the drain
+/// time, from the first message taken to the last ack.
 ///
 /// # Errors
 /// When Redis cannot be reached or a message has no delivery tag.
@@ -222,77 +153,125 @@ pub(super) async fn raw_drain(
     queue: &str,
     n: usize,
     consumers: usize,
+    pop: usize,
     ack_every: usize,
 ) -> anyhow::Result<Duration> {
-    let taken = Arc::new(AtomicUsize::new(0));
-    let acked = Arc::new(AtomicUsize::new(0));
-    let started: Arc<OnceLock<Instant>> = Arc::default();
-    let finished: Arc<OnceLock<Instant>> = Arc::default();
+    let shared = Arc::new(Drain {
+        queue: queue.to_owned(),
+        n,
+        pop,
+        ack_every,
+        taken: AtomicUsize::new(0),
+        acked: AtomicUsize::new(0),
+        started: OnceLock::new(),
+        finished: OnceLock::new(),
+    });
     let mut tasks = Vec::new();
     for _ in 0..consumers.max(1) {
-        let mut connection = connection(client).await?;
-        let (queue, taken, acked) = (queue.to_owned(), Arc::clone(&taken), Arc::clone(&acked));
-        let (started, finished) = (Arc::clone(&started), Arc::clone(&finished));
-        tasks.push(tokio::spawn(async move {
-            let mut unacked: Vec<String> = Vec::with_capacity(ack_every);
-            let give_up = Instant::now() + Duration::from_secs(120);
-            while taken.load(Ordering::Relaxed) < n {
-                anyhow::ensure!(
-                    Instant::now() < give_up,
-                    "the raw drain took over 2 minutes"
-                );
-                let popped: Option<(String, Vec<u8>)> = redis::cmd("BRPOP")
-                    .arg(&queue)
-                    .arg(0.1)
-                    .query_async(&mut connection)
-                    .await
-                    .context("BRPOP")?;
-                let Some((_, message)) = popped else {
-                    continue;
-                };
-                started.get_or_init(Instant::now);
-                taken.fetch_add(1, Ordering::Relaxed);
-                let tag = delivery_tag(&message)?;
-                let mut pipe = redis::pipe();
-                receipt(&mut pipe, &tag, &message, &queue);
-                pipe.query_async::<()>(&mut connection)
-                    .await
-                    .context("the receipt")?;
-                unacked.push(tag);
-                if unacked.len() >= ack_every || taken.load(Ordering::Relaxed) >= n {
-                    let mut pipe = redis::pipe();
-                    ack(&mut pipe, &unacked);
-                    pipe.query_async::<()>(&mut connection)
-                        .await
-                        .context("the ack")?;
-                    let count = unacked.len();
-                    unacked.clear();
-                    if acked.fetch_add(count, Ordering::Relaxed) + count >= n {
-                        finished.get_or_init(Instant::now);
-                    }
-                }
-            }
-            if !unacked.is_empty() {
-                let mut pipe = redis::pipe();
-                ack(&mut pipe, &unacked);
-                pipe.query_async::<()>(&mut connection)
-                    .await
-                    .context("the ack")?;
-                let count = unacked.len();
-                if acked.fetch_add(count, Ordering::Relaxed) + count >= n {
-                    finished.get_or_init(Instant::now);
-                }
-            }
-            anyhow::Ok(())
-        }));
+        let connection = connection(client).await?;
+        tasks.push(tokio::spawn(Arc::clone(&shared).consume(connection)));
     }
     for task in tasks {
         task.await??;
     }
-    Ok(match (started.get(), finished.get()) {
+    Ok(match (shared.started.get(), shared.finished.get()) {
         (Some(started), Some(finished)) => finished.duration_since(*started),
         _ => Duration::ZERO,
     })
+}
+
+/// One raw drain, shared by its consumers.
+struct Drain {
+    queue: String,
+    n: usize,
+    pop: usize,
+    ack_every: usize,
+    /// Messages taken so far, by every consumer.
+    taken: AtomicUsize,
+    /// Messages acked so far.
+    acked: AtomicUsize,
+    /// When the first message was taken.
+    started: OnceLock<Instant>,
+    /// When the last was acked.
+    finished: OnceLock<Instant>,
+}
+
+impl Drain {
+    /// One consumer's loop, until every message was taken; acks what it still holds.
+    async fn consume(self: Arc<Self>, mut connection: MultiplexedConnection) -> anyhow::Result<()> {
+        let mut unacked: Vec<String> = Vec::with_capacity(self.ack_every.max(self.pop));
+        let give_up = Instant::now() + Duration::from_secs(120);
+        while self.taken.load(Ordering::Relaxed) < self.n {
+            anyhow::ensure!(
+                Instant::now() < give_up,
+                "the raw drain took over 2 minutes"
+            );
+            let messages = self.take(&mut connection).await?;
+            if messages.is_empty() {
+                continue;
+            }
+            self.started.get_or_init(Instant::now);
+            self.taken.fetch_add(messages.len(), Ordering::Relaxed);
+            let mut pipe = redis::pipe();
+            for message in &messages {
+                let tag = delivery_tag(message)?;
+                receipt(&mut pipe, &tag, message, &self.queue);
+                unacked.push(tag);
+            }
+            pipe.query_async::<()>(&mut connection)
+                .await
+                .context("the receipt")?;
+            if unacked.len() >= self.ack_every || self.taken.load(Ordering::Relaxed) >= self.n {
+                self.ack(&mut connection, &mut unacked).await?;
+            }
+        }
+        self.ack(&mut connection, &mut unacked).await
+    }
+
+    /// Up to `pop` messages: `BRPOP` (0.1 s) for one, else `RPOP` with a count, then
+    /// `BRPOP` when the list is empty.
+    async fn take(&self, connection: &mut MultiplexedConnection) -> anyhow::Result<Vec<Vec<u8>>> {
+        if self.pop > 1 {
+            let popped: Option<Vec<Vec<u8>>> = redis::cmd("RPOP")
+                .arg(&self.queue)
+                .arg(self.pop)
+                .query_async(connection)
+                .await
+                .context("RPOP")?;
+            if let Some(messages) = popped.filter(|m| !m.is_empty()) {
+                return Ok(messages);
+            }
+        }
+        let popped: Option<(String, Vec<u8>)> = redis::cmd("BRPOP")
+            .arg(&self.queue)
+            .arg(0.1)
+            .query_async(connection)
+            .await
+            .context("BRPOP")?;
+        Ok(popped.map(|(_, message)| vec![message]).unwrap_or_default())
+    }
+
+    /// Acks the tags gathered, in one pipeline, and notes when the last was acked.
+    async fn ack(
+        &self,
+        connection: &mut MultiplexedConnection,
+        unacked: &mut Vec<String>,
+    ) -> anyhow::Result<()> {
+        if unacked.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        ack(&mut pipe, unacked);
+        pipe.query_async::<()>(connection)
+            .await
+            .context("the ack")?;
+        let count = unacked.len();
+        unacked.clear();
+        if self.acked.fetch_add(count, Ordering::Relaxed) + count >= self.n {
+            self.finished.get_or_init(Instant::now);
+        }
+        Ok(())
+    }
 }
 
 /// The raw Redis round trip with a Redis result: the asker LPUSHes a message and waits on a
@@ -391,33 +370,19 @@ async fn answer(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use serde_json::Value;
 
-    #[test]
-    fn base64_is_rfc_4648() {
-        for (plain, encoded) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(plain.as_bytes()), encoded);
-        }
-        assert_eq!(base64(&[0xfb, 0xff, 0xfe]), "+//+");
-    }
+    use super::*;
 
     #[test]
     fn messages_are_kombu_s_json() {
         let messages = task_messages("math.add", "q1", 2);
         assert_eq!(messages.len(), 2);
         let message: Value = serde_json::from_slice(&messages[0]).unwrap();
-        // The body decodes to Celery's protocol-2 body, as Python's apply_async writes it.
+        // The body is Celery's protocol-2 body, as Python's apply_async writes it, in base64.
         assert_eq!(
             message["body"],
-            base64(br#"[[2,3],{},{"callbacks":null,"errbacks":null,"chain":null,"chord":null}]"#)
+            "W1syLDNdLHt9LHsiY2FsbGJhY2tzIjpudWxsLCJlcnJiYWNrcyI6bnVsbCwiY2hhaW4iOm51bGwsImNob3JkIjpudWxsfV0="
         );
         assert_eq!(message["content-encoding"], "utf-8");
         assert_eq!(message["content-type"], "application/json");
