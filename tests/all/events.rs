@@ -118,93 +118,107 @@ fn celery_events_dump_shows_a_wasmq_worker_and_its_tasks() {
     let _shared = RABBITMQ
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    runtime().block_on(async {
-        let setup = Setup::rabbitmq("events-dump", AmqpOptions::default());
-        let node = format!("wasmq-events@{}", setup.queue);
-        let dump = Monitor::start(
-            Command::new(python())
-                .args(["-m", "celery", "-b", KOMBU_AMQP_URL, "events", "--dump"])
-                .current_dir(std::env::temp_dir()),
-        );
-        assert!(
-            dump.wait_for("starting capture", Duration::from_secs(30))
-                .await,
-            "celery events did not start: {:#?}",
-            dump.output()
-        );
-        until_listening(&setup.broker, &dump).await;
-        let worker = setup
-            .start(WorkerOptions {
-                task_events: true,
-                ..setup.options(&node)
-            })
-            .await;
-        let add = setup
-            .send("math.add", json!([2, 3]), SendOptions::default())
-            .await;
-        let div = setup
-            .send("math.div", json!([1, 0]), SendOptions::default())
-            .await;
-        assert_eq!(add.get(Duration::from_secs(30)).await.unwrap(), json!(5));
-        assert!(div.get(Duration::from_secs(30)).await.is_err());
-        let failed_line = format!("task failed: math.div({})", div.id);
-        assert!(
-            dump.wait_for(&failed_line, Duration::from_secs(10)).await,
-            "no task-failed event for {}: {:#?}",
-            div.id,
-            dump.output()
-        );
-        worker.stop().await;
-        assert!(
-            dump.wait_for_line(
-                &[&format!("{node} ["), "] shutdown:"],
-                Duration::from_secs(10)
-            )
+    runtime().block_on(events_dump(
+        Setup::rabbitmq("events-dump", AmqpOptions::default()),
+        KOMBU_AMQP_URL,
+    ));
+}
+
+#[test]
+fn celery_events_dump_shows_a_wasmq_worker_and_its_tasks_on_redis() {
+    runtime().block_on(events_dump(
+        Setup::redis("redis-events-dump"),
+        "redis://127.0.0.1:6379/5",
+    ));
+}
+
+/// `celery events --dump` on `broker_url` (kombu's spelling of `setup`'s broker) shows a
+/// wasmq worker coming and going and its tasks' events as Celery formats them.
+async fn events_dump(setup: Setup, broker_url: &str) {
+    let node = format!("wasmq-events@{}", setup.queue);
+    let dump = Monitor::start(
+        Command::new(python())
+            .args(["-m", "celery", "-b", broker_url, "events", "--dump"])
+            .current_dir(std::env::temp_dir()),
+    );
+    assert!(
+        dump.wait_for("starting capture", Duration::from_secs(30))
             .await,
-            "no worker-offline event: {:#?}",
-            dump.output()
-        );
-        let lines = dump.output();
-        let mine: Vec<&String> = lines
-            .iter()
-            .filter(|line| line.starts_with(&format!("{node} [")))
-            .collect();
-        let has = |needles: &[&str]| {
-            mine.iter()
-                .any(|line| needles.iter().all(|needle| line.contains(needle)))
-        };
-        assert!(
-            has(&["] started:", "sw_ident=wasmq", "freq=2.0", "active=0"]),
-            "no worker-online: {mine:#?}"
-        );
-        assert!(
-            has(&[&format!(
-                "task received: math.add({}) args=(2, 3) kwargs={{}}",
-                add.id
-            )]),
-            "no task-received for math.add: {mine:#?}"
-        );
-        assert!(
-            has(&[
-                &format!("task succeeded: math.add({})", add.id),
-                "result=5",
-                "runtime="
-            ]),
-            "no task-succeeded with result and runtime: {mine:#?}"
-        );
-        assert!(
-            has(&[
-                &failed_line,
-                "exception=ZeroDivisionError('division by zero')"
-            ]),
-            "no task-failed with Celery's exception text: {mine:#?}"
-        );
-        assert!(
-            has(&["] shutdown:", "sw_ident=wasmq"]),
-            "no worker-offline: {mine:#?}"
-        );
-        setup.cleanup().await;
-    });
+        "celery events did not start: {:#?}",
+        dump.output()
+    );
+    until_listening(&setup.broker, &dump).await;
+    let worker = setup
+        .start(WorkerOptions {
+            task_events: true,
+            ..setup.options(&node)
+        })
+        .await;
+    let add = setup
+        .send("math.add", json!([2, 3]), SendOptions::default())
+        .await;
+    let div = setup
+        .send("math.div", json!([1, 0]), SendOptions::default())
+        .await;
+    assert_eq!(add.get(Duration::from_secs(30)).await.unwrap(), json!(5));
+    assert!(div.get(Duration::from_secs(30)).await.is_err());
+    let failed_line = format!("task failed: math.div({})", div.id);
+    assert!(
+        dump.wait_for(&failed_line, Duration::from_secs(10)).await,
+        "no task-failed event for {}: {:#?}",
+        div.id,
+        dump.output()
+    );
+    worker.stop().await;
+    assert!(
+        dump.wait_for_line(
+            &[&format!("{node} ["), "] shutdown:"],
+            Duration::from_secs(10)
+        )
+        .await,
+        "no worker-offline event: {:#?}",
+        dump.output()
+    );
+    let lines = dump.output();
+    let mine: Vec<&String> = lines
+        .iter()
+        .filter(|line| line.starts_with(&format!("{node} [")))
+        .collect();
+    let has = |needles: &[&str]| {
+        mine.iter()
+            .any(|line| needles.iter().all(|needle| line.contains(needle)))
+    };
+    assert!(
+        has(&["] started:", "sw_ident=wasmq", "freq=2.0", "active=0"]),
+        "no worker-online: {mine:#?}"
+    );
+    assert!(
+        has(&[&format!(
+            "task received: math.add({}) args=(2, 3) kwargs={{}}",
+            add.id
+        )]),
+        "no task-received for math.add: {mine:#?}"
+    );
+    assert!(
+        has(&[
+            &format!("task succeeded: math.add({})", add.id),
+            "result=5",
+            "runtime="
+        ]),
+        "no task-succeeded with result and runtime: {mine:#?}"
+    );
+    assert!(
+        has(&[
+            &failed_line,
+            "exception=ZeroDivisionError('division by zero')"
+        ]),
+        "no task-failed with Celery's exception text: {mine:#?}"
+    );
+    assert!(
+        has(&["] shutdown:", "sw_ident=wasmq"]),
+        "no worker-offline: {mine:#?}"
+    );
+    setup.cleanup().await;
 }
 
 #[test]

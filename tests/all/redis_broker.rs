@@ -26,17 +26,26 @@ const BROKER: &str = "redis://127.0.0.1:6379/5";
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn broker_with(options: RedisBrokerOptions) -> Arc<RedisBroker> {
-    Arc::new(RedisBroker::new(BROKER, options).unwrap())
+/// A database of its own for the test whose visibility timeout is 2 s: that timeout would
+/// put back the messages of the other tests' workers whenever a heartbeat runs late.
+const SHORT_VISIBILITY_BROKER: &str = "redis://127.0.0.1:6379/6";
+
+fn broker_with(url: &str, options: RedisBrokerOptions) -> Arc<RedisBroker> {
+    Arc::new(RedisBroker::new(url, options).unwrap())
 }
 
 fn broker() -> Arc<RedisBroker> {
-    broker_with(RedisBrokerOptions::default())
+    broker_with(BROKER, RedisBrokerOptions::default())
 }
 
 fn client(queue: &str) -> Client {
-    let results = wasmq::results::connect(REDIS_URL, Duration::from_secs(3600), BROKER).unwrap();
-    Client::new(broker(), results).with_default_queue(queue.to_owned())
+    client_on(BROKER, queue)
+}
+
+fn client_on(url: &str, queue: &str) -> Client {
+    let results = wasmq::results::connect(REDIS_URL, Duration::from_secs(3600), url).unwrap();
+    Client::new(broker_with(url, RedisBrokerOptions::default()), results)
+        .with_default_queue(queue.to_owned())
 }
 
 /// A wasmq worker in this process consuming `queue` on the Redis broker.
@@ -159,6 +168,26 @@ fn python_celery_clients_calls_canvas_and_revokes_are_served_by_a_wasmq_worker_o
         );
         assert_eq!(report["after"], json!({"ok": 4}), "{report:#}");
 
+        // Celery's inspect: a pidbox broadcast, answered into the client's reply list.
+        let script = "import os, json\nfrom celery import Celery\napp = Celery('c', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])\ni = app.control.inspect(destination=[os.environ['NODE']], timeout=5)\nprint(json.dumps({'ping': i.ping(), 'active_queues': i.active_queues()}))\n";
+        let node = format!("wasmq-test@{queue}");
+        let output = Command::new(python())
+            .args(["-c", script])
+            .env("BROKER", BROKER)
+            .env("BACKEND", REDIS_URL)
+            .env("NODE", &node)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        let inspected: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(inspected["ping"][&node], json!({"ok": "pong"}), "{inspected:#}");
+        assert_eq!(
+            inspected["active_queues"][&node][0]["name"],
+            json!(queue),
+            "{inspected:#}"
+        );
+
         // 300 tasks at once from Python, all answered.
         let script = "import os, json\nfrom celery import Celery\napp = Celery('c', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])\nsent = [app.send_task('math.add', (i, i), queue=os.environ['QUEUE']) for i in range(300)]\nprint(json.dumps([r.get(timeout=60) for r in sent]))\n";
         let output = Command::new(python())
@@ -182,16 +211,18 @@ fn python_celery_clients_calls_canvas_and_revokes_are_served_by_a_wasmq_worker_o
             wasmq::results::connect(REDIS_URL, Duration::from_secs(3600), BROKER).unwrap();
         let meta = results.wait(&id, WAIT).await.unwrap();
         assert_eq!(meta.exception().unwrap().exc_type, "DecodeError");
+        // (The unknown task client.py sent is dead-lettered too.)
         let deadline = Instant::now() + WAIT;
         let dead = loop {
             let dead = broker().dead_letters(&queue, 10).await.unwrap();
-            if !dead.is_empty() || Instant::now() > deadline {
-                break dead;
+            if let Some(poison) = dead.iter().find(|d| d.task_id.as_deref() == Some(id.as_str())) {
+                break poison.clone();
             }
+            assert!(Instant::now() < deadline, "no dead letter for {id}: {dead:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        assert_eq!(dead.len(), 1);
-        assert!(dead[0].reason.starts_with("malformed message: "), "{}", dead[0].reason);
+        assert!(dead.reason.starts_with("malformed message: "), "{}", dead.reason);
+        assert_eq!(dead.envelope.body, b"[[2, 5], {}]");
         worker.stop().await;
         broker().delete_queue(&queue).await.unwrap();
         assert!(keys_of(&queue).await.is_empty());
@@ -293,8 +324,9 @@ fn a_countdown_longer_than_the_visibility_timeout_runs_once() {
             heartbeat: Duration::from_millis(400),
             ..RedisBrokerOptions::default()
         };
-        let worker = start_worker(&queue, broker_with(short), 2).await;
-        let client = client(&queue);
+        let broker = broker_with(SHORT_VISIBILITY_BROKER, short);
+        let worker = start_worker(&queue, broker.clone(), 2).await;
+        let client = client_on(SHORT_VISIBILITY_BROKER, &queue);
         let sent_at = Instant::now();
         let ours = client
             .send_task(
@@ -312,7 +344,7 @@ fn a_countdown_longer_than_the_visibility_timeout_runs_once() {
         let script = "import os, sys\nfrom celery import Celery\napp = Celery('c', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])\nprint(app.send_task('math.add', (3, 4), queue=os.environ['QUEUE'], countdown=10).id)\n";
         let output = Command::new(python())
             .args(["-c", script])
-            .env("BROKER", BROKER)
+            .env("BROKER", SHORT_VISIBILITY_BROKER)
             .env("BACKEND", REDIS_URL)
             .env("QUEUE", &queue)
             .stderr(Stdio::inherit())
@@ -328,8 +360,8 @@ fn a_countdown_longer_than_the_visibility_timeout_runs_once() {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let stats = worker.stop().await;
         assert_eq!(stats.succeeded.load(std::sync::atomic::Ordering::Relaxed), 2, "each ran once");
-        assert_eq!(broker().queue_length(&queue).await.unwrap(), 0);
-        broker().delete_queue(&queue).await.unwrap();
+        assert_eq!(broker.queue_length(&queue).await.unwrap(), 0);
+        broker.delete_queue(&queue).await.unwrap();
     });
 }
 
@@ -565,4 +597,75 @@ fn kombus_layout_priorities_dead_letters_malformed_messages_and_broadcasts() {
         broker.delete_queue(&queue).await.unwrap();
         assert!(keys_of(&queue).await.is_empty());
     });
+}
+
+/// Readiness reflects actual consumption on Redis too: a worker whose Redis is unreachable
+/// stays up, retries and reports "not consuming"; one on a live Redis reports consuming.
+#[test]
+fn a_worker_reports_whether_it_is_consuming_from_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    let queue = unique_queue("redis-status");
+    let start = |broker: &str, file: &std::path::Path| {
+        crate::processes::wasmq(dir.path())
+            .args([
+                "worker",
+                "--broker",
+                broker,
+                "--result-backend",
+                REDIS_URL,
+                "-Q",
+                &queue,
+            ])
+            .arg("--plugins")
+            .arg(&plugins)
+            .arg("--status-file")
+            .arg(file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let status = |file: &std::path::Path| {
+        let output = crate::processes::wasmq(dir.path())
+            .args(["status", "--status-file"])
+            .arg(file)
+            .output()
+            .unwrap();
+        (
+            output.status.code().unwrap(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let wait_for = |file: &std::path::Path, code: i32| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (actual, stderr) = status(file);
+            if actual == code && file.exists() {
+                return stderr;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "status stayed {actual}: {stderr}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let down = dir.path().join("down.json");
+    let mut unreachable = start("redis://127.0.0.1:1/0", &down);
+    let stderr = wait_for(&down, 1);
+    assert!(stderr.contains("not consuming"), "{stderr}");
+    assert!(
+        unreachable.try_wait().unwrap().is_none(),
+        "it stays up and retries"
+    );
+    let up = dir.path().join("up.json");
+    let mut healthy = start(BROKER, &up);
+    wait_for(&up, 0);
+    assert_eq!(status(&down).0, 1, "still not consuming");
+    for child in [&mut unreachable, &mut healthy] {
+        crate::processes::signal(child, "-TERM");
+        let _ = child.wait();
+    }
+    runtime().block_on(async { broker().delete_queue(&queue).await.unwrap() });
 }

@@ -266,3 +266,12 @@ fn request_fields_retries_with_new_arguments_and_requeues_on_rabbitmq() {
         setup.cleanup().await;
     });
 }
+
+#[test]
+fn request_fields_retries_with_new_arguments_and_requeues_on_redis() {
+    runtime().block_on(async {
+        let setup = Setup::redis("redis-request");
+        what_a_task_knows_and_asks(&setup).await;
+        setup.cleanup().await;
+    });
+}

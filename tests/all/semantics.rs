@@ -1,4 +1,4 @@
-//! Celery's task semantics on both brokers: automatic retries with backoff, rate limits,
+//! Celery's task semantics on every broker (embedded, RabbitMQ, Redis): automatic retries with backoff, rate limits,
 //! revoke (with terminate, and across restarts), poison-message protection, routes and
 //! priorities. Every RabbitMQ test uses queues of its own and deletes them.
 
@@ -50,6 +50,24 @@ impl Setup {
         let broker: Arc<dyn Broker> = Arc::new(AmqpBroker::with_options(AMQP_URL, amqp).unwrap());
         let backend =
             wasmq::results::connect(REDIS_URL, Duration::from_secs(600), AMQP_URL).unwrap();
+        let queue = unique_queue(prefix);
+        let client = Client::new(broker.clone(), backend.clone()).with_default_queue(&queue);
+        Self {
+            broker,
+            backend,
+            client,
+            queue,
+            nodes: std::sync::Mutex::default(),
+            _embedded: None,
+        }
+    }
+
+    /// The Redis broker (database 5, as `redis_broker.rs`) with Redis results, on a queue of
+    /// its own.
+    pub(crate) fn redis(prefix: &str) -> Self {
+        const BROKER: &str = "redis://127.0.0.1:6379/5";
+        let broker = wasmq::broker::connect(BROKER).unwrap();
+        let backend = wasmq::results::connect(REDIS_URL, Duration::from_secs(600), BROKER).unwrap();
         let queue = unique_queue(prefix);
         let client = Client::new(broker.clone(), backend.clone()).with_default_queue(&queue);
         Self {
@@ -814,6 +832,42 @@ fn a_python_celery_client_revokes_and_terminates_tasks_on_wasmq_workers() {
         );
         assert_eq!(report["after"], json!({"ok": 4}), "{report:#}");
         worker.stop().await;
+        setup.cleanup().await;
+    });
+}
+
+#[test]
+fn automatic_retries_back_off_exponentially_on_redis() {
+    runtime().block_on(async {
+        let setup = Setup::redis("redis-autoretry");
+        autoretry(&setup).await;
+        setup.cleanup().await;
+    });
+}
+
+#[test]
+fn rate_limits_space_runs_without_blocking_other_tasks_on_redis() {
+    runtime().block_on(async {
+        let setup = Setup::redis("redis-rate");
+        rate_limit(&setup).await;
+        setup.cleanup().await;
+    });
+}
+
+#[test]
+fn poison_messages_are_dead_lettered_after_max_deliveries_on_redis() {
+    runtime().block_on(async {
+        let setup = Setup::redis("redis-poison");
+        poison(&setup).await;
+        setup.cleanup().await;
+    });
+}
+
+#[test]
+fn revoke_refuses_and_terminates_tasks_across_restarts_on_redis() {
+    runtime().block_on(async {
+        let setup = Setup::redis("redis-revoke");
+        revoke(&setup, &format!("revoke-redis@{}", setup.queue)).await;
         setup.cleanup().await;
     });
 }

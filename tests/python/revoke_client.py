@@ -34,7 +34,17 @@ report["revoked"] = outcome(app.send_task("math.add", (1, 2), task_id=task_id, q
 
 # Revoked with terminate while it runs: interrupted at once.
 running = app.send_task("math.sleep", (20,), queue=queue)
-time.sleep(1.0)
+
+
+def is_running(task_id):
+    replies = app.control.inspect(timeout=1.0).active() or {}
+    return any(task.get("id") == task_id for tasks in replies.values() for task in tasks)
+
+
+# Wait until a worker reports it running (a loaded machine can take more than a second).
+deadline = time.monotonic() + 20
+while not is_running(running.id) and time.monotonic() < deadline:
+    time.sleep(0.2)
 started = time.monotonic()
 running.revoke(terminate=True)
 report["terminated"] = outcome(running)

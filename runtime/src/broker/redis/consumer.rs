@@ -24,8 +24,9 @@ use crate::broker::{BrokerError, Consumer, Delivery, PrefetchLimit, Settle, Subs
 use crate::protocol::Envelope;
 
 /// Records one popped message as unacknowledged; the shared part of [`POP`] and [`RECORD`].
-/// KEYS: unacked, unacked_index, held set, counter of untagged messages. ARGV[2]: now (Unix
-/// seconds), ARGV[3]: the prefix of tags given to messages that carry none.
+/// KEYS: unacked, unacked_index, held set, counter of untagged messages, owners. ARGV[2]:
+/// now (Unix seconds), ARGV[3]: the prefix of tags given to messages that carry none,
+/// ARGV[4]: this consumer's id.
 const RECORD_FUNCTION: &str = r"
 local function record(payload)
   local ok, message = pcall(cjson.decode, payload)
@@ -43,18 +44,19 @@ local function record(payload)
   redis.call('HSET', KEYS[1], tag, '[' .. raw .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
   redis.call('ZADD', KEYS[2], ARGV[2], tag)
   redis.call('SADD', KEYS[3], tag)
+  redis.call('HSET', KEYS[5], tag, ARGV[4])
   return tag
 end
 ";
 
-/// Pops up to ARGV[1] messages from KEYS[5..] in order and records each; returns
+/// Pops up to ARGV[1] messages from KEYS[6..] in order and records each; returns
 /// `{list, tag, message, …}`.
 static POP: LazyLock<::redis::Script> = LazyLock::new(|| {
     ::redis::Script::new(&format!(
         "{RECORD_FUNCTION}
 local out = {{}}
 local max = tonumber(ARGV[1]) * 3
-for i = 5, #KEYS do
+for i = 6, #KEYS do
   while #out < max do
     local payload = redis.call('RPOP', KEYS[i])
     if not payload then break end
@@ -74,21 +76,31 @@ return out
 static RECORD: LazyLock<::redis::Script> =
     LazyLock::new(|| ::redis::Script::new(&format!("{RECORD_FUNCTION}\nreturn record(ARGV[1])\n")));
 
-/// Puts an unacknowledged message back, if it still is one (whoever removes it from
-/// `unacked` first restores it, once). KEYS: unacked, unacked_index, held set, then the
-/// lists to push to. ARGV: tag, message, 1 to push to the front (consumed next) or 0 to
-/// the back. Returns 1 when restored, 0 when it was no longer unacknowledged.
+/// Puts an unacknowledged message back, if it still is the delivery the caller means:
+/// kombu keeps a message's tag when it restores it, so the same tag may since have been
+/// delivered again to someone else. KEYS: unacked, unacked_index, held set, owners, then
+/// the lists to push to. ARGV: tag, message, 1 to push to the front (consumed next) or 0 to
+/// the back, the consumer that must hold it ('' for anyone), the score it must not exceed
+/// in `unacked_index` ('' for any). Whoever removes it from `unacked` first restores it,
+/// once. Returns 1 when restored, 0 when it was not (settled, restored or delivered again).
 pub(super) static RESTORE: LazyLock<::redis::Script> = LazyLock::new(|| {
     ::redis::Script::new(
         r"
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('SREM', KEYS[3], ARGV[1])
+local tag = ARGV[1]
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[4], tag) ~= ARGV[4] then
+  redis.call('SREM', KEYS[3], tag)
   return 0
 end
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('SREM', KEYS[3], ARGV[1])
-for i = 4, #KEYS do
+if ARGV[5] ~= '' then
+  local score = redis.call('ZSCORE', KEYS[2], tag)
+  if score and tonumber(score) > tonumber(ARGV[5]) then return 0 end
+end
+local kept = redis.call('HDEL', KEYS[1], tag)
+redis.call('ZREM', KEYS[2], tag)
+redis.call('SREM', KEYS[3], tag)
+redis.call('HDEL', KEYS[4], tag)
+if kept == 0 then return 0 end
+for i = 5, #KEYS do
   if ARGV[3] == '1' then
     redis.call('RPUSH', KEYS[i], ARGV[2])
   else
@@ -102,6 +114,10 @@ return 1
 
 /// The counter behind the tags of messages that carry none.
 const UNTAGGED: &str = "wasmq.untagged";
+
+/// Which wasmq consumer holds each unacknowledged message it delivered: tag → consumer id
+/// (kombu's `unacked` has no room for it; Python's deliveries have no entry).
+pub(super) const OWNERS: &str = "wasmq.unacked_owner";
 
 /// How long an idle consumer waits in one `BRPOP`.
 const IDLE_WAIT_SECS: u64 = 1;
@@ -164,10 +180,15 @@ impl ConsumerState {
             .ok()
             .and_then(|text| kombu::mark_redelivered(text, held.delivery_count))
             .map_or_else(|| held.payload.clone(), String::into_bytes);
+        let which = Restoring {
+            tag: &held.tag,
+            held_key: &self.held_key,
+            owner: Some(&self.id),
+            stale_before: None,
+        };
         restore(
             &self.broker,
-            &held.tag,
-            &self.held_key,
+            &which,
             std::slice::from_ref(&held.list),
             &payload,
             front,
@@ -176,25 +197,48 @@ impl ConsumerState {
     }
 }
 
-/// Runs [`RESTORE`] for `tag` into `lists`.
+/// Which delivery a restore means.
+pub(super) struct Restoring<'a> {
+    /// Its tag.
+    pub(super) tag: &'a str,
+    /// The held set it is in (removed from it either way).
+    pub(super) held_key: &'a str,
+    /// The consumer that must still hold it; none: whoever does.
+    pub(super) owner: Option<&'a str>,
+    /// Only if its `unacked_index` score is not above this (a timed-out message, checked
+    /// again at the moment of restoring); none: any.
+    pub(super) stale_before: Option<f64>,
+}
+
+/// Runs [`RESTORE`] for the delivery `which` means, into `lists`.
 pub(super) async fn restore(
     broker: &RedisBroker,
-    tag: &str,
-    held_key: &str,
+    which: &Restoring<'_>,
     lists: &[String],
     payload: &[u8],
     front: bool,
 ) -> Result<bool, BrokerError> {
     let mut connection = broker.connection().await?;
     let mut invocation = RESTORE.prepare_invoke();
-    invocation.key(UNACKED).key(UNACKED_INDEX).key(held_key);
+    invocation
+        .key(UNACKED)
+        .key(UNACKED_INDEX)
+        .key(which.held_key)
+        .key(OWNERS);
     for list in lists {
         invocation.key(list);
     }
     invocation
-        .arg(tag)
+        .arg(which.tag)
         .arg(payload)
-        .arg(if front { "1" } else { "0" });
+        .arg(if front { "1" } else { "0" })
+        .arg(which.owner.unwrap_or_default())
+        .arg(
+            which
+                .stale_before
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+        );
     invocation
         .invoke_async::<i64>(&mut connection)
         .await
@@ -216,6 +260,8 @@ impl Settle for ConsumerState {
             .hdel(UNACKED, &held.tag)
             .ignore()
             .srem(&self.held_key, &held.tag)
+            .ignore()
+            .hdel(OWNERS, &held.tag)
             .ignore()
             .query_async::<()>(&mut connection)
             .await
@@ -252,6 +298,8 @@ impl Settle for ConsumerState {
             .hdel(UNACKED, &held.tag)
             .ignore()
             .srem(&self.held_key, &held.tag)
+            .ignore()
+            .hdel(OWNERS, &held.tag)
             .ignore()
             .query_async::<()>(&mut connection)
             .await
@@ -503,14 +551,16 @@ impl Fetcher {
             .key(UNACKED)
             .key(UNACKED_INDEX)
             .key(&self.state.held_key)
-            .key(UNTAGGED);
+            .key(UNTAGGED)
+            .key(OWNERS);
         for list in lists {
             invocation.key(list);
         }
         invocation
             .arg(room)
             .arg(now_secs())
-            .arg(self.untagged_prefix());
+            .arg(self.untagged_prefix())
+            .arg(&self.state.id);
         let flat: Vec<Vec<u8>> = invocation
             .invoke_async(&mut connection)
             .await
@@ -575,9 +625,11 @@ impl Fetcher {
                     .key(UNACKED_INDEX)
                     .key(&self.state.held_key)
                     .key(UNTAGGED)
+                    .key(OWNERS)
                     .arg(payload)
                     .arg(now_secs())
                     .arg(self.untagged_prefix())
+                    .arg(&self.state.id)
                     .invoke_async::<String>(&mut connection)
                     .await
                     .map_err(|e| redis_error("cannot record a delivered message", e))

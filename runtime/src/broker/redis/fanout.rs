@@ -60,11 +60,21 @@ where
     Fut: Future<Output = Result<Vec<T>, BrokerError>> + Send,
 {
     let (sender, receiver) = mpsc::channel(1024);
-    // Subscribed before returning, so what is published once this returns is heard.
-    let first = subscribe(broker, &pattern).await?;
+    // Subscribed before returning when Redis is up, so what is published once this
+    // returns is heard; when it is down, the listener subscribes once it can.
+    let first = match subscribe(broker, &pattern).await {
+        Ok(subscription) => Some(subscription),
+        Err(error) => {
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "Redis broker: cannot listen for {what} yet; listening once connected"
+            );
+            None
+        }
+    };
     let broker = broker.clone();
     tokio::spawn(async move {
-        let mut pubsub = Some(first);
+        let mut pubsub = first;
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut subscription = match pubsub.take() {

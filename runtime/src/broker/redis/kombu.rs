@@ -208,9 +208,12 @@ pub fn decode(payload: &[u8]) -> Option<Received> {
         .and_then(|info| info.get("redelivered"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    // kombu's restore marks the headers too; the mark is the broker's, not a header the
+    // task's sender set.
+    let header_redelivered = headers.remove("redelivered").and_then(|v| v.as_bool()) == Some(true);
     let redelivered = info_redelivered
-        || message.get("redelivered").and_then(Value::as_bool) == Some(true)
-        || headers.remove("redelivered").and_then(|v| v.as_bool()) == Some(true);
+        || header_redelivered
+        || message.get("redelivered").and_then(Value::as_bool) == Some(true);
     let earlier_deliveries = headers
         .remove(DELIVERIES_HEADER)
         .and_then(|v| v.as_u64())

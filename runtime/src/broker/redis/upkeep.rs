@@ -18,7 +18,7 @@ use ::redis::AsyncCommands;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::consumer::{ConsumerState, held_key, now_secs, restore};
+use super::consumer::{ConsumerState, Restoring, held_key, now_secs, restore};
 use super::kombu::{self, UNACKED, UNACKED_INDEX, UNACKED_MUTEX};
 use super::{RedisBroker, delayed_key, redis_error};
 use crate::broker::{BrokerError, Subscriptions};
@@ -196,7 +196,13 @@ async fn beat(
         .filter(|tag| !handed.contains(tag))
         .collect();
     for tag in unheld.intersection(orphans) {
-        restore_by_tag(&state.broker, tag, &state.held_key).await?;
+        let which = Restoring {
+            tag,
+            held_key: &state.held_key,
+            owner: Some(&state.id),
+            stale_before: None,
+        };
+        restore_by_tag(&state.broker, &which).await?;
     }
     *orphans = unheld;
 
@@ -230,7 +236,13 @@ pub(super) async fn reap_lapsed(broker: &RedisBroker) -> Result<usize, BrokerErr
             .await
             .map_err(|e| redis_error("cannot list a lapsed consumer's messages", e))?;
         for tag in &tags {
-            if restore_by_tag(broker, tag, &key).await? {
+            let which = Restoring {
+                tag,
+                held_key: &key,
+                owner: Some(&id),
+                stale_before: None,
+            };
+            if restore_by_tag(broker, &which).await? {
                 restored += 1;
             }
         }
@@ -279,7 +291,13 @@ async fn restore_visible(broker: &RedisBroker) -> Result<(), BrokerError> {
     for tag in &stale {
         // Whose held set it is in is unknown; the message is removed from it when a
         // lapsed consumer's set is cleaned up.
-        if let Err(error) = restore_by_tag(broker, tag, "wasmq.held.unknown").await {
+        let which = Restoring {
+            tag,
+            held_key: "wasmq.held.unknown",
+            owner: None,
+            stale_before: Some(ceiling),
+        };
+        if let Err(error) = restore_by_tag(broker, &which).await {
             outcome = Err(error);
             break;
         }
@@ -301,7 +319,8 @@ async fn restore_visible(broker: &RedisBroker) -> Result<(), BrokerError> {
 /// Puts back unacknowledged message `tag` as kombu's `restore_by_tag` does: into the lists
 /// its exchange and routing key lead to, at the front, marked redelivered. False when it
 /// was acknowledged (or restored by someone else) meanwhile.
-async fn restore_by_tag(broker: &RedisBroker, tag: &str, held: &str) -> Result<bool, BrokerError> {
+async fn restore_by_tag(broker: &RedisBroker, which: &Restoring<'_>) -> Result<bool, BrokerError> {
+    let (tag, held) = (which.tag, which.held_key);
     let mut connection = broker.connection().await?;
     let kept: Option<String> = connection
         .hget(UNACKED, tag)
@@ -361,7 +380,7 @@ async fn restore_by_tag(broker: &RedisBroker, tag: &str, held: &str) -> Result<b
         .iter()
         .map(|queue| kombu::queue_key(queue, priority))
         .collect();
-    restore(broker, tag, held, &lists, payload.as_bytes(), true).await
+    restore(broker, which, &lists, payload.as_bytes(), true).await
 }
 
 /// The queues a message published to `exchange` with `routing_key` goes to (kombu's
