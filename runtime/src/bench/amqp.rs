@@ -25,7 +25,6 @@ use super::amqp_table::{self, CeleryDrain, CeleryRows, FibRows, Run, WasmqRows};
 use super::harness::Harness;
 use super::stats::p50_p95_p99;
 use super::{ceiling, celery, only_local, queue_name, scale, soak};
-use crate::broker::Broker;
 use crate::client::{Client, SendOptions};
 use crate::engine::SandboxConfig;
 
@@ -86,10 +85,11 @@ impl Plan {
 }
 
 /// Progress on stderr: seconds since the run started and what it measures now.
-struct Progress(Instant);
+pub(super) struct Progress(pub(super) Instant);
 
 impl Progress {
-    fn step(&self, what: &str) {
+    /// Prints `what` with the seconds since the run started.
+    pub(super) fn step(&self, what: &str) {
         eprintln!("[{:>5.1}s] {what}", self.0.elapsed().as_secs_f64());
     }
 }
@@ -175,20 +175,17 @@ async fn measure_wasmq(h: &Harness, plan: &Plan, progress: &Progress) -> anyhow:
     let n = plan.tasks;
     // The raw ceiling drains the very message wasmq's client sends for `math.add` (Celery's
     // protocol 2: ~20 headers and the JSON body), and for reference the body alone.
-    let message = Client::new(
-        Arc::clone(&h.broker) as Arc<dyn Broker>,
-        h.backend(&h.redis_url)?,
-    )
-    .build_message(
-        "math.add",
-        add_args(1),
-        Map::new(),
-        &SendOptions {
-            ignore_result: Some(true),
-            ..SendOptions::default()
-        },
-    )
-    .encode();
+    let message = Client::new(Arc::clone(&h.broker), h.backend(&h.redis_url)?)
+        .build_message(
+            "math.add",
+            add_args(1),
+            Map::new(),
+            &SendOptions {
+                ignore_result: Some(true),
+                ..SendOptions::default()
+            },
+        )
+        .encode();
     let (body, properties) = (
         message.body.as_slice(),
         crate::broker::amqp::properties_of(&message),

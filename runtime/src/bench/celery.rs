@@ -1,4 +1,4 @@
-//! Python Celery, the baseline of `wasmq bench amqp`: a virtualenv with the newest Celery 5.x
+//! Python Celery, the baseline of `wasmq bench amqp` and `wasmq bench redis`: a virtualenv with the newest Celery 5.x
 //! (installed on first use into `$WASMQ_CELERY_VENV`, default `.wasmq/bench-venv`), its
 //! worker pools as child processes, a timed drain, and `bench/celery_bench.py` for its round
 //! trips and publish rate. The Celery app is `tests/python/tasks.py`, the one the interop
@@ -14,7 +14,6 @@ use serde_json::Value;
 use super::harness::Harness;
 use super::queue_name;
 use super::workers::BenchProcess;
-use crate::broker::Broker as _;
 
 /// Python with Celery (newest 5.x) and redis-py, in a virtualenv, installed if missing.
 pub(super) fn python() -> anyhow::Result<PathBuf> {
@@ -68,7 +67,8 @@ fn bench_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/celery_bench.py")
 }
 
-/// kombu spells the default vhost `//` where lapin writes `/%2f`.
+/// kombu spells the default vhost `//` where lapin writes `/%2f` (other URLs, e.g.
+/// `redis://`, are the same for both).
 fn kombu_url(lapin_url: &str) -> String {
     lapin_url.replace("/%2f", "//").replace("/%2F", "//")
 }
@@ -161,21 +161,40 @@ pub(super) async fn drain(
     let client = h.client(h.backend(&h.redis_url)?, &queue);
     h.publish_pipelined(&client, task, n, args, true).await?;
     let worker = worker(python, &h.broker_url, "", &queue, pool, concurrency)?;
+    let timed = time_drain(worker, n, h.stall_limit, || h.broker.queue_length(&queue)).await;
+    h.broker.delete_queue(&queue).await?;
+    timed
+}
+
+/// Times a Celery `worker` draining `n` queued tasks: `left()` says how many are still to
+/// be taken, polled every 20 ms. Returns tasks per second, from the first taken until none
+/// is left, and how many were done when it was cut off (`stall_limit` after the first was
+/// taken, or 30 s more when none ever is). Stops the worker before returning.
+pub(super) async fn time_drain<F, E>(
+    worker: BenchProcess,
+    n: usize,
+    stall_limit: Duration,
+    mut left: impl FnMut() -> F,
+) -> anyhow::Result<(f64, Option<u64>)>
+where
+    F: Future<Output = Result<u64, E>>,
+    E: Into<anyhow::Error>,
+{
     let total = n as u64;
     let mut started = None;
-    let give_up = Instant::now() + h.stall_limit + Duration::from_secs(30);
+    let give_up = Instant::now() + stall_limit + Duration::from_secs(30);
     let mut stalled = None;
     let mut done = total;
     loop {
-        let left = h.broker.queue_length(&queue).await?;
+        let left = left().await.map_err(Into::into)?;
         if left < total && started.is_none() {
             started = Some(Instant::now());
         }
         if left == 0 {
             break;
         }
-        if started.is_some_and(|s| s.elapsed() > h.stall_limit) || Instant::now() > give_up {
-            done = total - left;
+        if started.is_some_and(|s| s.elapsed() > stall_limit) || Instant::now() > give_up {
+            done = total - left.min(total);
             stalled = Some(done);
             break;
         }
@@ -183,7 +202,6 @@ pub(super) async fn drain(
     }
     let elapsed = started.map(|s| s.elapsed()).unwrap_or_default();
     drop(worker);
-    h.broker.delete_queue(&queue).await?;
     Ok((done as f64 / elapsed.as_secs_f64().max(1e-9), stalled))
 }
 

@@ -1,7 +1,7 @@
-//! The harness of `wasmq bench amqp`: what its measurements share (one RabbitMQ broker, the
-//! bundled plugins, the Redis URL, the CPU time of each drain) and the measurements of wasmq
-//! itself: publish rates, drains and round trips of its client and in-process worker. Each
-//! measurement uses a queue of its own and deletes it afterwards.
+//! The harness of `wasmq bench amqp` and `wasmq bench redis`: what their measurements share
+//! (one broker, the bundled plugins, the Redis URL, the CPU time of each drain) and the
+//! measurements of wasmq itself: publish rates, drains and round trips of its client and
+//! in-process worker. Each measurement uses a queue of its own and deletes it afterwards.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -13,7 +13,6 @@ use serde_json::{Map, Value, json};
 use super::queue_name;
 use super::stats::{cpu_seconds, p50_p95_p99};
 use super::workers::InProcessWorker;
-use crate::broker::amqp::AmqpBroker;
 use crate::broker::{Broker, Confirmation};
 use crate::client::{Client, SendOptions};
 use crate::engine::{Sandbox, SandboxConfig};
@@ -24,32 +23,44 @@ use crate::worker::{WorkerOptions, WorkerStats};
 /// Publishes awaiting their confirmation at once in [`Harness::publish_pipelined`].
 pub(super) const CONFIRM_WINDOW: usize = 256;
 
-/// The state one `wasmq bench amqp` run shares across its measurements.
+/// The state one `wasmq bench amqp` (or `bench redis`) run shares across its measurements.
 pub(super) struct Harness {
     /// The worker process's CPU time per task (µs) in each wasmq drain, in order.
     cpu_per_task: Mutex<Vec<f64>>,
     /// A Celery drain slower than this is cut off and reported as stalled.
     pub(super) stall_limit: Duration,
-    /// The broker's URL, as lapin spells it.
+    /// The broker's URL (for RabbitMQ, as lapin spells it).
     pub(super) broker_url: String,
     /// Redis, for the Redis result rows and as the backend of runs with results off.
     pub(super) redis_url: String,
     /// The broker every measurement publishes to and drains from.
-    pub(super) broker: Arc<AmqpBroker>,
+    pub(super) broker: Arc<dyn Broker>,
     /// The bundled plugins, loaded once for every in-process worker.
     pub(super) registry: Arc<Registry>,
 }
 
 impl Harness {
-    /// Connects to the broker at `broker_url` (lapin's spelling) and loads the bundled
-    /// plugins into a sandbox built from `sandbox`.
+    /// Connects to the RabbitMQ broker at `broker_url` (lapin's spelling) and loads the
+    /// bundled plugins into a sandbox built from `sandbox`.
     pub(super) async fn connect(
         broker_url: &str,
         redis_url: &str,
         stall_limit: Duration,
         sandbox: SandboxConfig,
     ) -> anyhow::Result<Self> {
-        let broker = Arc::new(AmqpBroker::new(broker_url)?);
+        let broker = Arc::new(crate::broker::amqp::AmqpBroker::new(broker_url)?);
+        Self::over(broker, broker_url, redis_url, stall_limit, sandbox).await
+    }
+
+    /// Measures over `broker` (opened from `broker_url`, any broker wasmq knows) and loads
+    /// the bundled plugins into a sandbox built from `sandbox`.
+    pub(super) async fn over(
+        broker: Arc<dyn Broker>,
+        broker_url: &str,
+        redis_url: &str,
+        stall_limit: Duration,
+        sandbox: SandboxConfig,
+    ) -> anyhow::Result<Self> {
         let sandbox = Arc::new(Sandbox::new(sandbox)?);
         let registry = Arc::new(Registry::bundled(sandbox).await?);
         Ok(Self {
@@ -64,7 +75,7 @@ impl Harness {
 
     /// A client of this broker whose tasks go to `queue`.
     pub(super) fn client(&self, backend: Arc<dyn ResultBackend>, queue: &str) -> Client {
-        Client::new(Arc::clone(&self.broker) as Arc<dyn Broker>, backend).with_default_queue(queue)
+        Client::new(Arc::clone(&self.broker), backend).with_default_queue(queue)
     }
 
     /// The result backend at `url`, results kept for an hour.
@@ -153,7 +164,7 @@ impl Harness {
             ..WorkerOptions::default()
         };
         InProcessWorker::spawn(
-            Arc::clone(&self.broker) as Arc<dyn Broker>,
+            Arc::clone(&self.broker),
             backend,
             Arc::clone(&self.registry),
             options,

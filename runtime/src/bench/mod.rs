@@ -9,6 +9,11 @@
 //!   ceiling    raw lapin drains and round trips, no wasmq                 (ceiling.rs)
 //!   harness    wasmq's publish rates, drains and round trips              (harness.rs)
 //!   celery     Python Celery: its virtualenv, workers, drains, script     (celery.rs)
+//! redis      wasmq on the Redis broker beside the raw Redis ceiling and     (redis.rs)
+//!            Celery on the same Redis (reuses harness and celery)
+//!   table      the rows it prints, the ratios and their goals             (redis_table.rs)
+//!   ceiling    kombu's messages, raw BRPOP drains and round trips         (redis_ceiling.rs)
+//!   db         the bench's Redis database: Celery's backlog, clean-up     (redis_db.rs)
 //! soak       a worker's resident memory across 100,000 tasks             (soak.rs)
 //! scale      drains with 1, 2 and 4 `wasmq worker` processes              (scale.rs)
 //! tenants    the noisy neighbour: B's probe latency while A floods         (tenants.rs)
@@ -35,6 +40,10 @@ mod celery;
 pub(crate) mod deploy;
 pub(crate) mod embedded;
 mod harness;
+pub(crate) mod redis;
+mod redis_ceiling;
+mod redis_db;
+mod redis_table;
 pub(crate) mod scale;
 pub(crate) mod soak;
 mod stats;

@@ -3,7 +3,7 @@
 
 use super::args::EngineArgs;
 use super::exit::{ExitStatus, Failure};
-use crate::bench::{NotLocal, amqp, autoscale, deploy, embedded, scale, soak, tenants};
+use crate::bench::{NotLocal, amqp, autoscale, deploy, embedded, redis, scale, soak, tenants};
 use crate::engine::Limits;
 use crate::engine::PluginError;
 use crate::worker::WorkerOptions;
@@ -11,7 +11,7 @@ use crate::worker::WorkerOptions;
 /// The default broker of the RabbitMQ benchmarks, as lapin spells it.
 const LOCAL_RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// Instance slots of the sandbox of the RabbitMQ benchmarks' in-process workers.
+/// Instance slots of the sandbox of the RabbitMQ and Redis benchmarks' in-process workers.
 const AMQP_POOL_SIZE: u32 = 32;
 
 #[derive(Debug, clap::Subcommand)]
@@ -20,6 +20,9 @@ pub(super) enum BenchCommand {
     Embedded(EmbeddedArgs),
     /// RabbitMQ: wasmq side by side with the raw AMQP ceiling and Python Celery.
     Amqp(AmqpArgs),
+    /// Redis: wasmq on the Redis broker side by side with the raw Redis ceiling (kombu's
+    /// messages, BRPOP consumers) and Python Celery on the same Redis.
+    Redis(RedisArgs),
     /// RabbitMQ: the worker's resident memory idle, under load and across many tasks.
     Soak(SoakArgs),
     /// RabbitMQ: drain throughput with 1, 2 and 4 worker processes.
@@ -144,6 +147,20 @@ pub(super) struct AmqpArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub(super) struct RedisArgs {
+    /// A short run (5,000 tasks, 200 round trips) for development: under 3 minutes.
+    #[arg(long)]
+    quick: bool,
+    /// The Redis database used as broker and result backend (must be on this machine).
+    /// Give the bench a database of its own: every key that appears in it during the run
+    /// is deleted at the end.
+    #[arg(long, default_value = redis::LOCAL_REDIS)]
+    broker: String,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Debug, clap::Args)]
 pub(super) struct SoakArgs {
     /// Tasks to run in all.
     #[arg(long, default_value_t = 100_000)]
@@ -190,6 +207,14 @@ pub(super) async fn run(command: BenchCommand) -> Result<(), Failure> {
                 wasmq_only: args.wasmq_only,
                 events_only: args.events_only,
                 event_rounds: args.event_rounds.max(1),
+                sandbox: args.engine.sandbox_config(AMQP_POOL_SIZE),
+            })
+            .await
+        }
+        BenchCommand::Redis(args) => {
+            redis::run(redis::RedisOptions {
+                quick: args.quick,
+                broker: args.broker,
                 sandbox: args.engine.sandbox_config(AMQP_POOL_SIZE),
             })
             .await
