@@ -38,6 +38,7 @@
 mod consumer;
 mod fanout;
 pub mod kombu;
+mod unacked;
 mod upkeep;
 
 use std::collections::HashSet;

@@ -18,8 +18,8 @@ use ::redis::AsyncCommands;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::consumer::{ConsumerState, Restoring, held_key, now_secs, restore};
 use super::kombu::{self, UNACKED, UNACKED_INDEX, UNACKED_MUTEX};
+use super::unacked::{ConsumerState, Restoring, held_key, now_secs, restore};
 use super::{RedisBroker, delayed_key, redis_error};
 use crate::broker::{BrokerError, Subscriptions};
 
