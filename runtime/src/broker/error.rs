@@ -69,6 +69,14 @@ pub enum BrokerError {
         /// The queue the message was for.
         queue: String,
     },
+    /// A broker option in the URL has a value it cannot take.
+    #[error("invalid broker option {option}={value:?} (expected a positive number of seconds)")]
+    InvalidOption {
+        /// The option.
+        option: String,
+        /// The value given.
+        value: String,
+    },
     /// This broker carries no remote control (Celery's pidbox), e.g. `inspect` against a
     /// broker that has no mailbox for it.
     #[error("{0} carries no remote control")]
@@ -97,6 +105,7 @@ impl BrokerError {
             | BrokerError::UnsupportedUrl(_)
             | BrokerError::Closed
             | BrokerError::NoRemoteControl(_)
+            | BrokerError::InvalidOption { .. }
             | BrokerError::QueueNotFound { .. } => false,
             BrokerError::Scheduler(error) => error.is_transient(),
         }

@@ -529,10 +529,8 @@ pub fn connect_with(url: &str, amqp: amqp::AmqpOptions) -> Result<Arc<dyn Broker
         return Ok(Arc::new(amqp::AmqpBroker::with_options(url, amqp)?));
     }
     if url.starts_with("redis://") || url.starts_with("rediss://") {
-        return Ok(Arc::new(redis::RedisBroker::new(
-            url,
-            redis::RedisBrokerOptions::default(),
-        )?));
+        let (url, options) = redis::RedisBrokerOptions::from_url(url)?;
+        return Ok(Arc::new(redis::RedisBroker::new(&url, options)?));
     }
     match crate::db::parse_url(url) {
         Some(path) => Ok(Arc::new(embedded::SqliteBroker::open(

@@ -117,6 +117,48 @@ pub(crate) fn redis_error(context: &str, source: ::redis::RedisError) -> BrokerE
     }
 }
 
+impl RedisBrokerOptions {
+    /// Splits the broker's own options off `url`'s query (`visibility_timeout` and `lease`,
+    /// in seconds, as kombu's `broker_transport_options` name the first): the URL Redis
+    /// sees, and the options.
+    ///
+    /// # Errors
+    /// [`BrokerError::InvalidOption`] for a value that is not a positive number of seconds.
+    pub fn from_url(url: &str) -> Result<(String, Self), BrokerError> {
+        let mut options = Self::default();
+        let Some((base, query)) = url.split_once('?') else {
+            return Ok((url.to_owned(), options));
+        };
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let target = match name {
+                "visibility_timeout" => &mut options.visibility_timeout,
+                "lease" => &mut options.lease,
+                _ => {
+                    kept.push(pair);
+                    continue;
+                }
+            };
+            *target = value
+                .parse::<f64>()
+                .ok()
+                .filter(|secs| secs.is_finite() && *secs > 0.0)
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| BrokerError::InvalidOption {
+                    option: name.to_owned(),
+                    value: value.to_owned(),
+                })?;
+        }
+        let url = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        Ok((url, options))
+    }
+}
+
 impl RedisBroker {
     /// The broker at `url` (`redis://[user:password@]host:port/db`); connects on first use.
     ///
@@ -508,6 +550,26 @@ mod tests {
             parse_dead_letter(&garbage).unwrap().envelope.body,
             b"not json"
         );
+    }
+
+    #[test]
+    fn the_brokers_options_come_from_the_url_query() {
+        let (url, options) = RedisBrokerOptions::from_url(
+            "redis://h:6379/2?visibility_timeout=7200&protocol=resp3&lease=2.5",
+        )
+        .unwrap();
+        assert_eq!(url, "redis://h:6379/2?protocol=resp3");
+        assert_eq!(options.visibility_timeout, Duration::from_secs(7200));
+        assert_eq!(options.lease, Duration::from_millis(2500));
+        let (url, options) = RedisBrokerOptions::from_url("redis://h/0").unwrap();
+        assert_eq!(url, "redis://h/0");
+        assert_eq!(options.visibility_timeout, Duration::from_secs(3600));
+        let error = RedisBrokerOptions::from_url("redis://h/0?lease=soon").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "invalid broker option lease=\"soon\" (expected a positive number of seconds)"
+        );
+        assert!(RedisBrokerOptions::from_url("redis://h/0?visibility_timeout=0").is_err());
     }
 
     #[test]
