@@ -89,12 +89,47 @@ impl Settle for ConsumerState {
         let Some(held) = self.take(tag) else {
             return Ok(());
         };
-        let mut connection = self.broker.connection().await?;
-        let mut pipe = ::redis::pipe();
-        self.forget(pipe.atomic(), &held.tag)
-            .query_async::<()>(&mut connection)
-            .await
-            .map_err(|e| redis_error("cannot acknowledge a message", e))
+        {
+            let mut batch = self.acks.lock().expect("acks");
+            batch.pending.push(held.tag);
+            if batch.writing {
+                // The writer takes it in its next round. Should that round fail, the tag is
+                // still in this consumer's held set, where upkeep finds it and puts the
+                // message back: it is delivered again, as an ack that fails promises.
+                return Ok(());
+            }
+            batch.writing = true;
+        }
+        let mut outcome = Ok(());
+        loop {
+            let tags = {
+                let mut batch = self.acks.lock().expect("acks");
+                if batch.pending.is_empty() {
+                    batch.writing = false;
+                    return outcome;
+                }
+                std::mem::take(&mut batch.pending)
+            };
+            let written = async {
+                let mut connection = self.broker.connection().await?;
+                let mut pipe = ::redis::pipe();
+                pipe.atomic();
+                for tag in &tags {
+                    self.forget(&mut pipe, tag);
+                }
+                pipe.query_async::<()>(&mut connection)
+                    .await
+                    .map_err(|e| redis_error("cannot acknowledge messages", e))
+            };
+            if let Err(error) = written.await {
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    messages = tags.len(),
+                    "Redis broker: acknowledgements not written; the messages will be delivered again"
+                );
+                outcome = Err(error);
+            }
+        }
     }
 
     async fn dead_letter(
@@ -159,6 +194,7 @@ impl RedisConsumer {
             held: Mutex::new(HashMap::new()),
             next_number: AtomicU64::new(1),
             settled: Notify::new(),
+            acks: Mutex::default(),
         });
         if let Err(error) = super::upkeep::renew_lease(&state).await {
             tracing::warn!(
@@ -238,6 +274,16 @@ impl Consumer for RedisConsumer {
                     "cannot give a fetched message back; it returns when this worker's lease lapses"
                 );
             }
+        }
+    }
+
+    async fn flush_acks(&mut self) {
+        // Acks are written by whichever ack is writing; wait for it to finish (bounded).
+        for _ in 0..500 {
+            if !self.state.acks.lock().expect("acks").writing {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

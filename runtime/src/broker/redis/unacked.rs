@@ -83,6 +83,19 @@ pub(super) struct ConsumerState {
     pub(super) next_number: AtomicU64,
     /// Rung when a delivery is settled: the fetcher may have room again.
     pub(super) settled: Notify,
+    /// Acknowledgements waiting to be written, and whether someone is writing them.
+    pub(super) acks: Mutex<AckBatch>,
+}
+
+/// Acknowledgements written together: the first ack finding nobody writing writes its own
+/// and every one that arrives meanwhile, one pipeline per round, until none is left (group
+/// commit: no timer, so no ack waits for one).
+#[derive(Debug, Default)]
+pub(super) struct AckBatch {
+    /// Tags acknowledged and not yet written.
+    pub(super) pending: Vec<String>,
+    /// Whether an ack is writing them now.
+    pub(super) writing: bool,
 }
 
 impl ConsumerState {
