@@ -247,6 +247,20 @@ pub struct ControlReply {
     pub reply: serde_json::Value,
 }
 
+impl ControlReply {
+    /// The `{"<node>": reply}` entries of a reply body, as every broker carries them
+    /// (nothing when it is not a JSON object).
+    pub fn parse_body(body: &[u8]) -> Vec<Self> {
+        match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(serde_json::Value::Object(entries)) => entries
+                .into_iter()
+                .map(|(node, reply)| Self { node, reply })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// The broker's answer to a publish, still to come (see [`Broker::publish_unconfirmed`]).
 #[must_use = "a confirmation says whether the broker took the message"]
 pub struct Confirmation(

@@ -102,6 +102,13 @@ impl ControlCommand {
 /// Whether `node` matches `pattern` with kombu's `matcher` (`glob` by default, or `pcre`:
 /// a regular expression anchored at the start, as Python's `re.match`). An invalid
 /// pattern matches nothing.
+/// Whether a command whose `expires` header says `expires` (Unix seconds; 0: never) has
+/// expired: kombu skips such commands, and so does every wasmq mailbox.
+pub fn has_expired(expires: f64) -> bool {
+    let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+    expires > 0.0 && expires < now
+}
+
 fn matches(pattern: &str, matcher: Option<&str>, node: &str) -> bool {
     match matcher.unwrap_or("glob") {
         "pcre" => regex::Regex::new(&format!("^(?:{pattern})"))

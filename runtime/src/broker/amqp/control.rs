@@ -223,8 +223,7 @@ fn is_expired(headers: &FieldTable) -> bool {
         Some(AMQPValue::LongInt(value)) => f64::from(*value),
         _ => return false,
     };
-    let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
-    expires > 0.0 && expires < now
+    crate::protocol::control::has_expired(expires)
 }
 
 /// Waits for the worker's answer and publishes it as kombu's `_publish_reply` does: to

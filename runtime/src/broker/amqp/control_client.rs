@@ -17,7 +17,6 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ExchangeKind};
-use serde_json::Value;
 
 use super::revoke::CELERY_PIDBOX_EXCHANGE;
 use super::{AmqpBroker, lapin_error};
@@ -178,20 +177,9 @@ async fn collect(
         if !ours {
             continue;
         }
-        replies.extend(parse_reply(&next.data));
+        replies.extend(ControlReply::parse_body(&next.data));
     }
     Ok(replies)
-}
-
-/// The `{"<node>": reply}` entries of a reply body (nothing when it is not a JSON object).
-fn parse_reply(body: &[u8]) -> Vec<ControlReply> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(entries)) => entries
-            .into_iter()
-            .map(|(node, reply)| ControlReply { node, reply })
-            .collect(),
-        _ => Vec::new(),
-    }
 }
 
 #[cfg(test)]
@@ -208,13 +196,13 @@ mod tests {
     #[test]
     fn reply_bodies_name_their_node() {
         assert_eq!(
-            parse_reply(br#"{"w@h": {"ok": "pong"}}"#),
+            ControlReply::parse_body(br#"{"w@h": {"ok": "pong"}}"#),
             [ControlReply {
                 node: "w@h".into(),
                 reply: json!({"ok": "pong"})
             }]
         );
-        assert!(parse_reply(b"[1]").is_empty());
-        assert!(parse_reply(b"nope").is_empty());
+        assert!(ControlReply::parse_body(b"[1]").is_empty());
+        assert!(ControlReply::parse_body(b"nope").is_empty());
     }
 }

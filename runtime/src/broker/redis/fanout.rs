@@ -295,13 +295,12 @@ pub(super) async fn listen_for_control(
     .await
 }
 
-/// Whether a command's `expires` header (Unix seconds; 0: never) has passed.
+/// Whether a command's `expires` header has passed.
 fn is_expired(headers: &Map<String, Value>) -> bool {
-    let Some(expires) = headers.get("expires").and_then(Value::as_f64) else {
-        return false;
-    };
-    let now = crate::db::now_ms() as f64 / 1000.0;
-    expires > 0.0 && expires < now
+    headers
+        .get("expires")
+        .and_then(Value::as_f64)
+        .is_some_and(crate::protocol::control::has_expired)
 }
 
 fn json_properties(delivery_mode: u8) -> Properties {
@@ -458,14 +457,7 @@ async fn collect(
         {
             continue;
         }
-        if let Ok(Value::Object(entries)) = serde_json::from_slice::<Value>(&received.envelope.body)
-        {
-            replies.extend(
-                entries
-                    .into_iter()
-                    .map(|(node, reply)| ControlReply { node, reply }),
-            );
-        }
+        replies.extend(ControlReply::parse_body(&received.envelope.body));
     }
     Ok(replies)
 }
