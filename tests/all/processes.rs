@@ -181,6 +181,51 @@ fn send_and_result_from_other_processes_reach_a_worker_process() {
     assert!(wait_exit(&mut worker, Duration::from_secs(20)).success());
 }
 
+/// A commit by one process wakes the other at once (the file watcher), in both directions:
+/// the idle worker finds a task sent from this process, and this process's wait finds the
+/// worker's result, without waiting out a polling period. The sends are 150 ms apart, longer
+/// than the 100 ms the idle side sleeps between polls when a watcher is present, so a watcher
+/// that never fires makes every round trip last tens of milliseconds.
+#[test]
+fn a_worker_process_and_a_client_process_wake_each_other_on_commit() {
+    let queue = Queue::new();
+    let plugins = queue.plugin_folder(&["math"]);
+    let log = queue.dir.path().join("worker.log");
+    let mut worker = start_worker(&queue, &plugins, "w1", 1, &log);
+    wait_for_log(&log, "worker ready");
+    let latencies = runtime().block_on(async {
+        let mut latencies = Vec::new();
+        for i in 0..21 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let started = Instant::now();
+            let result = queue
+                .client
+                .send_task(
+                    "math.add",
+                    vec![json!(i), json!(1)],
+                    Map::new(),
+                    SendOptions::default(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(result.get(WAIT).await.unwrap(), json!(i + 1));
+            latencies.push(started.elapsed());
+        }
+        latencies
+    });
+    // The worker stops before anything is checked, so a failure leaves no process behind.
+    signal(&worker, "-TERM");
+    assert!(wait_exit(&mut worker, Duration::from_secs(20)).success());
+    let mut sorted = latencies.clone();
+    sorted.sort();
+    let median = sorted[sorted.len() / 2];
+    assert!(
+        median < Duration::from_millis(30),
+        "median round trip {median:?} across processes: a commit did not wake the other side \
+         (all: {latencies:?})"
+    );
+}
+
 #[test]
 fn a_worker_killed_mid_task_loses_nothing_after_restart() {
     runtime().block_on(async {

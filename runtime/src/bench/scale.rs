@@ -3,14 +3,13 @@
 //! empty queue (at most the workers' prefetch is still in flight then). The workers are this
 //! very binary, started as an operator would start them.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use super::workers::BenchProcess;
+use super::workers::{BenchProcess, export_bundled};
 use super::{only_local, publish_adds, queue_name};
 use crate::broker::Broker;
 use crate::broker::amqp::AmqpBroker;
@@ -96,18 +95,5 @@ pub(crate) async fn run(options: ScaleOptions) -> anyhow::Result<()> {
         let base = *single.get_or_insert(rate);
         println!("| {processes} | {rate:.0} tasks/s | {:.2}× |", rate / base);
     }
-    Ok(())
-}
-
-/// Writes the bundled plugins into `folder` with `wasmq plugins export`, as an operator
-/// would (the harness does not reach into the CLI's modules).
-fn export_bundled(exe: &Path, folder: &Path) -> anyhow::Result<()> {
-    let status = Command::new(exe)
-        .args(["plugins", "export"])
-        .arg(folder)
-        .stdout(Stdio::null())
-        .status()
-        .context("cannot run wasmq plugins export")?;
-    anyhow::ensure!(status.success(), "wasmq plugins export failed: {status}");
     Ok(())
 }

@@ -2,7 +2,10 @@
 //! are stopped when dropped, so an early error never leaves one running, and wasmq workers
 //! in this process with a stop handle and their counters.
 
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::Context as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +22,36 @@ impl BenchProcess {
     pub(super) fn spawn(command: &mut Command) -> std::io::Result<Self> {
         command.spawn().map(Self)
     }
+
+    /// The process id.
+    pub(super) fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+/// Writes the bundled plugins into `folder` with `wasmq plugins export`, as an operator
+/// would (the harness does not reach into the CLI's modules).
+pub(super) fn export_bundled(exe: &Path, folder: &Path) -> anyhow::Result<()> {
+    let status = Command::new(exe)
+        .args(["plugins", "export"])
+        .arg(folder)
+        .stdout(Stdio::null())
+        .status()
+        .context("cannot run wasmq plugins export")?;
+    anyhow::ensure!(status.success(), "wasmq plugins export failed: {status}");
+    Ok(())
+}
+
+/// CPU time (user + system) a process of this machine has used so far, from
+/// `/proc/<pid>/stat`; `None` off Linux or once the process is gone.
+pub(super) fn process_cpu(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces, so cut at its closing paren):
+    // state is field 3, utime 14 and stime 15, in clock ticks of 1/100 s (USER_HZ).
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 impl Drop for BenchProcess {

@@ -177,6 +177,8 @@ pub(crate) struct CallState {
     /// When the soft time limit passes, if the call has one.
     pub(crate) soft_deadline: Option<Instant>,
     pub(crate) on_state: Option<StateListener>,
+    /// Keeps the epoch ticker ticking while this store lives.
+    pub(crate) _ticking: Option<super::ticker::TickerHold>,
 }
 
 /// The captured output streams of a call; clones share the buffer with the store's pipes.

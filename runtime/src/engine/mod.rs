@@ -3,7 +3,8 @@
 //! One [`Sandbox`] per process owns one `wasmtime::Engine` (component model, fuel metering,
 //! epoch interruption, the pooling allocator — or the on-demand allocator where the pool's
 //! address space cannot be reserved), the linker with WASI p2 and the `host` interface, and
-//! one ticker thread that advances the epoch every [`SandboxConfig::epoch_tick`].
+//! one ticker thread that advances the epoch every [`SandboxConfig::epoch_tick`] while a store
+//! is alive (see `ticker`).
 //!
 //! Plugins are compiled once ([`Sandbox::load_plugin`], with an on-disk artifact cache) into
 //! a [`Plugin`] holding a ready `InstancePre`. Every [`Sandbox::call`] then builds a **fresh
@@ -27,10 +28,11 @@ mod invocation;
 mod limits;
 mod outcome;
 mod plugin;
+mod ticker;
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Linker, ResourceTable};
@@ -234,8 +236,8 @@ pub struct Sandbox {
     cache: Option<cache::ArtifactCache>,
     /// Plugins compiled by Cranelift (not loaded from the artifact cache) so far.
     compiled: std::sync::atomic::AtomicU64,
-    ticker_stop: Arc<AtomicBool>,
-    ticker: Option<std::thread::JoinHandle<()>>,
+    /// Advances the epoch while stores are alive; `None` without instrumentation.
+    ticker: Option<ticker::EpochTicker>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -322,23 +324,11 @@ impl Sandbox {
         wasmtime_wasi_config::add_to_linker(&mut linker, call::wasi_config)
             .map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
 
-        let ticker_stop = Arc::new(AtomicBool::new(false));
         let ticker = if config.instrumentation {
-            let engine = engine.clone();
-            let stop = Arc::clone(&ticker_stop);
-            let tick = config.epoch_tick;
             Some(
-                std::thread::Builder::new()
-                    .name("wasmq-epoch".to_owned())
-                    .spawn(move || {
-                        while !stop.load(Ordering::Relaxed) {
-                            std::thread::sleep(tick);
-                            engine.increment_epoch();
-                        }
-                    })
-                    .map_err(|e| {
-                        SandboxError::Engine(format!("cannot start the epoch ticker: {e}"))
-                    })?,
+                ticker::EpochTicker::start(engine.clone(), config.epoch_tick).map_err(|e| {
+                    SandboxError::Engine(format!("cannot start the epoch ticker: {e}"))
+                })?,
             )
         } else {
             None
@@ -354,7 +344,6 @@ impl Sandbox {
             allocator,
             cache,
             compiled: std::sync::atomic::AtomicU64::new(0),
-            ticker_stop,
             ticker,
         })
     }
@@ -448,6 +437,7 @@ impl Sandbox {
             task: task.to_owned(),
             soft_deadline,
             on_state,
+            _ticking: self.ticker.as_ref().map(ticker::EpochTicker::hold),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
@@ -610,15 +600,6 @@ impl Sandbox {
             limits: *limits,
             fuel_used,
             elapsed: started.elapsed(),
-        }
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
-        if let Some(ticker) = self.ticker.take() {
-            let _ = ticker.join();
         }
     }
 }

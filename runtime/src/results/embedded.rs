@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS chord_parts (
 ";
 
 /// Wakes this process's waiters when this process stores a result; results stored by other
-/// processes are found by polling.
+/// processes wake them through the file's watcher ([`Db::changed`]), or are found by polling.
 static LOCAL_STORE: Notify = Notify::const_new();
 
 /// The embedded SQLite result backend.
@@ -112,14 +112,29 @@ impl ResultBackend for SqliteResultBackend {
 
     async fn wait(&self, task_id: &str, timeout: Duration) -> Result<ResultMeta, ResultError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        super::poll_until_ready_or_woken(self, task_id, deadline, timeout, Some(&LOCAL_STORE)).await
+        // With a watcher on the file, a store by another process wakes the wait; the polls
+        // are then only the fallback for a missed wake-up.
+        let longest_pause = if self.db.sees_commits() {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(5)
+        };
+        super::poll_until_ready_or_woken(
+            self,
+            task_id,
+            deadline,
+            timeout,
+            &[&LOCAL_STORE, self.db.changed()],
+            longest_pause,
+        )
+        .await
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, ResultError> {
         let id = task_id.to_owned();
         let json: Option<String> = self
             .db
-            .run(move |conn| {
+            .read(move |conn| {
                 conn.prepare_cached(
                     "SELECT meta FROM results WHERE task_id = ?1 AND expires_at >= ?2",
                 )?

@@ -163,11 +163,20 @@ pub async fn poll_until_ready<B: ResultBackend + ?Sized>(
     deadline: tokio::time::Instant,
     timeout: Duration,
 ) -> Result<ResultMeta, ResultError> {
-    poll_until_ready_or_woken(backend, task_id, deadline, timeout, None).await
+    poll_until_ready_or_woken(
+        backend,
+        task_id,
+        deadline,
+        timeout,
+        &[],
+        Duration::from_millis(5),
+    )
+    .await
 }
 
-/// [`poll_until_ready`] that also reads again at once whenever `wake` is notified (a
-/// backend's signal that this process just stored a result).
+/// [`poll_until_ready`] that also reads again at once whenever one of `wakes` is notified
+/// (a backend's signal that a result may have been stored), and backs off to
+/// `longest_pause` between reads otherwise.
 ///
 /// # Errors
 /// [`ResultError::Timeout`] at the deadline, or the backend's error.
@@ -176,14 +185,18 @@ pub async fn poll_until_ready_or_woken<B: ResultBackend + ?Sized>(
     task_id: &str,
     deadline: tokio::time::Instant,
     timeout: Duration,
-    wake: Option<&tokio::sync::Notify>,
+    wakes: &[&tokio::sync::Notify],
+    longest_pause: Duration,
 ) -> Result<ResultMeta, ResultError> {
-    let mut pause = Duration::from_millis(1);
+    let mut pause = Duration::from_millis(1).min(longest_pause);
     loop {
         // Registered before reading, so a store between the read and the sleep is not missed.
-        let mut woken = wake.map(|notify| Box::pin(notify.notified()));
-        if let Some(woken) = woken.as_mut() {
-            woken.as_mut().enable();
+        let mut woken: Vec<_> = wakes
+            .iter()
+            .map(|notify| Box::pin(notify.notified()))
+            .collect();
+        for notified in &mut woken {
+            notified.as_mut().enable();
         }
         let meta = backend.get(task_id).await?;
         if let Some(meta) = &meta
@@ -200,15 +213,15 @@ pub async fn poll_until_ready_or_woken<B: ResultBackend + ?Sized>(
             });
         }
         let woken = async {
-            match woken.as_mut() {
-                Some(woken) => woken.await,
-                None => std::future::pending().await,
+            if woken.is_empty() {
+                std::future::pending::<()>().await;
             }
+            futures_util::future::select_all(woken).await;
         };
         tokio::select! {
             () = woken => {}
             () = tokio::time::sleep(pause.min(deadline - now)) => {
-                pause = (pause * 2).min(Duration::from_millis(5));
+                pause = (pause * 2).min(longest_pause);
             }
         }
     }

@@ -4,13 +4,16 @@
 //! * `control_commands` is the broadcast: a client appends one row per command, its body
 //!   exactly as it would travel on `celery.pidbox` ([`ControlCommand::body`], with its
 //!   `destination`, `pattern` and `ticket`) and an `expires` time (the client's timeout).
-//!   Every worker on the file polls it every [`COMMAND_POLL`] from the newest row it saw
+//!   Every worker on the file reads it when the file's watcher reports a commit
+//!   ([`Db::changed`]), and at least every [`COMMAND_POLL`] (50 ms without a watcher, 1 s
+//!   with one), from the newest row it saw
 //!   when it started listening (commands are for the workers alive now, as on RabbitMQ),
 //!   runs the rows [`ControlCommand::is_for`] it that have not expired, and skips the rows
 //!   it cannot read, so a malformed row costs a warning, never the worker.
 //! * `control_replies` is the way back: a worker that is asked for a reply (the command has
 //!   a `ticket` and a `reply_to`) appends one row with the ticket, its node name and its
-//!   answer; the client polls the rows of its ticket every [`REPLY_POLL`], in the order
+//!   answer; the client reads the rows of its ticket on each reported commit and at
+//!   least every [`REPLY_POLL`], in the order
 //!   they arrived, until its timeout or limit, then deletes them. A cast has no ticket and
 //!   gets no row.
 //!
@@ -28,7 +31,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::broker::{BrokerError, ControlBroadcast, ControlReply, ControlRequest};
-use crate::db::{Db, now_ms};
+use crate::db::{Db, PollEvery, now_ms};
 use crate::protocol::{ControlCommand, ControlReplyTo};
 
 /// The tables, created with the broker's schema.
@@ -50,11 +53,19 @@ CREATE TABLE IF NOT EXISTS control_replies (
 CREATE INDEX IF NOT EXISTS control_replies_ticket ON control_replies (ticket, seq);
 ";
 
-/// How often a worker looks for new commands.
-pub(super) const COMMAND_POLL: Duration = Duration::from_millis(50);
+/// How often a worker looks for new commands when nothing wakes it (see [`PollEvery`]).
+pub(super) const COMMAND_POLL: PollEvery = PollEvery {
+    unwatched: Duration::from_millis(50),
+    watched: Duration::from_millis(1_000),
+};
 
 /// How often a client looks for replies to its command.
 pub(super) const REPLY_POLL: Duration = Duration::from_millis(20);
+
+/// Where the file's watcher reports commits ([`Db::changed`]), a worker looks for commands
+/// at once rather than at its next poll, but at most this often: on a busy file commits come
+/// by the thousand a second and each look is a query on the database thread.
+const COMMAND_LOOK_SPACING: Duration = Duration::from_millis(2);
 
 /// How long a row is kept past its expiry (a reply row: past its command's).
 const KEPT_PAST_EXPIRY_MS: i64 = 60_000;
@@ -231,8 +242,10 @@ pub(super) async fn listen(
 /// replies, until the receiver is dropped.
 async fn serve(db: Db, node: String, mut after: i64, sender: mpsc::Sender<ControlRequest>) {
     loop {
+        // Registered before the read, so a command committed meanwhile is not missed.
+        let committed = db.watch_commits();
         let seen = after;
-        match db.run(move |conn| commands_after(conn, seen)).await {
+        match db.read(move |conn| commands_after(conn, seen)).await {
             Ok(rows) => {
                 let now = now_ms();
                 for row in rows {
@@ -273,7 +286,7 @@ async fn serve(db: Db, node: String, mut after: i64, sender: mpsc::Sender<Contro
             Err(error) => tracing::warn!(%error, "remote control: cannot read commands"),
         }
         tokio::select! {
-            () = tokio::time::sleep(COMMAND_POLL) => {}
+            () = committed.wait(COMMAND_POLL, COMMAND_LOOK_SPACING) => {}
             () = sender.closed() => return,
         }
     }
@@ -343,15 +356,28 @@ async fn collect(
 ) -> Result<Vec<ControlReply>, BrokerError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let (mut after, mut replies) = (0_i64, Vec::new());
+    // A reply committed by a worker in another process wakes this wait at once where the
+    // file has a watcher; otherwise (or should a wake-up be missed) the poll finds it. Each
+    // wait is registered before the read that precedes it, so no commit falls in between.
+    let watch = || {
+        let mut committed = Box::pin(db.changed().notified());
+        committed.as_mut().enable();
+        committed
+    };
+    let mut committed = watch();
     loop {
         let now = tokio::time::Instant::now();
         if now >= deadline {
             break;
         }
-        tokio::time::sleep(REPLY_POLL.min(deadline - now)).await;
+        tokio::select! {
+            () = tokio::time::sleep(REPLY_POLL.min(deadline - now)) => {}
+            () = &mut committed => {}
+        }
+        committed = watch();
         let (seen, owned) = (after, ticket.to_owned());
         let (newest, more) = db
-            .run(move |conn| replies_after(conn, &owned, seen))
+            .read(move |conn| replies_after(conn, &owned, seen))
             .await?;
         after = newest;
         replies.extend(more);

@@ -9,7 +9,7 @@ use rusqlite::params;
 use tokio::sync::mpsc;
 
 use crate::broker::BrokerError;
-use crate::db::{Db, now_ms};
+use crate::db::{Db, PollEvery, now_ms};
 use crate::protocol::events::EventMessage;
 
 /// The table, created with the broker's schema.
@@ -26,8 +26,11 @@ CREATE TABLE IF NOT EXISTS events (
 /// Event messages kept in the table; older ones are deleted as new ones come.
 const KEPT: i64 = 100_000;
 
-/// How often a listener looks for new rows.
-const POLL: Duration = Duration::from_millis(100);
+/// How often a listener looks for new rows when nothing wakes it (see [`PollEvery`]).
+const POLL: PollEvery = PollEvery {
+    unwatched: Duration::from_millis(100),
+    watched: Duration::from_millis(1_000),
+};
 
 /// Appends `message`, dropping what falls out of the newest [`KEPT`].
 pub(super) async fn publish(db: &Db, message: &EventMessage) -> Result<(), BrokerError> {
@@ -65,8 +68,9 @@ pub(super) async fn listen(
     let db = db.clone();
     tokio::spawn(async move {
         loop {
+            let committed = db.watch_commits();
             let rows = db
-                .run(move |conn| {
+                .read(move |conn| {
                     let mut stmt = conn.prepare_cached(
                         "SELECT seq, routing_key, hostname, body FROM events
                          WHERE seq > ?1 ORDER BY seq LIMIT 1000",
@@ -96,7 +100,7 @@ pub(super) async fn listen(
                 Err(error) => tracing::warn!(%error, "cannot read events"),
             }
             tokio::select! {
-                () = tokio::time::sleep(POLL) => {}
+                () = committed.wait(POLL, super::LOOK_SPACING) => {}
                 () = sender.closed() => return,
             }
         }

@@ -387,9 +387,15 @@ impl Consumer for SqliteConsumer {
                 self.broker.declare_queues(&wanted).await?;
                 self.queues = wanted;
             }
+            // Both registered before the lease query, so a publish (here or by another
+            // process) between the query and the sleep is not missed.
             let woken = LOCAL_PUBLISH.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
+            let db = self.broker.db.clone();
+            let committed = db.changed().notified();
+            tokio::pin!(committed);
+            committed.as_mut().enable();
             let lease = self.pending.get_or_insert_with(|| {
                 let broker = self.broker.clone();
                 let queues = self.queues.clone();
@@ -404,8 +410,9 @@ impl Consumer for SqliteConsumer {
                 tokio::select! {
                     () = tokio::time::sleep(idle_sleep) => {}
                     () = &mut woken => {}
+                    () = &mut committed => {}
                 }
-                idle_sleep = (idle_sleep * 2).min(self.broker.options.max_poll_interval);
+                idle_sleep = (idle_sleep * 2).min(self.broker.idle_poll_ceiling());
                 continue;
             }
             self.buffer_rows(rows);

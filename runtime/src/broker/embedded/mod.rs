@@ -29,7 +29,7 @@ use super::{
     Broker, BrokerError, Consumer, ControlBroadcast, ControlReply, ControlRequest, DeadLetter,
     REVOKE_EXPIRES, Revocation,
 };
-use crate::db::{Db, now_ms};
+use crate::db::{Db, PollEvery, now_ms};
 use crate::protocol::Envelope;
 
 const SCHEMA: &str = "
@@ -81,9 +81,14 @@ pub struct SqliteBrokerOptions {
     pub lease: Duration,
     /// How often a live consumer renews its leases. Default: 2 s.
     pub renew_every: Duration,
-    /// Longest sleep between polls of an idle queue (other processes' messages are found by
-    /// polling; this process's own publishes wake consumers at once). Default: 5 ms.
+    /// Longest sleep between polls of an idle queue where the file has no watcher (then other
+    /// processes' messages are found only by polling; this process's own publishes wake
+    /// consumers at once). Default: 5 ms.
     pub max_poll_interval: Duration,
+    /// Longest sleep between polls of an idle queue while the file's watcher wakes consumers
+    /// on other processes' commits: a wake-up the watcher misses costs at most this.
+    /// Default: 100 ms.
+    pub watched_poll_interval: Duration,
     /// Most rows fetched by one lease query. Default: 64.
     pub max_batch: usize,
 }
@@ -94,6 +99,7 @@ impl Default for SqliteBrokerOptions {
             lease: Duration::from_secs(10),
             renew_every: Duration::from_secs(2),
             max_poll_interval: Duration::from_millis(5),
+            watched_poll_interval: Duration::from_millis(100),
             max_batch: 64,
         }
     }
@@ -121,6 +127,16 @@ pub struct SqliteBroker {
 }
 
 impl SqliteBroker {
+    /// Longest sleep between polls of an idle queue: short without a watcher on the file,
+    /// long with one (a commit by any process wakes consumers at once).
+    fn idle_poll_ceiling(&self) -> Duration {
+        if self.db.sees_commits() {
+            self.options.watched_poll_interval
+        } else {
+            self.options.max_poll_interval
+        }
+    }
+
     /// Opens (creating if needed) the broker in the database file at `path`.
     ///
     /// # Errors
@@ -297,7 +313,7 @@ impl Broker for SqliteBroker {
         let queue = queue.to_owned();
         Ok(self
             .db
-            .run(move |conn| {
+            .read(move |conn| {
                 conn.prepare_cached(
                     "SELECT COUNT(*) FROM messages
                      WHERE queue = ?1 AND (leased_by IS NULL OR lease_expires < ?2)",
@@ -349,8 +365,9 @@ impl Broker for SqliteBroker {
         tokio::spawn(async move {
             let mut after = 0_i64;
             loop {
+                let committed = db.watch_commits();
                 let rows = db
-                    .run(move |conn| {
+                    .read(move |conn| {
                         let mut stmt = conn.prepare_cached(
                             "SELECT seq, task_id, terminate, revoked_at FROM revocations
                              WHERE seq > ?1 ORDER BY seq",
@@ -380,7 +397,7 @@ impl Broker for SqliteBroker {
                     Err(error) => tracing::warn!(%error, "cannot read revocations"),
                 }
                 tokio::select! {
-                    () = tokio::time::sleep(REVOCATION_POLL) => {}
+                    () = committed.wait(REVOCATION_POLL, LOOK_SPACING) => {}
                     () = sender.closed() => return,
                 }
             }
@@ -449,5 +466,13 @@ impl Broker for SqliteBroker {
     }
 }
 
-/// How often workers look for new revocations in the database.
-const REVOCATION_POLL: Duration = Duration::from_millis(100);
+/// How often workers look for new revocations when nothing wakes them (see [`PollEvery`]).
+const REVOCATION_POLL: PollEvery = PollEvery {
+    unwatched: Duration::from_millis(100),
+    watched: Duration::from_millis(1_000),
+};
+
+/// Where the file's watcher reports commits, the shortest time between two looks at a table
+/// other processes append to (revocations, events): on a busy file commits come by the
+/// thousand a second, and each look is a query on the database thread.
+pub(super) const LOOK_SPACING: Duration = Duration::from_millis(10);
