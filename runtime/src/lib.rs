@@ -43,7 +43,7 @@
 //!            signing.rs         Ed25519 keys, plugin statements, trust policies
 //!            routes.rs          task name → queue
 //!            units.rs           sizes and durations
-//!            db.rs              the embedded database file (broker and results share it)
+//!            db/                the embedded database file (broker and results share it)
 //!            redis_client.rs    one Redis connection per URL (results and scheduler)
 //! ```
 //!

@@ -7,7 +7,7 @@
 //!
 //! A claim is one statement: insert or update the entry's row only `WHERE` the claimer's lease
 //! row is live *and* the stored instant is earlier. Every job runs inside SQLite's
-//! `BEGIN IMMEDIATE` (see `db.rs`), so processes sharing the file are serialized by its write
+//! `BEGIN IMMEDIATE` (see `db/`), so processes sharing the file are serialized by its write
 //! lock. Expiry is judged by the callers' clocks, which on one machine are one clock.
 
 use std::collections::HashMap;
