@@ -33,6 +33,8 @@ fn main() {
         root.join("sdk/wit"),
         root.join("sdk/macros/Cargo.toml"),
         root.join("sdk/macros/src"),
+        root.join("bench/cpu-workloads/Cargo.toml"),
+        root.join("bench/cpu-workloads/src"),
     ] {
         println!("cargo:rerun-if-changed={}", path.display());
     }
@@ -96,11 +98,13 @@ fn main() {
             wasm.display().to_string()
         )
         .unwrap();
-        writeln!(all, "    ({name:?}, {constant}),").unwrap();
+        if !BENCH_ONLY.contains(&name.as_str()) {
+            writeln!(all, "    ({name:?}, {constant}),").unwrap();
+        }
     }
     writeln!(
         code,
-        "/// Every bundled plugin, as (name, component bytes)."
+        "/// Every bundled plugin but the benchmarks' own, as (name, component bytes)."
     )
     .unwrap();
     writeln!(code, "pub const ALL: &[(&str, &[u8])] = &[\n{all}];").unwrap();
@@ -110,6 +114,10 @@ fn main() {
         wasm_dir.display()
     );
 }
+
+/// Plugins built and embedded for the benchmarks only: not in `ALL`, so the demo, `plugins
+/// export` and bundled registries never load them.
+const BENCH_ONLY: &[&str] = &["cpu"];
 
 /// The plugin crates: subfolders of `plugins/` with a Cargo.toml.
 fn plugin_crates(plugins_dir: &Path) -> Vec<String> {

@@ -13,7 +13,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use wasmq::engine::{AllocatorKind, CallRequest, LimitOverrides, Plugin, Sandbox, SandboxConfig};
+use wasmq::engine::{
+    AllocatorKind, CallRequest, CpuMetering, LimitOverrides, Plugin, Sandbox, SandboxConfig,
+};
 
 fn setup(config: SandboxConfig) -> (tokio::runtime::Runtime, Sandbox, Plugin) {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -83,9 +85,13 @@ fn fib_25(c: &mut Criterion) {
         fuel: Some(u64::MAX),
         ..LimitOverrides::default()
     };
-    for (name, instrumentation) in [("instrumented", true), ("uninstrumented", false)] {
+    for (name, cpu_metering) in [
+        ("cpu-time", CpuMetering::Time),
+        ("fuel", CpuMetering::Fuel),
+        ("uninstrumented", CpuMetering::Off),
+    ] {
         let (runtime, sandbox, plugin) = setup(SandboxConfig {
-            instrumentation,
+            cpu_metering,
             ..SandboxConfig::default()
         });
         group.bench_function(name, |b| {

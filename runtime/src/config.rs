@@ -20,6 +20,9 @@
 //! max_retries = 3                              # WASMQ_MAX_RETRIES, --max-retries
 //! default_retry_delay = "3m"                   # WASMQ_DEFAULT_RETRY_DELAY, --default-retry-delay
 //! cache_dir = "~/.cache/wasmq/artifacts"       # WASMQ_CACHE_DIR, --cache-dir
+//! cpu_metering = "time"                        # WASMQ_CPU_METERING, --cpu-metering: how a
+//!                                              # task's fuel budget is enforced: "time" (CPU
+//!                                              # time, 10^10 fuel = 1 s) or "fuel" (exact)
 //! max_deliveries = 10                          # WASMQ_MAX_DELIVERIES, --max-deliveries
 //! queue_max_priority = 10                      # WASMQ_QUEUE_MAX_PRIORITY, --queue-max-priority
 //! trusted_keys = ["ed25519:…", "keys/ops.pub"] # WASMQ_TRUSTED_KEYS, --trusted-key (keys or files)
@@ -74,7 +77,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use crate::autoscale::AutoscalePolicy;
-use crate::engine::Limits;
+use crate::engine::{CpuMetering, Limits};
 use crate::policy::{PolicyOverrides, RetryPolicy, TaskAnnotations};
 use crate::routes::TaskRoutes;
 use crate::signing::TrustPolicy;
@@ -120,6 +123,8 @@ pub struct RawConfig {
     pub default_retry_delay: Option<String>,
     /// Artifact cache folder.
     pub cache_dir: Option<PathBuf>,
+    /// How a task's CPU budget is enforced: `time` or `fuel`.
+    pub cpu_metering: Option<String>,
     /// Default task limits.
     pub limits: Option<RawLimits>,
     /// Ceiling limits.
@@ -229,6 +234,7 @@ impl RawConfig {
             max_retries: self.max_retries.or(lower.max_retries),
             default_retry_delay: self.default_retry_delay.or(lower.default_retry_delay),
             cache_dir: self.cache_dir.or(lower.cache_dir),
+            cpu_metering: self.cpu_metering.or(lower.cpu_metering),
             limits: merge_limits(self.limits, lower.limits),
             ceiling: merge_limits(self.ceiling, lower.ceiling),
             max_deliveries: self.max_deliveries.or(lower.max_deliveries),
@@ -288,6 +294,8 @@ pub struct WorkerConfig {
     pub result_expires: Duration,
     /// Artifact cache folder (`None`: the user's cache directory).
     pub cache_dir: Option<PathBuf>,
+    /// How a task's CPU budget is enforced.
+    pub cpu_metering: CpuMetering,
     /// Default task limits.
     pub limits: Limits,
     /// Ceiling limits.
@@ -511,6 +519,15 @@ impl WorkerConfig {
                 crate::results::DEFAULT_RESULT_EXPIRES,
             )?,
             cache_dir: raw.cache_dir,
+            cpu_metering: raw.cpu_metering.as_deref().map_or(
+                Ok(CpuMetering::default()),
+                |text| {
+                    CpuMetering::parse(text, false).map_err(|message| ConfigError::Invalid {
+                        key: "cpu_metering",
+                        message,
+                    })
+                },
+            )?,
             limits: limits("limits", raw.limits, Limits::DEFAULT)?,
             ceiling,
             queue_max_priority: raw.queue_max_priority,

@@ -4,14 +4,14 @@
 use std::path::Path;
 
 use crate::support::MATH;
-use wasmq::engine::{CacheStatus, Sandbox, SandboxConfig};
+use wasmq::engine::{CacheStatus, CpuMetering, Sandbox, SandboxConfig};
 
 use crate::support::{runtime, success};
 
-fn cached_sandbox(dir: &Path, instrumentation: bool) -> Sandbox {
+fn cached_sandbox(dir: &Path, cpu_metering: CpuMetering) -> Sandbox {
     Sandbox::new(SandboxConfig {
         cache_dir: Some(dir.to_path_buf()),
-        instrumentation,
+        cpu_metering,
         ..SandboxConfig::default()
     })
     .unwrap()
@@ -51,7 +51,7 @@ fn artifacts_are_reused_and_invalidated_correctly() {
         let bytes = std::fs::read(MATH).unwrap();
 
         // First load compiles and stores one artifact.
-        let sandbox = cached_sandbox(dir.path(), true);
+        let sandbox = cached_sandbox(dir.path(), CpuMetering::Time);
         let plugin = sandbox.load_plugin(Path::new(MATH)).await.unwrap();
         assert_eq!(plugin.cache_status(), CacheStatus::Compiled);
         let artifact = sandbox.cached_artifact_path(&bytes).unwrap();
@@ -59,7 +59,7 @@ fn artifacts_are_reused_and_invalidated_correctly() {
         assert_eq!(artifacts(dir.path()).len(), 1);
 
         // A new sandbox with the same configuration loads it.
-        let sandbox = cached_sandbox(dir.path(), true);
+        let sandbox = cached_sandbox(dir.path(), CpuMetering::Time);
         let plugin = sandbox.load_plugin(Path::new(MATH)).await.unwrap();
         assert_eq!(plugin.cache_status(), CacheStatus::Hit);
         assert_eq!(success(&sandbox, &plugin, "math.add", "[20, 22]").await, 42);
@@ -79,9 +79,9 @@ fn artifacts_are_reused_and_invalidated_correctly() {
         assert_eq!(success(&sandbox, &plugin, "math.add", "[1, 1]").await, 2);
         assert_eq!(artifacts(dir.path()).len(), 2);
 
-        // A different engine configuration (no fuel/epoch instrumentation: different code)
-        // never loads the instrumented artifact.
-        let plain = cached_sandbox(dir.path(), false);
+        // A different engine configuration (fuel metering instead of CPU time: different
+        // code) never loads the other's artifact.
+        let plain = cached_sandbox(dir.path(), CpuMetering::Fuel);
         let plugin = plain.load_plugin(Path::new(MATH)).await.unwrap();
         assert_eq!(plugin.cache_status(), CacheStatus::Compiled);
         assert_ne!(plain.cached_artifact_path(&bytes), Some(artifact.clone()));
@@ -90,7 +90,7 @@ fn artifacts_are_reused_and_invalidated_correctly() {
 
         // A corrupt artifact is discarded, the plugin recompiled, and the cache healed.
         std::fs::write(&artifact, b"not an artifact").unwrap();
-        let sandbox = cached_sandbox(dir.path(), true);
+        let sandbox = cached_sandbox(dir.path(), CpuMetering::Time);
         let plugin = sandbox.load_plugin(Path::new(MATH)).await.unwrap();
         assert_eq!(plugin.cache_status(), CacheStatus::Compiled);
         assert_eq!(success(&sandbox, &plugin, "math.add", "[3, 4]").await, 7);

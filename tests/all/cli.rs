@@ -60,6 +60,19 @@ fn failures_are_one_line_with_distinct_exit_codes() {
         (
             &["call", HOSTILE, "hostile.spin", "--fuel", "100000000"],
             3,
+            "error: hostile.spin ran out of CPU time (budget 10ms of CPU = 100000000 fuel)\n",
+        ),
+        (
+            &[
+                "call",
+                HOSTILE,
+                "hostile.spin",
+                "--fuel",
+                "100000000",
+                "--cpu-metering",
+                "fuel",
+            ],
+            3,
             "error: hostile.spin ran out of fuel (budget 100000000)\n",
         ),
         (
@@ -222,5 +235,35 @@ fn regression_spawned_commands_write_nothing_into_the_crate_directory() {
         !crate_state.exists(),
         "a test wrote {} (or an older run left it: remove it)",
         crate_state.display()
+    );
+}
+
+/// `wasmq bench cpu` (one round): every workload computes the same answer natively and in
+/// every sandbox (the bench fails otherwise), and a spinning task is stopped by its CPU
+/// budget under both meterings a worker can run with.
+#[test]
+fn bench_cpu_runs_every_workload_alike_natively_and_sandboxed() {
+    let cache = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wasmq"))
+        .args(["bench", "cpu", "--rounds", "1", "--cache-dir"])
+        .arg(cache.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for workload in ["fib", "markdown", "regex", "json", "sha256", "sort"] {
+        assert!(stdout.contains(&format!("| {workload}(")), "{stdout}");
+    }
+    assert!(
+        stdout.contains("| time | ") && stdout.contains("ran out of CPU time (budget 100ms"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| fuel | ") && stdout.contains("ran out of fuel (budget 1000000000)"),
+        "{stdout}"
     );
 }

@@ -923,7 +923,7 @@ fn the_tenant_layer_sets_defaults_and_a_lower_ceiling() {
         eprintln!("hostile.spin under the tenant ceiling → {}", report.outcome);
         assert_eq!(
             report.outcome.to_string(),
-            "ran out of fuel (budget 2000000000)"
+            "ran out of CPU time (budget 200ms of CPU = 2000000000 fuel)"
         );
         f.still_serving().await;
 

@@ -13,7 +13,10 @@ use crate::support::{load, runtime, success};
 /// What each hostile task must end as, and a fragment of its message.
 fn expected(task: &str) -> (&'static str, &'static str) {
     match task {
-        "hostile.spin" => ("limit:fuel", "ran out of fuel (budget 2000000000)"),
+        "hostile.spin" => (
+            "limit:fuel",
+            "ran out of CPU time (budget 200ms of CPU = 2000000000 fuel)",
+        ),
         "hostile.hog" => ("limit:memory", "exceeded its memory limit (128 MiB)"),
         "hostile.recurse" => (
             "limit:stack",
@@ -21,7 +24,7 @@ fn expected(task: &str) -> (&'static str, &'static str) {
         ),
         "hostile.panic" => (
             "trap",
-            "panicked at hostile/src/lib.rs:52:5: the hostile plugin panicked on purpose",
+            "panicked at hostile/src/lib.rs:56:5: the hostile plugin panicked on purpose",
         ),
         "hostile.flood" => (
             "limit:output",

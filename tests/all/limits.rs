@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use crate::support::{HOSTILE, MATH, TEXT};
-use wasmq::engine::{CallRequest, LimitKind, LimitOverrides, Outcome};
+use wasmq::engine::{
+    CallRequest, CpuMetering, LimitKind, LimitOverrides, Outcome, Sandbox, SandboxConfig,
+};
 
 use crate::support::{load, runtime, sandbox};
 
@@ -15,10 +17,16 @@ fn limit_kind(outcome: &Outcome) -> Option<LimitKind> {
     }
 }
 
+/// Under fuel metering the budget is exact: a call stops at the very unit it runs out.
 #[test]
 fn fuel_budget_boundary() {
     runtime().block_on(async {
-        let sandbox = sandbox();
+        let sandbox = Sandbox::new(SandboxConfig {
+            cache_dir: None,
+            cpu_metering: CpuMetering::Fuel,
+            ..SandboxConfig::default()
+        })
+        .unwrap();
         let math = load(&sandbox, MATH).await;
         let run = |fuel: u64| {
             let mut request = CallRequest::new("math.fib", "[20]");
@@ -182,7 +190,81 @@ fn plugin_defaults_apply_and_callers_override_them_within_the_ceiling() {
         );
         assert_eq!(
             report.outcome.to_string(),
-            "ran out of fuel (budget 5000000)"
+            "ran out of CPU time (budget 500us of CPU = 5000000 fuel)"
+        );
+    });
+}
+
+/// The CPU budget is hard under both meterings a worker can run with: a spinning task is
+/// stopped by it (not by its far longer wall-clock limit), under CPU-time metering within a
+/// tick (10 ms) of CPU past the budget.
+#[test]
+fn a_spinning_task_is_stopped_by_its_cpu_budget_under_every_metering() {
+    runtime().block_on(async {
+        for metering in [CpuMetering::Time, CpuMetering::Fuel] {
+            let sandbox = Sandbox::new(SandboxConfig {
+                cache_dir: None,
+                cpu_metering: metering,
+                ..SandboxConfig::default()
+            })
+            .unwrap();
+            let hostile = load(&sandbox, HOSTILE).await;
+            let mut request = CallRequest::new("hostile.spin", "[]");
+            request.limits = LimitOverrides {
+                fuel: Some(1_000_000_000), // 100 ms of CPU under CPU-time metering
+                timeout: Some(Duration::from_secs(20)),
+                ..LimitOverrides::default()
+            };
+            let report = sandbox.call(&hostile, request).await.unwrap();
+            let name = metering.name();
+            assert_eq!(
+                limit_kind(&report.outcome),
+                Some(LimitKind::Fuel),
+                "{name}: {}",
+                report.outcome
+            );
+            assert!(
+                report.elapsed < Duration::from_secs(10),
+                "{name}: ran {:?}",
+                report.elapsed
+            );
+            if metering == CpuMetering::Time {
+                assert_eq!(
+                    report.outcome.to_string(),
+                    "ran out of CPU time (budget 100ms of CPU = 1000000000 fuel)"
+                );
+                assert!(
+                    report.cpu_time >= Duration::from_millis(100)
+                        && report.cpu_time < Duration::from_millis(150),
+                    "stopped after {:?} of CPU",
+                    report.cpu_time
+                );
+            } else {
+                assert_eq!(
+                    report.outcome.to_string(),
+                    "ran out of fuel (budget 1000000000)"
+                );
+            }
+        }
+    });
+}
+
+/// CPU-time metering charges the CPU a task uses, not the time it waits: a task that
+/// sleeps 300 ms on a budget of 100 ms of CPU succeeds, charged almost nothing.
+#[test]
+fn cpu_time_metering_does_not_charge_waiting() {
+    runtime().block_on(async {
+        let sandbox = sandbox();
+        let math = load(&sandbox, MATH).await;
+        let mut request = CallRequest::new("math.sleep", "[0.3]");
+        request.limits.fuel = Some(1_000_000_000);
+        let report = sandbox.call(&math, request).await.unwrap();
+        assert!(report.outcome.is_success(), "{}", report.outcome);
+        assert!(report.elapsed >= Duration::from_millis(300));
+        assert!(
+            report.cpu_time < Duration::from_millis(50),
+            "charged {:?} for sleeping",
+            report.cpu_time
         );
     });
 }

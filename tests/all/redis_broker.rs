@@ -176,6 +176,8 @@ fn python_celery_clients_calls_canvas_and_revokes_are_served_by_a_wasmq_worker_o
         crate::canvas::check_python_canvas_results(&run_python("canvas_client.py", &queue).await);
         let report = run_python("revoke_client.py", &queue).await;
         assert_eq!(report["revoked"]["error"], "TaskRevokedError", "{report:#}");
+        // `inspect active` must have shown it running, or the revoke found it still queued.
+        assert_eq!(report["seen_running"], true, "{report:#}");
         assert_eq!(report["terminated"]["message"], "terminated", "{report:#}");
         assert!(
             report["terminated_after_s"].as_f64().unwrap() < 3.0,

@@ -821,6 +821,8 @@ fn a_python_celery_client_revokes_and_terminates_tasks_on_wasmq_workers() {
         let report: Value = serde_json::from_str(&stdout).unwrap();
         assert_eq!(report["revoked"]["error"], "TaskRevokedError", "{report:#}");
         assert_eq!(report["revoked"]["state"], "REVOKED");
+        // `inspect active` must have shown it running, or the revoke found it still queued.
+        assert_eq!(report["seen_running"], true, "{report:#}");
         assert_eq!(
             report["terminated"]["error"], "TaskRevokedError",
             "{report:#}"

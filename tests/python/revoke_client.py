@@ -42,9 +42,15 @@ def is_running(task_id):
 
 
 # Wait until a worker reports it running (a loaded machine can take more than a second).
-deadline = time.monotonic() + 20
-while not is_running(running.id) and time.monotonic() < deadline:
+waiting_since = time.monotonic()
+deadline = waiting_since + 20
+seen_running = is_running(running.id)
+while not seen_running and time.monotonic() < deadline:
     time.sleep(0.2)
+    seen_running = is_running(running.id)
+# For the test's failure message: a task revoked before it ran is "revoked", not "terminated".
+report["seen_running"] = seen_running
+report["waited_for_running_s"] = time.monotonic() - waiting_since
 started = time.monotonic()
 running.revoke(terminate=True)
 report["terminated"] = outcome(running)

@@ -33,7 +33,11 @@ fn hog() -> usize {
     }
 }
 
-/// Recurses without bound: stopped by the wasm stack limit.
+/// Recurses without bound: stopped by the wasm stack limit. (This plugin keeps Rust's
+/// default 1 MiB shadow stack, unlike the other bundled plugins' 128 KiB: with a small one,
+/// the shadow stack in linear memory can run out first, which traps as an out-of-bounds
+/// access — whichever is smaller per frame decides, and it differs between fuel and
+/// CPU-time metering.)
 #[task]
 fn recurse() -> u64 {
     deeper(black_box(0))

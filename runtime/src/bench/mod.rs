@@ -19,6 +19,7 @@
 //! tenants    the noisy neighbour: B's probe latency while A floods         (tenants.rs)
 //! deploy     what a release swap costs a running worker's tasks            (deploy.rs)
 //! autoscale  `--concurrency auto` against fixed sizes: throughput, memory  (autoscale.rs)
+//! cpu        CPU-heavy workloads: native, Wasm, and each CPU metering      (cpu.rs)
 //! ```
 //!
 //! What the runs share sits here (the only-this-machine guard, queue names, the concurrent
@@ -37,6 +38,7 @@ mod amqp_table;
 pub(crate) mod autoscale;
 mod ceiling;
 mod celery;
+pub(crate) mod cpu;
 pub(crate) mod deploy;
 pub(crate) mod embedded;
 mod harness;

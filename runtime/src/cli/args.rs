@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::ValueEnum;
 
 use super::exit::Failure;
-use crate::engine::{AllocatorKind, Sandbox, SandboxConfig};
+use crate::engine::{AllocatorKind, CpuMetering, Sandbox, SandboxConfig};
 
 /// Options shared by every command that loads plugins.
 #[derive(Debug, Clone, clap::Args)]
@@ -23,6 +23,28 @@ pub(super) struct EngineArgs {
     /// reserved) or on-demand.
     #[arg(long, value_enum, default_value_t = AllocatorArg::Pooling)]
     allocator: AllocatorArg,
+    /// How a task's CPU budget (its fuel) is enforced: `time`, the CPU time of the task's
+    /// thread checked every 10 ms at 10^10 fuel per second (the default), or `fuel`,
+    /// wasmtime's exact instruction count (deterministic; up to 2× slower on call-heavy code).
+    #[arg(long, value_enum, env = "WASMQ_CPU_METERING")]
+    pub(super) cpu_metering: Option<CpuMeteringArg>,
+}
+
+/// `--cpu-metering`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(super) enum CpuMeteringArg {
+    Time,
+    Fuel,
+}
+
+impl CpuMeteringArg {
+    /// The sandbox setting.
+    pub(super) fn metering(self) -> CpuMetering {
+        match self {
+            CpuMeteringArg::Time => CpuMetering::Time,
+            CpuMeteringArg::Fuel => CpuMetering::Fuel,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -40,6 +62,9 @@ impl EngineArgs {
                 AllocatorArg::OnDemand => AllocatorKind::OnDemand,
             },
             pool_size,
+            cpu_metering: self
+                .cpu_metering
+                .map_or(CpuMetering::default(), CpuMeteringArg::metering),
             ..SandboxConfig::default()
         };
         if self.no_cache {

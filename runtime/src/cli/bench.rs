@@ -3,7 +3,7 @@
 
 use super::args::EngineArgs;
 use super::exit::{ExitStatus, Failure};
-use crate::bench::{NotLocal, amqp, autoscale, deploy, embedded, redis, scale, soak, tenants};
+use crate::bench::{NotLocal, amqp, autoscale, cpu, deploy, embedded, redis, scale, soak, tenants};
 use crate::engine::Limits;
 use crate::engine::PluginError;
 use crate::worker::WorkerOptions;
@@ -36,6 +36,26 @@ pub(super) enum BenchCommand {
     /// `--concurrency auto` against fixed concurrencies: throughput on a mix of sleeping and
     /// CPU-bound tasks, and the memory committed on a memory-heavy mix under a budget.
     Autoscale(AutoscaleArgs),
+    /// CPU-heavy workloads (fib, Markdown, regex, JSON, SHA-256, sort) as native Rust and
+    /// as Wasm with no CPU metering, CPU-time metering (the default) and fuel; then a
+    /// spinning task stopped by its CPU budget under each metering. No broker.
+    Cpu(CpuArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct CpuArgs {
+    /// Rounds per workload; each cell is the median of its rounds.
+    #[arg(long, default_value_t = 15)]
+    rounds: usize,
+    /// Only these workloads, comma-separated (fib, markdown, regex, json, sha256, sort).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Another build of the `cpu` plugin (plugins/cpu) to measure, e.g. with another guest
+    /// profile. Default: the one bundled in this binary.
+    #[arg(long)]
+    plugin: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -293,6 +313,18 @@ pub(super) async fn run(command: BenchCommand) -> Result<(), Failure> {
                 fib: args.fib,
                 budget,
                 sandbox,
+            })
+            .await
+        }
+        BenchCommand::Cpu(args) => {
+            if args.rounds == 0 {
+                return Err(Failure::bad_input("bench cpu needs at least 1 round"));
+            }
+            cpu::run(cpu::CpuOptions {
+                rounds: args.rounds,
+                only: args.only,
+                plugin: args.plugin,
+                sandbox: args.engine.sandbox_config(8),
             })
             .await
         }

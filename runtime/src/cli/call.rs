@@ -82,10 +82,11 @@ pub(super) async fn call(args: CallArgs) -> Result<(), Failure> {
     })?;
     if args.verbose {
         eprintln!(
-            "{}: {} in {} (fuel used {} of {}; {})",
+            "{}: {} in {} ({} of CPU; fuel used {} of {}; {})",
             args.task,
             report.outcome.kind_name(),
             format_duration(round_micros(report.elapsed)),
+            format_duration(round_micros(report.cpu_time)),
             report.fuel_used,
             report.limits.fuel,
             report.limits

@@ -191,6 +191,10 @@ impl WorkerArgs {
             max_retries: self.max_retries,
             default_retry_delay: self.default_retry_delay.clone(),
             cache_dir: self.engine.cache_dir.clone(),
+            cpu_metering: self
+                .engine
+                .cpu_metering
+                .map(|arg| arg.metering().name().to_owned()),
             limits,
             ceiling: None,
             max_deliveries: self.max_deliveries,
@@ -225,6 +229,7 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
         .sandbox_config(pool_size(config.worker.max_concurrency()));
     sandbox_config.defaults = config.limits;
     sandbox_config.ceiling = config.ceiling;
+    sandbox_config.cpu_metering = config.cpu_metering;
     if let Some(dir) = &config.cache_dir
         && !args.engine.no_cache
     {

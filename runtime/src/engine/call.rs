@@ -179,6 +179,8 @@ pub(crate) struct CallState {
     pub(crate) on_state: Option<StateListener>,
     /// Keeps the epoch ticker ticking while this store lives.
     pub(crate) _ticking: Option<super::ticker::TickerHold>,
+    /// The CPU time this call has used (see `engine::cpu`).
+    pub(crate) cpu_clock: std::sync::Arc<super::cpu::CpuClock>,
 }
 
 /// The captured output streams of a call; clones share the buffer with the store's pipes.

@@ -23,6 +23,7 @@ mod bindings;
 mod cache;
 mod call;
 mod contract;
+mod cpu;
 mod grants;
 mod invocation;
 mod limits;
@@ -32,6 +33,7 @@ mod ticker;
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -43,6 +45,7 @@ use wasmtime_wasi::WasiCtxBuilder;
 
 pub use cache::CacheStatus;
 pub use call::{CancelToken, StateListener, StateUpdate};
+pub use cpu::{CpuMetering, FUEL_PER_CPU_SECOND, cpu_time_for_fuel, fuel_for_cpu_time};
 pub use grants::{DirGrant, GrantError, Grants, NetworkGrant, NetworkRule, redact};
 pub use invocation::{MessageInfo, MessageProperties};
 pub use limits::{LimitOverrides, Limits, TenantLimits};
@@ -51,7 +54,11 @@ pub use plugin::{Plugin, PluginError, TaskInfo};
 
 use crate::units::format_bytes;
 use call::{CallState, Captured, SandboxLimiter};
-use outcome::{Cancelled, DeadlineExceeded, Observations, classify_error, task_error_outcome};
+use cpu::CpuClock;
+use outcome::{
+    Cancelled, CpuBudgetExceeded, DeadlineExceeded, Observations, classify_error,
+    task_error_outcome,
+};
 
 /// How instances get their memories, tables and stacks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,9 +98,10 @@ pub struct SandboxConfig {
     pub max_random_bytes: u64,
     /// The wasm stack limit. Default: 512 KiB.
     pub max_wasm_stack: usize,
-    /// Fuel metering and epoch interruption. Only benchmarks turn this off, to measure
-    /// their cost; a sandbox without them cannot enforce CPU or time limits.
-    pub instrumentation: bool,
+    /// How a task's CPU budget (its `fuel` limit) is enforced: as thread CPU time checked at
+    /// each epoch tick, or as wasmtime fuel. Default: [`CpuMetering::Time`]. Only
+    /// benchmarks use [`CpuMetering::Off`].
+    pub cpu_metering: CpuMetering,
 }
 
 impl Default for SandboxConfig {
@@ -113,7 +121,7 @@ impl Default for SandboxConfig {
             max_result_bytes: 16 << 20,
             max_random_bytes: 1 << 20,
             max_wasm_stack: 512 << 10,
-            instrumentation: true,
+            cpu_metering: CpuMetering::Time,
         }
     }
 }
@@ -220,8 +228,12 @@ pub struct CallReport {
     pub outcome: Outcome,
     /// The limits it ran under.
     pub limits: Limits,
-    /// Fuel consumed.
+    /// Fuel consumed: exact under [`CpuMetering::Fuel`]; under [`CpuMetering::Time`], the
+    /// CPU time the call used at [`FUEL_PER_CPU_SECOND`]; 0 under [`CpuMetering::Off`].
     pub fuel_used: u64,
+    /// CPU time of the threads that ran the call (instantiation and the task, host calls
+    /// included); zero for calls that ran no sandbox.
+    pub cpu_time: Duration,
     /// Wall-clock time from store creation to the end of the call.
     pub elapsed: Duration,
 }
@@ -255,8 +267,8 @@ const MEMORY_KEEP_RESIDENT: usize = 256 << 10;
 fn engine_config(config: &SandboxConfig, allocator: AllocatorKind) -> Config {
     let mut wasm = Config::new();
     wasm.wasm_component_model(true)
-        .consume_fuel(config.instrumentation)
-        .epoch_interruption(config.instrumentation)
+        .consume_fuel(config.cpu_metering == CpuMetering::Fuel)
+        .epoch_interruption(config.cpu_metering != CpuMetering::Off)
         .max_wasm_stack(config.max_wasm_stack)
         .async_stack_size(config.max_wasm_stack + (1 << 20));
     // Threads, shared memory and GC are compiled out (wasmtime's `threads` and `gc`
@@ -324,7 +336,7 @@ impl Sandbox {
         wasmtime_wasi_config::add_to_linker(&mut linker, call::wasi_config)
             .map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
 
-        let ticker = if config.instrumentation {
+        let ticker = if config.cpu_metering != CpuMetering::Off {
             Some(
                 ticker::EpochTicker::start(engine.clone(), config.epoch_tick).map_err(|e| {
                     SandboxError::Engine(format!("cannot start the epoch ticker: {e}"))
@@ -413,6 +425,7 @@ impl Sandbox {
         cancel: Option<CancelToken>,
         on_state: Option<StateListener>,
     ) -> Result<(Store<CallState>, Captured), CallError> {
+        let cpu_clock = Arc::new(CpuClock::default());
         let captured = Captured::new(self.config.max_output_bytes);
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(captured.stdout.clone())
@@ -438,15 +451,22 @@ impl Sandbox {
             soft_deadline,
             on_state,
             _ticking: self.ticker.as_ref().map(ticker::EpochTicker::hold),
+            cpu_clock: Arc::clone(&cpu_clock),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         store.set_hostcall_fuel(self.config.max_result_bytes);
-        if self.config.instrumentation {
+        if self.config.cpu_metering == CpuMetering::Fuel {
             store
                 .set_fuel(limits.fuel)
                 .map_err(|e| CallError::Unavailable(format!("{e:#}")))?;
+        }
+        if self.config.cpu_metering != CpuMetering::Off {
             let deadline = Instant::now() + limits.timeout;
+            // Under fuel metering wasmtime enforces the budget itself.
+            let cpu_budget = (self.config.cpu_metering == CpuMetering::Time)
+                .then(|| cpu::cpu_time_for_fuel(limits.fuel));
+            let clock = Arc::clone(&cpu_clock);
             store.set_epoch_deadline(1);
             store.epoch_deadline_callback(move |_| {
                 if cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
@@ -454,6 +474,12 @@ impl Sandbox {
                 }
                 if Instant::now() >= deadline {
                     return Err(DeadlineExceeded.into());
+                }
+                if let Some(budget) = cpu_budget {
+                    let used = clock.used();
+                    if used >= budget {
+                        return Err(CpuBudgetExceeded { used }.into());
+                    }
                 }
                 Ok(UpdateDeadline::Yield(1))
             });
@@ -498,7 +524,9 @@ impl Sandbox {
         )?;
         let invocation = invocation::invocation(&mut request);
 
-        let instance = match plugin.instance_pre().instantiate(&mut store).await {
+        let cpu_clock = Arc::clone(&store.data().cpu_clock);
+        let instantiate = plugin.instance_pre().instantiate(&mut store);
+        let instance = match cpu::metered(&cpu_clock, instantiate).await {
             Ok(instance) => instance,
             Err(error) => {
                 if error.downcast_ref::<wasmtime::Trap>().is_none()
@@ -521,7 +549,7 @@ impl Sandbox {
         // Cancellation too: a guest blocked in a host call never reaches an epoch check.
         let cancel = request.cancel.clone().unwrap_or_default();
         let finished = tokio::select! {
-            finished = tokio::time::timeout(backstop, call) => Some(finished),
+            finished = tokio::time::timeout(backstop, cpu::metered(&cpu_clock, call)) => Some(finished),
             () = cancel.cancelled() => None,
         };
         let outcome = match finished {
@@ -590,15 +618,17 @@ impl Sandbox {
         request: &CallRequest,
     ) -> CallReport {
         captured.forward_to_log(&request.id, &request.task, &request.grants.secrets);
-        let fuel_used = if self.config.instrumentation {
-            limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0))
-        } else {
-            0
+        let cpu_time = store.data().cpu_clock.used();
+        let fuel_used = match self.config.cpu_metering {
+            CpuMetering::Fuel => limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0)),
+            CpuMetering::Time => cpu::fuel_for_cpu_time(cpu_time),
+            CpuMetering::Off => 0,
         };
         CallReport {
             outcome,
             limits: *limits,
             fuel_used,
+            cpu_time,
             elapsed: started.elapsed(),
         }
     }

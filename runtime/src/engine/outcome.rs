@@ -294,6 +294,15 @@ impl LimitExceeded {
 #[error("wall-clock deadline passed")]
 pub(crate) struct DeadlineExceeded;
 
+/// The interruption raised by the epoch callback when a call has used its CPU budget
+/// under CPU-time metering.
+#[derive(Debug, thiserror::Error)]
+#[error("CPU budget used up ({used:?} of CPU time)")]
+pub(crate) struct CpuBudgetExceeded {
+    /// The CPU time the call had used when it was stopped.
+    pub(crate) used: Duration,
+}
+
 /// The interruption raised when a call is cancelled from outside (revoke --terminate).
 #[derive(Debug, thiserror::Error)]
 #[error("the call was cancelled")]
@@ -337,6 +346,16 @@ pub(crate) fn classify_error(error: &wasmtime::Error, seen: &Observations<'_>) -
             format!(
                 "exceeded its time limit ({})",
                 format_duration(seen.limits.timeout)
+            ),
+        );
+    }
+    if error.is::<CpuBudgetExceeded>() {
+        return limit(
+            LimitKind::Fuel,
+            format!(
+                "ran out of CPU time (budget {} of CPU = {} fuel)",
+                format_duration(super::cpu::cpu_time_for_fuel(seen.limits.fuel)),
+                seen.limits.fuel
             ),
         );
     }

@@ -259,7 +259,8 @@ impl Metrics {
         );
         r.register(
             "wasmq_task_fuel_used",
-            "Fuel (guest instructions, roughly) each finished run used",
+            "Fuel each finished run used: guest instructions, roughly, under fuel metering; \
+             its CPU time at 10^10 per second under CPU-time metering (the default)",
             self.fuel_used.clone(),
         );
         r.register(

@@ -71,6 +71,7 @@ impl MapCall {
                 outcome: Outcome::InvalidArguments { message: reason },
                 limits: shared.registry.sandbox().config().defaults,
                 fuel_used: 0,
+                cpu_time: std::time::Duration::ZERO,
                 elapsed: std::time::Duration::ZERO,
             }),
             interruption: super::decision::Interruption::default(),
@@ -118,6 +119,7 @@ impl MapCall {
             outcome: Outcome::Success(String::new()),
             limits: shared.registry.sandbox().config().defaults,
             fuel_used: 0,
+            cpu_time: std::time::Duration::ZERO,
             elapsed: std::time::Duration::ZERO,
         });
         report.outcome = Outcome::Success(Value::Array(results).to_string());

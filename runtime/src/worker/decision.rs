@@ -584,6 +584,7 @@ mod tests {
                 outcome,
                 limits,
                 fuel_used: 0,
+                cpu_time: Duration::ZERO,
                 elapsed: Duration::ZERO,
             })
         };
