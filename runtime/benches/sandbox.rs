@@ -3,9 +3,10 @@
 //! Per-call sandbox costs, side by side in one run:
 //!
 //! * `trivial_call/{pooling,on_demand}`: fresh `Store` + instantiate + `math.add(1, 2)` +
-//!   drop, with each instance allocator;
-//! * `fib_25/{instrumented,uninstrumented,native}`: a call-heavy guest with fuel metering
-//!   and epoch interruption on, with both off, and the same Rust code compiled natively.
+//!   drop, with each instance allocator (CPU-time metering, the default), and
+//!   `trivial_call/pooling_fuel_metering` with fuel metering instead;
+//! * `fib_25/{cpu-time,fuel,uninstrumented,native}`: a call-heavy guest under each CPU
+//!   metering, with none (no epochs, no fuel), and the same Rust code compiled natively.
 //!
 //! Run with `cargo bench -p wasmq --bench sandbox`; figures are recorded in BENCHMARKS.md.
 
@@ -48,12 +49,18 @@ fn call(
 
 fn trivial_call(c: &mut Criterion) {
     let mut group = c.benchmark_group("trivial_call");
-    for (name, allocator) in [
-        ("pooling", AllocatorKind::Pooling),
-        ("on_demand", AllocatorKind::OnDemand),
+    for (name, allocator, cpu_metering) in [
+        ("pooling", AllocatorKind::Pooling, CpuMetering::Time),
+        ("on_demand", AllocatorKind::OnDemand, CpuMetering::Time),
+        (
+            "pooling_fuel_metering",
+            AllocatorKind::Pooling,
+            CpuMetering::Fuel,
+        ),
     ] {
         let (runtime, sandbox, plugin) = setup(SandboxConfig {
             allocator,
+            cpu_metering,
             ..SandboxConfig::default()
         });
         assert_eq!(

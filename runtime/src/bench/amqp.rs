@@ -474,6 +474,7 @@ async fn measure_fib(
     });
     let native = m as f64 / native_started.elapsed().as_secs_f64();
     Ok(FibRows {
+        metering: h.registry.sandbox().config().cpu_metering,
         wasmq,
         celery,
         native,

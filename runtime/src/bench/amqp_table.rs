@@ -66,6 +66,8 @@ pub(super) struct CeleryRows {
 
 /// The CPU-bound rows, in tasks (or calls) per second.
 pub(super) struct FibRows {
+    /// How the worker's sandbox metered CPU.
+    pub(super) metering: crate::engine::CpuMetering,
     pub(super) wasmq: f64,
     pub(super) celery: f64,
     pub(super) native: f64,
@@ -205,7 +207,8 @@ pub(super) fn print(run: &Run<'_>, wasmq: &WasmqRows, celery: &CeleryRows, fib: 
         ms(celery.rtt_redis)
     );
     println!(
-        "| fib(25): wasmq (Wasm, fuel + epochs), 2 slots | {:.0} tasks/s |",
+        "| fib(25): wasmq (Wasm, {} metering), 2 slots | {:.0} tasks/s |",
+        fib.metering.name(),
         fib.wasmq
     );
     println!(
