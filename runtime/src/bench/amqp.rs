@@ -24,7 +24,7 @@ use serde_json::{Map, Value, json};
 use super::amqp_table::{self, CeleryDrain, CeleryRows, FibRows, Run, WasmqRows};
 use super::harness::Harness;
 use super::stats::p50_p95_p99;
-use super::{ceiling, celery, only_local, queue_name, scale, soak};
+use super::{ceiling, celery, expire_leftover_queues, only_local, queue_name, scale, soak};
 use crate::client::{Client, SendOptions};
 use crate::engine::SandboxConfig;
 
@@ -107,6 +107,7 @@ fn add_args(i: usize) -> Vec<Value> {
 pub(crate) async fn run(options: AmqpOptions) -> anyhow::Result<()> {
     only_local(&options.broker)?;
     only_local(&options.redis)?;
+    expire_leftover_queues(&options.broker);
     let plan = Plan::new(options.quick, options.event_rounds);
     let python = celery::python()?;
     let version = celery::version(&python);

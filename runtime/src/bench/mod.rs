@@ -76,6 +76,53 @@ fn only_local(url: &str) -> Result<(), NotLocal> {
     }
 }
 
+/// Runs `rabbitmqctl` on this machine (the benchmarks only target this machine's broker).
+fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run rabbitmqctl: {e}"))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// What the `wasmq-bench` policy tells RabbitMQ: delete a `wasmq-bench-*` queue nobody has
+/// used for 10 minutes.
+const LEFTOVERS_POLICY: &str = r#"{"expires": 600000}"#;
+
+/// Makes RabbitMQ delete the queues a benchmark run leaves behind (a run that fails midway,
+/// or is killed, cannot delete its 20,000-message queue itself): a policy on the vhost of
+/// `url` expires every `wasmq-bench-*` queue unused for 10 minutes, whoever declared it —
+/// wasmq, the raw ceiling or Python Celery (a policy, not an `x-expires` argument, so
+/// Celery's own queue declarations stay as it makes them). Best effort: without
+/// `rabbitmqctl` a note says what is not cleaned up.
+fn expire_leftover_queues(url: &str) {
+    let vhost = url
+        .parse::<lapin::uri::AMQPUri>()
+        .map(|uri| uri.vhost)
+        .unwrap_or_else(|_| "/".to_owned());
+    let set = rabbitmqctl(&[
+        "set_policy",
+        "-p",
+        &vhost,
+        "--apply-to",
+        "queues",
+        "wasmq-bench",
+        "^wasmq-bench-",
+        LEFTOVERS_POLICY,
+    ]);
+    if let Err(error) = set {
+        eprintln!(
+            "note: the queues of a run that fails midway stay on the broker \
+             (cannot set the wasmq-bench expiry policy: {error:#})"
+        );
+    }
+}
+
 /// A queue name of its own for one measurement (`what`), deleted when it is done.
 fn queue_name(what: &str) -> String {
     format!("wasmq-bench-{what}-{}", uuid::Uuid::new_v4().simple())

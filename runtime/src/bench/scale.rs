@@ -31,6 +31,7 @@ pub(crate) struct ScaleOptions {
 /// reached, or the worker processes cannot be started.
 pub(crate) async fn run(options: ScaleOptions) -> anyhow::Result<()> {
     only_local(&options.broker)?;
+    super::expire_leftover_queues(&options.broker);
     let broker = Arc::new(AmqpBroker::new(&options.broker)?);
     let exe = std::env::current_exe()?;
     let folder = tempfile::tempdir()?;

@@ -35,6 +35,7 @@ pub(crate) struct SoakOptions {
 /// be reached.
 pub(crate) async fn run(options: SoakOptions) -> anyhow::Result<()> {
     only_local(&options.broker)?;
+    super::expire_leftover_queues(&options.broker);
     let broker = Arc::new(AmqpBroker::new(&options.broker)?);
     let sandbox = Arc::new(Sandbox::new(options.sandbox)?);
     let registry = Arc::new(Registry::bundled(Arc::clone(&sandbox)).await?);

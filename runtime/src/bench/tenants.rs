@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
+use super::rabbitmqctl;
 use super::stats::percentile;
 use crate::broker::Broker;
 use crate::client::{Client, SendOptions};
@@ -139,19 +140,6 @@ struct Place {
 
 const QUEUE_A: &str = "tenant-a";
 const QUEUE_B: &str = "tenant-b";
-
-fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
-    let output = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .map_err(|e| anyhow::anyhow!("cannot run rabbitmqctl (needed for the vhosts): {e}"))?;
-    anyhow::ensure!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
 
 /// A fresh RabbitMQ vhost open to the benchmark's user; its name.
 fn vhost(tag: &str) -> anyhow::Result<String> {
