@@ -753,6 +753,32 @@ mod tests {
     }
 
     #[test]
+    fn cpu_metering_is_time_unless_the_file_or_a_flag_says_fuel() {
+        let default = WorkerConfig::resolve(RawConfig::default()).unwrap();
+        assert_eq!(default.cpu_metering, CpuMetering::Time);
+        let file = RawConfig::from_toml("cpu_metering = \"fuel\"").unwrap();
+        assert_eq!(
+            WorkerConfig::resolve(file.clone()).unwrap().cpu_metering,
+            CpuMetering::Fuel
+        );
+        let flag = RawConfig {
+            cpu_metering: Some("time".into()),
+            ..RawConfig::default()
+        };
+        assert_eq!(
+            WorkerConfig::resolve(flag.or(file)).unwrap().cpu_metering,
+            CpuMetering::Time,
+            "the flag beats the file"
+        );
+        // "off" is for benchmarks only: a worker always enforces its CPU budgets.
+        let off = RawConfig::from_toml("cpu_metering = \"off\"").unwrap();
+        assert_eq!(
+            WorkerConfig::resolve(off).unwrap_err().to_string(),
+            "cpu_metering: unknown CPU metering \"off\" (expected \"time\" or \"fuel\")"
+        );
+    }
+
+    #[test]
     fn autoscale_takes_celerys_bounds_or_auto() {
         let resolve = |autoscale: &str| {
             WorkerConfig::resolve(RawConfig {

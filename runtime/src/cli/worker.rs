@@ -236,6 +236,12 @@ pub(super) async fn run(args: WorkerArgs) -> Result<(), Failure> {
         sandbox_config.cache_dir = Some(dir.clone());
     }
     let sandbox = Arc::new(Sandbox::new(sandbox_config).map_err(Failure::internal)?);
+    tracing::info!(
+        cpu_metering = config.cpu_metering.name(),
+        limits = %config.limits,
+        ceiling = %config.ceiling,
+        "sandbox ready"
+    );
     if !config.tenants.is_empty() {
         if schedule.is_some() {
             return Err(Failure::bad_input(

@@ -1,18 +1,18 @@
 //! The sandbox: the only module that knows wasmtime.
 //!
-//! One [`Sandbox`] per process owns one `wasmtime::Engine` (component model, fuel metering,
-//! epoch interruption, the pooling allocator — or the on-demand allocator where the pool's
+//! One [`Sandbox`] per process owns one `wasmtime::Engine` (component model, epoch
+//! interruption, fuel metering when its [`CpuMetering`] says so (`cpu.rs`), the pooling allocator — or the on-demand allocator where the pool's
 //! address space cannot be reserved), the linker with WASI p2 and the `host` interface, and
 //! one ticker thread that advances the epoch every [`SandboxConfig::epoch_tick`] while a store
 //! is alive (see `ticker`).
 //!
 //! Plugins are compiled once ([`Sandbox::load_plugin`], with an on-disk artifact cache) into
 //! a [`Plugin`] holding a ready `InstancePre`. Every [`Sandbox::call`] then builds a **fresh
-//! `Store`**: a memory cap, a fuel budget, a wall-clock deadline, WASI without ambient
+//! `Store`**: a memory cap, a CPU budget (CPU time or fuel), a wall-clock deadline, WASI without ambient
 //! rights (only the folders, connections and variables the call's [`Grants`] name),
 //! captured and bounded output. Guests run on async fibers that yield back to the
 //! executor at every epoch tick, so a CPU-bound guest never pins an executor thread; the
-//! same tick enforces the deadline. The call ends as exactly one [`Outcome`].
+//! same tick enforces the deadline and, under CPU-time metering, the CPU budget. The call ends as exactly one [`Outcome`].
 //!
 //! Longer than 400 lines because it owns one idea, the sandbox's life cycle: building the
 //! engine and linker, and running one call from a fresh `Store` to its [`CallReport`];

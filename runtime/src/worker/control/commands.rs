@@ -7,6 +7,9 @@
 //! cap (running tasks finish; none is interrupted) and `pool_grow` raises it again up to
 //! the starting concurrency, never beyond — that is an error reply naming the limit.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use serde_json::{Map, Value};
 
 use super::super::Shared;
@@ -31,10 +34,21 @@ pub(super) fn task_ids(arguments: &Map<String, Value>) -> Vec<String> {
     ids
 }
 
+/// How long a worker that is not running a task waits, after a `terminate` revoke, before
+/// it stores REVOKED for it: the worker running it answers first, with "terminated".
+const TERMINATE_GRACE: Duration = Duration::from_secs(1);
+
 /// Celery's `_revoke`: remembers the ids, interrupts running copies when `terminate`, and
 /// stores REVOKED for every id that is not running here and has no state yet (PENDING or
 /// RETRY); a task another worker started keeps its state.
-pub(super) async fn revoke(shared: &Shared, ids: Vec<String>, terminate: bool) -> Value {
+///
+/// One departure from Celery: a revoke is broadcast to every worker, and without
+/// `track_started` a task running on another worker still reads PENDING here. Celery's
+/// workers then store REVOKED "revoked" at once, racing the running worker's "terminated"
+/// (a client's `get()` sees whichever comes first). After a `terminate` revoke, a worker
+/// that is not running the task waits [`TERMINATE_GRACE`] and stores REVOKED only if the
+/// task still has no result; a plain revoke is marked at once, as Celery does.
+pub(super) async fn revoke(shared: &Arc<Shared>, ids: Vec<String>, terminate: bool) -> Value {
     for id in &ids {
         let revocation = Revocation::now(id.clone(), terminate);
         if shared.revoked.insert(revocation.clone()) {
@@ -47,8 +61,23 @@ pub(super) async fn revoke(shared: &Shared, ids: Vec<String>, terminate: bool) -
                 "cannot keep a remote-control revocation for workers that are down");
         }
     }
-    for id in ids.iter().filter(|id| !shared.running.is_running(id)) {
-        mark_revoked_unless_started(shared, id).await;
+    let elsewhere: Vec<String> = ids
+        .iter()
+        .filter(|id| !shared.running.is_running(id))
+        .cloned()
+        .collect();
+    if terminate {
+        let shared = Arc::clone(shared);
+        tokio::spawn(async move {
+            tokio::time::sleep(TERMINATE_GRACE).await;
+            for id in &elsewhere {
+                mark_revoked_unless_started(&shared, id).await;
+            }
+        });
+    } else {
+        for id in &elsewhere {
+            mark_revoked_unless_started(shared, id).await;
+        }
     }
     if terminate {
         let terminated: Vec<&str> = ids

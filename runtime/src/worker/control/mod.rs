@@ -103,7 +103,7 @@ fn unsupported(method: &str) -> Value {
 }
 
 /// The reply to `command`.
-async fn answer(shared: &Shared, command: &ControlCommand) -> Value {
+async fn answer(shared: &Arc<Shared>, command: &ControlCommand) -> Value {
     let arguments = &command.arguments;
     match command.method.as_str() {
         "ping" => ok("pong"),
