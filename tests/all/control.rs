@@ -370,3 +370,55 @@ fn a_stopped_worker_is_kept_revocations_not_other_broadcasts() {
         setup.cleanup().await;
     });
 }
+
+/// A revoke with `terminate` is answered by the worker running the task: the others wait
+/// a second before storing REVOKED for an id they do not run, so they cannot beat its
+/// "terminated" (without `track_started` a running task reads PENDING to them). A plain
+/// revoke is stored at once, as Celery 5.6 does. The ids here run nowhere: REVOKED appears
+/// only after the grace for the terminate, at once for the plain one.
+#[test]
+fn idle_workers_give_the_running_worker_a_second_to_answer_a_terminate() {
+    let _shared = RABBITMQ
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    runtime().block_on(async {
+        let setup = Setup::rabbitmq("terminate-grace", AmqpOptions::default());
+        let node = format!("wasmq-test-idle@{}", setup.queue);
+        let worker = setup.start(setup.options(&node)).await;
+        // Give the worker time to declare its mailbox.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let revoke = |id: &str, terminate: bool| {
+            json!({"method": "revoke",
+                "arguments": {"task_id": [id], "terminate": terminate, "signal": "SIGTERM"},
+                "destination": null, "pattern": null, "matcher": null})
+        };
+        let (terminated, plain) = (
+            uuid::Uuid::new_v4().to_string(),
+            uuid::Uuid::new_v4().to_string(),
+        );
+        broadcast_on_pidbox(&revoke(&terminated, true)).await;
+        broadcast_on_pidbox(&revoke(&plain, false)).await;
+        let waited = std::time::Instant::now();
+        let meta = setup
+            .backend
+            .wait(&plain, std::time::Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(meta.status, wasmq::results::TaskState::Revoked, "{meta:?}");
+        // The plain revoke is stored; the terminate is not, within its grace.
+        if waited.elapsed() < std::time::Duration::from_millis(700) {
+            assert!(
+                setup.backend.get(&terminated).await.unwrap().is_none(),
+                "REVOKED stored for a terminate before the running worker could answer"
+            );
+        }
+        let meta = setup
+            .backend
+            .wait(&terminated, std::time::Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(meta.status, wasmq::results::TaskState::Revoked, "{meta:?}");
+        worker.stop().await;
+        setup.cleanup().await;
+    });
+}
