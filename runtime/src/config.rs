@@ -2,6 +2,9 @@
 //! command-line flags, merged with precedence flags > environment > file > defaults into a
 //! validated [`WorkerConfig`].
 //!
+//! Over 800 lines for one idea, the worker's configuration: the documented list of every
+//! key below, one resolver that validates each, and the tests of its precedence and errors.
+//!
 //! The file is strict: an unknown key is an error that names it. Every key:
 //!
 //! ```toml
