@@ -220,6 +220,117 @@ fn send_follows_the_config_routes_and_revoke_broadcasts() {
     );
 }
 
+/// Runs `wasmq` like [`run`], with `stdin` as its standard input.
+fn run_with_input(args: &[&str], stdin: &str) -> (i32, String, String) {
+    use std::io::Write as _;
+    let cache = std::env::temp_dir().join(format!("wasmq-cli-test-cache-{}", std::process::id()));
+    let cwd = tempfile::tempdir().expect("a temporary working directory");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wasmq"))
+        .current_dir(cwd.path())
+        .args(args)
+        .env("WASMQ_CACHE_DIR", &cache)
+        .env("WASMQ_LOG", "off")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run wasmq");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.code().expect("exit code"),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+/// `wasmq send --bulk`: one task per line (an args array for the command line's task, or a
+/// Celery signature), each id printed once confirmed, in order; the flags are every line's
+/// defaults and a line's options win; a bad line stops the command with its number, after
+/// the lines before it were sent.
+#[test]
+fn send_bulk_publishes_one_task_per_line_and_stops_at_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("wasmq.db").display());
+    let lines = concat!(
+        "[1, 2]\n",
+        "{\"task\": \"text.slugify\", \"args\": [\"A b\"], \"options\": {\"queue\": \"text\"}}\n",
+        "\n",
+        "{\"args\": [3, 4], \"kwargs\": {}, \"options\": {\"priority\": 5}, \"subtask_type\": null}\n",
+    );
+    let bulk = ["send", "--broker", &url, "--bulk", "math.add", "-Q", "bulk"];
+    let (code, stdout, stderr) = run_with_input(&bulk, lines);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.starts_with("sent 3 tasks, all confirmed"),
+        "{stderr}"
+    );
+    let ids: Vec<&str> = stdout.lines().collect();
+    assert_eq!(ids.len(), 3, "{stdout}");
+
+    let broker = wasmq::broker::connect(&url).unwrap();
+    crate::support::runtime().block_on(async {
+        assert_eq!(
+            broker.queue_length("text").await.unwrap(),
+            1,
+            "a line's queue"
+        );
+        let mut consumer = broker.consume(&["bulk".to_owned()], 10).await.unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let delivery = consumer.next().await.unwrap();
+            let message = wasmq::protocol::TaskMessage::decode(&delivery.envelope).unwrap();
+            seen.push((
+                message.id.clone(),
+                message.task.clone(),
+                message.args.clone(),
+                delivery.envelope.properties.priority == Some(5),
+            ));
+            delivery.ack().await.unwrap();
+        }
+        seen.sort_by_key(|(_, _, args, _)| args[0].as_i64());
+        assert_eq!(
+            seen,
+            vec![
+                (
+                    ids[0].to_owned(),
+                    "math.add".to_owned(),
+                    vec![1.into(), 2.into()],
+                    false
+                ),
+                (
+                    ids[2].to_owned(),
+                    "math.add".to_owned(),
+                    vec![3.into(), 4.into()],
+                    true
+                ),
+            ]
+        );
+        consumer.close().await;
+    });
+
+    // A bad line: the lines before it are sent, the error names it, nothing after it is.
+    let (code, stdout, stderr) = run_with_input(&bulk, "[5, 6]\n{\"task\": 7}\n[7, 8]\n");
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(
+        stderr.ends_with(
+            "error: line 2: \"task\" must be a string; stopped there (1 task before it was sent)\n"
+        ),
+        "{stderr}"
+    );
+    crate::support::runtime().block_on(async {
+        assert_eq!(broker.queue_length("bulk").await.unwrap(), 1);
+    });
+    let (code, _, stderr) = run(&["send", "--broker", &url, "--bulk", "math.add", "[1]"]);
+    assert_eq!(code, 2, "args and --bulk conflict: {stderr}");
+}
+
 /// Bug 2 of issue 11: cargo runs the tests with the crate directory (`runtime/`) as the
 /// working directory, and a spawned `wasmq` whose defaults are relative
 /// (`sqlite://.wasmq/wasmq.db`, `.wasmq/state/`, `.wasmq/plugins`) wrote `runtime/.wasmq`.

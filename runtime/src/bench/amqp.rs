@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value, json};
 
 use super::amqp_table::{self, CeleryDrain, CeleryRows, FibRows, Run, WasmqRows};
-use super::harness::Harness;
+use super::harness::{CONFIRM_WINDOW, Harness};
 use super::stats::p50_p95_p99;
 use super::{ceiling, celery, expire_leftover_queues, only_local, queue_name, scale, soak};
 use crate::client::{Client, SendOptions};
@@ -191,17 +191,34 @@ async fn measure_wasmq(h: &Harness, plan: &Plan, progress: &Progress) -> anyhow:
         message.body.as_slice(),
         crate::broker::amqp::properties_of(&message),
     );
+    let rate = |elapsed: std::time::Duration| n as f64 / elapsed.as_secs_f64();
     let raw = |properties, prefetch, ack_every| async move {
-        let elapsed =
-            ceiling::raw_drain(&h.broker_url, n, body, &properties, prefetch, ack_every).await?;
-        anyhow::Ok(n as f64 / elapsed.as_secs_f64())
+        let window = CONFIRM_WINDOW;
+        let run = ceiling::raw_drain(
+            &h.broker_url,
+            n,
+            body,
+            &properties,
+            window,
+            prefetch,
+            ack_every,
+        )
+        .await?;
+        anyhow::Ok(run)
     };
-    progress.step("raw lapin drain, ack each");
+    progress.step("raw lapin publish and drain, ack each");
     let raw_each = raw(properties.clone(), 100, 1).await?;
-    progress.step("raw lapin drain, ack every 100 (multiple)");
-    let raw_batched = raw(properties.clone(), 1000, 100).await?;
+    progress.step("raw lapin publish and drain, ack every 100 (multiple)");
+    let raw_batched_run = raw(properties.clone(), 1000, 100).await?;
     progress.step("raw lapin drain, body only, ack every 100 (multiple)");
-    let raw_bare = raw(lapin::BasicProperties::default(), 1000, 100).await?;
+    let raw_bare = rate(
+        raw(lapin::BasicProperties::default(), 1000, 100)
+            .await?
+            .drain,
+    );
+    // Both runs with the same messages published them the same way: the faster counts.
+    let raw_publish = rate(raw_each.publish.min(raw_batched_run.publish));
+    let (raw_each, raw_batched) = (rate(raw_each.drain), rate(raw_batched_run.drain));
 
     progress.step("wasmq drain, results off");
     let publish_queue = queue_name("publish");
@@ -232,6 +249,7 @@ async fn measure_wasmq(h: &Harness, plan: &Plan, progress: &Progress) -> anyhow:
         raw_each,
         raw_batched,
         raw_bare,
+        raw_publish,
         publish,
         publish_pipelined,
         off,

@@ -6,6 +6,7 @@
 //! This is the one place outside `broker/` that uses lapin, on purpose: it measures lapin
 //! and RabbitMQ without wasmq, so it must not go through wasmq's broker.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -18,9 +19,19 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 use anyhow::Context as _;
 
+/// How long a raw run's two halves took.
+pub(super) struct RawRun {
+    /// Publishing every message, at most `confirm_window` awaiting their confirmation,
+    /// until the last was confirmed.
+    pub(super) publish: Duration,
+    /// Draining them, from the first delivery to the last ack.
+    pub(super) drain: Duration,
+}
+
 /// Publishes `count` copies of `body` with `properties` (made persistent) to a fresh queue,
-/// then drains it with one consumer (QoS `prefetch`), acking every `ack_every`-th delivery
-/// with `multiple`. Returns the drain time, from the first delivery to the last ack.
+/// with at most `confirm_window` awaiting their confirmation (as a client with a confirm
+/// window does), then drains it with one consumer (QoS `prefetch`), acking every
+/// `ack_every`-th delivery with `multiple`.
 ///
 /// # Errors
 /// When RabbitMQ cannot be reached or refuses an operation.
@@ -29,9 +40,10 @@ pub(super) async fn raw_drain(
     count: usize,
     body: &[u8],
     properties: &BasicProperties,
+    confirm_window: usize,
     prefetch: u16,
     ack_every: u64,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<RawRun> {
     let connection = Connection::connect(uri, ConnectionProperties::default())
         .await
         .context("AMQP connect")?;
@@ -52,8 +64,15 @@ pub(super) async fn raw_drain(
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .context("AMQP confirms")?;
+    let publishing = Instant::now();
+    let mut unconfirmed = VecDeque::with_capacity(confirm_window);
     for _ in 0..count {
-        publisher
+        if unconfirmed.len() >= confirm_window.max(1)
+            && let Some(oldest) = unconfirmed.pop_front()
+        {
+            confirmed(oldest).await?;
+        }
+        let confirm = publisher
             .basic_publish(
                 "".into(),
                 queue.as_str().into(),
@@ -63,11 +82,12 @@ pub(super) async fn raw_drain(
             )
             .await
             .context("AMQP publish")?;
+        unconfirmed.push_back(confirm);
     }
-    publisher
-        .wait_for_confirms()
-        .await
-        .context("AMQP confirms")?;
+    for confirm in unconfirmed {
+        confirmed(confirm).await?;
+    }
+    let publish = publishing.elapsed();
 
     let consumer_channel = connection.create_channel().await.context("AMQP channel")?;
     consumer_channel
@@ -103,12 +123,20 @@ pub(super) async fn raw_drain(
                 .context("AMQP ack")?;
         }
     }
-    let elapsed = started.map(|s| s.elapsed()).unwrap_or_default();
+    let drain = started.map(|s| s.elapsed()).unwrap_or_default();
     let _ = publisher
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
     let _ = connection.close(200, "OK".into()).await;
-    Ok(elapsed)
+    Ok(RawRun { publish, drain })
+}
+
+/// Awaits one publisher confirmation; a negative one is an error.
+async fn confirmed(confirm: lapin::PublisherConfirm) -> anyhow::Result<()> {
+    match confirm.await.context("AMQP confirm")? {
+        lapin::Confirmation::Nack(_) => anyhow::bail!("RabbitMQ refused a message"),
+        _ => Ok(()),
+    }
 }
 
 /// The raw AMQP round trip: one connection publishes a persistent message (`body` with

@@ -3,7 +3,6 @@
 //! measurements of wasmq itself: publish rates, drains and round trips of its client and
 //! in-process worker. Each measurement uses a queue of its own and deletes it afterwards.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -13,7 +12,7 @@ use serde_json::{Map, Value, json};
 use super::queue_name;
 use super::stats::{cpu_seconds, p50_p95_p99};
 use super::workers::InProcessWorker;
-use crate::broker::{Broker, Confirmation};
+use crate::broker::Broker;
 use crate::client::{Client, SendOptions};
 use crate::engine::{Sandbox, SandboxConfig};
 use crate::registry::Registry;
@@ -21,7 +20,7 @@ use crate::results::ResultBackend;
 use crate::worker::{WorkerOptions, WorkerStats};
 
 /// Publishes awaiting their confirmation at once in [`Harness::publish_pipelined`].
-pub(super) const CONFIRM_WINDOW: usize = 256;
+pub(super) const CONFIRM_WINDOW: usize = crate::client::DEFAULT_CONFIRM_WINDOW;
 
 /// The state one `wasmq bench amqp` (or `bench redis`) run shares across its measurements.
 pub(super) struct Harness {
@@ -113,8 +112,8 @@ impl Harness {
         Ok(n as f64 / started.elapsed().as_secs_f64())
     }
 
-    /// Publishes `n` tasks with [`Client::submit`], at most [`CONFIRM_WINDOW`] awaiting
-    /// their confirmation; returns the rate, timed until the last is confirmed.
+    /// Publishes `n` tasks through a [`crate::client::Pipeline`] with [`CONFIRM_WINDOW`]
+    /// confirmations outstanding; returns the rate of confirmed messages.
     pub(super) async fn publish_pipelined(
         &self,
         client: &Client,
@@ -124,29 +123,15 @@ impl Harness {
         ignore_result: bool,
     ) -> anyhow::Result<f64> {
         let started = Instant::now();
-        let mut unconfirmed: VecDeque<Confirmation> = VecDeque::with_capacity(CONFIRM_WINDOW);
+        let mut pipeline = client.pipeline(CONFIRM_WINDOW);
         for i in 0..n {
-            if unconfirmed.len() == CONFIRM_WINDOW
-                && let Some(oldest) = unconfirmed.pop_front()
-            {
-                oldest.await?;
-            }
-            let (_, confirmation) = client
-                .submit(
-                    task,
-                    args(i),
-                    Map::new(),
-                    SendOptions {
-                        ignore_result: Some(ignore_result),
-                        ..SendOptions::default()
-                    },
-                )
-                .await?;
-            unconfirmed.push_back(confirmation);
+            let options = SendOptions {
+                ignore_result: Some(ignore_result),
+                ..SendOptions::default()
+            };
+            pipeline.send(task, args(i), Map::new(), options).await?;
         }
-        for confirmation in unconfirmed {
-            confirmation.await?;
-        }
+        pipeline.finish().await?;
         Ok(n as f64 / started.elapsed().as_secs_f64())
     }
 

@@ -33,6 +33,7 @@ mod process;
 mod result;
 mod revoke;
 mod send;
+mod send_bulk;
 mod status;
 mod tenants;
 mod worker;

@@ -1,7 +1,8 @@
 //! `wasmq send`: publish one task from the shell and print its id, or with `--wait` its
-//! result (a failure exits 1, a timeout 5).
+//! result (a failure exits 1, a timeout 5); with `--bulk`, publish one task per line of
+//! standard input (see [`super::send_bulk`]).
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::args::seconds;
 use super::endpoints::Endpoints;
@@ -10,11 +11,12 @@ use crate::client::SendOptions;
 
 #[derive(Debug, clap::Args)]
 pub(super) struct SendArgs {
-    /// The task name, e.g. math.add.
-    task: String,
-    /// Positional arguments as a JSON array, e.g. '[2, 3]'.
-    #[arg(default_value = "[]")]
-    args: String,
+    /// The task name, e.g. math.add. With --bulk, the task of lines that name none.
+    #[arg(required_unless_present = "bulk")]
+    task: Option<String>,
+    /// Positional arguments as a JSON array, e.g. '[2, 3]'. Default: [].
+    #[arg(value_name = "ARGS_JSON", conflicts_with = "bulk")]
+    args: Option<String>,
     /// Keyword arguments as a JSON object.
     #[arg(long, default_value = "{}")]
     kwargs: String,
@@ -37,11 +39,20 @@ pub(super) struct SendArgs {
     #[arg(long, value_name = "SECS")]
     soft_time_limit: Option<f64>,
     /// Use this task id.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "bulk")]
     id: Option<String>,
     /// Wait for the result and print it (a failure exits non-zero with the error).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "bulk")]
     wait: bool,
+    /// Send one task per line of standard input (JSON lines: an args array for TASK, or a
+    /// Celery signature {"task", "args", "kwargs", "options"}), with up to --window
+    /// publishes awaiting the broker's confirmation; prints each id once confirmed. The
+    /// flags above are every line's defaults.
+    #[arg(long)]
+    bulk: bool,
+    /// With --bulk: how many publishes may await their confirmation at once.
+    #[arg(long, default_value_t = crate::client::DEFAULT_CONFIRM_WINDOW, requires = "bulk")]
+    window: usize,
     /// How long --wait waits, in seconds.
     #[arg(long, default_value_t = 30.0, value_name = "SECS")]
     timeout: f64,
@@ -51,22 +62,7 @@ pub(super) struct SendArgs {
 
 /// Sends the task; prints its id, or with `--wait` its result.
 pub(super) async fn run(args: SendArgs) -> Result<(), Failure> {
-    let positional: Value = serde_json::from_str(&args.args)
-        .map_err(|e| Failure::bad_input(format!("ARGS_JSON is not JSON: {e}")))?;
-    let Value::Array(positional) = positional else {
-        return Err(Failure::bad_input(
-            "ARGS_JSON must be a JSON array, e.g. '[2, 3]'",
-        ));
-    };
-    let keywords: Value = serde_json::from_str(&args.kwargs)
-        .map_err(|e| Failure::bad_input(format!("--kwargs is not JSON: {e}")))?;
-    let Value::Object(keywords) = keywords else {
-        return Err(Failure::bad_input(
-            "--kwargs must be a JSON object, e.g. '{\"b\": 3}'",
-        ));
-    };
-    let timeout = seconds("timeout", Some(args.timeout))?.unwrap_or_default();
-    let options = SendOptions {
+    let defaults = SendOptions {
         task_id: args.id.clone(),
         countdown: seconds("countdown", args.countdown)?,
         expires: seconds("expires", args.expires)?,
@@ -76,14 +72,46 @@ pub(super) async fn run(args: SendArgs) -> Result<(), Failure> {
         soft_time_limit: seconds("soft-time-limit", args.soft_time_limit)?,
         ..SendOptions::default()
     };
+    let keywords = keywords(&args.kwargs)?;
+    if args.bulk {
+        let client = args.endpoints.client()?;
+        let lines = tokio::io::BufReader::new(tokio::io::stdin());
+        let defaults = super::send_bulk::Defaults {
+            task: args.task,
+            kwargs: keywords,
+            options: defaults,
+        };
+        return super::send_bulk::run(&client, lines, defaults, args.window).await;
+    }
+    let task = args.task.unwrap_or_default();
+    let positional: Value = serde_json::from_str(args.args.as_deref().unwrap_or("[]"))
+        .map_err(|e| Failure::bad_input(format!("ARGS_JSON is not JSON: {e}")))?;
+    let Value::Array(positional) = positional else {
+        return Err(Failure::bad_input(
+            "ARGS_JSON must be a JSON array, e.g. '[2, 3]'",
+        ));
+    };
     let client = args.endpoints.client()?;
+    let timeout = seconds("timeout", Some(args.timeout))?.unwrap_or_default();
     let result = client
-        .send_task(&args.task, positional, keywords, options)
+        .send_task(&task, positional, keywords, defaults)
         .await
         .map_err(|e| Failure::internal(anyhow::anyhow!("{e:#}")))?;
     if !args.wait {
         println!("{}", result.id);
         return Ok(());
     }
-    print_ready(&args.task, result.get(timeout).await)
+    print_ready(&task, result.get(timeout).await)
+}
+
+/// `--kwargs`: a JSON object.
+fn keywords(text: &str) -> Result<Map<String, Value>, Failure> {
+    let keywords: Value = serde_json::from_str(text)
+        .map_err(|e| Failure::bad_input(format!("--kwargs is not JSON: {e}")))?;
+    let Value::Object(keywords) = keywords else {
+        return Err(Failure::bad_input(
+            "--kwargs must be a JSON object, e.g. '{\"b\": 3}'",
+        ));
+    };
+    Ok(keywords)
 }

@@ -4,6 +4,7 @@
 //! * this file — [`Client`]: addressing (routes, default queue), the three ways to send;
 //! * [`result`] — [`AsyncResult`], a task's future result, and [`GroupResult`];
 //! * [`apply`] — starting a canvas (`chain(...).apply(&client)`).
+//! * [`pipeline`] — many sends with a window of unconfirmed publishes ([`Pipeline`]).
 //!
 //! ```no_run
 //! # async fn example(client: wasmq::client::Client) -> Result<(), Box<dyn std::error::Error>> {
@@ -18,6 +19,7 @@
 //! ```
 
 mod apply;
+mod pipeline;
 mod result;
 
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::{Map, Value};
 
+pub use self::pipeline::{DEFAULT_CONFIRM_WINDOW, Pipeline};
 pub use self::result::{AsyncResult, GroupResult, into_value};
 use crate::broker::{Broker, BrokerError, Confirmation};
 pub use crate::protocol::SendOptions;

@@ -345,6 +345,22 @@ impl Db {
         self.execute(true, f).await
     }
 
+    /// Submits `f` to the database thread like [`Db::run`] without waiting for it: the
+    /// returned future resolves after its transaction committed (it need not be polled for
+    /// `f` to run). Many such writes share one transaction (group commit).
+    pub(crate) fn run_soon<T, F>(
+        &self,
+        f: F,
+    ) -> Result<impl Future<Output = Result<T, DbError>> + Send + 'static, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let answer = self.submit(true, f)?;
+        let path = self.inner.path.display().to_string();
+        Ok(async move { answer.await.map_err(|_| DbError::Stopped(path))? })
+    }
+
     /// Runs `f`, which only reads, on the database thread. Alone or with other reads it runs
     /// in a read transaction, so it neither waits for nor holds up another process's writer
     /// (a result poll, a table poller); batched with writes it shares their transaction.

@@ -372,10 +372,12 @@ impl TaskMessage {
 
         let header = Headers { map: headers };
         let (time_limit, soft_time_limit) = header.timelimit().map_err(&fail)?;
-        let mut extra_headers = headers.clone();
-        for known in KNOWN_HEADERS {
-            extra_headers.remove(*known);
-        }
+        // Copy only the headers that are not Celery's (most messages have none).
+        let extra_headers: Map<String, Value> = headers
+            .iter()
+            .filter(|(name, _)| !KNOWN_HEADERS.contains(&name.as_str()))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
         Ok(Self {
             task: task_name,
             id,

@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,8 +26,8 @@ mod queues;
 
 use self::leases::SqliteConsumer;
 use super::{
-    Broker, BrokerError, Consumer, ControlBroadcast, ControlReply, ControlRequest, DeadLetter,
-    REVOKE_EXPIRES, Revocation,
+    Broker, BrokerError, Confirmation, Consumer, ControlBroadcast, ControlReply, ControlRequest,
+    DeadLetter, REVOKE_EXPIRES, Revocation,
 };
 use crate::db::{Db, PollEvery, now_ms};
 use crate::protocol::Envelope;
@@ -228,6 +228,36 @@ impl Broker for SqliteBroker {
         }
         LOCAL_PUBLISH.notify_waiters();
         Ok(())
+    }
+
+    async fn publish_unconfirmed(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+        delay: Option<Duration>,
+    ) -> Result<Confirmation, BrokerError> {
+        // As `publish`, but the commit is awaited in the confirmation, so a sender's
+        // pipelined publishes share the database thread's transactions.
+        let row = Row::new(queue, envelope, delay);
+        let declares = !self.declared().contains(queue);
+        let committed = self.db.run_soon(move |conn| {
+            if declares {
+                queues::declare(conn, &row.queue, row.created_at)?;
+            }
+            row.insert(conn)
+        })?;
+        // Until the declare commits, later publishes declare the queue again (idempotent).
+        let declared = declares.then(|| (Arc::clone(&self.declared), queue.to_owned()));
+        Ok(Confirmation::pending(async move {
+            committed.await?;
+            if let Some((set, queue)) = declared {
+                set.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(queue);
+            }
+            LOCAL_PUBLISH.notify_waiters();
+            Ok(())
+        }))
     }
 
     async fn publish_existing(
