@@ -20,6 +20,7 @@ mod logs;
 mod metrics;
 mod plugins;
 mod processes;
+mod publish;
 mod queue;
 mod redis_broker;
 mod request;
