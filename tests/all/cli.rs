@@ -12,20 +12,39 @@ const NOT_WASM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
 /// broker `.wasmq/wasmq.db`, `.wasmq/plugins`) land there, not in the crate directory cargo
 /// runs the tests in.
 fn wasmq(args: &[&str]) -> Output {
+    wasmq_with_input(args, "")
+}
+
+/// [`wasmq`] with `stdin` as its standard input.
+fn wasmq_with_input(args: &[&str], stdin: &str) -> Output {
+    use std::io::Write as _;
     let cache = std::env::temp_dir().join(format!("wasmq-cli-test-cache-{}", std::process::id()));
     let cwd = tempfile::tempdir().expect("a temporary working directory");
-    Command::new(env!("CARGO_BIN_EXE_wasmq"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wasmq"))
         .current_dir(cwd.path())
         .args(args)
         .env("WASMQ_CACHE_DIR", &cache)
         .env("WASMQ_LOG", "off")
-        .output()
-        .expect("run wasmq")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run wasmq");
+    let mut input = child.stdin.take().expect("a pipe to its stdin");
+    // A command that reads nothing may exit before the write: that is not an error here.
+    let _ = input.write_all(stdin.as_bytes());
+    drop(input);
+    child.wait_with_output().expect("wait for wasmq")
 }
 
 /// (exit code, stdout, stderr)
 fn run(args: &[&str]) -> (i32, String, String) {
-    let output = wasmq(args);
+    run_with_input(args, "")
+}
+
+/// [`run`] with `stdin` as its standard input.
+fn run_with_input(args: &[&str], stdin: &str) -> (i32, String, String) {
+    let output = wasmq_with_input(args, stdin);
     (
         output.status.code().expect("exit code"),
         String::from_utf8(output.stdout).unwrap(),
@@ -218,35 +237,6 @@ fn send_follows_the_config_routes_and_revoke_broadcasts() {
             "error: routes: route \"math.*\" needs a task pattern and a queue\n"
         )
     );
-}
-
-/// Runs `wasmq` like [`run`], with `stdin` as its standard input.
-fn run_with_input(args: &[&str], stdin: &str) -> (i32, String, String) {
-    use std::io::Write as _;
-    let cache = std::env::temp_dir().join(format!("wasmq-cli-test-cache-{}", std::process::id()));
-    let cwd = tempfile::tempdir().expect("a temporary working directory");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wasmq"))
-        .current_dir(cwd.path())
-        .args(args)
-        .env("WASMQ_CACHE_DIR", &cache)
-        .env("WASMQ_LOG", "off")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run wasmq");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    (
-        output.status.code().expect("exit code"),
-        String::from_utf8(output.stdout).unwrap(),
-        String::from_utf8(output.stderr).unwrap(),
-    )
 }
 
 /// `wasmq send --bulk`: one task per line (an args array for the command line's task, or a

@@ -212,22 +212,9 @@ impl Broker for SqliteBroker {
         envelope: &Envelope,
         delay: Option<Duration>,
     ) -> Result<(), BrokerError> {
-        let row = Row::new(queue, envelope, delay);
-        // A publish declares its queue, as on RabbitMQ: once per queue and broker.
-        let declares = !self.declared().contains(queue);
-        self.db
-            .run(move |conn| {
-                if declares {
-                    queues::declare(conn, &row.queue, row.created_at)?;
-                }
-                row.insert(conn)
-            })
-            .await?;
-        if declares {
-            self.declared().insert(queue.to_owned());
-        }
-        LOCAL_PUBLISH.notify_waiters();
-        Ok(())
+        self.publish_unconfirmed(queue, envelope, delay)
+            .await?
+            .await
     }
 
     async fn publish_unconfirmed(
@@ -236,9 +223,10 @@ impl Broker for SqliteBroker {
         envelope: &Envelope,
         delay: Option<Duration>,
     ) -> Result<Confirmation, BrokerError> {
-        // As `publish`, but the commit is awaited in the confirmation, so a sender's
-        // pipelined publishes share the database thread's transactions.
+        // The commit is awaited in the confirmation (`publish` awaits it at once), so a
+        // sender's pipelined publishes share the database thread's transactions.
         let row = Row::new(queue, envelope, delay);
+        // A publish declares its queue, as on RabbitMQ: once per queue and broker.
         let declares = !self.declared().contains(queue);
         let committed = self.db.run_soon(move |conn| {
             if declares {
