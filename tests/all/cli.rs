@@ -10,12 +10,7 @@ const NOT_WASM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
 
 /// Runs `wasmq` in a fresh temporary folder: a command's relative defaults (the embedded
 /// broker `.wasmq/wasmq.db`, `.wasmq/plugins`) land there, not in the crate directory cargo
-/// runs the tests in.
-fn wasmq(args: &[&str]) -> Output {
-    wasmq_with_input(args, "")
-}
-
-/// [`wasmq`] with `stdin` as its standard input.
+/// runs the tests in. `stdin` is its standard input.
 fn wasmq_with_input(args: &[&str], stdin: &str) -> Output {
     use std::io::Write as _;
     let cache = std::env::temp_dir().join(format!("wasmq-cli-test-cache-{}", std::process::id()));
