@@ -826,6 +826,22 @@ fn a_follow_up_naming_another_tenants_queue_fails_for_its_sender_on_the_embedded
         assert_eq!(routed.get(WAIT).await.unwrap(), json!(3));
         assert_eq!(broker_a.queue_length("side").await.unwrap(), 2);
 
+        // Two callbacks, the first to a's "side", the second to b's queue: none is
+        // published, so "side" gets nothing and the sender sees the second one named.
+        let mut both = linked_to(&a, "side");
+        let callbacks = both.embed.callbacks.as_mut().unwrap();
+        let mut to_b = callbacks[0].clone();
+        to_b["options"]["queue"] = json!("work-b");
+        callbacks.push(to_b);
+        let refused = a.send_message(&both, None).await.unwrap();
+        let refused = refused.get(WAIT).await.unwrap_err();
+        assert_eq!(
+            failure(&refused),
+            ("QueueNotFound".into(), missing("callback math.add")),
+            "{refused}"
+        );
+        assert_eq!(broker_a.queue_length("side").await.unwrap(), 2);
+
         // After the result is stored: an errback, then a chord body, naming b's queue. Each
         // is answered under its own id.
         let errback_id = uuid::Uuid::new_v4().to_string();

@@ -87,6 +87,16 @@ pub(crate) struct Dispatch<'a> {
 
 type Applied<'b> = Pin<Box<dyn Future<Output = Result<(), CanvasError>> + Send + 'b>>;
 
+/// What a walk over a signature does with each task it reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// Publishes it (and registers chord sizes and shapes).
+    Publish,
+    /// Only checks that its queue may be declared or exists; publishes and registers
+    /// nothing.
+    Check,
+}
+
 impl<'a> Dispatch<'a> {
     /// Publishes `sig` with `parent` prepended to its args (unless immutable) and
     /// `rest` (remaining chain steps, last first) to run after it.
@@ -96,17 +106,46 @@ impl<'a> Dispatch<'a> {
         parent: Option<&'b Value>,
         rest: Vec<Value>,
     ) -> Applied<'b> {
+        self.walk(sig, parent, rest, Walk::Publish)
+    }
+
+    /// Checks, publishing and registering nothing, that every task [`Dispatch::apply`] would
+    /// publish for `sig` goes to a queue it may declare or that exists in the broker: a
+    /// [`CanvasError::QueueNotFound`] for the first that does not. A sender that checks all
+    /// its follow-ups first publishes all of them or none (unless a queue disappears between
+    /// the check and the publish). Frozen ids are kept, so the error names the task the
+    /// sender will wait on; ids `apply` would assign are not.
+    pub(crate) fn check<'b>(
+        &'b self,
+        sig: &'b Signature,
+        parent: Option<&'b Value>,
+        rest: Vec<Value>,
+    ) -> Applied<'b> {
+        match self.declaring {
+            Declaring::Any => Box::pin(async { Ok(()) }),
+            Declaring::Only(_) => self.walk(sig, parent, rest, Walk::Check),
+        }
+    }
+
+    fn walk<'b>(
+        &'b self,
+        sig: &'b Signature,
+        parent: Option<&'b Value>,
+        rest: Vec<Value>,
+        walk: Walk,
+    ) -> Applied<'b> {
         Box::pin(async move {
             let parent = parent.filter(|_| !sig.immutable);
+            let publishing = walk == Walk::Publish;
             match sig.kind()? {
-                Kind::Task => self.publish(sig, parent, rest).await,
+                Kind::Task => self.publish(sig, parent, rest, walk).await,
                 Kind::Chain(steps) => {
                     let Some((first, later)) = steps.split_first() else {
                         return Err(sig.malformed("an empty chain"));
                     };
                     let mut chain = rest;
                     chain.extend(later.iter().rev().map(Signature::to_value));
-                    self.apply(first, parent, chain).await
+                    self.walk(first, parent, chain, walk).await
                 }
                 Kind::Group(members) if !rest.is_empty() => {
                     // A group followed by more steps: its results go, as a list, to the
@@ -122,7 +161,7 @@ impl<'a> Dispatch<'a> {
                         upgraded = upgraded.with_group_id(gid);
                     }
                     upgraded.0.freeze()?;
-                    self.apply(&upgraded.0, parent, Vec::new()).await
+                    self.walk(&upgraded.0, parent, Vec::new(), walk).await
                 }
                 Kind::Group(members) => {
                     // A group's members share its id as their `group`. A group that is the
@@ -134,7 +173,7 @@ impl<'a> Dispatch<'a> {
                         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
                     let chord = sig.options.get("chord").filter(|c| !c.is_null());
                     let members = unroll(members)?;
-                    if chord.is_some() {
+                    if chord.is_some() && publishing {
                         // As Celery's `group._apply_tasks`: a group reporting to a chord
                         // counts under its own id; members that joined the chord's group
                         // when it was frozen report there instead (`group_id` is immutable).
@@ -143,7 +182,7 @@ impl<'a> Dispatch<'a> {
                     }
                     for (index, member) in members.into_iter().enumerate() {
                         let member = in_group(member, &gid, index, chord)?;
-                        self.apply(&member, parent, Vec::new()).await?;
+                        self.walk(&member, parent, Vec::new(), walk).await?;
                     }
                     Ok(())
                 }
@@ -172,7 +211,7 @@ impl<'a> Dispatch<'a> {
                     let header = unroll(header)?;
                     if header.is_empty() {
                         return self
-                            .apply(&body, Some(&Value::Array(Vec::new())), Vec::new())
+                            .walk(&body, Some(&Value::Array(Vec::new())), Vec::new(), walk)
                             .await;
                     }
                     let size = header.iter().map(chord_size).sum();
@@ -186,6 +225,14 @@ impl<'a> Dispatch<'a> {
                             Ok(member)
                         })
                         .collect::<Result<Vec<_>, CanvasError>>()?;
+                    if !publishing {
+                        // The body is published later, by the header's last member: its
+                        // queue is checked then.
+                        for member in &members {
+                            self.walk(member, parent, Vec::new(), walk).await?;
+                        }
+                        return Ok(());
+                    }
                     self.backend.set_chord_size(&gid, size).await?;
                     // A header holding groups gives the body nested lists: save its shape,
                     // as Celery's `apply_chord` does.
@@ -198,7 +245,7 @@ impl<'a> Dispatch<'a> {
                         self.backend.save_chord_shape(&gid, &shape).await?;
                     }
                     for member in &members {
-                        self.apply(member, parent, Vec::new()).await?;
+                        self.walk(member, parent, Vec::new(), walk).await?;
                     }
                     Ok(())
                 }
@@ -206,14 +253,27 @@ impl<'a> Dispatch<'a> {
         })
     }
 
-    /// Publishes one task.
+    /// Publishes one task (or, checking, only looks for its queue).
     async fn publish(
         &self,
         sig: &Signature,
         parent: Option<&Value>,
         rest: Vec<Value>,
+        walk: Walk,
     ) -> Result<(), CanvasError> {
         let (message, queue) = self.message(sig, parent, rest)?;
+        if walk == Walk::Check {
+            return if self.declaring.may_declare(&queue) || self.broker.queue_exists(&queue).await?
+            {
+                Ok(())
+            } else {
+                Err(CanvasError::QueueNotFound {
+                    task: message.task,
+                    task_id: message.id,
+                    queue,
+                })
+            };
+        }
         let delay = message
             .eta
             .and_then(|eta| (eta - chrono::Utc::now()).to_std().ok());

@@ -153,22 +153,37 @@ async fn continue_success(
     if let Some(next) = &next {
         next.validate().map_err(as_step)?;
     }
+    let mut callbacks = callbacks;
+    for callback in &mut callbacks {
+        callback.freeze().map_err(as_callback)?;
+    }
+    let next = next
+        .map(|mut next| next.freeze().map(|()| next))
+        .transpose()
+        .map_err(as_step)?;
+    let rest = || chain[..chain.len().saturating_sub(1)].to_vec();
     let dispatch = dispatch(shared, message, queue);
+    // A tenant's follow-ups all go out or none does: every queue is looked for first.
+    let result = Some(&meta.result);
+    for callback in &callbacks {
+        let checked = dispatch.check(callback, result, Vec::new()).await;
+        checked.map_err(as_callback)?;
+    }
+    if let Some(next) = &next {
+        dispatch
+            .check(next, result, rest())
+            .await
+            .map_err(as_step)?;
+    }
     let mut children = Vec::new();
     for callback in &callbacks {
-        let mut callback = callback.clone();
-        callback.freeze().map_err(as_callback)?;
-        dispatch
-            .apply(&callback, Some(&meta.result), Vec::new())
-            .await
-            .map_err(as_callback)?;
-        children.extend(child_tuple(&callback));
+        let applied = dispatch.apply(callback, result, Vec::new()).await;
+        applied.map_err(as_callback)?;
+        children.extend(child_tuple(callback));
     }
-    if let Some(mut next) = next {
-        next.freeze().map_err(as_step)?;
-        let rest = chain[..chain.len() - 1].to_vec();
+    if let Some(next) = next {
         dispatch
-            .apply(&next, Some(&meta.result), rest)
+            .apply(&next, result, rest())
             .await
             .map_err(as_step)?;
         children.extend(child_tuple(&next));
@@ -361,7 +376,7 @@ pub(super) async fn publish_errbacks(
             Ok(sig)
         });
         match sig {
-            Ok(sig) => match dispatch.apply(&sig, Some(&id), Vec::new()).await {
+            Ok(sig) => match check_and_apply(dispatch, &sig, &id).await {
                 Err(CanvasError::QueueNotFound {
                     task,
                     task_id,
@@ -386,6 +401,16 @@ pub(super) async fn publish_errbacks(
         }
     }
     Ok(())
+}
+
+/// Publishes `errback` with `failed_id`, all of it or none (see [`Dispatch::check`]).
+async fn check_and_apply(
+    dispatch: &Dispatch<'_>,
+    errback: &Signature,
+    failed_id: &Value,
+) -> Result<(), CanvasError> {
+    dispatch.check(errback, Some(failed_id), Vec::new()).await?;
+    dispatch.apply(errback, Some(failed_id), Vec::new()).await
 }
 
 /// Stores a meta for another task of the workflow; rpc results go to this message's
