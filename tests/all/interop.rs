@@ -91,6 +91,7 @@ fn run_python_client(queue: &str, backend: &str) -> Value {
 pub(crate) fn check_python_client_results(results: &Value) {
     assert_eq!(results["add"], json!({"ok": 5}), "{results:#}");
     assert_eq!(results["kwargs"], json!({"ok": 42}), "{results:#}");
+    assert_eq!(results["compressed"], json!({"ok": 42}), "{results:#}");
     assert_eq!(results["countdown"], json!({"ok": 42}), "{results:#}");
     assert_eq!(
         results["text"],

@@ -65,5 +65,7 @@ calls = {
     "second_chance": call("math.second_chance", (5,)),
     "total": call("math.total", (1, 2, 3.5)),
     "kept": call("math.add_quietly", (20, 22), ignore_result=False),
+    # Celery's task_compression: a zlib body under kombu's `compression` header.
+    "compressed": call("math.add", (40, 2), compression="zlib"),
 }
 json.dump(calls, sys.stdout)

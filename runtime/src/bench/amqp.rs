@@ -284,6 +284,10 @@ struct EventRow {
     cpu_off: Vec<f64>,
     /// The same, events on.
     cpu_on: Vec<f64>,
+    /// The local RabbitMQ's and Redis's CPU µs a task, events off.
+    services_off: Vec<f64>,
+    /// The same, events on.
+    services_on: Vec<f64>,
     /// Events received per task while on (3 when none is dropped: received, started,
     /// succeeded).
     per_task: Vec<f64>,
@@ -331,12 +335,14 @@ async fn measure_events(
             let results = row.results;
             let backend = (results == "Redis results").then_some(h.redis_url.as_str());
             let last_cpu = || h.cpu_per_task().last().copied().unwrap_or(0.0);
+            let last_services = || h.service_cpu_per_task().last().copied().unwrap_or(0.0);
             progress.step(&format!("task events: {results}, off (round {round})"));
             row.off.push(
                 h.wasmq_drain_with("math.add", n, add_args, backend, false)
                     .await?,
             );
             row.cpu_off.push(last_cpu());
+            row.services_off.push(last_services());
             progress.step(&format!("task events: {results}, on (round {round})"));
             let before = received.load(std::sync::atomic::Ordering::Relaxed);
             row.on.push(
@@ -344,6 +350,7 @@ async fn measure_events(
                     .await?,
             );
             row.cpu_on.push(last_cpu());
+            row.services_on.push(last_services());
             // Events still in flight after the drain are counted too.
             tokio::time::sleep(Duration::from_millis(300)).await;
             let got = received.load(std::sync::atomic::Ordering::Relaxed) - before;
@@ -368,9 +375,9 @@ fn print_events(rows: &EventRows, plan: &Plan) {
     );
     println!();
     println!(
-        "| drain | events off | events on | on / off (medians) | on / off, each round after its off drain (median) | CPU µs/task off → on (medians) | events received a task (fewest) |"
+        "| drain | events off | events on | on / off (medians) | on / off, each round after its off drain (median) | CPU µs/task off → on (medians) | RabbitMQ + Redis CPU µs/task off → on | events received a task (fewest) |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let list = |values: &[f64]| {
         values
             .iter()
@@ -388,7 +395,7 @@ fn print_events(rows: &EventRows, plan: &Plan) {
             .map(|(on, off)| on / off)
             .collect();
         println!(
-            "| {} | {} | {} | **{:.2}** | {} (**{:.2}**) | {:.0} → {:.0} | {:.2} |",
+            "| {} | {} | {} | **{:.2}** | {} (**{:.2}**) | {:.0} → {:.0} | {:.0} → {:.0} | {:.2} |",
             row.results,
             list(&row.off),
             list(&row.on),
@@ -401,6 +408,8 @@ fn print_events(rows: &EventRows, plan: &Plan) {
             median(&paired),
             median(&row.cpu_off),
             median(&row.cpu_on),
+            median(&row.services_off),
+            median(&row.services_on),
             row.per_task.iter().copied().fold(f64::INFINITY, f64::min)
         );
     }

@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 
 use super::queue_name;
 use super::stats::{cpu_seconds, p50_p95_p99};
-use super::workers::InProcessWorker;
+use super::workers::{InProcessWorker, services_cpu};
 use crate::broker::Broker;
 use crate::client::{Client, SendOptions};
 use crate::engine::{Sandbox, SandboxConfig};
@@ -26,6 +26,8 @@ pub(super) const CONFIRM_WINDOW: usize = crate::client::DEFAULT_CONFIRM_WINDOW;
 pub(super) struct Harness {
     /// The worker process's CPU time per task (µs) in each wasmq drain, in order.
     cpu_per_task: Mutex<Vec<f64>>,
+    /// The local RabbitMQ's and Redis's CPU time per task (µs) in the same drains.
+    service_cpu_per_task: Mutex<Vec<f64>>,
     /// A Celery drain slower than this is cut off and reported as stalled.
     pub(super) stall_limit: Duration,
     /// The broker's URL (for RabbitMQ, as lapin spells it).
@@ -64,6 +66,7 @@ impl Harness {
         let registry = Arc::new(Registry::bundled(sandbox).await?);
         Ok(Self {
             cpu_per_task: Mutex::default(),
+            service_cpu_per_task: Mutex::default(),
             stall_limit,
             broker_url: broker_url.to_owned(),
             redis_url: redis_url.to_owned(),
@@ -200,6 +203,7 @@ impl Harness {
         }
         let started = Instant::now();
         let cpu_before = cpu_seconds();
+        let services_before = services_cpu();
         let done = |s: &WorkerStats| {
             s.succeeded.load(Ordering::Relaxed) + s.failed.load(Ordering::Relaxed)
         };
@@ -214,6 +218,10 @@ impl Harness {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push((cpu_seconds() - cpu_before) / n as f64 * 1e6);
+        self.service_cpu_per_task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((services_cpu() - services_before).as_secs_f64() / n as f64 * 1e6);
         worker.stop().await;
         self.broker.delete_queue(&queue).await?;
         Ok(rate)
@@ -267,6 +275,15 @@ impl Harness {
     /// The CPU time per task of each wasmq drain so far, in µs.
     pub(super) fn cpu_per_task(&self) -> Vec<f64> {
         self.cpu_per_task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// What each wasmq drain so far cost the local RabbitMQ and Redis servers, in CPU µs a
+    /// task ([`services_cpu`]).
+    pub(super) fn service_cpu_per_task(&self) -> Vec<f64> {
+        self.service_cpu_per_task
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()

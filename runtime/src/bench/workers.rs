@@ -54,6 +54,24 @@ pub(super) fn process_cpu(pid: u32) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
+/// CPU time (user + system) the local RabbitMQ (`beam.smp`) and Redis (`redis-server`)
+/// processes have used so far: what a drain costs the servers it runs against, on a machine
+/// where they share the cores with the worker. Zero for servers that are not local.
+pub(super) fn services_cpu() -> Duration {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| matches!(comm.trim_end(), "beam.smp" | "redis-server"))
+        })
+        .filter_map(process_cpu)
+        .sum()
+}
+
 impl Drop for BenchProcess {
     /// SIGTERM (a graceful stop, as an operator would), then SIGKILL after 10 s.
     fn drop(&mut self) {

@@ -13,6 +13,7 @@
 //! Longer than 400 lines for one idea, the v2 message: encoding and decoding are two halves
 //! of one format and are kept side by side so they cannot drift apart.
 
+pub mod compression;
 pub mod control;
 pub mod events;
 mod kombu;
@@ -149,15 +150,24 @@ pub struct DecodeError {
     pub kind: DecodeErrorKind,
 }
 
+/// The most bytes a compressed task body may expand to (RabbitMQ's own limit on a message
+/// is 128 MiB); a larger one is refused rather than expanded into memory.
+pub const LARGEST_EXPANDED_BODY: usize = 128 << 20;
+
 /// What is wrong with a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeErrorKind {
     /// A content type other than JSON.
     #[error("unsupported content type {0:?} (wasmq reads application/json)")]
     UnsupportedContentType(String),
-    /// A compressed body.
-    #[error("unsupported compression {0:?}")]
+    /// A body compressed with a codec wasmq does not read (it reads zlib, kombu's
+    /// `application/x-gzip`).
+    #[error("unsupported compression {0:?} (wasmq reads application/x-gzip, kombu's zlib)")]
     UnsupportedCompression(String),
+    /// A compressed body that cannot be read back: corrupt, or expanding beyond
+    /// [`LARGEST_EXPANDED_BODY`].
+    #[error("the compressed body cannot be read: {0}")]
+    Compressed(String),
     /// The body is not JSON.
     #[error("the body is not JSON: {0}")]
     NotJson(String),
@@ -298,11 +308,23 @@ impl TaskMessage {
         {
             return Err(fail(DecodeErrorKind::UnsupportedContentType(ct.clone())));
         }
-        if let Some(compression) = headers.get("compression").filter(|v| !v.is_null()) {
-            return Err(fail(DecodeErrorKind::UnsupportedCompression(
-                compression.as_str().unwrap_or("?").to_owned(),
-            )));
-        }
+        // A body compressed by its sender (Celery's `task_compression = "gzip"`/"zlib"):
+        // read back first; other codecs are refused by name.
+        let expanded = match headers.get("compression").filter(|v| !v.is_null()) {
+            None => None,
+            Some(codec) => {
+                let codec = codec.as_str().unwrap_or("?");
+                let body = compression::decompress(&envelope.body, codec, LARGEST_EXPANDED_BODY)
+                    .map_err(|error| match error {
+                        compression::CompressionError::Unsupported(codec) => {
+                            fail(DecodeErrorKind::UnsupportedCompression(codec))
+                        }
+                        other => fail(DecodeErrorKind::Compressed(other.to_string())),
+                    })?;
+                Some(body)
+            }
+        };
+        let body_bytes = expanded.as_deref().unwrap_or(&envelope.body);
         let Some(task_name) = task.clone() else {
             return Err(fail(match headers.get("task") {
                 None | Some(Value::Null) => DecodeErrorKind::MissingHeader("task"),
@@ -322,7 +344,7 @@ impl TaskMessage {
             }));
         }
 
-        let body: Value = serde_json::from_slice(&envelope.body)
+        let body: Value = serde_json::from_slice(body_bytes)
             .map_err(|e| fail(DecodeErrorKind::NotJson(e.to_string())))?;
         let Value::Array(mut parts) = body else {
             return Err(fail(DecodeErrorKind::BodyShape(format!(
@@ -473,6 +495,8 @@ const KNOWN_HEADERS: &[&str] = &[
     "kwargsrepr",
     "origin",
     "ignore_result",
+    // Read while decoding: the body a message keeps is the expanded one.
+    "compression",
 ];
 
 fn json_type(value: &Value) -> &'static str {

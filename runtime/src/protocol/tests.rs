@@ -60,6 +60,25 @@ fn decodes_the_captured_celery_message() {
     );
 }
 
+/// Celery's `task_compression = "gzip"`: the body zlib-compressed, the codec named in the
+/// `compression` header; it decodes as the plain message does.
+#[test]
+fn a_compressed_celery_message_decodes_as_the_plain_one() {
+    let plain = captured();
+    let mut compressed = captured();
+    compressed.body = compression::zlib(&plain.body);
+    compressed
+        .headers
+        .insert("compression".into(), json!(compression::ZLIB));
+    let decoded = TaskMessage::decode(&compressed).unwrap();
+    assert_eq!(decoded.args, [json!(2), json!(2)]);
+    assert_eq!(decoded.id, TaskMessage::decode(&plain).unwrap().id);
+    assert!(
+        !decoded.extra_headers.contains_key("compression"),
+        "the codec is no custom header"
+    );
+}
+
 /// Celery's `request.headers`: what a sender added with `apply_async(headers=…)`, without
 /// Celery's protocol headers and wasmq's bookkeeping; kept through encoding (a retry).
 #[test]
@@ -211,11 +230,19 @@ fn every_malformed_class_is_a_typed_error_with_the_task_id() {
         ),
         (
             with(
-                json!({"task": "math.add", "id": "T1", "compression": "application/x-gzip"}),
+                json!({"task": "math.add", "id": "T1", "compression": "application/x-bz2"}),
                 b"x",
                 None,
             ),
             "unsupported compression",
+        ),
+        (
+            with(
+                json!({"task": "math.add", "id": "T1", "compression": "application/x-gzip"}),
+                b"x",
+                None,
+            ),
+            "the compressed body cannot be read",
         ),
         (
             with(
