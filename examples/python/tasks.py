@@ -112,9 +112,17 @@ def read_env(name="HOME"):
 
 @task
 def connect(host="127.0.0.1", port=5672):
-    """Tries to open a TCP connection."""
-    with socket.create_connection((host, port), timeout=1) as conn:
+    """Tries to open a TCP connection (to an address: no name lookup needed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as conn:
+        conn.settimeout(1)
+        conn.connect((host, port))
         return str(conn.getpeername())
+
+
+@task
+def resolve(name="example.com"):
+    """Tries to look up a host name."""
+    return socket.getaddrinfo(name, 80)[0][4][0]
 
 
 @task(timeout=1)

@@ -68,6 +68,8 @@ def fail(kind):
         raise Reject("no", requeue=True)
     if kind == "set":
         return {1}
+    if kind == "file":
+        open("/no/such/file/for/wasmq")
 
 
 def run(name, args="[]", kwargs="{}", host=None):
@@ -122,6 +124,11 @@ class Tests(unittest.TestCase):
         self.assertEqual(run("t.fail", '["zero"]').failed, ("ZeroDivisionError", "division by zero", None))
         self.assertEqual(run("t.fail", '["quota"]').failed, ("test_sdk.QuotaError", "(5, 'over')", '[5, "over"]'))
         self.assertEqual(run("t.fail", '["key"]').failed, ("KeyError", "'k'", '["k"]'))
+        kind, message, args = run("t.fail", '["file"]').failed
+        self.assertEqual(kind, "FileNotFoundError")
+        self.assertIn("/no/such/file/for/wasmq", message)
+        self.assertEqual(json.loads(args)[2], "/no/such/file/for/wasmq")
+        self.assertEqual(str(FileNotFoundError(*json.loads(args))), message, "the client rebuilds it")
         kind, message, _ = run("t.fail", '["set"]').failed
         self.assertEqual(kind, "kombu.exceptions.EncodeError")
         self.assertIn("t.fail: the result is not JSON-serialisable (set)", message)

@@ -86,10 +86,17 @@ def exception_kind(cls: type) -> str:
 
 def failure_parts(exc: BaseException) -> tuple[str, str, Optional[str]]:
     """(kind, message, args-json) of an exception. The arguments are given when they are not
-    just ``[message]``; arguments JSON cannot encode are passed as their ``repr``."""
+    just ``[message]``; arguments JSON cannot encode are passed as their ``repr``; an
+    `OSError`'s file names are added to its arguments."""
     kind = exception_kind(type(exc))
     message = str(exc)
     args = list(getattr(exc, "args", ()) or ())
+    if isinstance(exc, OSError) and exc.filename is not None and len(args) == 2:
+        # The path is an attribute, not an argument: pass it on, so the client's rebuilt
+        # exception still says which file (`OSError(errno, strerror, filename)`).
+        args.append(exc.filename)
+        if exc.filename2 is not None:
+            args += [None, exc.filename2]
     if args == [message] or (not args and not message):
         return kind, message, None
     try:

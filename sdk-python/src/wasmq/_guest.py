@@ -17,6 +17,11 @@ from wit_world import exports
 from wit_world.imports import host as wit_host
 from wit_world.imports import types
 
+# Imported now so the component holds it: CPython encodes every socket host name with the
+# `idna` codec, and without it a task's socket call fails with "unknown encoding: idna"
+# instead of the sandbox's own refusal.
+import encodings.idna  # noqa: F401
+
 from ._context import Host
 from ._task import REGISTRY, Outcome
 
