@@ -285,6 +285,16 @@ pub(super) fn language(component: &[u8]) -> &'static str {
     }
 }
 
+/// A load time as worth reading: to the millisecond from a second, else to the microsecond.
+fn rounded(duration: std::time::Duration) -> std::time::Duration {
+    let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
+    if micros >= 1_000_000 {
+        std::time::Duration::from_millis(micros / 1000)
+    } else {
+        std::time::Duration::from_micros(micros)
+    }
+}
+
 /// The text `wasmq plugins inspect` prints.
 pub(super) fn describe_plugin(plugin: &Plugin, path: &Path, sizes: &Sizes) -> String {
     use std::fmt::Write as _;
@@ -302,7 +312,7 @@ pub(super) fn describe_plugin(plugin: &Plugin, path: &Path, sizes: &Sizes) -> St
             CacheStatus::Hit => "loaded from the artifact cache",
             CacheStatus::Compiled => "compiled",
         },
-        format_duration(sizes.loaded_in),
+        format_duration(rounded(sizes.loaded_in)),
     );
     if let Some(artifact) = sizes.artifact {
         let _ = writeln!(out, "  compiled artifact: {}", format_bytes(artifact));
