@@ -154,7 +154,7 @@ fn inspect_lists_tasks_with_parameters_limits_and_docs() {
     let (code, stdout, stderr) = run(&["plugins", "inspect", TEXT]);
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        stdout.contains("plugin text (wasmq:task@0.3.0, "),
+        stdout.contains("plugin text (wasmq:task@0.3.0, Rust, "),
         "{stdout}"
     );
     assert!(

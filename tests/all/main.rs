@@ -21,6 +21,7 @@ mod metrics;
 mod plugins;
 mod processes;
 mod publish;
+mod python_tasks;
 mod queue;
 mod redis_broker;
 mod request;

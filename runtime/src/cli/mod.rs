@@ -27,6 +27,7 @@ mod inspect;
 mod keys;
 mod logging;
 mod metrics;
+mod plugin_build;
 mod plugin_source;
 mod plugins;
 mod process;
@@ -121,7 +122,7 @@ enum Command {
         #[command(subcommand)]
         command: bench::BenchCommand,
     },
-    /// Inspect, list, export, sign and verify plugins.
+    /// Build (from Python), inspect, list, export, sign and verify plugins.
     Plugins {
         #[command(subcommand)]
         command: plugins::PluginsCommand,

@@ -1,5 +1,5 @@
-//! `wasmq plugins`: inspect a plugin file, list a worker's plugin folder, export the bundled
-//! plugins.
+//! `wasmq plugins`: build a plugin from Python (`plugin_build.rs`), inspect a plugin file,
+//! list a worker's plugin folder, export the bundled plugins, sign and verify.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,6 +8,7 @@ use clap::Subcommand;
 
 use super::args::{EngineArgs, sandbox};
 use super::exit::{ExitStatus, Failure};
+use super::plugin_build::{self, BuildArgs};
 use crate::engine::{CacheStatus, Plugin};
 use crate::registry::Registry;
 use crate::signing::{PluginSignature, SigningKey, TrustPolicy, signature_path};
@@ -15,6 +16,11 @@ use crate::units::{format_bytes, format_duration};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum PluginsCommand {
+    /// Build a plugin from a Python module of `@task` functions (the wasmq-sdk package,
+    /// sdk-python/): installs componentize-py on first use into $WASMQ_TOOLCHAIN_DIR (else
+    /// $XDG_CACHE_HOME/wasmq/toolchains, else ~/.cache/wasmq/toolchains), and a
+    /// requirements.txt beside the module into the plugin.
+    Build(BuildArgs),
     /// List the tasks a plugin offers, with their parameters, default limits and docs.
     Inspect {
         /// The plugin file (a wasm32-wasip2 component).
@@ -79,6 +85,7 @@ pub(super) enum PluginsCommand {
 
 pub(super) async fn run(command: PluginsCommand) -> Result<(), Failure> {
     match command {
+        PluginsCommand::Build(args) => plugin_build::run(args),
         PluginsCommand::Inspect { plugin, engine } => inspect(&plugin, &engine).await,
         PluginsCommand::List {
             folder,
@@ -233,29 +240,83 @@ async fn list(
 
 async fn inspect(path: &Path, engine: &EngineArgs) -> Result<(), Failure> {
     let sandbox = sandbox(engine, 4)?;
+    let started = std::time::Instant::now();
     let plugin = sandbox.load_plugin(path).await?;
-    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    print!("{}", describe_plugin(&plugin, path, size));
+    let loaded_in = started.elapsed();
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let artifact = sandbox
+        .cached_artifact_path(&bytes)
+        .and_then(|artifact| std::fs::metadata(artifact).ok())
+        .map(|m| m.len());
+    let sizes = Sizes {
+        component: bytes.len() as u64,
+        artifact,
+        loaded_in,
+        language: language(&bytes),
+    };
+    print!("{}", describe_plugin(&plugin, path, &sizes));
     Ok(())
 }
 
+/// What `inspect` says about a plugin file besides its tasks.
+pub(super) struct Sizes {
+    /// The component file's size.
+    pub(super) component: u64,
+    /// The compiled artifact's size in the cache, when caching is on.
+    pub(super) artifact: Option<u64>,
+    /// How long loading took (a compile, or a read from the artifact cache).
+    pub(super) loaded_in: std::time::Duration,
+    /// The language the plugin was written in, from [`language`].
+    pub(super) language: &'static str,
+}
+
+/// The language a component was written in, from what its toolchain leaves in it:
+/// componentize-py's name in the `producers` section (with the CPython it embeds) for
+/// Python; a `producers` section naming Rust, or rustc's paths in panic locations (release
+/// builds strip `producers`), for Rust.
+pub(super) fn language(component: &[u8]) -> &'static str {
+    let has = |needle: &[u8]| component.windows(needle.len()).any(|w| w == needle);
+    if has(b"componentize-py") || has(b"libpython3.") {
+        "Python"
+    } else if has(b"\x08language\x01\x04Rust") || has(b"/rustc/") {
+        "Rust"
+    } else {
+        "unknown language"
+    }
+}
+
+/// A load time as worth reading: to the millisecond from a second, else to the microsecond.
+fn rounded(duration: std::time::Duration) -> std::time::Duration {
+    let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
+    if micros >= 1_000_000 {
+        std::time::Duration::from_millis(micros / 1000)
+    } else {
+        std::time::Duration::from_micros(micros)
+    }
+}
+
 /// The text `wasmq plugins inspect` prints.
-pub(super) fn describe_plugin(plugin: &Plugin, path: &Path, size: u64) -> String {
+pub(super) fn describe_plugin(plugin: &Plugin, path: &Path, sizes: &Sizes) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{}: plugin {} (wasmq:task@{}, {}, sha256 {}, {})",
+        "{}: plugin {} (wasmq:task@{}, {}, {}, sha256 {}, {} in {})",
         path.display(),
         plugin.name(),
         plugin.contract_version(),
-        format_bytes(size),
+        sizes.language,
+        format_bytes(sizes.component),
         &plugin.content_hash()[..16],
         match plugin.cache_status() {
             CacheStatus::Hit => "loaded from the artifact cache",
             CacheStatus::Compiled => "compiled",
-        }
+        },
+        format_duration(rounded(sizes.loaded_in)),
     );
+    if let Some(artifact) = sizes.artifact {
+        let _ = writeln!(out, "  compiled artifact: {}", format_bytes(artifact));
+    }
     for task in plugin.tasks() {
         let _ = writeln!(out, "\n  {}({})", task.name, task.params.join(", "));
         let mut limits = Vec::new();
