@@ -218,7 +218,8 @@ fn every_malformed_message_class_ends_as_failure_and_dead_letter() {
             ("m-retries", raw(json!({"task": "math.add", "id": "m-retries", "retries": "x"}), b"[[1, 2], {}, {}]", json), "header \"retries\""),
             ("m-notask", raw(json!({"id": "m-notask"}), b"[[1, 2], {}, {}]", json), "no \"task\" header"),
             ("m-pickle", raw(json!({"task": "math.add", "id": "m-pickle"}), b"\x80\x04", "application/x-python-serialize"), "unsupported content type"),
-            ("m-gzip", raw(json!({"task": "math.add", "id": "m-gzip", "compression": "application/x-gzip"}), b"x\x9c", json), "unsupported compression"),
+            ("m-gzip", raw(json!({"task": "math.add", "id": "m-gzip", "compression": "application/x-gzip"}), b"x\x9c", json), "the compressed body cannot be read"),
+            ("m-bzip2", raw(json!({"task": "math.add", "id": "m-bzip2", "compression": "application/x-bz2"}), b"BZh9", json), "unsupported compression"),
         ];
         for (_, envelope, _) in &cases {
             queue.broker.publish("celery", envelope, None).await.unwrap();
