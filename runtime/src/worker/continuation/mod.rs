@@ -163,17 +163,20 @@ async fn continue_success(
         .map_err(as_step)?;
     let rest = || chain[..chain.len().saturating_sub(1)].to_vec();
     let dispatch = dispatch(shared, message, queue);
-    // A tenant's follow-ups all go out or none does: every queue is looked for first.
+    // A tenant's follow-ups all go out or none does: every queue is looked for first (an
+    // implicit tenant may declare any queue, and skips this and its copy of the chain).
     let result = Some(&meta.result);
-    for callback in &callbacks {
-        let checked = dispatch.check(callback, result, Vec::new()).await;
-        checked.map_err(as_callback)?;
-    }
-    if let Some(next) = &next {
-        dispatch
-            .check(next, result, rest())
-            .await
-            .map_err(as_step)?;
+    if matches!(dispatch.declaring, Declaring::Only(_)) {
+        for callback in &callbacks {
+            let checked = dispatch.check(callback, result, Vec::new()).await;
+            checked.map_err(as_callback)?;
+        }
+        if let Some(next) = &next {
+            dispatch
+                .check(next, result, rest())
+                .await
+                .map_err(as_step)?;
+        }
     }
     let mut children = Vec::new();
     for callback in &callbacks {
