@@ -72,6 +72,7 @@ pub(crate) mod bench;
 pub mod broker;
 pub mod bundled;
 pub mod canvas;
+pub mod chaos;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -6,6 +6,7 @@ mod bad_plugins;
 mod beat;
 mod cache;
 mod canvas;
+mod chaos;
 mod cli;
 mod control;
 mod dashboard;

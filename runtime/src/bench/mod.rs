@@ -56,17 +56,18 @@ use serde_json::{Map, json};
 
 use crate::client::{Client, SendOptions};
 
-/// A benchmark was pointed at a server that is not on this machine. The harness floods the
-/// broker it is given, so it refuses anything but 127.0.0.1.
+/// A benchmark (or `wasmq chaos`) was pointed at a server that is not on this machine. The
+/// harnesses flood the broker they are given and kill what they start, so they refuse
+/// anything but 127.0.0.1.
 #[derive(Debug, thiserror::Error)]
-#[error("the benchmark only targets this machine; {url} is not 127.0.0.1")]
+#[error("this harness only targets servers on this machine; {url} is not 127.0.0.1")]
 pub(crate) struct NotLocal {
     /// The URL that was refused.
     pub(crate) url: String,
 }
 
 /// Refuses `url` unless it names this machine.
-fn only_local(url: &str) -> Result<(), NotLocal> {
+pub(crate) fn only_local(url: &str) -> Result<(), NotLocal> {
     if url.contains("127.0.0.1") || url.contains("localhost") || url.contains("[::1]") {
         Ok(())
     } else {
@@ -192,7 +193,7 @@ mod tests {
         let refused = only_local("amqp://guest:guest@rabbit.example:5672/%2f").unwrap_err();
         assert_eq!(
             refused.to_string(),
-            "the benchmark only targets this machine; amqp://guest:guest@rabbit.example:5672/%2f is not 127.0.0.1"
+            "this harness only targets servers on this machine; amqp://guest:guest@rabbit.example:5672/%2f is not 127.0.0.1"
         );
     }
 }

@@ -16,6 +16,7 @@ mod args;
 mod beat;
 mod bench;
 mod call;
+mod chaos;
 mod dashboard;
 mod dead_letters;
 mod demo;
@@ -122,6 +123,10 @@ enum Command {
         #[command(subcommand)]
         command: bench::BenchCommand,
     },
+    /// Inject faults into real runs on this machine — workers SIGKILLed mid-drain, processes
+    /// racing on one SQLite file under kill -9 — and print what was lost, wrong or run
+    /// twice (exit 1 if anything was lost or wrong).
+    Chaos(chaos::ChaosArgs),
     /// Build (from Python), inspect, list, export, sign and verify plugins.
     Plugins {
         #[command(subcommand)]
@@ -154,7 +159,7 @@ pub fn main() -> ExitCode {
         Command::Worker(_) => "info,lapin::returned_messages=error",
         // A beat's log is what it sent and who leads.
         Command::Beat(_) => "info",
-        Command::Demo(_) | Command::Bench { .. } => "off",
+        Command::Demo(_) | Command::Bench { .. } | Command::Chaos(_) => "off",
         // lapin logs every passive declare of a queue that does not exist (yet) as an error.
         Command::Dashboard(_) => "warn,lapin::channel=off",
         _ => "warn,wasmq::guest=info",
@@ -172,7 +177,7 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), Failure> {
     let multi_threaded = matches!(
         cli.command,
-        Command::Worker(_) | Command::Demo(_) | Command::Bench { .. }
+        Command::Worker(_) | Command::Demo(_) | Command::Bench { .. } | Command::Chaos(_)
     );
     let runtime = if multi_threaded {
         tokio::runtime::Builder::new_multi_thread()
@@ -204,6 +209,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Command::Call(args) => call::call(args).await,
             Command::Plugins { command } => plugins::run(command).await,
             Command::Bench { command } => bench::run(command).await,
+            Command::Chaos(args) => chaos::run(args).await,
             Command::Keys { command } => keys::run(command),
             Command::Deploy(args) => deploy::deploy(args).await,
             Command::Promote(args) => deploy::promote(args).await,
