@@ -76,7 +76,10 @@ pub async fn run(exe: &Path, dir: &Path, options: &KillWorkers) -> anyhow::Resul
         let log = dir.join(format!("worker-{life}.log"));
         outcomes.watch(log.clone());
         let mut worker = wasmq.start_worker(&spec, &log)?;
-        if let Some((killed_at, finished_then)) = last_kill {
+        let total = confirmed.len();
+        if let Some((killed_at, finished_then)) = last_kill
+            && finished_then < total
+        {
             let progressed = outcomes
                 .wait_until(options.stall, |o| o.finished() > finished_then)
                 .await?;
@@ -87,10 +90,17 @@ pub async fn run(exe: &Path, dir: &Path, options: &KillWorkers) -> anyhow::Resul
         let Some(&target) = targets.get(life) else {
             break worker;
         };
+        // Each life runs at least one task before it is killed, and none is killed once
+        // the drain is over (a short run can end before its kill points).
         let floor = last_kill.map_or(0, |(_, finished)| finished + 1);
         outcomes
-            .wait_until(options.stall, |o| o.finished() >= target.max(floor))
+            .wait_until(options.stall, |o| {
+                o.finished() >= target.max(floor).min(total)
+            })
             .await?;
+        if outcomes.finished() >= total {
+            break worker;
+        }
         // A few milliseconds more, at random, so the kill lands anywhere in a task's path
         // (running, storing the result, acknowledging), not just after a log line.
         tokio::time::sleep(Duration::from_millis(rand::random_range(0..20))).await;

@@ -83,17 +83,28 @@ pub async fn run(exe: &Path, dir: &Path, options: &NetworkFaults) -> anyhow::Res
     outcomes.watch(log.clone());
     let mut worker = wasmq.start_worker(&spec, &log)?;
 
-    let step = (options.tasks / 8).max(1);
     let heartbeat = Duration::from_secs(u64::from(options.heartbeat));
     let mut checks = Vec::new();
     let mut recoveries = Vec::new();
     let started = Instant::now();
     let mut faults = 0;
-    for fault in ["latency", "stall", "reset", "half-open"] {
-        let target = outcomes.finished() + step;
-        outcomes
+    for (number, fault) in ["latency", "stall", "reset", "half-open"]
+        .into_iter()
+        .enumerate()
+    {
+        // At a tenth, two tenths… of the drain: fixed points, so a fast drain cannot end
+        // before the last fault.
+        let target = options.tasks * (number + 1) / 10;
+        let reached = outcomes
             .wait_until(options.stall, |o| o.finished() >= target)
             .await?;
+        if !reached {
+            checks.push(Check::new(
+                format!("{fault}: not injected: the drain stopped short of task {target}"),
+                false,
+            ));
+            continue;
+        }
         let finished_then = outcomes.finished();
         let connections_then = proxy.connections();
         let began = Instant::now();
@@ -136,8 +147,11 @@ pub async fn run(exe: &Path, dir: &Path, options: &NetworkFaults) -> anyhow::Res
             ));
         }
         if outcomes
-            .wait_until(options.stall, |o| o.finished() > finished_then)
+            .wait_until(options.stall, |o| {
+                o.finished() > finished_then || o.finished() >= confirmed.len()
+            })
             .await?
+            && outcomes.finished() > finished_then
         {
             recoveries.push(began.elapsed());
         }

@@ -1,6 +1,6 @@
-//! Servers restarted during a drain: RabbitMQ (`rabbitmqctl stop_app`/`start_app`, so its
-//! durable queues and persistent messages survive, as in a rolling upgrade) and the Redis
-//! that stores the results (SIGKILLed and started again). The Redis is one the harness
+//! Servers restarted during a drain: the Redis that stores the results (SIGKILLed and
+//! started again), then RabbitMQ (`rabbitmqctl stop_app`/`start_app`, so its durable queues
+//! and persistent messages survive, as in a rolling upgrade). The Redis is one the harness
 //! starts for the run, on a free port, with an append-only file synced on every write:
 //! restarting the machine's shared Redis would disturb everyone else using it, and one
 //! that keeps nothing on disk would lose every stored result by design, which would say
@@ -182,8 +182,12 @@ pub async fn run(exe: &Path, dir: &Path, options: &Restarts) -> anyhow::Result<T
     let started = Instant::now();
     let mut recoveries = Vec::new();
     let mut checks = Vec::new();
-    for (server, at) in [("RabbitMQ", 4), ("Redis", 2)] {
-        let target = outcomes.finished() + options.tasks / at / 2;
+    // At fixed points of the drain, so a fast drain cannot end before the second restart:
+    // Redis first (a SIGKILL bites at once: every result after it waits for Redis), then
+    // RabbitMQ (`stop_app` takes seconds to close its connections, and the worker drains on
+    // meanwhile).
+    for (server, percent) in [("Redis", 20), ("RabbitMQ", 40)] {
+        let target = options.tasks * percent / 100;
         outcomes
             .wait_until(options.stall, |o| o.finished() >= target)
             .await?;
@@ -197,8 +201,11 @@ pub async fn run(exe: &Path, dir: &Path, options: &Restarts) -> anyhow::Result<T
         outcomes.refresh()?;
         let finished_then = outcomes.finished();
         if outcomes
-            .wait_until(options.stall, |o| o.finished() > finished_then)
+            .wait_until(options.stall, |o| {
+                o.finished() > finished_then || o.finished() >= confirmed.len()
+            })
             .await?
+            && outcomes.finished() > finished_then
         {
             recoveries.push(began.elapsed());
         }
@@ -230,7 +237,7 @@ pub async fn run(exe: &Path, dir: &Path, options: &Restarts) -> anyhow::Result<T
     clean_up(&*broker, &queue, &spec.node, &results, &[]).await;
     let (mean_recovery, worst_recovery) = recovery_summary(&recoveries);
     Ok(Tally {
-        scenario: "restarts (RabbitMQ, then the results' Redis)".to_owned(),
+        scenario: "restarts (the results' Redis, then RabbitMQ)".to_owned(),
         sent: confirmed.len(),
         completed,
         lost,
