@@ -2,6 +2,7 @@
 //! plugins built from `plugins/` by `wasmq-test-artifacts`.
 
 mod autoscale;
+mod bad_input;
 mod bad_plugins;
 mod beat;
 mod cache;
