@@ -4,76 +4,28 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use lapin::types::{AMQPValue, FieldArray, FieldTable};
-
-use crate::support::{RABBITMQ, runtime, unique_queue};
+use crate::support::{RABBITMQ, python, python_dir, runtime, unique_queue};
 
 const RABBITMQ_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 
-/// A header value nested `depth` arrays deep, built without recursion.
-fn nested(depth: usize) -> AMQPValue {
-    let mut value = AMQPValue::LongInt(1);
-    for _ in 0..depth {
-        value = AMQPValue::FieldArray(FieldArray::from(vec![value]));
-    }
-    value
-}
-
 /// Publishes `math.add(20, 22)` as Celery's protocol 2 with one more header, `deep`, nested
-/// `depth` levels, on a thread with room for the recursion of building, encoding and
-/// dropping it.
+/// `depth` lists deep: from Python's py-amqp (kombu's transport), on a thread with room for
+/// its recursive encoder — a Rust publisher in this process would need the stack this test
+/// is about on lapin's I/O thread.
 fn publish_with_deep_header(queue: &str, id: &str, depth: usize) {
-    let (queue, id) = (queue.to_owned(), id.to_owned());
-    std::thread::Builder::new()
-        .stack_size(512 << 20)
-        .spawn(move || {
-            runtime().block_on(async {
-                let connection =
-                    lapin::Connection::connect(RABBITMQ_URL, lapin::ConnectionProperties::default())
-                        .await
-                        .expect("connect to RabbitMQ");
-                let channel = connection.create_channel().await.unwrap();
-                channel
-                    .queue_declare(
-                        queue.as_str().into(),
-                        lapin::options::QueueDeclareOptions {
-                            durable: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .unwrap();
-                let mut headers = FieldTable::default();
-                for (key, value) in [("lang", "py"), ("task", "math.add"), ("id", &id), ("root_id", &id)] {
-                    headers.insert(key.into(), AMQPValue::LongString(value.into()));
-                }
-                headers.insert("deep".into(), nested(depth));
-                let body = br#"[[20, 22], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#;
-                channel
-                    .basic_publish(
-                        "".into(),
-                        queue.as_str().into(),
-                        lapin::options::BasicPublishOptions::default(),
-                        body,
-                        lapin::BasicProperties::default()
-                            .with_content_type("application/json".into())
-                            .with_content_encoding("utf-8".into())
-                            .with_correlation_id(id.as_str().into())
-                            .with_delivery_mode(2)
-                            .with_headers(headers),
-                    )
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-                let _ = connection.close(200, "OK".into()).await;
-            });
-        })
-        .unwrap()
-        .join()
-        .unwrap();
+    let output = Command::new(python())
+        .arg(python_dir().join("deep_header.py"))
+        .env("DEPTH", depth.to_string())
+        .env("QUEUE", queue)
+        .env("ID", id)
+        .output()
+        .expect("run deep_header.py");
+    assert!(
+        output.status.success(),
+        "deep_header.py failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// A header nested 26,000 deep — about as deep as a content header that fits RabbitMQ's
