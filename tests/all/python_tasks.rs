@@ -414,7 +414,9 @@ fn python_plugins_inspect_call_and_build_errors_on_the_command_line() {
 #[test]
 fn a_python_celery_client_catches_the_exception_a_python_task_raised() {
     let plugin = plugin();
-    let _shared = RABBITMQ.read().unwrap();
+    let _shared = RABBITMQ
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let queue_name = unique_queue("python-tasks");
     runtime().block_on(async {
         let broker: Arc<dyn wasmq::broker::Broker> = Arc::new(

@@ -86,6 +86,8 @@ pub struct Outcomes {
     successes: HashMap<String, u32>,
     /// When the last new task finished.
     last_progress: Option<Instant>,
+    /// When the last success of any task (a repeat too) was read.
+    last_success: Option<Instant>,
 }
 
 impl Outcomes {
@@ -131,6 +133,7 @@ impl Outcomes {
                 {
                     *self.successes.entry(id.to_owned()).or_default() += 1;
                     *logged += 1;
+                    self.last_success = Some(Instant::now());
                 }
             }
         }
@@ -138,6 +141,11 @@ impl Outcomes {
             self.last_progress = Some(Instant::now());
         }
         Ok(())
+    }
+
+    /// How long since the logs last showed a success (of any task, a repeat too).
+    pub fn quiet_for(&self) -> Duration {
+        self.last_success.map_or(Duration::MAX, |at| at.elapsed())
     }
 
     /// Tasks whose success was logged at least once.

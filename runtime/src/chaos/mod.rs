@@ -141,6 +141,30 @@ pub fn table(tallies: &[Tally]) -> String {
     out
 }
 
+/// Once every task has finished, lets the worker drain what is left — the redelivered
+/// copies of tasks that already ran (a kill or a restart puts unacknowledged messages back)
+/// — until `queue` is empty and no task has finished for half a second, or `within` runs
+/// out. A worker stopped before that would hand those copies back, and the queue would not
+/// be empty for a reason that is not a loss.
+pub(crate) async fn settle(
+    broker: &dyn crate::broker::Broker,
+    queue: &str,
+    outcomes: &mut ledger::Outcomes,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        outcomes.refresh()?;
+        if broker.queue_length(queue).await.unwrap_or(u64::MAX) == 0
+            && outcomes.quiet_for() > Duration::from_millis(500)
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 /// Refuses a broker or result store that is not on this machine: chaos floods and kills.
 pub(crate) fn only_local(url: &str) -> anyhow::Result<()> {
     if url.starts_with("sqlite://") {

@@ -2,9 +2,9 @@
 //! [`FaultProxy`], with AMQP heartbeats every `heartbeat` seconds, and drains while the
 //! harness adds latency, stalls its connections (no FIN, no RST), resets them, and leaves
 //! them half-open. A stalled or half-open connection is only found dead by its heartbeats:
-//! it must be within two of them (AMQP's rule), the worker must say it is not consuming
-//! meanwhile (its log, and its status file, which `/readyz` and `wasmq status` follow),
-//! reconnect, and lose nothing.
+//! it must be within two of them (AMQP's rule), the worker must report the loss (its log;
+//! its status file, which `/readyz` and `wasmq status` follow, when the outage outlasts the
+//! status reporter's tick), reconnect, and lose nothing.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -140,7 +140,7 @@ pub async fn run(exe: &Path, dir: &Path, options: &NetworkFaults) -> anyhow::Res
             }
             checks.push(Check::new(
                 format!(
-                    "{fault}: not ready meanwhile: {}",
+                    "{fault}: loss reported: {}",
                     if not_consuming { "yes" } else { "no" }
                 ),
                 not_consuming,
@@ -162,13 +162,14 @@ pub async fn run(exe: &Path, dir: &Path, options: &NetworkFaults) -> anyhow::Res
         })
         .await?;
     let took = started.elapsed();
+    let broker = crate::broker::connect(&options.broker).context("cannot open the broker")?;
+    super::settle(&*broker, &queue, &mut outcomes, options.stall).await?;
     worker.terminate(Duration::from_secs(10));
 
     let backend =
         crate::results::connect(&options.results, Duration::from_secs(3600), &options.broker)
             .context("cannot open the result backend")?;
     let (completed, lost, wrong) = ledger.verify(&*backend, &confirmed).await?;
-    let broker = crate::broker::connect(&options.broker).context("cannot open the broker")?;
     let left = broker.queue_length(&queue).await.unwrap_or(u64::MAX);
     checks.push(Check::new(format!("left in the queue: {left}"), left == 0));
     clean_up(&*broker, &queue, &spec.node, &options.results, &confirmed).await;
@@ -191,21 +192,22 @@ pub async fn run(exe: &Path, dir: &Path, options: &NetworkFaults) -> anyhow::Res
     })
 }
 
-/// What a worker logs when it stops consuming because its broker connection is down (and
+/// What a worker's consumer logs each time it loses its broker connection (then, unless it
+/// is back within the status reporter's tick, the worker logs that it is not consuming and
 /// writes `"consuming": false` to its status file, which `/readyz` and `wasmq status` read).
-const NOT_CONSUMING: &str = "not consuming: the broker connection is down";
+const LOST_THE_BROKER: &str = "lost the broker connection; reconnecting";
 
-/// How many times the worker's `log` says it stopped consuming.
+/// How many times the worker's `log` says it lost the broker.
 fn times_not_consuming(log: &Path) -> usize {
     std::fs::read_to_string(log)
         .unwrap_or_default()
-        .matches(NOT_CONSUMING)
+        .matches(LOST_THE_BROKER)
         .count()
 }
 
 /// Waits up to `within` for the worker to open a new connection through `proxy`: how long
-/// that took. Then waits (up to a second more) for its log to say it had stopped
-/// consuming: whether it did.
+/// that took. Then waits (up to a second more) for its log to say it had lost the broker:
+/// whether it did.
 async fn watch_reconnect(
     proxy: &FaultProxy,
     connections_then: usize,

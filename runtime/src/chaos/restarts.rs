@@ -220,12 +220,13 @@ pub async fn run(exe: &Path, dir: &Path, options: &Restarts) -> anyhow::Result<T
         })
         .await?;
     let took = started.elapsed();
+    let broker = crate::broker::connect(&options.broker).context("cannot open the broker")?;
+    super::settle(&*broker, &queue, &mut outcomes, options.stall).await?;
     worker.terminate(Duration::from_secs(10));
 
     let backend = crate::results::connect(&results, Duration::from_secs(3600), &options.broker)
         .context("cannot open the result backend")?;
     let (completed, lost, wrong) = ledger.verify(&*backend, &confirmed).await?;
-    let broker = crate::broker::connect(&options.broker).context("cannot open the broker")?;
     let left = broker.queue_length(&queue).await.unwrap_or(u64::MAX);
     let dead = broker
         .dead_letters(&queue, 10)

@@ -143,6 +143,8 @@ pub async fn run(exe: &Path, dir: &Path, options: &SqliteRace) -> anyhow::Result
         }
     }
     let took = started.elapsed();
+    let broker = crate::broker::connect(&url).context("cannot open the broker")?;
+    super::settle(&*broker, &queue, &mut outcomes, options.stall).await?;
     for worker in &mut workers {
         worker.process.terminate(Duration::from_secs(10));
     }
@@ -150,7 +152,6 @@ pub async fn run(exe: &Path, dir: &Path, options: &SqliteRace) -> anyhow::Result
     let backend = crate::results::connect(&url, Duration::from_secs(3600), &url)
         .context("cannot open the result backend")?;
     let (completed, lost, wrong) = ledger.verify(&*backend, &confirmed).await?;
-    let broker = crate::broker::connect(&url).context("cannot open the broker")?;
     let left = broker.queue_length(&queue).await.unwrap_or(u64::MAX);
     let dead = broker
         .dead_letters(&queue, 10)
