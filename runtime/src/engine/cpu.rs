@@ -192,8 +192,10 @@ mod tests {
             .unwrap();
         let clock = CpuClock::default();
         runtime.block_on(metered(&clock, async {
-            let spin_until = std::time::Instant::now() + Duration::from_millis(30);
-            while std::time::Instant::now() < spin_until {
+            // 30 ms of this thread's CPU, not of the wall clock: on a busy machine 30 ms of
+            // wall time can hold less than 25 ms of CPU (CI saw 24.8 ms).
+            let spin_until = thread_cpu_nanos() + 30_000_000;
+            while thread_cpu_nanos() < spin_until {
                 std::hint::spin_loop();
             }
             // Waiting: the thread is parked, no CPU is charged.
